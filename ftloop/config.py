@@ -1,0 +1,197 @@
+"""Typed run configuration.
+
+Each group is a dataclass whose attribute docstrings are the `--help` text (tyro reads them). Flags keep
+the Hugging Face TrainingArguments names without a group prefix (`--learning-rate`, not
+`--optim.learning-rate`), so a command line written for the HF Trainer mostly carries over. Defaults are
+the ones of the guide this project grew from: Adafactor without relative steps or parameter scaling,
+constant schedule with warmup, bf16 compute and eval, FSDP full shard with backward prefetch, gradient
+checkpointing (non-reentrant), best model by eval loss, wandb reporting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import tyro
+
+Dtype = Literal["bf16", "fp32"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the flag and what to do."""
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = ""
+    """Qwen2.5-VL (or Qwen2-VL) folder in Hugging Face layout, or a hub id (needs network or the HF cache)."""
+    param_dtype: Dtype = "fp32"
+    """dtype of the master weights the optimizer updates. fp32 keeps small updates from vanishing."""
+    gradient_checkpointing: bool = True
+    """Recompute activations of each decoder layer and vision block in backward (non-reentrant)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+
+@dataclass
+class DataArgs:
+    train_data: str = ""
+    """LLaVA-style .json (array) or .jsonl file with `image` and `conversations` fields."""
+    eval_data: str = ""
+    """Held-out file in the same format; empty disables evaluation."""
+    image_folder: str = ""
+    """Folder that relative image paths in the data are resolved against (default: the data file's folder)."""
+    max_seq_length: int = 2048
+    """Longest token sequence; longer rows are cut in the text after their last image, or refused."""
+    system_prompt: str = "You are a helpful assistant."
+    """System prompt used when a conversation has none (Qwen's default)."""
+    dataloader_num_workers: int = 1
+    """Worker processes that load images and tokenise per rank."""
+
+
+@dataclass
+class OptimArgs:
+    optim: Literal["adafactor", "adamw"] = "adafactor"
+    """ftloop's Adafactor (scale_parameter=False, relative_step=False, as the HF Trainer) or torch AdamW."""
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after the linear warmup."""
+    warmup_ratio: float = 0.0
+    """Fraction of the total optimizer steps spent warming the learning rate up from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class FSDPArgs:
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    """How parameters, gradients and optimizer state are split across ranks."""
+    bf16: bool = True
+    """bf16 mixed precision for forward, backward and gradient reduction; --no-bf16 computes in fp32."""
+    buffer_dtype: Dtype = "fp32"
+    """dtype of module buffers under bf16. fp32 keeps the rotary inverse frequencies exact: in bf16 they
+    carry 3 significant digits and the rotary angle at position 2000 is off by whole radians."""
+    cpu_offload: bool = False
+    """Keep sharded parameters and gradients in host memory (slow; for models that do not fit)."""
+    use_orig_params: bool = False
+    """Expose original parameters instead of flat ones to the optimizer."""
+    limit_all_gathers: bool = True
+    """Rate-limit all-gathers so memory does not spike when the CPU runs ahead of the GPU."""
+    forward_prefetch: bool = False
+    """Issue the next all-gather before the current forward computation."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, checkpoints and the exported `best` and `final` folders are written."""
+    max_steps: int = -1
+    """Total optimizer steps; -1 derives them from --num-train-epochs."""
+    num_train_epochs: float = 3.0
+    """Epochs over the training data, used when --max-steps is -1."""
+    per_device_train_batch_size: int = 1
+    """Sequences per micro-batch on each rank."""
+    per_device_eval_batch_size: int = 1
+    """Sequences per evaluation batch on each rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    logging_steps: int = 10
+    """Log loss, lr, grad norm, throughput and memory every this many optimizer steps."""
+    eval_steps: int = 100
+    """Evaluate every this many optimizer steps (and at the end)."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step, as a baseline."""
+    save_steps: int = 500
+    """Write a sharded checkpoint every this many optimizer steps; 0 disables."""
+    load_best_model_at_end: bool = True
+    """Export the weights of the lowest eval loss as `final` (they are always exported as `best`)."""
+    seed: int = 42
+    """Seed for data order, dropout and initialisation."""
+    save_dtype: Dtype = "bf16"
+    """dtype of the exported safetensors."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file in an export (e.g. 5GB, 500MB)."""
+    report_to: Literal["wandb", "none"] = "wandb"
+    """Where metrics go besides the console and metrics.jsonl; wandb runs offline without credentials."""
+    wandb_project_name: str = "ftloop"
+    """wandb project."""
+    run_name: str = ""
+    """wandb run name (default: the output folder's name)."""
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    fsdp: FSDPArgs = field(default_factory=FSDPArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9 bytes (decimal units, as transformers' max_shard_size); 'MiB' style is binary."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"--max-shard-size {text!r}: give a size such as 5GB or 500MB")
+    number, unit = float(match.group(1)), match.group(2) or "B"
+    base = 1024 if "I" in unit else 1000
+    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(number * base**power)
+
+
+def validate(cfg: Config) -> None:
+    """Check everything that can be checked before any process group or model exists."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(bool(m.model_name_or_path), "--model-name-or-path is required: a Qwen2.5-VL folder or hub id")
+    looks_local = os.path.sep in m.model_name_or_path or m.model_name_or_path.startswith(".")
+    if looks_local or os.path.exists(m.model_name_or_path):
+        need(os.path.isfile(os.path.join(m.model_name_or_path, "config.json")),
+             f"--model-name-or-path {m.model_name_or_path}: no config.json there; give a Hugging Face model folder")
+    need(bool(d.train_data), "--train-data is required: a LLaVA-style .json or .jsonl file")
+    for flag, path in (("--train-data", d.train_data), ("--eval-data", d.eval_data)):
+        need(not path or os.path.isfile(path), f"{flag} {path}: file not found")
+    need(not d.image_folder or os.path.isdir(d.image_folder), f"--image-folder {d.image_folder}: folder not found")
+    need(d.max_seq_length > 0, "--max-seq-length must be positive")
+    need(d.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
+    need(o.learning_rate > 0, "--learning-rate must be positive")
+    need(o.weight_decay >= 0, "--weight-decay must be 0 or more")
+    need(0 <= o.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+    need(o.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
+    need(t.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")
+    need(t.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive")
+    need(t.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive")
+    need(t.max_steps > 0 or t.max_steps == -1, "--max-steps must be positive, or -1 to use --num-train-epochs")
+    need(t.max_steps > 0 or t.num_train_epochs > 0,
+         "--num-train-epochs must be positive when --max-steps is -1")
+    need(t.logging_steps > 0, "--logging-steps must be positive")
+    need(t.eval_steps > 0, "--eval-steps must be positive")
+    need(t.save_steps >= 0, "--save-steps must be 0 (off) or positive")
+    need(bool(t.output_dir), "--output-dir is required")
+    need(not os.path.isfile(t.output_dir), f"--output-dir {t.output_dir}: is a file; give a folder")
+    parse_size(t.max_shard_size)
+    need(not (cfg.fsdp.cpu_offload and cfg.fsdp.sharding_strategy == "NO_SHARD"),
+         "--cpu-offload needs a sharded --sharding-strategy")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    return tyro.cli(
+        Config,
+        args=argv,
+        config=(tyro.conf.OmitArgPrefixes,),
+        description="Fine-tune a Qwen2.5-VL model with FSDP. Run under torchrun for several processes.",
+    )

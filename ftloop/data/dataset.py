@@ -1,0 +1,144 @@
+"""Rows -> tensors, micro-batches and the order in which ranks see them."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ftloop.data.chat import IGNORE_INDEX, encode_chat
+from ftloop.data.formats import DataError
+from ftloop.data.images import open_rgb
+
+
+class SFTDataset(Dataset):
+    """Supervised fine-tuning rows: images through the model's image processor, ChatML token ids, labels."""
+
+    def __init__(self, rows: list[dict], tokenizer, image_processor, max_seq_length: int, system_prompt: str,
+                 source: str = "data"):
+        self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
+        self.max_seq_length, self.system_prompt, self.source = max_seq_length, system_prompt, source
+        self.merge = image_processor.merge_size
+        self.vision_end_id = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row, where = self.rows[index], f"{self.source}: row {index + 1}"
+        sample = {}
+        counts = []
+        if row["images"]:
+            images = [open_rgb(path, where) for path in row["images"]]
+            vision = self.image_processor(images=images, return_tensors="pt")
+            sample["pixel_values"] = vision["pixel_values"]
+            sample["image_grid_thw"] = vision["image_grid_thw"]
+            counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        input_ids, labels = encode_chat(row["messages"], counts, self.tokenizer, self.system_prompt)
+        if len(input_ids) > self.max_seq_length:
+            input_ids, labels = self._truncate(input_ids, labels, where)
+        sample["input_ids"] = torch.tensor(input_ids)
+        sample["labels"] = torch.tensor(labels)
+        return sample
+
+    def _truncate(self, input_ids: list[int], labels: list[int], where: str):
+        """Cut text from the right, never through an image: its tokens and features must stay paired."""
+        last_image_end = max((i for i, t in enumerate(input_ids) if t == self.vision_end_id), default=-1)
+        if last_image_end >= self.max_seq_length:
+            raise DataError(f"{where}: {len(input_ids)} tokens and its images end at token {last_image_end + 1}, "
+                            f"past --max-seq-length {self.max_seq_length}; raise it or shrink the images")
+        return input_ids[: self.max_seq_length], labels[: self.max_seq_length]
+
+
+def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
+    """Right-pad a list of samples into one micro-batch; image features of all rows are concatenated."""
+
+    def collate(samples: list[dict]) -> dict:
+        length = max(len(s["input_ids"]) for s in samples)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+        mm_token_type_ids = (input_ids == image_token_id).int()
+        if video_token_id is not None:
+            mm_token_type_ids[input_ids == video_token_id] = 2
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "mm_token_type_ids": mm_token_type_ids}
+        with_images = [s for s in samples if "pixel_values" in s]
+        if with_images:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        return batch
+
+    return collate
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Micro-batches of one rank, so that each optimizer step covers the same rows at any world size.
+
+    Every epoch is a seeded permutation of the rows; optimizer step s consumes the block
+    perm[s*G:(s+1)*G] with G = world_size * micro_batch * accumulation (a last partial block is dropped).
+    Inside the block, micro-batch k of rank r is slice (k*world_size + r). So 1 process x 4 micro-batches,
+    2 x 2 and 4 x 1 all see the same rows in each step.
+    """
+
+    def __init__(self, num_rows: int, world_size: int, rank: int, micro_batch: int, accumulation: int,
+                 seed: int):
+        self.num_rows, self.world_size, self.rank = num_rows, world_size, rank
+        self.micro_batch, self.accumulation, self.seed = micro_batch, accumulation, seed
+        self.epoch = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accumulation
+
+    def __iter__(self):
+        order = list(range(self.num_rows))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        for step in range(self.steps_per_epoch):
+            block = order[step * self.global_batch:(step + 1) * self.global_batch]
+            for k in range(self.accumulation):
+                start = (k * self.world_size + self.rank) * self.micro_batch
+                yield block[start:start + self.micro_batch]
+
+
+def eval_batches(num_rows: int, world_size: int, rank: int, batch_size: int) -> list[list[int]]:
+    """Rows r, r+W, ... of the eval set for rank r, in batches; every rank gets the same number of batches
+    (ranks with fewer rows repeat their last batch shape with rows that `unsupervised` marks), because a
+    rank that stopped early would leave the others waiting in FSDP's all-gathers."""
+    mine = list(range(rank, num_rows, world_size))
+    per_rank = -(-num_rows // world_size)
+    num_batches = -(-per_rank // batch_size)
+    padded = mine + [-1] * (num_batches * batch_size - len(mine))
+    return [padded[i:i + batch_size] for i in range(0, len(padded), batch_size)]
+
+
+class EvalDataset(Dataset):
+    """Wraps the eval SFTDataset: index -1 is a filler row (row 0 with no supervised token)."""
+
+    def __init__(self, inner: SFTDataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict:
+        if index >= 0:
+            return self.inner[index]
+        sample = dict(self.inner[0])
+        sample["labels"] = torch.full_like(sample["labels"], IGNORE_INDEX)
+        return sample

@@ -1,0 +1,82 @@
+"""Reading training rows into one normal form.
+
+A row becomes `{"messages": [{"role": "system"|"user"|"assistant", "content": str}], "images": [path]}`
+where the content keeps `<image>` placeholders in place and image paths are absolute. Every problem is
+reported as one line naming the file and the 1-based row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names file and row."""
+
+
+def read_json_rows(path: str) -> list[dict]:
+    """A .json array, or one json object per line (.jsonl); the format is told by the first character."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid json at line {err.lineno} column {err.colno}: {err.msg}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {number}: not valid json ({err.msg})") from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number}: expected a json object, got {type(row).__name__}")
+    return rows
+
+
+def normalize_llava_row(row: dict, where: str, image_folder: str) -> dict:
+    """LLaVA layout: `image` (str or list, relative to image_folder) and `conversations` human/gpt turns."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: missing or empty `conversations` list")
+    images = row.get("image") or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: `image` must be a path or a list of paths")
+    messages = []
+    for turn in turns:
+        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None:
+            raise DataError(f"{where}: unknown role {turn.get('from') if isinstance(turn, dict) else turn!r}; "
+                            "use human, gpt or system")
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: a `{turn.get('from')}` turn has no text `value`")
+        messages.append({"role": role, "content": turn["value"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no gpt turn, so nothing to learn from")
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} `<image>` placeholders but {len(images)} images")
+    if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] != "user"):
+        raise DataError(f"{where}: `<image>` placeholders belong in human turns")
+    return {"messages": messages, "images": [os.path.join(image_folder, p) for p in images]}
+
+
+def load_rows(path: str, image_folder: str = "") -> list[dict]:
+    """All rows of a LLaVA-style file, normalised; image paths resolved against image_folder."""
+    folder = image_folder or os.path.dirname(os.path.abspath(path))
+    rows = read_json_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return [normalize_llava_row(row, f"{path}: row {n}", folder) for n, row in enumerate(rows, start=1)]

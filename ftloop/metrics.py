@@ -1,0 +1,54 @@
+"""Where numbers go: the console (rank 0), output_dir/metrics.jsonl, and wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _have_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read()
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing, so call sites need no rank checks."""
+
+    def __init__(self, output_dir: str, enabled: bool, report_to: str, project: str, run_name: str,
+                 config: dict):
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.file = open(self.path, "a", encoding="utf-8")
+        if report_to == "wandb":
+            import wandb
+
+            mode = None
+            if not _have_wandb_credentials():
+                mode = "offline"
+                print("wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline to "
+                      f"{output_dir}/wandb; upload later with `wandb sync`", flush=True)
+            self.wandb = wandb.init(project=project, name=run_name or os.path.basename(os.path.abspath(output_dir)),
+                                    dir=output_dir, config=config, mode=mode)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

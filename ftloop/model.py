@@ -1,0 +1,108 @@
+"""Model loading and the module FSDP wraps.
+
+Only rank 0 reads the checkpoint. Every rank (rank 0 included) builds the same model skeleton on the meta
+device; FSDP then materialises it one unit at a time and `ftloop.fsdp.wrap` fills each unit from rank 0's
+weights by broadcast. So no rank but 0 ever holds a full copy, and the path is the same on CPU (where FSDP
+refuses `sync_module_states`) and on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
+
+from ftloop.config import ConfigError, ModelArgs
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IGNORE_INDEX = -100
+
+
+def load_config(args: ModelArgs) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"--model-name-or-path {args.model_name_or_path}: cannot load its config ({first_line}); "
+            "give a local Qwen2.5-VL folder, or a hub id with network access or a filled HF cache"
+        ) from None
+
+
+def build_meta_model(config: PretrainedConfig, args: ModelArgs) -> PreTrainedModel:
+    """The model's structure without storage: costs no memory, identical on every rank."""
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=DTYPES[args.param_dtype], attn_implementation=args.attn_implementation
+        )
+    model.config.use_cache = False  # a KV cache is useless in training and breaks checkpointing
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_source_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rank 0 only: every parameter and buffer of the checkpoint, by module path, in the master dtype.
+
+    Buffers matter too: the rotary inverse frequencies are not saved in the checkpoint but computed at
+    construction, and the other ranks' meta skeletons have no values for them.
+    """
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.param_dtype], attn_implementation=args.attn_implementation
+    )
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return {name: tensor.detach() for name, tensor in state.items()}
+
+
+def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
+    """Decoder-layer and vision-block classes, found from the model rather than hard-coded by name."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ConfigError(f"{type(model).__name__} declares no transformer layer classes to wrap with FSDP")
+    return classes
+
+
+class VisionLanguageSFT(nn.Module):
+    """The FSDP root: a Hugging Face vision-language model plus the supervised loss.
+
+    Keeping the loss (and the dummy vision pass below) inside the root forward means everything a step
+    computes runs under FSDP's root pre/post-forward logic, on every rank, in the same order.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.hf = model
+        vision = model.config.vision_config
+        in_channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+        self.patch_dim = in_channels * vision.temporal_patch_size * vision.patch_size**2
+        self.merge = vision.spatial_merge_size
+
+    def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
+                image_grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens)."""
+        base = self.hf.model
+        hidden = base(
+            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
+        ).last_hidden_state
+        # Position t predicts token t+1; project only the supervised positions onto the vocabulary, which
+        # saves the (batch x length x vocab) logits tensor for prompts and padding.
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.hf.lm_head(hidden[:, :-1][keep])
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if pixel_values is None:
+            # FSDP gathers a vision block's weights when that block runs. A rank whose micro-batch has no
+            # image would skip those all-gathers while the others wait in them: a hang. So every rank
+            # runs the vision tower; here on one tiny blank image whose output counts zero times.
+            loss_sum = loss_sum + 0.0 * self._dummy_vision(hidden).sum()
+        return loss_sum, keep.sum()
+
+    def _dummy_vision(self, like: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor([[1, self.merge, self.merge]], device=like.device)
+        pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=like.device, dtype=like.dtype)
+        out = self.hf.model.visual(pixels, grid_thw=grid)
+        return out.pooler_output if hasattr(out, "pooler_output") else out

@@ -1,0 +1,214 @@
+"""Fine-tune a Qwen2.5-VL model with FSDP: `torchrun --nproc_per_node N -m ftloop.train [flags]`.
+
+Read top to bottom: configuration, process group, data, model, optimizer, then the loop. Each optimizer
+step takes `gradient_accumulation_steps` micro-batches per rank; the loss is the sum of token
+cross-entropies divided by the number of supervised tokens of the whole step on all ranks, so the gradient
+is the same however the global batch is split across processes and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from ftloop.config import Config, ConfigError, parse_args, validate
+from ftloop.data.formats import DataError
+from ftloop.data.loaders import build_eval_loader, build_train_loader
+from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, print0
+from ftloop.fsdp.checkpoint import save_checkpoint
+from ftloop.fsdp.export import export_model
+from ftloop.fsdp.wrap import wrap_fsdp
+from ftloop.metrics import MetricsLogger
+from ftloop.model import (VisionLanguageSFT, build_meta_model, load_config, load_source_state,
+                          wrapped_layer_classes)
+from ftloop.optim.build import build_optimizer
+from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device) -> float:
+    """Token-weighted mean cross-entropy over the whole eval set, all ranks together."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        loss_sum, count = model(**to_device(batch, device))
+        totals += torch.stack([loss_sum.double(), count.double()])
+    model.train()
+    totals = all_reduce_sum(totals, device)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run(cfg: Config, d: Dist) -> dict:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    src = cfg.model.model_name_or_path
+    hf_config = load_config(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    image_processor = AutoImageProcessor.from_pretrained(src)
+
+    # Data first: a bad row should stop the run before minutes go into loading the model.
+    pin = d.device.type == "cuda"
+    train_loader, sampler = build_train_loader(cfg, tokenizer, image_processor, hf_config, d.world_size,
+                                               d.rank, pin)
+    eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, d.world_size, d.rank, pin)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(f"--train-data has {sampler.num_rows} rows, fewer than one global batch of "
+                          f"{sampler.global_batch} (processes x --per-device-train-batch-size x "
+                          "--gradient-accumulation-steps)")
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+
+    # Model: rank 0 reads the checkpoint, everyone else receives it unit by unit inside FSDP's wrapping.
+    hf_model = build_meta_model(hf_config, cfg.model)
+    layer_classes = wrapped_layer_classes(hf_model)
+    source = None
+    if d.is_main:
+        source = {f"hf.{name}": tensor for name, tensor in load_source_state(cfg.model).items()}
+    model = wrap_fsdp(VisionLanguageSFT(hf_model), layer_classes, cfg.fsdp, source, d.device)
+    del source
+
+    optimizer = build_optimizer(model.parameters(), cfg.optim, d.device)
+    warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
+    logger = MetricsLogger(t.output_dir, d.is_main, t.report_to, t.wandb_project_name, t.run_name,
+                           cfg.to_dict())
+    n_params = sum(p.numel() for p in model.parameters()) * (d.world_size if cfg.fsdp.sharding_strategy != "NO_SHARD" else 1)
+    print0(f"ftloop: {d.world_size} process(es) on {d.device.type} ({d.backend}), ~{n_params / 1e6:.1f}M "
+           f"parameters, {sampler.num_rows} train rows, {total_steps} steps of {sampler.global_batch} "
+           f"sequences, warmup {warmup}")
+
+    def export(name: str) -> None:
+        export_model(model, os.path.join(t.output_dir, name), hf_config, tokenizer, image_processor,
+                     t.save_dtype, t.max_shard_size, src if os.path.isdir(src) else None)
+
+    best = {"eval_loss": math.inf, "step": None}
+    best_shards: list[torch.Tensor] | None = None
+
+    def run_eval(step: int) -> None:
+        nonlocal best_shards
+        if eval_loader is None:
+            return
+        eval_loss = evaluate(model, eval_loader, d.device)
+        improved = eval_loss < best["eval_loss"]
+        if improved:
+            best.update(eval_loss=eval_loss, step=step)
+            # An exact copy of this rank's shards, kept on the host, to restore at the end.
+            best_shards = [p.detach().to("cpu", copy=True) for p in model.parameters()]
+            if step > 0:
+                export("best")
+        logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best["eval_loss"], "best_step": best["step"]})
+        print0(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+
+    if t.eval_on_start:
+        run_eval(0)
+
+    epoch, step, tokens_seen = 0, 0, 0
+    batches = iter(train_loader)
+
+    def next_micro_batch() -> dict:
+        nonlocal epoch, batches
+        try:
+            return next(batches)
+        except StopIteration:
+            epoch += 1
+            sampler.set_epoch(epoch)
+            batches = iter(train_loader)
+            return next(batches)
+
+    model.train()
+    progress = tqdm(total=total_steps, disable=not d.is_main, desc="train", dynamic_ncols=True)
+    window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+    while step < total_steps:
+        micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
+        # One collective gives every rank the step's total count of supervised tokens: the denominator.
+        counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
+                                 sum(int(b["attention_mask"].sum()) for b in micro_batches)], d.device)
+        step_targets, step_tokens = max(float(counts[0]), 1.0), int(counts[1])
+        loss_sum = torch.zeros((), device=d.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
+            with contextlib.nullcontext() if last else model.no_sync():
+                micro_loss, _ = model(**to_device(batch, d.device))
+                # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
+                (micro_loss * (d.world_size / step_targets)).backward()
+            loss_sum += micro_loss.detach()
+        grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+        window["loss"] += float(all_reduce_sum(loss_sum.detach().double().view(1), d.device)) / step_targets
+        window["tokens"] += step_tokens
+        window["steps"] += 1
+        progress.update(1)
+
+        if step % t.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window["start"]
+            record = {"loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
+                      "step_time_s": elapsed / window["steps"], "peak_mem_gib": peak_memory_gib(d.device),
+                      "epoch": epoch, "tokens_seen": tokens_seen}
+            logger.log(step, record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+        if step % t.eval_steps == 0 or step == total_steps:
+            run_eval(step)
+        if t.save_steps and step % t.save_steps == 0 and step < total_steps:
+            save_checkpoint(model, optimizer, scheduler, step, os.path.join(t.output_dir, f"checkpoint-{step}"))
+    progress.close()
+
+    if t.load_best_model_at_end and best_shards is not None and best["step"] != step:
+        with torch.no_grad():
+            for param, saved in zip(model.parameters(), best_shards):
+                param.copy_(saved.to(param.device))
+        print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f})")
+    export("final")
+    print0(f"exported {os.path.join(t.output_dir, 'final')}")
+    logger.close()
+    return {"steps": step, "best": best}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        fail(str(err))
+    d = init_distributed()
+    try:
+        run(cfg, d)
+    except (ConfigError, DataError) as err:
+        # Every rank reads the same files and flags, so every rank stops here with the same message.
+        if d.is_main:
+            print(f"ftloop: error: {err}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        raise SystemExit(2) from None
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
