@@ -83,8 +83,12 @@ class VisionLanguageSFT(nn.Module):
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens)."""
-        base = self.hf.model
-        hidden = base(
+        # FSDP gathers a vision block's weights when that block runs. A rank whose micro-batch has no
+        # image would skip those all-gathers (or run them in another order) while the others wait: a hang.
+        # So every rank runs the vision tower first, as the model does with real images; without images,
+        # on one tiny blank image whose output counts zero times in the loss.
+        dummy = self._dummy_vision(input_ids.device) if pixel_values is None else None
+        hidden = self.hf.model(
             input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
             pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
         ).last_hidden_state
@@ -94,15 +98,14 @@ class VisionLanguageSFT(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = self.hf.lm_head(hidden[:, :-1][keep])
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        if pixel_values is None:
-            # FSDP gathers a vision block's weights when that block runs. A rank whose micro-batch has no
-            # image would skip those all-gathers while the others wait in them: a hang. So every rank
-            # runs the vision tower; here on one tiny blank image whose output counts zero times.
-            loss_sum = loss_sum + 0.0 * self._dummy_vision(hidden).sum()
+        if dummy is not None:
+            loss_sum = loss_sum + 0.0 * dummy.float().sum()
         return loss_sum, keep.sum()
 
-    def _dummy_vision(self, like: torch.Tensor) -> torch.Tensor:
-        grid = torch.tensor([[1, self.merge, self.merge]], device=like.device)
-        pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=like.device, dtype=like.dtype)
-        out = self.hf.model.visual(pixels, grid_thw=grid)
+    def _dummy_vision(self, device: torch.device) -> torch.Tensor:
+        visual = self.hf.model.visual
+        grid = torch.tensor([[1, self.merge, self.merge]], device=device)
+        dtype = visual.patch_embed.proj.weight.dtype  # the compute dtype under mixed precision
+        pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
+        out = visual(pixels, grid_thw=grid)
         return out.pooler_output if hasattr(out, "pooler_output") else out

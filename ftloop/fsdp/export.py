@@ -23,7 +23,10 @@ WRAPPER_PREFIX = "hf."  # the FSDP root is VisionLanguageSFT, which holds the HF
 
 def full_state_dict(model: FSDP) -> dict[str, torch.Tensor]:
     """Every parameter gathered to rank 0's host memory (empty dict on the other ranks)."""
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    # On a CPU run the shards already live in host memory, and FSDP's offload path would free the very
+    # storage it just gathered (it assumes a device-to-host copy), so offload only from accelerators.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    config = FullStateDictConfig(offload_to_cpu=not on_cpu, rank0_only=True)
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
         state = model.state_dict()
     return {name.removeprefix(WRAPPER_PREFIX): tensor for name, tensor in state.items()}
