@@ -14,9 +14,11 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -42,6 +44,27 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def count_step_tokens(micro_batches: list[dict], d: Dist) -> tuple[float, int]:
+    """(supervised tokens, all tokens) of one optimizer step on all ranks; the first is the loss denominator."""
+    counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
+                             sum(int(b["attention_mask"].sum()) for b in micro_batches)], d.device)
+    return max(float(counts[0]), 1.0), int(counts[1])
+
+
+def accumulate_gradients(model, micro_batches: list[dict], step_targets: float, d: Dist) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches; returns the rank's summed token loss."""
+    loss_sum = torch.zeros((), device=d.device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
+        with contextlib.nullcontext() if last else model.no_sync():
+            micro_loss, _ = model(**to_device(batch, d.device))
+            # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
+            (micro_loss * (d.world_size / step_targets)).backward()
+        loss_sum += micro_loss.detach()
+    return loss_sum
+
+
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device) -> float:
     """Token-weighted mean cross-entropy over the whole eval set, all ranks together."""
@@ -61,15 +84,27 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def run(cfg: Config, d: Dist) -> dict:
-    t = cfg.train
+@dataclass
+class Setup:
+    """Everything the loop needs, built in the order that fails fastest on bad input."""
+    hf_config: object
+    tokenizer: object
+    image_processor: object
+    train_loader: object
+    sampler: object
+    eval_loader: object
+    model: FSDP
+    total_steps: int
+
+
+def prepare(cfg: Config, d: Dist) -> Setup:
+    t, src = cfg.train, cfg.model.model_name_or_path
     torch.manual_seed(t.seed)
-    src = cfg.model.model_name_or_path
     hf_config = load_config(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(src)
     image_processor = AutoImageProcessor.from_pretrained(src)
 
-    # Data first: a bad row should stop the run before minutes go into loading the model.
+    # Data before the model: a bad row should stop the run before minutes go into loading weights.
     pin = d.device.type == "cuda"
     train_loader, sampler = build_train_loader(cfg, tokenizer, image_processor, hf_config, d.world_size,
                                                d.rank, pin)
@@ -80,42 +115,46 @@ def run(cfg: Config, d: Dist) -> dict:
                           "--gradient-accumulation-steps)")
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
 
-    # Model: rank 0 reads the checkpoint, everyone else receives it unit by unit inside FSDP's wrapping.
+    # Rank 0 reads the checkpoint; every rank receives it unit by unit while FSDP wraps the skeleton.
     hf_model = build_meta_model(hf_config, cfg.model)
-    layer_classes = wrapped_layer_classes(hf_model)
     source = None
     if d.is_main:
         source = {f"hf.{name}": tensor for name, tensor in load_source_state(cfg.model).items()}
-    model = wrap_fsdp(VisionLanguageSFT(hf_model), layer_classes, cfg.fsdp, source, d.device)
-    del source
+    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, source, d.device)
+    return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps)
 
+
+def run(cfg: Config, d: Dist) -> dict:
+    t = cfg.train
+    s = prepare(cfg, d)
+    model, sampler, total_steps = s.model, s.sampler, s.total_steps
     optimizer = build_optimizer(model.parameters(), cfg.optim, d.device)
     warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
     scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
     logger = MetricsLogger(t.output_dir, d.is_main, t.report_to, t.wandb_project_name, t.run_name,
                            cfg.to_dict())
-    n_params = sum(p.numel() for p in model.parameters()) * (d.world_size if cfg.fsdp.sharding_strategy != "NO_SHARD" else 1)
+    shards = 1 if cfg.fsdp.sharding_strategy == "NO_SHARD" else d.world_size
+    n_params = sum(p.numel() for p in model.parameters()) * shards
     print0(f"ftloop: {d.world_size} process(es) on {d.device.type} ({d.backend}), ~{n_params / 1e6:.1f}M "
            f"parameters, {sampler.num_rows} train rows, {total_steps} steps of {sampler.global_batch} "
            f"sequences, warmup {warmup}")
 
     def export(name: str) -> None:
-        export_model(model, os.path.join(t.output_dir, name), hf_config, tokenizer, image_processor,
+        src = cfg.model.model_name_or_path
+        export_model(model, os.path.join(t.output_dir, name), s.hf_config, s.tokenizer, s.image_processor,
                      t.save_dtype, t.max_shard_size, src if os.path.isdir(src) else None)
 
-    best = {"eval_loss": math.inf, "step": None}
-    best_shards: list[torch.Tensor] | None = None
+    best = {"eval_loss": math.inf, "step": None, "shards": None}
 
     def run_eval(step: int) -> None:
-        nonlocal best_shards
-        if eval_loader is None:
+        if s.eval_loader is None:
             return
-        eval_loss = evaluate(model, eval_loader, d.device)
+        eval_loss = evaluate(model, s.eval_loader, d.device)
         improved = eval_loss < best["eval_loss"]
         if improved:
-            best.update(eval_loss=eval_loss, step=step)
-            # An exact copy of this rank's shards, kept on the host, to restore at the end.
-            best_shards = [p.detach().to("cpu", copy=True) for p in model.parameters()]
+            # An exact host copy of this rank's shards, to load back at the end (load_best_model_at_end).
+            best.update(eval_loss=eval_loss, step=step,
+                        shards=[p.detach().to("cpu", copy=True) for p in model.parameters()])
             if step > 0:
                 export("best")
         logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best["eval_loss"], "best_step": best["step"]})
@@ -125,71 +164,61 @@ def run(cfg: Config, d: Dist) -> dict:
         run_eval(0)
 
     epoch, step, tokens_seen = 0, 0, 0
-    batches = iter(train_loader)
+    batches = iter(s.train_loader)
 
     def next_micro_batch() -> dict:
         nonlocal epoch, batches
         try:
             return next(batches)
-        except StopIteration:
+        except StopIteration:  # end of epoch: a new seeded permutation
             epoch += 1
             sampler.set_epoch(epoch)
-            batches = iter(train_loader)
+            batches = iter(s.train_loader)
             return next(batches)
 
     model.train()
     progress = tqdm(total=total_steps, disable=not d.is_main, desc="train", dynamic_ncols=True)
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+    window_loss, window_tokens, window_steps, window_start = torch.zeros((), device=d.device), 0, 0, time.perf_counter()
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
-        # One collective gives every rank the step's total count of supervised tokens: the denominator.
-        counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
-                                 sum(int(b["attention_mask"].sum()) for b in micro_batches)], d.device)
-        step_targets, step_tokens = max(float(counts[0]), 1.0), int(counts[1])
-        loss_sum = torch.zeros((), device=d.device)
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
-            with contextlib.nullcontext() if last else model.no_sync():
-                micro_loss, _ = model(**to_device(batch, d.device))
-                # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
-                (micro_loss * (d.world_size / step_targets)).backward()
-            loss_sum += micro_loss.detach()
-        grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf)
+        step_targets, step_tokens = count_step_tokens(micro_batches, d)
+        loss_sum = accumulate_gradients(model, micro_batches, step_targets, d)
+        grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf)  # the global norm, logged
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += step_tokens
-        window["loss"] += float(all_reduce_sum(loss_sum.detach().double().view(1), d.device)) / step_targets
-        window["tokens"] += step_tokens
-        window["steps"] += 1
+        # This rank's share of the step's mean loss; summed over ranks only when logged (no sync per step).
+        window_loss += loss_sum / step_targets
+        window_tokens += step_tokens
+        window_steps += 1
         progress.update(1)
 
         if step % t.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window["start"]
-            record = {"loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
-                      "step_time_s": elapsed / window["steps"], "peak_mem_gib": peak_memory_gib(d.device),
-                      "epoch": epoch, "tokens_seen": tokens_seen}
+            elapsed = time.perf_counter() - window_start
+            record = {"loss": float(all_reduce_sum(window_loss.view(1), d.device)) / window_steps,
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": window_tokens / elapsed, "step_time_s": elapsed / window_steps,
+                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": tokens_seen}
             logger.log(step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+            window_loss, window_tokens, window_steps, window_start = torch.zeros((), device=d.device), 0, 0, time.perf_counter()
         if step % t.eval_steps == 0 or step == total_steps:
             run_eval(step)
         if t.save_steps and step % t.save_steps == 0 and step < total_steps:
             save_checkpoint(model, optimizer, scheduler, step, os.path.join(t.output_dir, f"checkpoint-{step}"))
     progress.close()
 
-    if t.load_best_model_at_end and best_shards is not None and best["step"] != step:
+    if t.load_best_model_at_end and best["shards"] is not None and best["step"] != step:
         with torch.no_grad():
-            for param, saved in zip(model.parameters(), best_shards):
+            for param, saved in zip(model.parameters(), best["shards"]):
                 param.copy_(saved.to(param.device))
         print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f})")
     export("final")
     print0(f"exported {os.path.join(t.output_dir, 'final')}")
     logger.close()
-    return {"steps": step, "best": best}
+    return {"steps": step, "best_eval_loss": best["eval_loss"], "best_step": best["step"]}
 
 
 def main(argv: list[str] | None = None) -> None:

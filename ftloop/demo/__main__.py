@@ -1,0 +1,66 @@
+"""`python -m ftloop.demo`: build the demo bundle, fine-tune it with torchrun, check what it learned.
+
+The bundle is a tiny random-weight Qwen2.5-VL with a locally trained tokenizer and a few hundred drawn
+shapes; the question asks for the shape's colour, so the answer needs the image. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ftloop.demo.bundle import build_demo_bundle
+from ftloop.demo.evaluate import evaluate_export
+
+# The demo's training flags. fp32 compute (--no-bf16): CPUs without bf16 matrix units run bf16 matmuls
+# several times slower than fp32; on GPUs keep the bf16 default. A model that starts from random weights
+# needs larger steps than a fine-tune of a pretrained one.
+DEMO_FLAGS = [
+    "--num-train-epochs", "25", "--per-device-train-batch-size", "8", "--per-device-eval-batch-size", "16",
+    "--learning-rate", "1e-3", "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.02", "--logging-steps", "10", "--eval-steps", "50",
+    "--save-steps", "0", "--eval-on-start", "--no-bf16", "--no-gradient-checkpointing", "--report-to", "none",
+]
+
+
+def train_command(bundle: dict, output_dir: str, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+        os.environ.get("MASTER_PORT", "29511"), "-m", "ftloop.train",
+        "--model-name-or-path", bundle["model_dir"], "--train-data", bundle["train_json"],
+        "--eval-data", bundle["eval_json"], "--image-folder", bundle["image_folder"],
+        "--output-dir", output_dir, *DEMO_FLAGS,
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="demo_run", help="where the bundle and the run are written")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="training processes")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    bundle_dir, output_dir = os.path.join(args.workdir, "bundle"), os.path.join(args.workdir, "run")
+    print(f"demo: building the bundle in {bundle_dir}", flush=True)
+    bundle = build_demo_bundle(bundle_dir)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command = train_command(bundle, output_dir, args.nproc_per_node)
+    print("demo: " + " ".join(command[1:]), flush=True)
+    if subprocess.run(command, env=env).returncode != 0:
+        raise SystemExit("demo: training failed (see above)")
+
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        evals = [r for r in map(json.loads, f) if "eval_loss" in r]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    print(f"demo: eval loss {evals[0]['eval_loss']:.3f} at step {evals[0]['step']} -> "
+          f"{evals[-1]['eval_loss']:.3f} at step {evals[-1]['step']} (best {best['eval_loss']:.3f} at step "
+          f"{best['step']}, the weights exported as final)", flush=True)
+    accuracy = evaluate_export(os.path.join(output_dir, "final"), bundle["eval_json"], bundle["image_folder"])
+    print(f"demo: accuracy on held-out images {accuracy:.1%}; wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

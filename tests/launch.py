@@ -1,0 +1,49 @@
+"""Helpers that start ftloop the way users do: `python -m ftloop.train` or torchrun, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def torchrun(nproc: int, target: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc <target>`; target is ["-m", "ftloop.train", ...] or [script, ...].
+
+    The timeout turns a collective hang into a failed test instead of a stuck suite.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+    return subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def python_m(module: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_flags(bundle: dict, output_dir, *extra: str) -> list[str]:
+    """Flags for a short run on the tiny test bundle."""
+    return ["--model-name-or-path", bundle["model_dir"], "--train-data", bundle["train_json"],
+            "--image-folder", bundle["image_folder"], "--output-dir", str(output_dir), "--report-to", "none",
+            "--dataloader-num-workers", "0", "--save-steps", "0", *extra]
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result

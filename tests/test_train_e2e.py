@@ -1,0 +1,100 @@
+"""The whole run, as users start it: train, evaluate, export, reload with plain transformers."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from ftloop.config import Config, DataArgs
+from ftloop.data.loaders import build_eval_loader
+from ftloop.model import VisionLanguageSFT
+from launch import check, python_m, torchrun, train_flags
+
+
+def exported_dtypes(folder) -> set:
+    dtypes = set()
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return dtypes
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tiny_bundle, tmp_path_factory):
+    """2 processes, fp32 compute and export, eval every 2 steps, the last step's weights exported."""
+    out = tmp_path_factory.mktemp("fp32_run")
+    result = torchrun(2, ["-m", "ftloop.train", *train_flags(
+        tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--max-steps", "4", "--eval-steps", "2",
+        "--logging-steps", "1", "--per-device-train-batch-size", "2", "--learning-rate", "1e-3",
+        "--no-bf16", "--save-dtype", "fp32", "--no-load-best-model-at-end", "--eval-on-start",
+        "--max-shard-size", "200KB")])
+    check(result)
+    return out, result
+
+
+def test_metrics_record_every_logged_and_eval_step(fp32_run):
+    out, result = fp32_run
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in train:
+        assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib"} <= r.keys()
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
+    assert evals[-1]["best_eval_loss"] == min(r["eval_loss"] for r in evals)
+    assert "exported" in result.stdout
+
+
+def test_export_is_a_sharded_hf_folder(fp32_run):
+    final = fp32_run[0] / "final"
+    names = set(os.listdir(final))
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "preprocessor_config.json"} <= names
+    assert "chat_template.jinja" in names or "chat_template.json" in names
+    assert sum(n.endswith(".safetensors") for n in names) > 1  # --max-shard-size 200KB split it
+    assert exported_dtypes(final) == {"F32"}
+    assert (fp32_run[0] / "best" / "config.json").is_file()
+    assert not [n for n in os.listdir(fp32_run[0]) if ".tmp-" in n]  # no half-written folders left
+
+
+def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle):
+    """The reloaded export reproduces the eval loss the FSDP model measured at the last step."""
+    out, _ = fp32_run
+    final = str(out / "final")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
+    tokenizer, processor = AutoTokenizer.from_pretrained(final), AutoImageProcessor.from_pretrained(final)
+    cfg = Config(data=DataArgs(eval_data=tiny_bundle["eval_json"], image_folder=tiny_bundle["image_folder"],
+                               dataloader_num_workers=0))
+    loader = build_eval_loader(cfg, tokenizer, processor, model.config, world_size=1, rank=0, pin=False)
+    scorer = VisionLanguageSFT(model)
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            loss_sum, n = scorer(**batch)
+            total, count = total + float(loss_sum), count + float(n)
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    last_eval = [r for r in logged if "eval_loss" in r][-1]["eval_loss"]
+    assert total / count == pytest.approx(last_eval, rel=1e-5)
+
+
+def test_bf16_default_exports_bf16_and_loads_best_at_end(tiny_bundle, tmp_path):
+    result = python_m("ftloop.train", train_flags(
+        tiny_bundle, tmp_path, "--eval-data", tiny_bundle["eval_json"], "--max-steps", "3", "--eval-steps", "1",
+        "--learning-rate", "0.5", "--per-device-train-batch-size", "2"))
+    check(result)
+    assert exported_dtypes(tmp_path / "final") == {"BF16"}
+    assert json.load(open(tmp_path / "final" / "config.json")).get("dtype") in ("bfloat16", None)
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_loss" in line]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert best["step"] != evals[-1]["step"]  # lr 0.5 makes later steps worse...
+    assert f"loaded the best weights back (step {best['step']}" in result.stdout  # ...so the best comes back
+    # `final` holds the best weights: its tensors equal `best`'s.
+    with safe_open(os.path.join(tmp_path, "best", "model.safetensors"), "pt") as b, \
+            safe_open(os.path.join(tmp_path, "final", "model.safetensors"), "pt") as f:
+        assert all(torch.equal(b.get_tensor(k), f.get_tensor(k)) for k in b.keys())
