@@ -158,8 +158,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
     need(bool(m.model_name_or_path), "--model-name-or-path is required: a Qwen2.5-VL folder or hub id")
-    looks_local = os.path.sep in m.model_name_or_path or m.model_name_or_path.startswith(".")
-    if looks_local or os.path.exists(m.model_name_or_path):
+    path = m.model_name_or_path
+    # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is meant as a folder.
+    looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
+    if looks_local or os.path.exists(path):
         need(os.path.isfile(os.path.join(m.model_name_or_path, "config.json")),
              f"--model-name-or-path {m.model_name_or_path}: no config.json there; give a Hugging Face model folder")
     need(bool(d.train_data), "--train-data is required: a LLaVA-style .json or .jsonl file")

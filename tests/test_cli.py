@@ -1,0 +1,101 @@
+"""Flags: parsed with HF TrainingArguments names, validated up front, one clear line on error."""
+
+import json
+
+import pytest
+
+from ftloop.config import Config, ConfigError, parse_args, parse_size, validate
+from launch import python_m, train_flags
+
+
+def config_for(bundle, *flags: str) -> Config:
+    return parse_args(train_flags(bundle, "/tmp/ftloop-unused", *flags))
+
+
+def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
+    cfg = config_for(tiny_bundle, "--learning-rate", "2e-5", "--warmup-ratio", "0.1", "--max-grad-norm", "0.5",
+                     "--gradient-accumulation-steps", "4", "--no-bf16", "--param-dtype", "bf16")
+    assert cfg.optim.learning_rate == 2e-5 and cfg.optim.warmup_ratio == 0.1 and cfg.optim.max_grad_norm == 0.5
+    assert cfg.train.gradient_accumulation_steps == 4
+    assert cfg.fsdp.bf16 is False and cfg.model.param_dtype == "bf16"
+    default = parse_args(["--model-name-or-path", tiny_bundle["model_dir"], "--train-data", tiny_bundle["train_json"]])
+    assert default.optim.optim == "adafactor" and default.optim.lr_scheduler_type == "constant"
+    assert default.fsdp.bf16 and default.fsdp.sharding_strategy == "FULL_SHARD"
+    assert default.model.gradient_checkpointing and default.data.dataloader_num_workers == 1
+    assert default.train.load_best_model_at_end and default.train.save_dtype == "bf16"
+    assert default.model.param_dtype == "fp32" and default.train.report_to == "wandb"
+    validate(default)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
+    (["--per-device-eval-batch-size", "-1"], "--per-device-eval-batch-size must be positive"),
+    (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be positive"),
+    (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--max-steps", "-1", "--num-train-epochs", "0"], "--num-train-epochs must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+    (["--logging-steps", "0"], "--logging-steps"),
+    (["--eval-steps", "0"], "--eval-steps"),
+    (["--max-seq-length", "0"], "--max-seq-length"),
+    (["--train-data", "/nonexistent/train.json"], "--train-data /nonexistent/train.json: file not found"),
+    (["--eval-data", "/nonexistent/eval.json"], "--eval-data /nonexistent/eval.json: file not found"),
+    (["--image-folder", "/nonexistent/images"], "--image-folder /nonexistent/images: folder not found"),
+    (["--model-name-or-path", "/nonexistent/model"], "--model-name-or-path /nonexistent/model: no config.json"),
+    (["--max-shard-size", "lots"], "--max-shard-size"),
+    (["--cpu-offload", "--sharding-strategy", "NO_SHARD"], "--cpu-offload"),
+])
+def test_bad_values_name_the_flag(tiny_bundle, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
+        validate(config_for(tiny_bundle, *flags))
+
+
+def test_required_flags():
+    with pytest.raises(ConfigError, match="--model-name-or-path is required"):
+        validate(parse_args([]))
+    with pytest.raises(ConfigError, match="--train-data is required"):
+        validate(parse_args(["--model-name-or-path", "some/hub-id"]))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ftloop: error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path):
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--per-device-train-batch-size", "0"))
+    assert "--per-device-train-batch-size must be positive" in one_error_line(result)
+
+
+def test_cli_names_file_and_row_of_a_missing_image_before_training(tiny_bundle, tmp_path):
+    rows = json.loads(open(tiny_bundle["train_json"]).read())
+    image_row = next(r for r in rows if "image" in r)
+    broken = dict(image_row, image="no/such/picture.png")
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([image_row, broken]))
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
+                                                  "--max-steps", "1", "--per-device-train-batch-size", "2"))
+    line = one_error_line(result)
+    assert f"{data}: row 2" in line and "no/such/picture.png" in line
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_cli_hub_id_without_network_is_one_clear_line(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--model-name-or-path",
+                                                  "nobody-here/not-a-model"))
+    assert "--model-name-or-path nobody-here/not-a-model" in one_error_line(result)
+
+
+def test_help_shows_the_attribute_docstrings():
+    result = python_m("ftloop.train", ["--help"])
+    assert result.returncode == 0
+    assert "--per-device-train-batch-size" in result.stdout
+    assert "Sequences per micro-batch on each rank" in result.stdout
