@@ -22,14 +22,15 @@ def env() -> dict:
     return e
 
 
-def torchrun(nproc: int, target: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, target: list[str], timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node nproc <target>`; target is ["-m", "ftloop.train", ...] or [script, ...].
 
     The timeout turns a collective hang into a failed test instead of a stuck suite.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
-    return subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env={**env(), **extra_env}, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def python_m(module: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -45,5 +46,5 @@ def train_flags(bundle: dict, output_dir, *extra: str) -> list[str]:
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-12000:]}"
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,9 @@ class Rank0Materializer:
         self.names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
         self.source = source  # rank 0: name -> tensor, popped as it is used, so memory is handed over
         self.device = device
-        self.done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta) -> (meta, real)
+        # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP
+        # has flattened and sharded them; the meta tensor is kept so that its id is never reused.
+        self.done: dict[int, tuple[torch.Tensor, weakref.ref]] = {}
 
     def __call__(self, module: nn.Module) -> None:
         prefix = self.names[module]
@@ -49,13 +52,16 @@ class Rank0Materializer:
             for key, meta in list(slots.items()):
                 if meta is None or not meta.is_meta:
                     continue
-                if id(meta) in self.done:
-                    slots[key] = self.done[id(meta)][1]
+                name = f"{prefix}.{key}" if prefix else key
+                if id(meta) in self.done:  # tied: a second name for a tensor already received
+                    slots[key] = self.done[id(meta)][1]()
+                    if self.source is not None:
+                        self.source.pop(name, None)
                     continue
-                real = self._receive(f"{prefix}.{key}" if prefix else key, meta)
+                real = self._receive(name, meta)
                 if is_param:
                     real = nn.Parameter(real, requires_grad=meta.requires_grad)
-                self.done[id(meta)] = (meta, real)
+                self.done[id(meta)] = (meta, weakref.ref(real))
                 slots[key] = real
 
     def _receive(self, name: str, meta: torch.Tensor) -> torch.Tensor:
