@@ -1,0 +1,16 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+from ftloop.demo.bundle import build_demo_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A `model_size="test"` demo bundle (tiny random Qwen2.5-VL + toy shapes data), built once per session.
+
+    Returns build_demo_bundle's dict: model_dir, image_folder, train_json, eval_json. Treat it as read-only:
+    it is shared by every test in the session.
+    """
+    out = tmp_path_factory.mktemp("tiny_bundle")
+    return build_demo_bundle(out, num_train=16, num_eval=8, image_size=56, seed=0, model_size="test")
