@@ -33,9 +33,12 @@ def torchrun(nproc: int, target: list[str], timeout: float = 240, **extra_env: s
                           timeout=timeout)
 
 
-def python_m(module: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], env=env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+def python_m(module: str, args: list[str], timeout: float = 240, extra_env: dict | None = None):
+    """`python -m module args`; extra_env values of None remove that variable."""
+    environment = {**env(), **(extra_env or {})}
+    environment = {k: v for k, v in environment.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", module, *args], env=environment, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def train_flags(bundle: dict, output_dir, *extra: str) -> list[str]:

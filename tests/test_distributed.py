@@ -2,11 +2,12 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 
-from launch import REPO, check, torchrun, train_flags
+from launch import REPO, check, env, free_port, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
@@ -61,10 +62,12 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps([image_row, text_row]))
     out = tmp_path / "run"
-    result = torchrun(2, ["-m", "ftloop.train", *train_flags(
-        tiny_bundle, out, "--train-data", str(data), "--eval-data", str(data), "--max-steps", "3",
-        "--eval-steps", "2", "--logging-steps", "1", "--per-device-train-batch-size", "1")], timeout=180)
-    check(result)
+    # Started the way users start it, through the launcher script (which passes the flags to torchrun).
+    launcher = os.path.join(REPO, "scripts", "train_shell.sh")
+    flags = train_flags(tiny_bundle, out, "--train-data", str(data), "--eval-data", str(data), "--max-steps", "3",
+                        "--eval-steps", "2", "--logging-steps", "1", "--per-device-train-batch-size", "1")
+    check(subprocess.run(["sh", launcher, *flags], cwd=REPO, capture_output=True, text=True, timeout=180,
+                         env={**env(), "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}))
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]

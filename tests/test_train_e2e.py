@@ -31,7 +31,7 @@ def fp32_run(tiny_bundle, tmp_path_factory):
         tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--max-steps", "4", "--eval-steps", "2",
         "--logging-steps", "1", "--per-device-train-batch-size", "2", "--learning-rate", "1e-3",
         "--no-bf16", "--save-dtype", "fp32", "--no-load-best-model-at-end", "--eval-on-start",
-        "--max-shard-size", "200KB")])
+        "--max-shard-size", "200KB", "--save-steps", "2")])
     check(result)
     return out, result
 
@@ -49,6 +49,13 @@ def test_metrics_record_every_logged_and_eval_step(fp32_run):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
     assert evals[-1]["best_eval_loss"] == min(r["eval_loss"] for r in evals)
     assert "exported" in result.stdout
+
+
+def test_sharded_checkpoint_written_by_every_rank(fp32_run):
+    checkpoint = fp32_run[0] / "checkpoint-2"
+    names = set(os.listdir(checkpoint))
+    assert {"__0_0.distcp", "__1_0.distcp", "trainer_state.pt", ".metadata"} <= names
+    assert torch.load(checkpoint / "trainer_state.pt")["step"] == 2
 
 
 def test_export_is_a_sharded_hf_folder(fp32_run):
@@ -98,3 +105,13 @@ def test_bf16_default_exports_bf16_and_loads_best_at_end(tiny_bundle, tmp_path):
     with safe_open(os.path.join(tmp_path, "best", "model.safetensors"), "pt") as b, \
             safe_open(os.path.join(tmp_path, "final", "model.safetensors"), "pt") as f:
         assert all(torch.equal(b.get_tensor(k), f.get_tensor(k)) for k in b.keys())
+
+
+def test_wandb_without_credentials_logs_offline_and_says_so(tiny_bundle, tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None}
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "1",
+                                                  "--report-to", "wandb", "--wandb-project-name", "ftloop-test"),
+                      extra_env=env)
+    check(result)
+    assert result.stdout.count("wandb: no credentials found") == 1
+    assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "out" / "wandb"))
