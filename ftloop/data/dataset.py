@@ -26,7 +26,8 @@ class SFTDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row, where = self.rows[index], f"{self.source}: row {index + 1}"
+        row = self.rows[index]
+        where = f"{self.source}: row {row.get('row', index + 1)}"
         sample = {}
         counts = []
         if row["images"]:

@@ -1,6 +1,7 @@
 """Reading training rows into one normal form.
 
-A row becomes `{"messages": [{"role": "system"|"user"|"assistant", "content": str}], "images": [path]}`
+A row becomes `{"messages": [{"role": "system"|"user"|"assistant", "content": str}], "images": [path],
+"row": its number in the file}`
 where the content keeps `<image>` placeholders in place and image paths are absolute. Every problem is
 reported as one line naming the file and the 1-based row.
 """
@@ -18,16 +19,20 @@ class DataError(ValueError):
     """A problem with the user's data; the message names file and row."""
 
 
-def read_json_rows(path: str) -> list[dict]:
-    """A .json array, or one json object per line (.jsonl); the format is told by the first character."""
+def read_json_rows(path: str) -> list[tuple[int, dict]]:
+    """(row number, row) pairs of a .json array or a .jsonl file (told apart by the first character).
+
+    In a .jsonl file the row number is the line number, blank lines included, so that every message about
+    a row points at the line an editor shows.
+    """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             text = f.read()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = list(enumerate(json.loads(text), start=1))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid json at line {err.lineno} column {err.colno}: {err.msg}") from None
     else:
@@ -36,10 +41,10 @@ def read_json_rows(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: row {number}: not valid json ({err.msg})") from None
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {number}: expected a json object, got {type(row).__name__}")
     return rows
@@ -84,4 +89,4 @@ def load_rows(path: str, image_folder: str = "") -> list[dict]:
     rows = read_json_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
-    return [normalize_llava_row(row, f"{path}: row {n}", folder) for n, row in enumerate(rows, start=1)]
+    return [dict(normalize_llava_row(row, f"{path}: row {n}", folder), row=n) for n, row in rows]

@@ -25,6 +25,6 @@ def open_rgb(path: str, where: str) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode == "I;16" or image.mode == "I":
-        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16-bit (any byte order) and float
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
