@@ -214,7 +214,8 @@ def draw_image(rng: random.Random, image_size: int, color: str, shape: str) -> I
     return img
 
 
-def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_size: int) -> list[dict]:
+def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_size: int,
+              shape_share: float = 0.25) -> list[dict]:
     """LLaVA-format rows; every 12th row (from index 3) is text-only, so text-only batches occur in training
     and even a tiny test split contains one."""
     rows = []
@@ -229,7 +230,7 @@ def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_siz
         rel = f"{split}/{i:05d}.png"
         draw_image(rng, image_size, color, shape).save(image_dir / rel)
         # Mostly colour (learnt in ~100 steps from random weights); shape is harder and learnt later.
-        question, answer = (COLOR_Q, color) if rng.random() < 0.75 else (SHAPE_Q, shape)
+        question, answer = (SHAPE_Q, shape) if rng.random() < shape_share else (COLOR_Q, color)
         rows.append({"id": row_id, "image": rel, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})  # fmt: skip
     return rows
@@ -250,8 +251,11 @@ def build_demo_bundle(
     image_size: int = 56,
     seed: int = 0,
     model_size: str = "demo",
+    shape_share: float = 0.25,
 ) -> dict:
-    """Write model/, images/, train.json and eval.json under out_dir; return their paths."""
+    """Write model/, images/, train.json and eval.json under out_dir; return their paths.
+
+    `shape_share` of the image rows ask for the shape, the others for the colour."""
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
     out = Path(out_dir)
@@ -276,8 +280,8 @@ def build_demo_bundle(
 
     # Separate RNG streams per split: eval images never coincide with train ones, and changing num_train
     # does not change the eval set.
-    train_rows = make_rows(random.Random(f"{seed}-train"), num_train, "train", image_dir, image_size)
-    eval_rows = make_rows(random.Random(f"{seed}-eval"), num_eval, "eval", image_dir, image_size)
+    train_rows = make_rows(random.Random(f"{seed}-train"), num_train, "train", image_dir, image_size, shape_share)
+    eval_rows = make_rows(random.Random(f"{seed}-eval"), num_eval, "eval", image_dir, image_size, shape_share)
     train_json, eval_json = out / "train.json", out / "eval.json"
     train_json.write_text(json.dumps(train_rows, indent=1))
     eval_json.write_text(json.dumps(eval_rows, indent=1))
