@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -115,3 +116,30 @@ def test_wandb_without_credentials_logs_offline_and_says_so(tiny_bundle, tmp_pat
     check(result)
     assert result.stdout.count("wandb: no credentials found") == 1
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "out" / "wandb"))
+
+
+def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
+    """Layer classes are found from the model, so a Qwen2-VL folder needs nothing special."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    bundle_config = json.load(open(os.path.join(tiny_bundle["model_dir"], "config.json")))
+    text = bundle_config["text_config"]
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=text["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=text["bos_token_id"],
+                         eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        **{k: bundle_config[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                         "vision_end_token_id")})
+    folder = tmp_path / "qwen2vl"
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        shutil.copy(os.path.join(tiny_bundle["model_dir"], name), folder)
+    out = tmp_path / "out"
+    check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+        tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"],
+        "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2")]))
+    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(out / "final")
+    assert reloaded.config.model_type == "qwen2_vl"
