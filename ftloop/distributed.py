@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,21 @@ def init_distributed() -> Dist:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    quiet_library_chatter(rank)
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+
+
+def quiet_library_chatter(rank: int) -> None:
+    """Rank 0 speaks for the run; the other ranks keep only errors. Everywhere, drop FSDP1's notice that
+    its state-dict API is deprecated in favour of FSDP2's: ftloop is FSDP1 by design."""
+    warnings.filterwarnings("ignore", message=r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\)")
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def print0(*args, **kwargs) -> None:

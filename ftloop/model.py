@@ -38,7 +38,11 @@ def build_meta_model(config: PretrainedConfig, args: ModelArgs) -> PreTrainedMod
         )
     model.config.use_cache = False  # a KV cache is useless in training and breaks checkpointing
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # non-reentrant: works with FSDP and with frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -19,6 +19,7 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHON"] = sys.executable  # scripts/train_shell.sh runs the interpreter that runs the tests
     return e
 
 
