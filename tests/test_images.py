@@ -1,0 +1,116 @@
+"""Opening images: every pillow mode becomes RGB; bad files give errors naming the path."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datautil import one_line_error
+from ftloop.data.formats import DataError
+from ftloop.data.images import open_rgb
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def _check_rgb(path, size):
+    image = open_rgb(str(path), "d.json: row 1")
+    assert image.mode == "RGB"
+    assert image.size == size
+    return np.asarray(image)
+
+
+W, H = 12, 10
+
+
+def test_open_rgb_modes(tmp_path):
+    base = Image.new("RGB", (W, H), (10, 200, 30))
+    base.save(tmp_path / "rgb.png")
+    assert (_check_rgb(tmp_path / "rgb.png", (W, H)) == (10, 200, 30)).all()
+
+    Image.new("L", (W, H), 100).save(tmp_path / "l.png")
+    assert (_check_rgb(tmp_path / "l.png", (W, H)) == 100).all()
+
+    Image.new("CMYK", (W, H), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    px = _check_rgb(tmp_path / "cmyk.jpg", (W, H)).astype(int)
+    assert (abs(px - (255, 0, 0)) <= 8).all()
+
+    Image.new("1", (W, H), 1).save(tmp_path / "one.png")
+    assert (_check_rgb(tmp_path / "one.png", (W, H)) == 255).all()
+
+
+def test_open_rgb_palette(tmp_path):
+    p = Image.new("P", (W, H), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    p.putpixel((0, 0), 0)
+    p.save(tmp_path / "p.png")
+    px = _check_rgb(tmp_path / "p.png", (W, H))
+    assert tuple(px[0, 0]) == (0, 0, 0) and tuple(px[1, 1]) == (10, 200, 30)
+
+    p.save(tmp_path / "pt.png", transparency=0)
+    assert Image.open(tmp_path / "pt.png").info.get("transparency") == 0
+    px = _check_rgb(tmp_path / "pt.png", (W, H))
+    assert tuple(px[0, 0]) == (255, 255, 255) and tuple(px[1, 1]) == (10, 200, 30)
+
+
+def test_open_rgb_alpha_onto_white(tmp_path):
+    rgba = Image.new("RGBA", (W, H), (10, 20, 30, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 0, 128))
+    rgba.save(tmp_path / "rgba.png")
+    px = _check_rgb(tmp_path / "rgba.png", (W, H)).astype(int)
+    assert tuple(px[0, 0]) == (255, 255, 255)  # transparent black -> white, not black
+    assert (abs(px[0, 1] - 127) <= 1).all()  # half-transparent black -> mid grey
+    assert tuple(px[5, 5]) == (10, 20, 30)
+
+    la = Image.new("LA", (W, H), (100, 255))
+    la.putpixel((0, 0), (0, 0))
+    la.save(tmp_path / "la.png")
+    px = _check_rgb(tmp_path / "la.png", (W, H))
+    assert tuple(px[0, 0]) == (255, 255, 255) and tuple(px[5, 5]) == (100, 100, 100)
+
+
+def test_open_rgb_16_bit(tmp_path):
+    values = (np.arange(W * H).reshape(H, W) * 500).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    px = _check_rgb(tmp_path / "i16.png", (W, H))
+    # scaled to 8 bits (value / 256), not clipped at 255
+    assert (px[..., 0] == values // 256).all() and (px[..., 0] == px[..., 2]).all()
+    assert px.max() > 200 and px.min() == 0
+
+
+def test_open_rgb_16_bit_big_endian(tmp_path):
+    values = (np.arange(W * H).reshape(H, W) * 500).astype(">u2")
+    Image.frombytes("I;16B", (W, H), values.tobytes()).save(tmp_path / "i16b.tif")
+    assert Image.open(tmp_path / "i16b.tif").mode == "I;16B"
+    px = _check_rgb(tmp_path / "i16b.tif", (W, H))
+    assert (px[..., 0] == values.astype(np.uint16) // 256).all()
+
+
+def test_open_rgb_exif_orientation(tmp_path):
+    image = Image.new("RGB", (30, 20), (200, 0, 0))
+    image.paste((0, 0, 200), (0, 0, 6, 6))  # a blue block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rot.jpg", exif=exif)
+    assert Image.open(tmp_path / "rot.jpg").size == (30, 20)
+    px = _check_rgb(tmp_path / "rot.jpg", (20, 30)).astype(int)
+    assert px[1, -2, 2] > 150 and px[1, -2, 0] < 60  # blue block now top-right
+    assert px[1, 1, 0] > 150 and px[1, 1, 2] < 60
+
+
+def test_open_rgb_errors_name_the_path(tmp_path):
+    noise = np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.png")
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    for ext in ("png", "jpg"):
+        data = (tmp_path / f"full.{ext}").read_bytes()
+        (tmp_path / f"trunc.{ext}").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.png").write_bytes(b"not an image at all" * 10)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    for name in ("missing.png", "folder.png", "trunc.png", "trunc.jpg", "junk.png", "empty.png"):
+        path = str(tmp_path / name)
+        with pytest.raises(DataError) as excinfo:
+            open_rgb(path, "d.json: row 4")
+        one_line_error(excinfo, path, "d.json: row 4")
