@@ -231,9 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(cfg, d)
     except (ConfigError, DataError) as err:
-        # Every rank reads the same files and flags, so every rank stops here with the same message.
+        # Every rank reads the same files and flags, so every rank stops here with the same message. An
+        # error raised in a data-loader worker arrives wrapped in the worker's traceback: keep its last line.
+        message = str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
         if d.is_main:
-            print(f"ftloop: error: {err}", file=sys.stderr, flush=True)
+            print(f"\nftloop: error: {message}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         raise SystemExit(2) from None
     dist.destroy_process_group()

@@ -99,3 +99,16 @@ def test_help_shows_the_attribute_docstrings():
     assert result.returncode == 0
     assert "--per-device-train-batch-size" in result.stdout
     assert "Sequences per micro-batch on each rank" in result.stdout
+
+
+def test_cli_corrupt_image_found_in_a_loader_worker_is_one_line(tiny_bundle, tmp_path):
+    rows = json.loads(open(tiny_bundle["train_json"]).read())
+    image_row = next(r for r in rows if "image" in r)
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([image_row, dict(image_row, image=str(tmp_path / "corrupt.png"))]))
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
+                                                  "--max-steps", "1", "--per-device-train-batch-size", "2",
+                                                  "--dataloader-num-workers", "1"))
+    line = one_error_line(result)
+    assert f"{data}: row 2: cannot read image" in line and "corrupt.png" in line
