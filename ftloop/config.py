@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import tyro
 
 Dtype = Literal["bf16", "fp32"]
@@ -188,6 +189,8 @@ def validate(cfg: Config) -> None:
     parse_size(t.max_shard_size)
     need(not (cfg.fsdp.cpu_offload and cfg.fsdp.sharding_strategy == "NO_SHARD"),
          "--cpu-offload needs a sharded --sharding-strategy")
+    need(not cfg.fsdp.cpu_offload or torch.cuda.is_available(),
+         "--cpu-offload moves GPU shards to host memory, and there is no GPU here; drop the flag")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -44,6 +44,7 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     (["--model-name-or-path", "/nonexistent/model"], "--model-name-or-path /nonexistent/model: no config.json"),
     (["--max-shard-size", "lots"], "--max-shard-size"),
     (["--cpu-offload", "--sharding-strategy", "NO_SHARD"], "--cpu-offload"),
+    (["--cpu-offload"], "--cpu-offload moves GPU shards to host memory, and there is no GPU here"),
 ])
 def test_bad_values_name_the_flag(tiny_bundle, flags, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):

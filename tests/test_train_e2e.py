@@ -143,3 +143,16 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
         "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2")]))
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(out / "final")
     assert reloaded.config.model_type == "qwen2_vl"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--sharding-strategy", "SHARD_GRAD_OP", "--optim", "adamw", "--param-dtype", "bf16"],
+    ["--sharding-strategy", "HYBRID_SHARD", "--use-orig-params", "--lr-scheduler-type", "cosine"],
+])
+def test_other_fsdp_and_optimizer_options_train_and_export(tiny_bundle, tmp_path, flags):
+    check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+        tiny_bundle, tmp_path, "--max-steps", "2", "--per-device-train-batch-size", "2", "--logging-steps", "1",
+        *flags)]))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and all(r["grad_norm"] > 0 for r in records)
+    assert exported_dtypes(tmp_path / "final") == {"BF16"}
