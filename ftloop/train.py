@@ -44,14 +44,15 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def count_step_tokens(micro_batches: list[dict], d: Dist) -> tuple[float, int]:
-    """(supervised tokens, all tokens) of one optimizer step on all ranks; the first is the loss denominator."""
+def count_step_tokens(micro_batches: list[dict], d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(supervised tokens, all tokens) of one optimizer step on all ranks. The first (at least 1) is the loss
+    denominator. Both stay on the device: reading them on the host would stall every step."""
     counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches)], d.device)
-    return max(float(counts[0]), 1.0), int(counts[1])
+    return counts[0].clamp(min=1).float(), counts[1]
 
 
-def accumulate_gradients(model, micro_batches: list[dict], step_targets: float, d: Dist) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the rank's summed token loss."""
     loss_sum = torch.zeros((), device=d.device)
     for i, batch in enumerate(micro_batches):
@@ -163,7 +164,8 @@ def run(cfg: Config, d: Dist) -> dict:
     if t.eval_on_start:
         run_eval(0)
 
-    epoch, step, tokens_seen = 0, 0, 0
+    epoch, step = 0, 0
+    tokens_seen = torch.zeros((), dtype=torch.float64, device=d.device)
     batches = iter(s.train_loader)
 
     def next_micro_batch() -> dict:
@@ -178,7 +180,9 @@ def run(cfg: Config, d: Dist) -> dict:
 
     model.train()
     progress = tqdm(total=total_steps, disable=not d.is_main, desc="train", dynamic_ncols=True)
-    window_loss, window_tokens, window_steps, window_start = torch.zeros((), device=d.device), 0, 0, time.perf_counter()
+    # Sums over the steps since the last log line; read on the host only when logged.
+    window = {"loss": torch.zeros((), device=d.device), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
+              "start": time.perf_counter()}
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
         step_targets, step_tokens = count_step_tokens(micro_batches, d)
@@ -189,21 +193,22 @@ def run(cfg: Config, d: Dist) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += step_tokens
-        # This rank's share of the step's mean loss; summed over ranks only when logged (no sync per step).
-        window_loss += loss_sum / step_targets
-        window_tokens += step_tokens
-        window_steps += 1
+        # This rank's share of the step's mean loss; summed over ranks only when logged.
+        window["loss"] += loss_sum / step_targets
+        window["tokens"] += step_tokens
+        window["steps"] += 1
         progress.update(1)
 
         if step % t.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            record = {"loss": float(all_reduce_sum(window_loss.view(1), d.device)) / window_steps,
+            elapsed = time.perf_counter() - window["start"]
+            record = {"loss": float(all_reduce_sum(window["loss"].view(1), d.device)) / window["steps"],
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": window_tokens / elapsed, "step_time_s": elapsed / window_steps,
-                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": tokens_seen}
+                      "tokens_per_s": float(window["tokens"]) / elapsed, "step_time_s": elapsed / window["steps"],
+                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": int(tokens_seen)}
             logger.log(step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_loss, window_tokens, window_steps, window_start = torch.zeros((), device=d.device), 0, 0, time.perf_counter()
+            window = {"loss": torch.zeros_like(window["loss"]), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
+                      "start": time.perf_counter()}
         if step % t.eval_steps == 0 or step == total_steps:
             run_eval(step)
         if t.save_steps and step % t.save_steps == 0 and step < total_steps:

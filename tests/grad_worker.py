@@ -30,7 +30,7 @@ def main() -> None:
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
     targets, _ = count_step_tokens(micro_batches, d)
     loss_sum = accumulate_gradients(model, micro_batches, targets, d)
-    loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / targets
+    loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / float(targets)
     facts = {
         "master": sorted({str(p.dtype) for p in model.parameters()}),
         "grad": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
