@@ -1,0 +1,181 @@
+"""Adafactor that stays exact when FSDP1 shards the parameters.
+
+FSDP1 hands an optimizer 1-D shards. A plain Adafactor then stops factoring (its second moment costs a
+float per element instead of R + C per matrix) and takes RMS statistics over whatever slice a rank holds,
+so training changes with the number of GPUs. Here every original parameter inside a shard is a `Segment`
+with its full shape; each rank computes row and column sums of its slice, one all-reduce per step turns
+them into the full parameter's statistics, and a second all-reduce gives each parameter's update RMS.
+The result equals single-process Adafactor on the unsharded model, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ftloop.optim.adafactor import _LOW_PRECISION, Adafactor, beta2_at, clip_by_rms_, ema_, learning_rate
+from ftloop.optim.segments import Segment, ShardedTensor, row_pieces
+
+
+class _Slot:
+    """One segment's static layout: its row pieces and, for batched (>2-D) parameters, each row's batch."""
+
+    def __init__(self, segment: Segment, device: torch.device):
+        self.segment = segment
+        shape = segment.shape
+        self.cols = shape[-1] if segment.factored else 0
+        self.rows_per_batch = shape[-2] if segment.factored else 0
+        self.batches = segment.rows // self.rows_per_batch if segment.factored else 0
+        self.pieces = []
+        if segment.factored:
+            for local, row, n, c0, c1 in row_pieces(segment.first, segment.numel, self.cols):
+                batch = torch.arange(row, row + n, device=device) // self.rows_per_batch
+                self.pieces.append((segment.offset + local, row, n, c0, c1, batch))
+
+    @property
+    def stats_size(self) -> int:
+        """Floats this segment adds to the all-reduced statistics: row sums, column sums, sum of p^2."""
+        return (self.segment.rows + self.batches * self.cols if self.segment.factored else 0) + 1
+
+
+class ShardedAdafactor(Adafactor):
+    """`Adafactor` over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
+
+    Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (or `describe_plain`); every rank
+    must pass the same layout order. Keyword arguments are Adafactor's.
+    """
+
+    def __init__(self, layout: list[ShardedTensor], **kwargs):
+        layout = [t for t in layout if t.tensor.requires_grad]
+        super().__init__([t.tensor for t in layout], **kwargs)
+        if self.defaults["relative_step"] and any(s.lr_scale != 1.0 for t in layout for s in t.segments):
+            raise ValueError("per-part learning rates scale an external lr: use relative_step=False")
+        self.layout = layout
+        self.slots = {id(t.tensor): [_Slot(s, t.tensor.device) for s in t.segments] for t in layout}
+
+    def _new_state(self, p: Tensor, slots: list[_Slot], first_moment: bool) -> dict:
+        state = {"step": 0}
+        for slot in slots:
+            s = slot.segment
+            if s.factored:
+                state[f"{s.name}.exp_avg_sq_row"] = torch.zeros(s.rows, device=p.device)
+                state[f"{s.name}.exp_avg_sq_col"] = torch.zeros(slot.batches, slot.cols, device=p.device)
+            else:
+                state[f"{s.name}.exp_avg_sq"] = torch.zeros(s.numel, device=p.device)
+            if first_moment:
+                state[f"{s.name}.exp_avg"] = torch.zeros(s.numel, device=p.device)
+            state[f"{s.name}.RMS"] = torch.zeros((), device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if len(self.param_groups) != 1:
+            raise ValueError("ShardedAdafactor takes one parameter group; per-parameter settings live in Segments")
+        group = self.param_groups[0]
+        eps1 = group["eps"][0]
+
+        # Stage 1: local sums for every segment, all-reduced once per process group.
+        work = []  # (tensor entry, flat fp32 grad, flat fp32 param, state, per-segment statistics)
+        by_group: dict = {}
+        for entry in self.layout:
+            p = entry.tensor
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
+            p32 = p.float() if p.dtype in _LOW_PRECISION else p
+            state = self.state[p]
+            if not state:
+                state.update(self._new_state(p, self.slots[id(p)], group["beta1"] is not None))
+            state["step"] += 1
+            grad, p32 = grad.reshape(-1), p32.view(-1)  # segments index the flattened tensor
+            stats = [self._local_sums(slot, grad, p32, eps1) for slot in self.slots[id(p)]]
+            by_group.setdefault(entry.group, []).append(len(work))
+            work.append([entry, grad, p32, state, stats])
+        for pg, indices in by_group.items():
+            self._all_reduce([work[i][4] for i in indices], pg)
+
+        # Stage 2: second moments and preconditioned updates; then the update RMS, again all-reduced.
+        updates = []
+        for entry, grad, p32, state, stats in work:
+            beta2t = beta2_at(state["step"], group["decay_rate"])
+            updates.append([self._precondition(slot, grad, state, sums, beta2t, eps1)
+                            for slot, sums in zip(self.slots[id(entry.tensor)], stats)])
+        sq = {pg: [[u.square().sum().view(1) for u in updates[i]] for i in indices] for pg, indices in by_group.items()}
+        for pg, parts in sq.items():
+            self._all_reduce(parts, pg)
+            for i, part in zip(by_group[pg], parts):
+                work[i].append(part)
+
+        # Stage 3: clip, scale, momentum, decay, apply.
+        for (entry, grad, p32, state, stats, update_sq), seg_updates in zip(work, updates):
+            for slot, sums, u, u_sq in zip(self.slots[id(entry.tensor)], stats, seg_updates, update_sq):
+                s = slot.segment
+                state[f"{s.name}.RMS"] = (sums[-1] / s.full_numel).sqrt()
+                lr = learning_rate(group, state["step"], state[f"{s.name}.RMS"]) * s.lr_scale
+                clip_by_rms_(u, (u_sq / s.full_numel).sqrt().squeeze(0), group["clip_threshold"])
+                u.mul_(lr)
+                if group["beta1"] is not None:
+                    u = ema_(state[f"{s.name}.exp_avg"], u, group["beta1"])
+                piece = p32[s.offset:s.offset + s.numel]
+                if group["weight_decay"] != 0 and s.decay:
+                    piece.add_(piece * (-group["weight_decay"] * lr))
+                piece.sub_(u)
+            if p32.data_ptr() != entry.tensor.data_ptr():  # stepped in an fp32 copy
+                entry.tensor.copy_(p32.view_as(entry.tensor))
+        return loss
+
+    @staticmethod
+    def _local_sums(slot: _Slot, grad: Tensor, p32: Tensor, eps1: float) -> Tensor:
+        s = slot.segment
+        p_sq = p32[s.offset:s.offset + s.numel].float().square().sum().view(1)
+        if not s.factored:
+            return p_sq
+        row_sum = grad.new_zeros(s.rows)
+        col_sum = grad.new_zeros(slot.batches, slot.cols)
+        for start, row, n, c0, c1, batch in slot.pieces:
+            sq = grad[start:start + n * (c1 - c0)].view(n, c1 - c0).square().add_(eps1)
+            row_sum[row:row + n] += sq.sum(dim=1)
+            col_sum[:, c0:c1].index_add_(0, batch, sq)
+        return torch.cat([row_sum, col_sum.view(-1), p_sq])
+
+    @staticmethod
+    def _precondition(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float, eps1: float) -> Tensor:
+        """grad / sqrt(second moment) for this rank's slice, after updating the second moment."""
+        s = slot.segment
+        g = grad[s.offset:s.offset + s.numel]
+        if not s.factored:
+            v = ema_(state[f"{s.name}.exp_avg_sq"], g.square().add_(eps1), beta2t)
+            return v.rsqrt().mul_(g)
+        row, col = state[f"{s.name}.exp_avg_sq_row"], state[f"{s.name}.exp_avg_sq_col"]
+        ema_(row, sums[:s.rows] / slot.cols, beta2t)  # mean over columns
+        ema_(col, sums[s.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch, beta2t)  # mean over rows
+        rows = row.view(slot.batches, slot.rows_per_batch)
+        row_mean = rows.sum(dim=-1, keepdim=True) / slot.rows_per_batch
+        r_factor = (rows / row_mean).rsqrt_().view(-1)
+        c_factor = col.rsqrt()
+        update = torch.empty_like(g)
+        for start, row_index, n, c0, c1, batch in slot.pieces:
+            local = start - s.offset
+            width = c1 - c0
+            factor = r_factor[row_index:row_index + n, None] * c_factor[batch, c0:c1]
+            update[local:local + n * width].view(n, width).copy_(factor * g[local:local + n * width].view(n, width))
+        return update
+
+    @staticmethod
+    def _all_reduce(parts: list[list[Tensor]], pg) -> None:
+        """Sum every tensor in `parts` over the process group with one collective, in place."""
+        if pg is None:
+            return
+        flat = [t for per_tensor in parts for t in per_tensor]
+        if not flat:
+            return
+        buffer = torch.cat(flat)
+        dist.all_reduce(buffer, group=pg)
+        offset = 0
+        for t in flat:
+            t.copy_(buffer[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

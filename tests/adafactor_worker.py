@@ -1,0 +1,117 @@
+"""Run under torchrun by tests/test_sharded_adafactor.py: ShardedAdafactor on an FSDP1 model.
+
+Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1)
+For each option set in CASES it trains a fresh copy of `toy_model()` for STEPS steps on the same global
+batches and saves (rank 0) the full parameters, plus every rank's optimizer state bytes.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from ftloop.optim.adafactor import Adafactor
+from ftloop.optim.segments import describe_fsdp
+from ftloop.optim.sharded_adafactor import ShardedAdafactor
+
+STEPS, GLOBAL_BATCH, DIM = 6, 8, 12
+CASES = {
+    "hf_trainer": dict(lr=1e-2, scale_parameter=False, relative_step=False),
+    "hf_trainer_beta1_wd": dict(lr=1e-2, scale_parameter=False, relative_step=False, beta1=0.9, weight_decay=0.1),
+    "paper": dict(),
+    "paper_beta1_wd": dict(beta1=0.9, weight_decay=0.1),
+    # The control: what every other stack does, a plain Adafactor stepping FSDP's flat shards.
+    "plain_on_flat_shards": dict(lr=1e-2, scale_parameter=False, relative_step=False),
+}
+
+
+def settings_for(case: str):
+    """No decay on 1-D parameters; with an external lr, the first block learns twice as fast (a per-part
+    learning rate, as --vision-lr gives the vision tower)."""
+    external_lr = "lr" in CASES[case] and case != "plain_on_flat_shards"
+
+    def settings(name, shape):
+        return (2.0 if external_lr and name.startswith("blocks.0.") else 1.0), len(shape) >= 2
+
+    return settings
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Parameter(torch.randn(3, dim, 5) * 0.1)  # a 3-D parameter: leading dim is a batch
+
+    def forward(self, x):
+        h = self.down(torch.tanh(self.up(self.norm(x))))
+        return x + h + torch.einsum("bd,kde->be", x, self.mix).sum(-1, keepdim=True)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(DIM, DIM)
+        self.blocks = nn.ModuleList([Block(DIM, 7), Block(DIM, 9), Block(DIM, 13)])
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def toy_model() -> Toy:
+    torch.manual_seed(0)
+    return Toy()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, DIM, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
+            for _ in range(STEPS)]
+
+
+def loss_on(model, x, y, total: int):
+    """Sum of squared errors over these rows / the global batch size: any split sums to the same."""
+    return ((model(x) - y) ** 2).sum() / total
+
+
+def main() -> None:
+    out, use_orig_params = sys.argv[1], sys.argv[2] == "1"
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for case, kwargs in CASES.items():
+        model = FSDP(toy_model(), auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=use_orig_params,
+                     device_id=torch.device("cpu"))
+        if case == "plain_on_flat_shards":
+            optimizer = Adafactor(model.parameters(), **kwargs)
+        else:
+            optimizer = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **kwargs)
+        for x, y in batches():
+            rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+            optimizer.zero_grad()
+            # FSDP averages gradients over ranks: scale by world size to get the sum.
+            (loss_on(model, x[rows], y[rows], GLOBAL_BATCH) * world).backward()
+            optimizer.step()
+        state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                          for t in s.values() if torch.is_tensor(t))
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, state_bytes)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+            params = {k: v.clone() for k, v in model.state_dict().items()}
+        results[case] = {"params": params, "state_bytes": per_rank}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

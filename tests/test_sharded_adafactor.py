@@ -1,0 +1,88 @@
+"""Adafactor under FSDP1 sharding equals single-process transformers Adafactor on the unwrapped model."""
+
+import os
+
+import pytest
+import torch
+from transformers.optimization import Adafactor as HFAdafactor
+
+from launch import REPO, check, torchrun
+
+WORKER = os.path.join(REPO, "tests", "adafactor_worker.py")
+
+
+def reference(case: str) -> dict:
+    """transformers' Adafactor, one process, same model, batches, decay mask and per-part lr."""
+    import adafactor_worker as w
+
+    model = w.toy_model()
+    kwargs = dict(w.CASES[case])
+    base_lr = kwargs.pop("lr", None)
+    groups = {}
+    for name, p in model.named_parameters():
+        scale, decay = w.settings_for(case)(name, tuple(p.shape))
+        groups.setdefault((scale, decay), []).append(p)
+    wd = kwargs.pop("weight_decay", 0.0)
+    optimizer = HFAdafactor([{"params": ps, "weight_decay": wd if decay else 0.0,
+                              **({"lr": base_lr * scale} if base_lr else {})}
+                             for (scale, decay), ps in groups.items()], lr=base_lr, **kwargs)
+    for x, y in w.batches():
+        optimizer.zero_grad()
+        w.loss_on(model, x, y, w.GLOBAL_BATCH).backward()
+        optimizer.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded_adafactor")
+    results = {}
+    for world in (1, 2, 4):
+        for orig in (0, 1):
+            path = out / f"w{world}-orig{orig}.pt"
+            check(torchrun(world, [WORKER, str(path), str(orig)], timeout=300))
+            results[world, orig] = torch.load(path)
+    return results
+
+
+def max_relative_difference(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
+
+
+@pytest.mark.parametrize("case", ["hf_trainer", "hf_trainer_beta1_wd", "paper", "paper_beta1_wd"])
+def test_same_parameters_at_every_world_size(runs, case):
+    want = reference(case)
+    for (world, orig), result in runs.items():
+        difference = max_relative_difference(result[case]["params"], want)
+        assert difference <= 1e-5, (case, world, orig, difference)
+
+
+
+def test_a_plain_adafactor_on_flat_shards_drifts_with_the_world_size(runs):
+    """The control: without shape recovery the result depends on how FSDP cut the parameters."""
+    want = reference("plain_on_flat_shards")
+    assert max_relative_difference(runs[1, 1]["plain_on_flat_shards"]["params"], want) <= 1e-5
+    for world in (2, 4):
+        assert max_relative_difference(runs[world, 0]["plain_on_flat_shards"]["params"], want) > 1e-3
+
+
+def test_state_is_r_plus_c_per_matrix_on_every_rank(runs):
+    """Factored statistics are O(R + C) floats per rank however the shard cuts the matrix; 1-D parameters
+    keep a second moment only for their local slice. Exact byte count, hf_trainer case (no first moment)."""
+    import adafactor_worker as w
+
+    factored = unfactored_numel = unfactored_count = 0
+    for p in w.toy_model().parameters():
+        if p.dim() >= 2:
+            rows = p.numel() // p.shape[-1]
+            batches = rows // p.shape[-2]
+            factored += rows + batches * p.shape[-1] + 1  # row stats, column stats, RMS
+        else:
+            unfactored_numel += p.numel()
+            unfactored_count += 1
+    for (world, orig), result in runs.items():
+        per_rank = result["hf_trainer"]["state_bytes"]
+        assert sum(per_rank) == 4 * (world * (factored + unfactored_count) + unfactored_numel), (world, orig)
+        for rank_bytes in per_rank:
+            assert rank_bytes <= 4 * (factored + unfactored_count + unfactored_numel)
