@@ -60,8 +60,12 @@ class OptimArgs:
     """ftloop's Adafactor (scale_parameter=False, relative_step=False, as the HF Trainer) or torch AdamW."""
     learning_rate: float = 1e-5
     """Peak learning rate."""
+    vision_lr: float | None = None
+    """Learning rate of the vision tower's blocks and patch embedding (default: --learning-rate)."""
+    merger_lr: float | None = None
+    """Learning rate of the vision-to-language merger (default: --learning-rate)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Decoupled weight decay on weight matrices (never on biases and norm weights)."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """Schedule after the linear warmup."""
     warmup_ratio: float = 0.0
@@ -173,6 +177,8 @@ def validate(cfg: Config) -> None:
     need(d.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
     need(o.learning_rate > 0, "--learning-rate must be positive")
     need(o.weight_decay >= 0, "--weight-decay must be 0 or more")
+    need(o.vision_lr is None or o.vision_lr > 0, "--vision-lr must be positive")
+    need(o.merger_lr is None or o.merger_lr > 0, "--merger-lr must be positive")
     need(0 <= o.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
     need(o.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
     need(t.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")

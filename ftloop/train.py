@@ -129,7 +129,7 @@ def run(cfg: Config, d: Dist) -> dict:
     t = cfg.train
     s = prepare(cfg, d)
     model, sampler, total_steps = s.model, s.sampler, s.total_steps
-    optimizer = build_optimizer(model.parameters(), cfg.optim, d.device)
+    optimizer = build_optimizer(model, cfg.optim, d.device)
     warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
     scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
     logger = MetricsLogger(t.output_dir, d.is_main, t.report_to, t.wandb_project_name, t.run_name,

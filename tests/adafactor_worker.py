@@ -1,10 +1,11 @@
 """Run under torchrun by tests/test_sharded_adafactor.py: ShardedAdafactor on an FSDP1 model.
 
-Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1)
+Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1) [save|load CHECKPOINT_DIR]
 For each option set in CASES it trains a fresh copy of `toy_model()` for STEPS steps on the same global
 batches and saves (rank 0) the full parameters, plus every rank's optimizer state bytes.
 """
 
+import io
 import sys
 
 import torch
@@ -82,31 +83,85 @@ def loss_on(model, x, y, total: int):
     return ((model(x) - y) ** 2).sum() / total
 
 
+def train_steps(model, optimizer, steps) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for x, y in steps:
+        rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        optimizer.zero_grad()
+        # FSDP averages gradients over ranks: scale by world size to get the sum.
+        (loss_on(model, x[rows], y[rows], GLOBAL_BATCH) * world).backward()
+        optimizer.step()
+
+
+def full_params(model) -> dict:
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def checkpoint_round_trip(wrap, folder: str, save: bool) -> dict | None:
+    """Save after half the steps with torch.distributed.checkpoint, or load that and finish the run."""
+    import torch.distributed.checkpoint as dcp
+
+    case = "hf_trainer_beta1_wd"
+    model = wrap(toy_model())
+    optimizer = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **CASES[case])
+    if save:
+        train_steps(model, optimizer, batches()[:STEPS // 2])
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            dcp.save({"model": model.state_dict(), "optim": optimizer.sharded_state_dict()}, checkpoint_id=folder)
+        return None
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = {"model": model.state_dict(), "optim": optimizer.sharded_state_template()}
+        dcp.load(state, checkpoint_id=folder)
+        model.load_state_dict(state["model"])
+    optimizer.load_sharded_state_dict(state["optim"])
+    train_steps(model, optimizer, batches()[STEPS // 2:])
+    return full_params(model)
+
+
 def main() -> None:
     out, use_orig_params = sys.argv[1], sys.argv[2] == "1"
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+
+    def wrap(module):
+        return FSDP(module, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=use_orig_params,
+                    device_id=torch.device("cpu"))
+
+    if len(sys.argv) > 3:  # checkpoint mode: save | load FOLDER
+        params = checkpoint_round_trip(wrap, sys.argv[4], sys.argv[3] == "save")
+        if rank == 0 and params is not None:
+            torch.save(params, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+
     results = {}
     for case, kwargs in CASES.items():
-        model = FSDP(toy_model(), auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=use_orig_params,
-                     device_id=torch.device("cpu"))
+        model = wrap(toy_model())
         if case == "plain_on_flat_shards":
             optimizer = Adafactor(model.parameters(), **kwargs)
         else:
             optimizer = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **kwargs)
-        for x, y in batches():
-            rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-            optimizer.zero_grad()
-            # FSDP averages gradients over ranks: scale by world size to get the sum.
-            (loss_on(model, x[rows], y[rows], GLOBAL_BATCH) * world).backward()
-            optimizer.step()
+        train_steps(model, optimizer, batches())
         state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t))
         per_rank = [None] * world
         dist.all_gather_object(per_rank, state_bytes)
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
-            params = {k: v.clone() for k, v in model.state_dict().items()}
-        results[case] = {"params": params, "state_bytes": per_rank}
+        results[case] = {"params": full_params(model), "state_bytes": per_rank}
+
+    # Stop halfway: save the optimizer state, load it into a fresh optimizer, go on.
+    case = "hf_trainer_beta1_wd"
+    model = wrap(toy_model())
+    optimizer = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **CASES[case])
+    train_steps(model, optimizer, batches()[:STEPS // 2])
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **CASES[case])
+    resumed.load_state_dict(torch.load(buffer))
+    train_steps(model, resumed, batches()[STEPS // 2:])
+    results["resumed"] = {"params": full_params(model)}
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

@@ -113,3 +113,9 @@ def test_cli_corrupt_image_found_in_a_loader_worker_is_one_line(tiny_bundle, tmp
                                                   "--dataloader-num-workers", "1"))
     line = one_error_line(result)
     assert f"{data}: row 2: cannot read image" in line and "corrupt.png" in line
+
+
+def test_adamw_with_weight_decay_on_flat_shards_is_refused(tiny_bundle, tmp_path):
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--optim", "adamw",
+                                                  "--weight-decay", "0.1"))
+    assert "needs --use-orig-params" in one_error_line(result)

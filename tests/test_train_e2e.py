@@ -148,6 +148,8 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("flags", [
     ["--sharding-strategy", "SHARD_GRAD_OP", "--optim", "adamw", "--param-dtype", "bf16"],
     ["--sharding-strategy", "HYBRID_SHARD", "--use-orig-params", "--lr-scheduler-type", "cosine"],
+    ["--vision-lr", "1e-4", "--merger-lr", "2e-4", "--weight-decay", "0.01"],
+    ["--optim", "adamw", "--use-orig-params", "--vision-lr", "1e-4", "--weight-decay", "0.01"],
 ])
 def test_other_fsdp_and_optimizer_options_train_and_export(tiny_bundle, tmp_path, flags):
     check(torchrun(2, ["-m", "ftloop.train", *train_flags(

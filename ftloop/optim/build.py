@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ftloop.config import OptimArgs
-from ftloop.optim.adafactor import Adafactor
+from ftloop.config import ConfigError, OptimArgs
+from ftloop.optim.segments import describe_fsdp
+from ftloop.optim.sharded_adafactor import ShardedAdafactor
+
+WRAPPER_PREFIX = "hf."  # the FSDP root holds the Hugging Face model as `hf`
 
 
-def build_optimizer(params, args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
-    """Adafactor with the HF Trainer's optim="adafactor" settings, or torch's AdamW."""
-    params = [p for p in params if p.requires_grad]
+def part_settings(args: OptimArgs):
+    """(lr_scale, decay) for an original parameter, by name: vision tower, merger or language model;
+    weight decay on matrices only, never on biases and norm weights."""
+
+    def settings(name: str, shape: tuple) -> tuple[float, bool]:
+        lr = args.learning_rate
+        if ".visual.merger." in f".{name}":
+            lr = args.merger_lr or lr
+        elif ".visual." in f".{name}":
+            lr = args.vision_lr or lr
+        return lr / args.learning_rate, len(shape) >= 2
+
+    return settings
+
+
+def build_optimizer(model: FSDP, args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
+    """ftloop's shard-aware Adafactor with the HF Trainer's optim="adafactor" settings, or torch's AdamW."""
+    layout = describe_fsdp(model, part_settings(args), strip_prefix=WRAPPER_PREFIX)
     if args.optim == "adafactor":
         # What the HF Trainer builds for optim="adafactor": an external learning rate and schedule.
-        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False,
-                         warmup_init=False, weight_decay=args.weight_decay)
+        return ShardedAdafactor(layout, lr=args.learning_rate, scale_parameter=False, relative_step=False,
+                                warmup_init=False, weight_decay=args.weight_decay)
     fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
+    layout = [t for t in layout if t.tensor.requires_grad]
+    if all(len(t.segments) == 1 for t in layout):  # original parameters: group them by their settings
+        groups: dict = {}
+        for t in layout:
+            groups.setdefault((t.segments[0].lr_scale, t.segments[0].decay), []).append(t.tensor)
+        return torch.optim.AdamW([{"params": params, "lr": args.learning_rate * scale,
+                                   "weight_decay": args.weight_decay if decay else 0.0}
+                                  for (scale, decay), params in groups.items()], lr=args.learning_rate, fused=fused)
+    if args.weight_decay or args.vision_lr or args.merger_lr:
+        raise ConfigError("--optim adamw with --weight-decay, --vision-lr or --merger-lr needs --use-orig-params "
+                          "(AdamW sees whole flat shards otherwise)")
+    return torch.optim.AdamW([t.tensor for t in layout], lr=args.learning_rate, fused=fused)

@@ -165,6 +165,73 @@ class ShardedAdafactor(Adafactor):
             update[local:local + n * width].view(n, width).copy_(factor * g[local:local + n * width].view(n, width))
         return update
 
+    # ---- checkpoints: state by original parameter name, in a form torch.distributed.checkpoint reshards --
+    SLICED = ("exp_avg_sq", "exp_avg")  # held per local slice; the row/column statistics are replicated
+
+    def sharded_state_dict(self) -> dict:
+        """{"step", "<param>.<state>": tensor}. Row/column statistics and RMS are the same on every rank;
+        per-element state is a ShardedTensor over the flattened full parameter, so a checkpoint written at
+        one world size loads at another. Collective when anything is sharded."""
+        out = {}
+        for entry in self.layout:
+            state = self.state[entry.tensor]
+            if not state:
+                continue
+            out["step"] = torch.tensor(state["step"])
+            for segment in entry.segments:
+                for key in self._state_keys(segment):
+                    value = state[f"{segment.name}.{key}"]
+                    sliced = key in self.SLICED and entry.group is not None
+                    out[f"{segment.name}.{key}"] = self._shard(value, segment, entry.group) if sliced else value
+        return out
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """The inverse of `sharded_state_dict`, for this rank's layout (the world size may have changed)."""
+        group = self.param_groups[0]
+        for entry in self.layout:
+            state = self.state[entry.tensor]
+            state.clear()
+            state.update(self._new_state(entry.tensor, self.slots[id(entry.tensor)], group["beta1"] is not None))
+            state["step"] = int(loaded["step"])
+            for segment in entry.segments:
+                for key in self._state_keys(segment):
+                    value = loaded[f"{segment.name}.{key}"]
+                    if not torch.is_tensor(value) or type(value).__name__ == "ShardedTensor":
+                        shards = value.local_shards()
+                        value = shards[0].tensor if shards else state[f"{segment.name}.{key}"]
+                    elif key in self.SLICED:  # saved unsharded, loaded into a slice
+                        value = value[segment.first:segment.first + segment.numel]
+                    state[f"{segment.name}.{key}"].copy_(value.view_as(state[f"{segment.name}.{key}"]))
+
+    def sharded_state_template(self) -> dict:
+        """Empty tensors of the right shapes and shardings for `dcp.load` to fill."""
+        group = self.param_groups[0]
+        out = {"step": torch.tensor(0)}
+        for entry in self.layout:
+            fresh = self._new_state(entry.tensor, self.slots[id(entry.tensor)], group["beta1"] is not None)
+            for segment in entry.segments:
+                for key in self._state_keys(segment):
+                    value = fresh[f"{segment.name}.{key}"]
+                    sliced = key in self.SLICED and entry.group is not None
+                    out[f"{segment.name}.{key}"] = self._shard(value, segment, entry.group) if sliced else value
+        return out
+
+    def _state_keys(self, segment: Segment) -> list[str]:
+        keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if segment.factored else ["exp_avg_sq"]
+        if self.param_groups[0]["beta1"] is not None:
+            keys.append("exp_avg")
+        return keys + ["RMS"]
+
+    @staticmethod
+    def _shard(local: Tensor, segment: Segment, pg):
+        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+        shards = []
+        if segment.numel:
+            placement = f"rank:{dist.get_rank(pg)}/{local.device}"
+            shards.append(Shard(local, ShardMetadata([segment.first], [segment.numel], placement)))
+        return ShardedTensor._init_from_local_shards(shards, [segment.full_numel], process_group=pg)
+
     @staticmethod
     def _all_reduce(parts: list[list[Tensor]], pg) -> None:
         """Sum every tensor in `parts` over the process group with one collective, in place."""
