@@ -19,31 +19,32 @@ from ftloop.optim.segments import Segment, ShardedTensor, row_pieces
 
 
 class _Slot:
-    """One segment's static layout: its row pieces and, for batched (>2-D) parameters, each row's batch."""
+    """One segment's static layout: rectangular pieces of its local slice, each inside one matrix of the
+    batch (leading dims), as (start in the stepped tensor, first row, rows, first col, end col, batch)."""
 
-    def __init__(self, segment: Segment, device: torch.device):
+    def __init__(self, segment: Segment):
         self.segment = segment
         shape = segment.shape
         self.cols = shape[-1] if segment.factored else 0
         self.rows_per_batch = shape[-2] if segment.factored else 0
         self.batches = segment.rows // self.rows_per_batch if segment.factored else 0
         self.pieces = []
-        if segment.factored:
-            for local, row, n, c0, c1 in row_pieces(segment.first, segment.numel, self.cols):
-                batch = torch.arange(row, row + n, device=device) // self.rows_per_batch
-                self.pieces.append((segment.offset + local, row, n, c0, c1, batch))
-
-    @property
-    def stats_size(self) -> int:
-        """Floats this segment adds to the all-reduced statistics: row sums, column sums, sum of p^2."""
-        return (self.segment.rows + self.batches * self.cols if self.segment.factored else 0) + 1
+        if not segment.factored:
+            return
+        for local, row, n, c0, c1 in row_pieces(segment.first, segment.numel, self.cols):
+            while n:  # split blocks of whole rows where one matrix of the batch ends and the next begins
+                batch = row // self.rows_per_batch
+                take = min(n, (batch + 1) * self.rows_per_batch - row)
+                self.pieces.append((segment.offset + local, row, take, c0, c1, batch))
+                local, row, n = local + take * (c1 - c0), row + take, n - take
 
 
 class ShardedAdafactor(Adafactor):
     """`Adafactor` over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
 
     Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (or `describe_plain`); every rank
-    must pass the same layout order. Keyword arguments are Adafactor's.
+    must pass the same layout order. Keyword arguments are Adafactor's. To save memory, `step` turns fp32
+    gradients into the update in place: read gradients before stepping, clear them after.
     """
 
     def __init__(self, layout: list[ShardedTensor], **kwargs):
@@ -52,7 +53,7 @@ class ShardedAdafactor(Adafactor):
         if self.defaults["relative_step"] and any(s.lr_scale != 1.0 for t in layout for s in t.segments):
             raise ValueError("per-part learning rates scale an external lr: use relative_step=False")
         self.layout = layout
-        self.slots = {id(t.tensor): [_Slot(s, t.tensor.device) for s in t.segments] for t in layout}
+        self.slots = {id(t.tensor): [_Slot(s) for s in t.segments] for t in layout}
 
     def _new_state(self, p: Tensor, slots: list[_Slot], first_moment: bool) -> dict:
         state = {"step": 0}
@@ -84,6 +85,7 @@ class ShardedAdafactor(Adafactor):
         by_group: dict = {}
         for entry in self.layout:
             p = entry.tensor
+            # The gradient becomes the update in place (see _precondition): a copy only when low precision.
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
             p32 = p.float() if p.dtype in _LOW_PRECISION else p
@@ -104,7 +106,7 @@ class ShardedAdafactor(Adafactor):
             beta2t = beta2_at(state["step"], group["decay_rate"])
             updates.append([self._precondition(slot, grad, state, sums, beta2t, eps1)
                             for slot, sums in zip(self.slots[id(entry.tensor)], stats)])
-        sq = {pg: [[u.square().sum().view(1) for u in updates[i]] for i in indices] for pg, indices in by_group.items()}
+        sq = {pg: [[torch.dot(u, u).view(1) for u in updates[i]] for i in indices] for pg, indices in by_group.items()}
         for pg, parts in sq.items():
             self._all_reduce(parts, pg)
             for i, part in zip(by_group[pg], parts):
@@ -130,8 +132,10 @@ class ShardedAdafactor(Adafactor):
 
     @staticmethod
     def _local_sums(slot: _Slot, grad: Tensor, p32: Tensor, eps1: float) -> Tensor:
+        """This rank's row sums and column sums of grad^2 + eps, and sum of p^2, for one segment."""
         s = slot.segment
-        p_sq = p32[s.offset:s.offset + s.numel].float().square().sum().view(1)
+        piece = p32[s.offset:s.offset + s.numel]
+        p_sq = torch.dot(piece, piece).view(1)  # no parameter-sized temporary
         if not s.factored:
             return p_sq
         row_sum = grad.new_zeros(s.rows)
@@ -139,17 +143,18 @@ class ShardedAdafactor(Adafactor):
         for start, row, n, c0, c1, batch in slot.pieces:
             sq = grad[start:start + n * (c1 - c0)].view(n, c1 - c0).square().add_(eps1)
             row_sum[row:row + n] += sq.sum(dim=1)
-            col_sum[:, c0:c1].index_add_(0, batch, sq)
+            col_sum[batch, c0:c1] += sq.sum(dim=0)
         return torch.cat([row_sum, col_sum.view(-1), p_sq])
 
     @staticmethod
     def _precondition(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float, eps1: float) -> Tensor:
-        """grad / sqrt(second moment) for this rank's slice, after updating the second moment."""
+        """grad / sqrt(second moment) for this rank's slice, after updating the second moment. Written over
+        the gradient in place: the gradient is not needed again, and no parameter-sized buffer is made."""
         s = slot.segment
         g = grad[s.offset:s.offset + s.numel]
         if not s.factored:
             v = ema_(state[f"{s.name}.exp_avg_sq"], g.square().add_(eps1), beta2t)
-            return v.rsqrt().mul_(g)
+            return g.mul_(v.rsqrt())
         row, col = state[f"{s.name}.exp_avg_sq_row"], state[f"{s.name}.exp_avg_sq_col"]
         ema_(row, sums[:s.rows] / slot.cols, beta2t)  # mean over columns
         ema_(col, sums[s.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch, beta2t)  # mean over rows
@@ -157,13 +162,10 @@ class ShardedAdafactor(Adafactor):
         row_mean = rows.sum(dim=-1, keepdim=True) / slot.rows_per_batch
         r_factor = (rows / row_mean).rsqrt_().view(-1)
         c_factor = col.rsqrt()
-        update = torch.empty_like(g)
         for start, row_index, n, c0, c1, batch in slot.pieces:
-            local = start - s.offset
-            width = c1 - c0
-            factor = r_factor[row_index:row_index + n, None] * c_factor[batch, c0:c1]
-            update[local:local + n * width].view(n, width).copy_(factor * g[local:local + n * width].view(n, width))
-        return update
+            view = grad[start:start + n * (c1 - c0)].view(n, c1 - c0)
+            view.mul_(r_factor[row_index:row_index + n, None]).mul_(c_factor[batch, c0:c1])
+        return g
 
     # ---- checkpoints: state by original parameter name, in a form torch.distributed.checkpoint reshards --
     SLICED = ("exp_avg_sq", "exp_avg")  # held per local slice; the row/column statistics are replicated
