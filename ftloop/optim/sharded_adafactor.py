@@ -243,6 +243,8 @@ class ShardedAdafactor(Adafactor):
         if not flat:
             return
         buffer = torch.cat(flat)
+        if buffer.device.type == "cpu" and dist.get_backend(pg) == "nccl":  # shards offloaded to the host
+            buffer = buffer.cuda()
         dist.all_reduce(buffer, group=pg)
         offset = 0
         for t in flat:
