@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ def main() -> None:
     # Colour questions only: a 4-token image from a random vision tower learns colour within the demo's
     # minutes; shapes need more (the test bundle keeps asking both).
     bundle = build_demo_bundle(bundle_dir, shape_share=0.0)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time: metrics.jsonl is appended to
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     command = train_command(bundle, output_dir, args.nproc_per_node)
     print("demo: " + " ".join(command[1:]), flush=True)
