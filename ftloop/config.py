@@ -204,5 +204,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         Config,
         args=argv,
         config=(tyro.conf.OmitArgPrefixes,),
+        prog="python -m ftloop.train",
         description="Fine-tune a Qwen2.5-VL model with FSDP. Run under torchrun for several processes.",
     )
