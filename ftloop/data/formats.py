@@ -19,11 +19,12 @@ class DataError(ValueError):
     """A problem with the user's data; the message names file and row."""
 
 
-def read_json_rows(path: str) -> list[tuple[int, dict]]:
+def read_json_rows(path: str, errors: list[str] | None = None) -> list[tuple[int, dict]]:
     """(row number, row) pairs of a .json array or a .jsonl file (told apart by the first character).
 
     In a .jsonl file the row number is the line number, blank lines included, so that every message about
-    a row points at the line an editor shows.
+    a row points at the line an editor shows. With an `errors` list, a row that is not valid json (.jsonl)
+    or not an object is appended there as its one-line message and skipped instead of raising.
     """
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
@@ -43,11 +44,20 @@ def read_json_rows(path: str) -> list[tuple[int, dict]]:
             try:
                 rows.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {number}: not valid json ({err.msg})") from None
+                problem = f"{path}: row {number}: not valid json ({err.msg})"
+                if errors is None:
+                    raise DataError(problem) from None
+                errors.append(problem)
+    good = []
     for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number}: expected a json object, got {type(row).__name__}")
-    return rows
+            problem = f"{path}: row {number}: expected a json object, got {type(row).__name__}"
+            if errors is None:
+                raise DataError(problem)
+            errors.append(problem)
+        else:
+            good.append((number, row))
+    return good
 
 
 def normalize_llava_row(row: dict, where: str, image_folder: str) -> dict:
@@ -83,10 +93,22 @@ def normalize_llava_row(row: dict, where: str, image_folder: str) -> dict:
     return {"messages": messages, "images": paths}
 
 
-def load_rows(path: str, image_folder: str = "") -> list[dict]:
-    """All rows of a LLaVA-style file, normalised; image paths resolved against image_folder."""
+def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None) -> list[dict]:
+    """All rows of a LLaVA-style file, normalised; image paths resolved against image_folder.
+
+    With an `errors` list, each bad row is appended there as its one-line message and skipped instead of
+    raising (a file that cannot be read at all, or a malformed .json array, still raises: no row is readable).
+    """
     folder = image_folder or os.path.dirname(os.path.abspath(path))
-    rows = read_json_rows(path)
-    if not rows:
+    rows = read_json_rows(path, errors)
+    if not rows and not errors:
         raise DataError(f"{path}: no rows")
-    return [dict(normalize_llava_row(row, f"{path}: row {n}", folder), row=n) for n, row in rows]
+    if errors is None:
+        return [dict(normalize_llava_row(row, f"{path}: row {n}", folder), row=n) for n, row in rows]
+    good = []
+    for n, row in rows:
+        try:
+            good.append(dict(normalize_llava_row(row, f"{path}: row {n}", folder), row=n))
+        except DataError as err:
+            errors.append(str(err))
+    return good
