@@ -47,7 +47,14 @@ class DataArgs:
     image_folder: str = ""
     """Folder that relative image paths in the data are resolved against (default: the data file's folder)."""
     max_seq_length: int = 2048
-    """Longest token sequence; longer rows are cut in the text after their last image, or refused."""
+    """Longest token sequence, image tokens included."""
+    truncation: Literal["drop", "right"] = "drop"
+    """Rows longer than --max-seq-length: `drop` them (counted), or `right`: cut their text after the last
+    image (never through an image: its tokens and features must stay paired)."""
+    skip_bad_rows: bool = False
+    """Train without rows that fail the check before training (counted) instead of refusing to start."""
+    group_by_length: bool = True
+    """Batch rows of similar length (sorted within mega-batches of 50 steps) to cut padding."""
     system_prompt: str = "You are a helpful assistant."
     """System prompt used when a conversation has none (Qwen's default)."""
     dataloader_num_workers: int = 1

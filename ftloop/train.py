@@ -45,11 +45,12 @@ def supervised_tokens(batch: dict) -> int:
 
 
 def count_step_tokens(micro_batches: list[dict], d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-    """(supervised tokens, all tokens) of one optimizer step on all ranks. The first (at least 1) is the loss
-    denominator. Both stay on the device: reading them on the host would stall every step."""
+    """(supervised tokens, [real tokens, padded positions]) of one optimizer step on all ranks. The first (at
+    least 1) is the loss denominator. They stay on the device: reading them would stall every step."""
     counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
-                             sum(int(b["attention_mask"].sum()) for b in micro_batches)], d.device)
-    return counts[0].clamp(min=1).float(), counts[1]
+                             sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                             sum(b["attention_mask"].numel() for b in micro_batches)], d.device)
+    return counts[0].clamp(min=1).float(), counts[1:]
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -165,7 +166,7 @@ def run(cfg: Config, d: Dist) -> dict:
         run_eval(0)
 
     epoch, step = 0, 0
-    tokens_seen = torch.zeros((), dtype=torch.float64, device=d.device)
+    tokens_seen = torch.zeros(2, dtype=torch.float64, device=d.device)  # real tokens, padded positions
     batches = iter(s.train_loader)
 
     def next_micro_batch() -> dict:
@@ -203,8 +204,9 @@ def run(cfg: Config, d: Dist) -> dict:
             elapsed = time.perf_counter() - window["start"]
             record = {"loss": float(all_reduce_sum(window["loss"].view(1), d.device)) / window["steps"],
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": float(window["tokens"]) / elapsed, "step_time_s": elapsed / window["steps"],
-                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": int(tokens_seen)}
+                      "tokens_per_s": float(window["tokens"][0]) / elapsed, "step_time_s": elapsed / window["steps"],
+                      "padding_ratio": 1 - float(window["tokens"][0] / window["tokens"][1]),
+                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": int(tokens_seen[0])}
             logger.log(step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window = {"loss": torch.zeros_like(window["loss"]), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
@@ -238,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as err:
         # Every rank reads the same files and flags, so every rank stops here with the same message. An
         # error raised in a data-loader worker arrives wrapped in the worker's traceback: keep its last line.
-        message = str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+        lines = getattr(err, "lines", None) or [
+            str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")]
         if d.is_main:
-            print(f"\nftloop: error: {message}", file=sys.stderr, flush=True)
+            print("\n" + "\n".join(f"ftloop: error: {line}" for line in lines), file=sys.stderr, flush=True)
         dist.destroy_process_group()
         raise SystemExit(2) from None
     dist.destroy_process_group()

@@ -63,11 +63,25 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
 
 
-def one_error_line(result) -> str:
+def error_lines(result) -> list[str]:
     lines = [line for line in result.stderr.splitlines() if line.startswith("ftloop: error:")]
     assert result.returncode == 2, result.stderr[-2000:]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines
+
+
+def one_error_line(result) -> str:
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
     return lines[0]
+
+
+def bad_row_lines(result, data, rows: int) -> list[str]:
+    """Every bad row on its own line, then one line that says how many and what to do."""
+    lines = error_lines(result)
+    assert len(lines) == rows + 1, lines
+    assert f"{data}: {rows} bad row" in lines[-1] and "--skip-bad-rows" in lines[-1]
+    return lines[:-1]
 
 
 def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path):
@@ -83,7 +97,7 @@ def test_cli_names_file_and_row_of_a_missing_image_before_training(tiny_bundle, 
     data.write_text(json.dumps([image_row, broken]))
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
                                                   "--max-steps", "1", "--per-device-train-batch-size", "2"))
-    line = one_error_line(result)
+    [line] = bad_row_lines(result, data, 1)
     assert f"{data}: row 2" in line and "no/such/picture.png" in line
     assert not (tmp_path / "out" / "final").exists()
 
@@ -102,7 +116,7 @@ def test_help_shows_the_attribute_docstrings():
     assert "Sequences per micro-batch on each rank" in result.stdout
 
 
-def test_cli_corrupt_image_found_in_a_loader_worker_is_one_line(tiny_bundle, tmp_path):
+def test_cli_corrupt_image_is_found_before_training(tiny_bundle, tmp_path):
     rows = json.loads(open(tiny_bundle["train_json"]).read())
     image_row = next(r for r in rows if "image" in r)
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
@@ -111,8 +125,9 @@ def test_cli_corrupt_image_found_in_a_loader_worker_is_one_line(tiny_bundle, tmp
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
                                                   "--max-steps", "1", "--per-device-train-batch-size", "2",
                                                   "--dataloader-num-workers", "1"))
-    line = one_error_line(result)
+    [line] = bad_row_lines(result, data, 1)
     assert f"{data}: row 2: cannot read image" in line and "corrupt.png" in line
+    assert "train:" not in result.stderr  # stopped before the first step
 
 
 def test_adamw_with_weight_decay_on_flat_shards_is_refused(tiny_bundle, tmp_path):

@@ -1,0 +1,72 @@
+"""The check ftloop.train runs before it builds the model: every row read, every image opened, every
+row's token length measured, split across the ranks and gathered, so that a bad row stops the run in
+seconds instead of at step 5000, and so that batches can be grouped by length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ftloop.data.check import measure_row
+from ftloop.data.formats import DataError, load_rows
+
+
+class DataErrors(DataError):
+    """Several bad rows: one line each, all reported before the run stops."""
+
+    def __init__(self, lines: list[str], hint: str):
+        super().__init__("\n".join(lines + [hint]))
+        self.lines = lines + [hint]
+
+
+def _row_number(message: str) -> int:
+    """The N of "...: row N: ..." (0 for a message about the whole file), to list problems in file order."""
+    _, _, rest = message.partition(": row ")
+    number = rest.split(":", 1)[0]
+    return int(number) if number.isdigit() else 0
+
+
+@dataclass
+class CheckedRows:
+    rows: list[dict]  # the rows training will use
+    lengths: list[int]  # their token lengths, images included
+    skipped_bad: int  # rows dropped by --skip-bad-rows
+    dropped_long: int  # rows dropped for being longer than --max-seq-length
+
+
+def checked_rows(path: str, image_folder: str, tokenizer, image_processor, system_prompt: str,
+                 max_seq_length: int, truncation: str, skip_bad_rows: bool) -> CheckedRows:
+    """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
+    row and all ranks exchange what they found, so they agree on the same rows."""
+    errors: list[str] = []
+    rows = load_rows(path, image_folder, errors=errors)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = {}
+    for index in range(rank, len(rows), world):
+        try:
+            # With --truncation right, text after the last image can be cut: only the images must fit.
+            limit = max_seq_length if truncation == "right" else None
+            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path)
+        except DataError as err:
+            found[index] = str(err)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, found)
+        found = {k: v for part in gathered for k, v in part.items()}
+    errors += [found[i] for i in sorted(found) if isinstance(found[i], str)]
+    errors.sort(key=_row_number)
+    if errors and not skip_bad_rows:
+        count = f"{len(errors)} bad row" + ("s" if len(errors) > 1 else "")
+        raise DataErrors(errors, f"{path}: {count}; fix, or pass --skip-bad-rows to train without them")
+    kept, lengths, dropped_long = [], [], 0
+    for index in sorted(found):
+        length = found[index]
+        if isinstance(length, str):
+            continue
+        if length > max_seq_length and truncation == "drop":
+            dropped_long += 1
+            continue
+        kept.append(rows[index])
+        lengths.append(min(length, max_seq_length))
+    return CheckedRows(kept, lengths, len(errors), dropped_long)
