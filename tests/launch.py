@@ -28,8 +28,9 @@ def torchrun(nproc: int, target: list[str], timeout: float = 240, **extra_env: s
 
     The timeout turns a collective hang into a failed test instead of a stuck suite.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+    # --standalone: torchrun binds a free port itself, so concurrent runs cannot race for one.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *target]
     return subprocess.run(command, env={**env(), **extra_env}, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -174,11 +174,19 @@ class ShardedAdafactor(Adafactor):
         """{"step", "<param>.<state>": tensor}. Row/column statistics and RMS are the same on every rank;
         per-element state is a ShardedTensor over the flattened full parameter, so a checkpoint written at
         one world size loads at another. Collective when anything is sharded."""
+        return self._packaged(lambda entry: self.state[entry.tensor] or self._fresh(entry))
+
+    def sharded_state_template(self) -> dict:
+        """Zeroed tensors of the right shapes and shardings for `dcp.load` to fill."""
+        return self._packaged(self._fresh)
+
+    def _fresh(self, entry: ShardedTensor) -> dict:
+        return self._new_state(entry.tensor, self.slots[id(entry.tensor)], self.param_groups[0]["beta1"] is not None)
+
+    def _packaged(self, state_of) -> dict:
         out = {}
         for entry in self.layout:
-            state = self.state[entry.tensor]
-            if not state:
-                continue
+            state = state_of(entry)
             out["step"] = torch.tensor(state["step"])
             for segment in entry.segments:
                 for key in self._state_keys(segment):
@@ -189,11 +197,10 @@ class ShardedAdafactor(Adafactor):
 
     def load_sharded_state_dict(self, loaded: dict) -> None:
         """The inverse of `sharded_state_dict`, for this rank's layout (the world size may have changed)."""
-        group = self.param_groups[0]
         for entry in self.layout:
             state = self.state[entry.tensor]
             state.clear()
-            state.update(self._new_state(entry.tensor, self.slots[id(entry.tensor)], group["beta1"] is not None))
+            state.update(self._fresh(entry))
             state["step"] = int(loaded["step"])
             for segment in entry.segments:
                 for key in self._state_keys(segment):
@@ -204,19 +211,6 @@ class ShardedAdafactor(Adafactor):
                     elif key in self.SLICED:  # saved unsharded, loaded into a slice
                         value = value[segment.first:segment.first + segment.numel]
                     state[f"{segment.name}.{key}"].copy_(value.view_as(state[f"{segment.name}.{key}"]))
-
-    def sharded_state_template(self) -> dict:
-        """Empty tensors of the right shapes and shardings for `dcp.load` to fill."""
-        group = self.param_groups[0]
-        out = {"step": torch.tensor(0)}
-        for entry in self.layout:
-            fresh = self._new_state(entry.tensor, self.slots[id(entry.tensor)], group["beta1"] is not None)
-            for segment in entry.segments:
-                for key in self._state_keys(segment):
-                    value = fresh[f"{segment.name}.{key}"]
-                    sliced = key in self.SLICED and entry.group is not None
-                    out[f"{segment.name}.{key}"] = self._shard(value, segment, entry.group) if sliced else value
-        return out
 
     def _state_keys(self, segment: Segment) -> list[str]:
         keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if segment.factored else ["exp_avg_sq"]
