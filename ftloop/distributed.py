@@ -86,7 +86,3 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
         dist.all_reduce(t)
     return t
 
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (used to agree on failing together)."""
-    return bool(all_reduce_sum([float(flag)], device).item() > 0)

@@ -69,6 +69,9 @@ def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
     return classes
 
 
+WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with this; HF names do not
+
+
 class VisionLanguageSFT(nn.Module):
     """The FSDP root: a Hugging Face vision-language model plus the supervised loss.
 

@@ -30,8 +30,8 @@ from ftloop.fsdp.checkpoint import save_checkpoint
 from ftloop.fsdp.export import export_model
 from ftloop.fsdp.wrap import wrap_fsdp
 from ftloop.metrics import MetricsLogger
-from ftloop.model import (VisionLanguageSFT, build_meta_model, load_config, load_source_state,
-                          wrapped_layer_classes)
+from ftloop.model import (WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
+                          load_source_state, wrapped_layer_classes)
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
 
@@ -121,7 +121,7 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     hf_model = build_meta_model(hf_config, cfg.model)
     source = None
     if d.is_main:
-        source = {f"hf.{name}": tensor for name, tensor in load_source_state(cfg.model).items()}
+        source = {WRAPPER_PREFIX + name: tensor for name, tensor in load_source_state(cfg.model).items()}
     model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, source, d.device)
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps)
 

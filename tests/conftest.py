@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import pytest
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from ftloop.demo.bundle import build_demo_bundle
 
@@ -14,3 +15,15 @@ def tiny_bundle(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("tiny_bundle")
     return build_demo_bundle(out, num_train=16, num_eval=8, image_size=56, seed=0, model_size="test")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_bundle):
+    """The tiny bundle's tokenizer (Qwen's special tokens, the official chat template)."""
+    return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])
+
+
+@pytest.fixture(scope="session")
+def image_processor(tiny_bundle):
+    """The tiny bundle's Qwen2-VL image processor."""
+    return AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])

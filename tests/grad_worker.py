@@ -12,6 +12,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
 from ftloop.distributed import all_reduce_sum, init_distributed
+from ftloop.optim.segments import clean_name
 from ftloop.train import accumulate_gradients, count_step_tokens, prepare
 
 
@@ -37,7 +38,7 @@ def main() -> None:
         "matmul_input": sorted(matmul_input_dtypes),
     }
     with FSDP.summon_full_params(model, with_grads=True, rank0_only=False, writeback=False):
-        grads = {name.replace("_fsdp_wrapped_module.", ""): p.grad.detach().float().clone()
+        grads = {clean_name(name): p.grad.detach().float().clone()
                  for name, p in model.named_parameters() if p.grad is not None}
     if d.rank == 0:
         torch.save({"grads": grads, "loss": loss, "dtypes": facts}, out)

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-from transformers import AutoTokenizer
 
 from ftloop.data.chat import IGNORE_INDEX, encode_chat, expand_images, render_chat
 from ftloop.data.formats import IMAGE_PLACEHOLDER
@@ -34,11 +33,6 @@ OWN_SYSTEM = [
     {"role": "assistant", "content": "blue"},
 ]
 ROWS = {"single_image": SINGLE_IMAGE, "multi_turn": MULTI_TURN, "text_only": TEXT_ONLY, "own_system": OWN_SYSTEM}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_bundle):
-    return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])
 
 
 def num_images(messages):

@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from datautil import SYSTEM, one_line_error, save_rgb
 from ftloop.data.chat import IGNORE_INDEX
@@ -14,19 +13,9 @@ from ftloop.data.formats import DataError, load_rows
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_bundle):
-    return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])
-
-
-@pytest.fixture(scope="module")
-def proc(tiny_bundle):
-    return AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
+def ids(tokenizer):
     names = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>", "<|video_pad|>"]
-    return dict(zip(names, tok.convert_tokens_to_ids(names)))
+    return dict(zip(names, tokenizer.convert_tokens_to_ids(names)))
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +34,27 @@ def text_row(reply="nine"):
                          {"role": "assistant", "content": reply}], "images": []}
 
 
-def test_dataset_image_row(tok, proc, ids, bundle_rows):
-    ds = SFTDataset(bundle_rows, tok, proc, 4096, SYSTEM)
+def test_dataset_image_row(tokenizer, image_processor, ids, bundle_rows):
+    ds = SFTDataset(bundle_rows, tokenizer, image_processor, 4096, SYSTEM)
     assert len(ds) == 16
     s = ds[0]
     assert set(s) == {"pixel_values", "image_grid_thw", "input_ids", "labels"}
     grid = s["image_grid_thw"]
     assert grid.shape == (1, 3)
     n_pad = int((s["input_ids"] == ids["<|image_pad|>"]).sum())
-    assert n_pad == int(grid.prod()) // proc.merge_size**2 > 0
+    assert n_pad == int(grid.prod()) // image_processor.merge_size**2 > 0
     assert s["pixel_values"].shape[0] == int(grid.prod())
     assert s["input_ids"].dtype == torch.long and s["labels"].shape == s["input_ids"].shape
     assert (s["labels"][s["labels"] != IGNORE_INDEX] != ids["<|image_pad|>"]).all()
 
 
-def test_dataset_multi_image_counts(tmp_path, tok, proc, ids):
+def test_dataset_multi_image_counts(tmp_path, tokenizer, image_processor, ids):
     # different aspect ratios give different grids; the pad runs must follow the images in order
     paths = [save_rgb(tmp_path / "wide.png", (112, 56)), save_rgb(tmp_path / "sq.png", (56, 56)),
              save_rgb(tmp_path / "tall.png", (56, 168))]
-    s = SFTDataset([image_row(paths)], tok, proc, 4096, SYSTEM)[0]
+    s = SFTDataset([image_row(paths)], tokenizer, image_processor, 4096, SYSTEM)[0]
     grid = s["image_grid_thw"]
-    counts = (grid.prod(-1) // proc.merge_size**2).tolist()
+    counts = (grid.prod(-1) // image_processor.merge_size**2).tolist()
     assert len(set(counts)) > 1
     assert s["pixel_values"].shape[0] == int(grid.prod(-1).sum())
     input_ids = s["input_ids"].tolist()
@@ -79,60 +68,60 @@ def test_dataset_multi_image_counts(tmp_path, tok, proc, ids):
     assert runs == counts
 
 
-def test_dataset_text_row(tok, proc, bundle_rows):
-    ds = SFTDataset(bundle_rows, tok, proc, 4096, SYSTEM)
+def test_dataset_text_row(tokenizer, image_processor, bundle_rows):
+    ds = SFTDataset(bundle_rows, tokenizer, image_processor, 4096, SYSTEM)
     s = ds[3]
     assert set(s) == {"input_ids", "labels"}
     assert (s["labels"] != IGNORE_INDEX).any()
 
 
-def test_dataset_truncates_text_after_last_image(tmp_path, tok, proc, ids):
+def test_dataset_truncates_text_after_last_image(tmp_path, tokenizer, image_processor, ids):
     path = save_rgb(tmp_path / "a.png")
     row = image_row([path], reply="the quick brown fox jumps over the lazy dog " * 8)
-    full = SFTDataset([row], tok, proc, 4096, SYSTEM)[0]
+    full = SFTDataset([row], tokenizer, image_processor, 4096, SYSTEM)[0]
     n = len(full["input_ids"])
     vision_end = full["input_ids"].tolist().index(ids["<|vision_end|>"])
     for limit in (n - 1, vision_end + 5, vision_end + 1):  # vision_end + 1: the image just fits
-        s = SFTDataset([row], tok, proc, limit, SYSTEM)[0]
+        s = SFTDataset([row], tokenizer, image_processor, limit, SYSTEM)[0]
         assert len(s["input_ids"]) == len(s["labels"]) == limit
         assert torch.equal(s["input_ids"], full["input_ids"][:limit])
         assert torch.equal(s["labels"], full["labels"][:limit])
         assert torch.equal(s["pixel_values"], full["pixel_values"])
-    assert len(SFTDataset([row], tok, proc, n, SYSTEM)[0]["input_ids"]) == n  # no cut when it fits exactly
+    assert len(SFTDataset([row], tokenizer, image_processor, n, SYSTEM)[0]["input_ids"]) == n  # no cut when it fits exactly
 
 
-def test_dataset_truncates_text_row(tok, proc):
+def test_dataset_truncates_text_row(tokenizer, image_processor):
     row = text_row("one two three four five six seven eight nine ten " * 5)
-    full = SFTDataset([row], tok, proc, 4096, SYSTEM)[0]
-    s = SFTDataset([row], tok, proc, 20, SYSTEM)[0]
+    full = SFTDataset([row], tokenizer, image_processor, 4096, SYSTEM)[0]
+    s = SFTDataset([row], tokenizer, image_processor, 20, SYSTEM)[0]
     assert len(full["input_ids"]) > 20
     assert torch.equal(s["input_ids"], full["input_ids"][:20])
     assert torch.equal(s["labels"], full["labels"][:20])
 
 
-def test_dataset_refuses_to_cut_an_image(tmp_path, tok, proc, ids):
+def test_dataset_refuses_to_cut_an_image(tmp_path, tokenizer, image_processor, ids):
     path = save_rgb(tmp_path / "a.png")
     rows = [text_row(), image_row([path], reply="long " * 30)]
-    full = SFTDataset(rows, tok, proc, 4096, SYSTEM, source="train.json")[1]
+    full = SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM, source="train.json")[1]
     vision_end = full["input_ids"].tolist().index(ids["<|vision_end|>"])
     for limit in (vision_end, vision_end - 2, 5):
         with pytest.raises(DataError) as excinfo:
-            SFTDataset(rows, tok, proc, limit, SYSTEM, source="train.json")[1]
+            SFTDataset(rows, tokenizer, image_processor, limit, SYSTEM, source="train.json")[1]
         one_line_error(excinfo, "train.json: row 2", str(limit))
 
 
-def test_dataset_bad_image_names_row(tmp_path, tok, proc):
+def test_dataset_bad_image_names_row(tmp_path, tokenizer, image_processor):
     rows = [text_row(), image_row([tmp_path / "gone.png"])]
     with pytest.raises(DataError) as excinfo:
-        SFTDataset(rows, tok, proc, 4096, SYSTEM, source="train.json")[1]
+        SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM, source="train.json")[1]
     one_line_error(excinfo, "train.json: row 2", str(tmp_path / "gone.png"))
 
 
 # ------------------------------------------------------------------------------------------------ collate
 
 
-def test_collate_mixed_batch(tok, proc, ids, bundle_rows):
-    ds = SFTDataset(bundle_rows, tok, proc, 4096, SYSTEM)
+def test_collate_mixed_batch(tokenizer, image_processor, ids, bundle_rows):
+    ds = SFTDataset(bundle_rows, tokenizer, image_processor, 4096, SYSTEM)
     samples = [ds[0], ds[3], ds[1]]  # image, text-only, image
     pad = ids["<|endoftext|>"]
     batch = make_collate(pad, ids["<|image_pad|>"])(samples)
@@ -153,12 +142,12 @@ def test_collate_mixed_batch(tok, proc, ids, bundle_rows):
     assert torch.equal(batch["pixel_values"], torch.cat([samples[0]["pixel_values"], samples[2]["pixel_values"]]))
     assert torch.equal(batch["image_grid_thw"],
                        torch.cat([samples[0]["image_grid_thw"], samples[2]["image_grid_thw"]]))
-    assert int(is_image.sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // proc.merge_size**2
+    assert int(is_image.sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // image_processor.merge_size**2
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
 
 
-def test_collate_text_only_batch(tok, proc, ids, bundle_rows):
-    ds = SFTDataset(bundle_rows, tok, proc, 4096, SYSTEM)
+def test_collate_text_only_batch(tokenizer, image_processor, ids, bundle_rows):
+    ds = SFTDataset(bundle_rows, tokenizer, image_processor, 4096, SYSTEM)
     batch = make_collate(ids["<|endoftext|>"], ids["<|image_pad|>"], ids["<|video_pad|>"])([ds[3], ds[15]])
     assert "pixel_values" not in batch and "image_grid_thw" not in batch
     assert not batch["mm_token_type_ids"].any()
@@ -259,8 +248,8 @@ def test_eval_batches(num_rows, world, batch):
     assert len(per_rank[0]) == -(-(-(-num_rows // world)) // batch)
 
 
-def test_eval_dataset_filler(tok, proc, bundle_rows):
-    inner = SFTDataset(bundle_rows[:4], tok, proc, 4096, SYSTEM)
+def test_eval_dataset_filler(tokenizer, image_processor, bundle_rows):
+    inner = SFTDataset(bundle_rows[:4], tokenizer, image_processor, 4096, SYSTEM)
     ds = EvalDataset(inner)
     assert len(ds) == 4
     real = ds[2]
@@ -271,21 +260,21 @@ def test_eval_dataset_filler(tok, proc, bundle_rows):
     assert filler["labels"].shape == filler["input_ids"].shape
     assert "pixel_values" in filler  # keeps row 0's images so the vision tower runs on every rank
     # collating real rows with fillers changes nothing about the real rows' supervision
-    batch = make_collate(tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>"))([ds[i] for i in [1, -1]])
+    batch = make_collate(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|image_pad|>"))([ds[i] for i in [1, -1]])
     assert (batch["labels"][1] == IGNORE_INDEX).all() and (batch["labels"][0] != IGNORE_INDEX).any()
 
 
-def test_train_loader_integration(tiny_bundle, tok, proc):
+def test_train_loader_integration(tiny_bundle, tokenizer, image_processor):
     """DataLoader over the sampler and collate, as build_train_loader wires them (no workers)."""
     from torch.utils.data import DataLoader
 
     rows = load_rows(tiny_bundle["train_json"], tiny_bundle["image_folder"])
-    ds = SFTDataset(rows, tok, proc, 4096, SYSTEM)
+    ds = SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM)
     seen = []
     for rank in range(2):
         sampler = StepBatchSampler(len(rows), 2, rank, 2, 2, seed=0)
         loader = DataLoader(ds, batch_sampler=sampler,
-                            collate_fn=make_collate(tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>")))
+                            collate_fn=make_collate(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|image_pad|>")))
         batches = list(loader)
         assert len(batches) == len(sampler) == 4
         for b in batches:

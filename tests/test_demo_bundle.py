@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ftloop.demo.bundle import COLORS, SHAPES, SPECIAL_TOKENS, build_demo_bundle
 from ftloop.demo.evaluate import build_inputs, evaluate_export
@@ -15,16 +15,6 @@ from ftloop.demo.evaluate import build_inputs, evaluate_export
 @pytest.fixture(scope="module")
 def model(tiny_bundle):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_bundle["model_dir"]).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_bundle):
-    return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])
-
-
-@pytest.fixture(scope="module")
-def image_processor(tiny_bundle):
-    return AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])
 
 
 def _rows(tiny_bundle, split):

@@ -128,7 +128,7 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def eval_batches(num_rows: int, world_size: int, rank: int, batch_size: int) -> list[list[int]]:
     """Rows r, r+W, ... of the eval set for rank r, in batches; every rank gets the same number of batches
-    (ranks with fewer rows repeat their last batch shape with rows that `unsupervised` marks), because a
+    (a rank with fewer rows fills its last batch with index -1: a row with no supervised token), because a
     rank that stopped early would leave the others waiting in FSDP's all-gathers."""
     mine = list(range(rank, num_rows, world_size))
     per_rank = -(-num_rows // world_size)

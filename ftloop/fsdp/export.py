@@ -16,9 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
-from ftloop.model import DTYPES
-
-WRAPPER_PREFIX = "hf."  # the FSDP root is VisionLanguageSFT, which holds the HF model as `hf`
+from ftloop.model import DTYPES, WRAPPER_PREFIX
 
 
 def full_state_dict(model: FSDP) -> dict[str, torch.Tensor]:

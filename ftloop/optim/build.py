@@ -6,10 +6,10 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import ConfigError, OptimArgs
+from ftloop.model import WRAPPER_PREFIX
 from ftloop.optim.segments import describe_fsdp
 from ftloop.optim.sharded_adafactor import ShardedAdafactor
 
-WRAPPER_PREFIX = "hf."  # the FSDP root holds the Hugging Face model as `hf`
 
 
 def part_settings(args: OptimArgs):
