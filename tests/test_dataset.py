@@ -6,7 +6,8 @@ import torch
 
 from datautil import SYSTEM, one_line_error, save_rgb
 from ftloop.data.chat import IGNORE_INDEX
-from ftloop.data.dataset import EvalDataset, SFTDataset, StepBatchSampler, eval_batches, make_collate
+from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
+from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.formats import DataError, load_rows
 
 # ------------------------------------------------------------------------------------------------ dataset

@@ -3,7 +3,7 @@ batches are grouped by length."""
 
 import json
 
-from ftloop.data.dataset import StepBatchSampler
+from ftloop.data.sampler import StepBatchSampler
 from launch import check, torchrun, train_flags
 
 

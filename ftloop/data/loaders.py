@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
-from ftloop.data.dataset import EvalDataset, SFTDataset, StepBatchSampler, eval_batches, make_collate
+from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
+from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
 
