@@ -8,10 +8,13 @@ refuses `sync_module_states`) and on CUDA.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import ConfigError, ModelArgs
 
@@ -75,7 +78,7 @@ WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with thi
 class VisionLanguageSFT(nn.Module):
     """The FSDP root: a Hugging Face vision-language model plus the supervised loss.
 
-    Keeping the loss (and the dummy vision pass below) inside the root forward means everything a step
+    Keeping the loss (and the one vision pass below) inside the root forward means everything a step
     computes runs under FSDP's root pre/post-forward logic, on every rank, in the same order.
     """
 
@@ -86,18 +89,23 @@ class VisionLanguageSFT(nn.Module):
         in_channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
         self.patch_dim = in_channels * vision.temporal_patch_size * vision.patch_size**2
         self.merge = vision.spatial_merge_size
+        # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
+        self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
-                image_grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens)."""
-        # FSDP gathers a vision block's weights when that block runs. A rank whose micro-batch has no
-        # image would skip those all-gathers (or run them in another order) while the others wait: a hang.
-        # So every rank runs the vision tower first, as the model does with real images; without images,
-        # on one tiny blank image whose output counts zero times in the loss.
-        dummy = self._dummy_vision(input_ids.device) if pixel_values is None else None
+        encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                              input_ids.device)
+        extra = {}
+        if second_per_grid_ts is not None and self.takes_seconds:  # Qwen2.5-VL's video time positions
+            extra["second_per_grid_ts"] = second_per_grid_ts
+        # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
         hidden = self.hf.model(
             input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-            pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_encoder_outputs=encoder_outputs,
+            use_cache=False, **extra,
         ).last_hidden_state
         # Position t predicts token t+1; project only the supervised positions onto the vocabulary, which
         # saves the (batch x length x vocab) logits tensor for prompts and padding.
@@ -109,10 +117,36 @@ class VisionLanguageSFT(nn.Module):
             loss_sum = loss_sum + 0.0 * dummy.float().sum()
         return loss_sum, keep.sum()
 
-    def _dummy_vision(self, device: torch.device) -> torch.Tensor:
+    def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device):
+        """({"image": ..., "video": ...} encoder outputs for the HF model, or None; the dummy output, or None).
+
+        FSDP gathers a vision block's weights when that block runs. Every rank must run the same vision
+        blocks the same number of times in the same order, or one rank waits in an all-gather the others
+        never start: a hang. The HF model runs the vision tower once for images and once more for videos,
+        and not at all for text, which differs from rank to rank. So the tower runs here exactly once per
+        micro-batch on every rank: on the image patches and video patches together (attention never crosses
+        from one image or frame group to another, so this equals two passes), split back afterwards; without
+        either, on one tiny blank image whose output counts zero times in the loss.
+        """
         visual = self.hf.model.visual
-        grid = torch.tensor([[1, self.merge, self.merge]], device=device)
         dtype = visual.patch_embed.proj.weight.dtype  # the compute dtype under mixed precision
-        pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
-        out = visual(pixels, grid_thw=grid)
+        parts = [(name, pixels, grid) for name, pixels, grid in
+                 (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
+                 if pixels is not None]
+        if not parts:
+            grid = torch.tensor([[1, self.merge, self.merge]], device=device)
+            pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
+            return None, self._pooled(visual(pixels, grid_thw=grid))
+        pixels = torch.cat([pixels for _, pixels, _ in parts]).to(dtype)
+        features = self._pooled(visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts])))
+        outputs, offset = {}, 0
+        for name, _, grid in parts:  # tokens per image / video, in the order the HF model scatters them
+            sizes = (grid.prod(-1) // self.merge**2).tolist()
+            outputs[name] = BaseModelOutputWithPooling(
+                pooler_output=torch.split(features[offset:offset + sum(sizes)], sizes))
+            offset += sum(sizes)
+        return outputs, None
+
+    @staticmethod
+    def _pooled(out) -> torch.Tensor:
         return out.pooler_output if hasattr(out, "pooler_output") else out

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ftloop.data.chat import IGNORE_INDEX, encode_chat, expand_images, render_chat
+from ftloop.data.chat import IGNORE_INDEX, encode_chat, expand_vision, render_chat
 from ftloop.data.formats import IMAGE_PLACEHOLDER
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what the official template inserts when a row has none
@@ -204,10 +204,10 @@ def test_image_expansion_counts_in_order(tokenizer):
 
 
 def test_expand_images_string():
-    text = expand_images("a<image>b<image>c", [1, 3])
+    text = expand_vision("a<image>b<image>c", [1, 3])
     assert text == ("a<|vision_start|><|image_pad|><|vision_end|>b"
                     "<|vision_start|><|image_pad|><|image_pad|><|image_pad|><|vision_end|>c")
-    assert expand_images("no images", []) == "no images"
+    assert expand_vision("no images", []) == "no images"
 
 
 def test_each_pad_is_one_token(tokenizer):
@@ -256,3 +256,66 @@ def test_real_qwen2_vocabulary():
                             DEFAULT_SYSTEM)
     (run,) = supervised_runs(labels)
     assert tok.decode(run) == reply + "<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------------------ videos
+
+WITH_VIDEOS = [
+    {"role": "user", "content": "<video>\nWhat happens? Compare with <image> and <video>."},
+    {"role": "assistant", "content": "The ball rolls away."},
+    {"role": "user", "content": "And here? <image>"},
+    {"role": "assistant", "content": "A cat."},
+]
+
+
+def video_list_form(messages):
+    """Content lists of image / video / text parts, in placeholder order (independent of chat.py's regex)."""
+    out = []
+    for m in messages:
+        parts, rest = [], m["content"]
+        while rest:
+            hits = [(rest.find(tag), tag) for tag in ("<image>", "<video>") if tag in rest]
+            if not hits:
+                parts.append({"type": "text", "text": rest})
+                break
+            at, tag = min(hits)
+            if at:
+                parts.append({"type": "text", "text": rest[:at]})
+            parts.append({"type": tag[1:-1]})
+            rest = rest[at + len(tag):]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def test_render_with_videos_matches_official_template(tokenizer):
+    # With one pad per block the template's text is ours; Qwen's processor then repeats each pad.
+    text, _ = render_chat(WITH_VIDEOS, [1, 1], DEFAULT_SYSTEM, [1, 1])
+    assert text == tokenizer.apply_chat_template(video_list_form(WITH_VIDEOS), tokenize=False)
+    assert text.count("<|video_pad|>") == 2 and text.count("<|image_pad|>") == 2
+
+
+def test_video_expansion_counts_in_order(tokenizer):
+    image_counts, video_counts = [3, 5], [8, 2]
+    input_ids, labels = encode_chat(WITH_VIDEOS, image_counts, tokenizer, DEFAULT_SYSTEM, video_counts)
+    start, end, image_pad, video_pad = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    blocks, i = [], 0
+    while i < len(input_ids):
+        if input_ids[i] == start:
+            j = input_ids.index(end, i)
+            (pad,) = set(input_ids[i + 1:j])
+            blocks.append(("video" if pad == video_pad else "image", j - i - 1))
+            i = j
+        i += 1
+    # placeholder order: video, image, video (first user turn), image (second)
+    assert blocks == [("video", 8), ("image", 3), ("video", 2), ("image", 5)]
+    assert input_ids.count(video_pad) == 10 and input_ids.count(image_pad) == 8
+    assert video_pad not in labels and image_pad not in labels
+    replies = [m["content"] for m in WITH_VIDEOS if m["role"] == "assistant"]
+    assert [tokenizer.decode(run[:-1]) for run in supervised_runs(labels)] == replies
+
+
+def test_expand_vision_string_with_videos():
+    assert expand_vision("<video>a<image>b<video>", [2], [1, 3]) == (
+        "<|vision_start|><|video_pad|><|vision_end|>a<|vision_start|><|image_pad|><|image_pad|><|vision_end|>b"
+        "<|vision_start|><|video_pad|><|video_pad|><|video_pad|><|vision_end|>")

@@ -29,9 +29,9 @@ def test_load_rows_json_array_and_jsonl_agree(data_dir):
     assert a == b
     assert a[0] == {"messages": [{"role": "user", "content": "<image>\nWhat?"},
                                  {"role": "assistant", "content": "red"}],
-                    "images": [os.path.join(str(data_dir), "a.png")], "row": 1}
+                    "images": [os.path.join(str(data_dir), "a.png")], "videos": [], "row": 1}
     assert a[1] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                    "images": [], "row": 2}
+                    "images": [], "videos": [], "row": 2}
 
 
 def test_load_rows_jsonl_skips_blank_lines(data_dir):

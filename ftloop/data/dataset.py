@@ -7,17 +7,17 @@ from torch.utils.data import Dataset
 
 from ftloop.data.chat import IGNORE_INDEX, encode_chat
 from ftloop.data.formats import DataError
-from ftloop.data.images import open_rgb
+from ftloop.data.vision import row_vision_inputs
 
 
 class SFTDataset(Dataset):
-    """Supervised fine-tuning rows: images through the model's image processor, ChatML token ids, labels."""
+    """Supervised fine-tuning rows: images and video frames through the model's image processor (videos laid
+    out for its video path by ftloop.data.video), ChatML token ids, labels."""
 
     def __init__(self, rows: list[dict], tokenizer, image_processor, max_seq_length: int, system_prompt: str,
                  source: str = "data"):
         self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
         self.max_seq_length, self.system_prompt, self.source = max_seq_length, system_prompt, source
-        self.merge = image_processor.merge_size
         self.vision_end_id = tokenizer.convert_tokens_to_ids("<|vision_end|>")
 
     def __len__(self) -> int:
@@ -26,15 +26,9 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         where = f"{self.source}: row {row.get('row', index + 1)}"
-        sample = {}
-        counts = []
-        if row["images"]:
-            images = [open_rgb(path, where) for path in row["images"]]
-            vision = self.image_processor(images=images, return_tensors="pt")
-            sample["pixel_values"] = vision["pixel_values"]
-            sample["image_grid_thw"] = vision["image_grid_thw"]
-            counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
-        input_ids, labels = encode_chat(row["messages"], counts, self.tokenizer, self.system_prompt)
+        sample, image_counts, video_counts = row_vision_inputs(row, self.image_processor, where)
+        input_ids, labels = encode_chat(row["messages"], image_counts, self.tokenizer, self.system_prompt,
+                                        video_counts)
         if len(input_ids) > self.max_seq_length:
             input_ids, labels = self._truncate(input_ids, labels, where)
         sample["input_ids"] = torch.tensor(input_ids)
@@ -42,16 +36,19 @@ class SFTDataset(Dataset):
         return sample
 
     def _truncate(self, input_ids: list[int], labels: list[int], where: str):
-        """Cut text from the right, never through an image: its tokens and features must stay paired."""
+        """Cut text from the right, never through an image or a video (each ends with `<|vision_end|>`): its
+        tokens and features must stay paired."""
         last_image_end = max((i for i, t in enumerate(input_ids) if t == self.vision_end_id), default=-1)
         if last_image_end >= self.max_seq_length:
-            raise DataError(f"{where}: {len(input_ids)} tokens and its images end at token {last_image_end + 1}, "
-                            f"past --max-seq-length {self.max_seq_length}; raise it or shrink the images")
+            raise DataError(f"{where}: {len(input_ids)} tokens and its images/videos end at token "
+                            f"{last_image_end + 1}, past --max-seq-length {self.max_seq_length}; raise it or lower "
+                            "--max-pixels")
         return input_ids[: self.max_seq_length], labels[: self.max_seq_length]
 
 
 def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
-    """Right-pad a list of samples into one micro-batch; image features of all rows are concatenated."""
+    """Right-pad a list of samples into one micro-batch; the image and video inputs of all rows are
+    concatenated in row order (the order of their placeholders in the batch)."""
 
     def collate(samples: list[dict]) -> dict:
         length = max(len(s["input_ids"]) for s in samples)
@@ -71,6 +68,10 @@ def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | N
         if with_images:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
             batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        with_videos = [s for s in samples if "pixel_values_videos" in s]
+        if with_videos:
+            for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+                batch[key] = torch.cat([s[key] for s in with_videos])
         return batch
 
     return collate

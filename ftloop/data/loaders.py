@@ -1,11 +1,14 @@
-"""DataLoaders for training and evaluation on one rank."""
+"""DataLoaders for training and evaluation on one rank, and the held-out split of --eval-ratio."""
 
 from __future__ import annotations
+
+import random
 
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
+from ftloop.data.formats import load_rows
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
@@ -22,11 +25,52 @@ def _loader(dataset, batch_sampler, collate, workers: int, pin: bool) -> DataLoa
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def check(cfg: Config, path: str, tokenizer, image_processor) -> CheckedRows:
-    """Every row of `path` read and measured (across the ranks); what was dropped is said once."""
+def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) for --eval-ratio.
+
+    The rule: of the n rows read without error, k = max(1, round(ratio * n)) (halves round up, k <= n) are
+    held out, namely the indices `random.Random(seed).sample(range(n), k)`; both parts keep the source's row
+    order. It depends on nothing but the rows and --seed, so every rank and every world size gets the same
+    split. It is made on the rows as read, before the token-length check: a row dropped later (too long,
+    bad with --skip-bad-rows) leaves its own side, and no row moves across.
+    """
+    n = len(rows)
+    k = min(n, max(1, int(ratio * n + 0.5)))
+    held = set(random.Random(seed).sample(range(n), k))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+_HELD_OUT: dict = {}  # rows build_train_loader held out, waiting for build_eval_loader
+
+
+def read_rows(cfg: Config, role: str) -> tuple[list[dict], list[str]]:
+    """(rows, reading errors) of --train-data (role "train") or of the eval set (role "eval": --eval-data,
+    or the rows --eval-ratio holds out of --train-data, whose reading errors the train side reports)."""
+    d = cfg.data
+    if role == "eval" and d.eval_data:
+        errors: list[str] = []
+        return load_rows(d.eval_data, d.image_folder, errors, d.data_format, "eval"), errors
+    key = (d.train_data, d.image_folder, d.data_format, d.eval_ratio, cfg.train.seed)
+    if role == "eval" and key in _HELD_OUT:
+        return _HELD_OUT.pop(key), []
+    errors = []
+    rows = load_rows(d.train_data, d.image_folder, errors, d.data_format, "train")
+    if d.eval_ratio <= 0:
+        return rows, errors
+    train, held = hold_out(rows, d.eval_ratio, cfg.train.seed)
+    if role == "eval":
+        return held, []
+    _HELD_OUT[key] = held
+    print0(f"{d.train_data}: --eval-ratio {d.eval_ratio}: {len(held)} of {len(rows)} rows held out for evaluation")
+    return train, errors
+
+
+def check(cfg: Config, path: str, tokenizer, image_processor, role: str = "train") -> CheckedRows:
+    """Every row of `path` (as read_rows gives them for `role`) measured across the ranks; what was dropped
+    is said once."""
     d = cfg.data
     checked = checked_rows(path, d.image_folder, tokenizer, image_processor, d.system_prompt, d.max_seq_length,
-                           d.truncation, d.skip_bad_rows)
+                           d.truncation, d.skip_bad_rows, d.max_images_per_sample, loaded=read_rows(cfg, role))
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
                f"{checked.dropped_long} rows longer than --max-seq-length {d.max_seq_length}")
@@ -49,10 +93,13 @@ def build_train_loader(cfg: Config, tokenizer, image_processor, hf_config, world
 def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
                       pin: bool) -> DataLoader | None:
     d = cfg.data
-    if not d.eval_data:
+    if not d.eval_data and d.eval_ratio <= 0:
         return None
-    rows = check(cfg, d.eval_data, tokenizer, image_processor).rows
-    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt,
-                                     d.eval_data))
+    path = d.eval_data or d.train_data  # held-out rows keep their row numbers in --train-data
+    rows = check(cfg, path, tokenizer, image_processor, role="eval").rows
+    if not rows:
+        print0(f"{path}: no evaluation rows left; evaluation is off")
+        return None
+    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt, path))
     batches = eval_batches(len(rows), world_size, rank, cfg.train.per_device_eval_batch_size)
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)

@@ -36,18 +36,25 @@ class CheckedRows:
 
 
 def checked_rows(path: str, image_folder: str, tokenizer, image_processor, system_prompt: str,
-                 max_seq_length: int, truncation: str, skip_bad_rows: bool) -> CheckedRows:
+                 max_seq_length: int, truncation: str, skip_bad_rows: bool, max_images: int = 0,
+                 loaded: tuple[list[dict], list[str]] | None = None) -> CheckedRows:
     """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
-    row and all ranks exchange what they found, so they agree on the same rows."""
+    row and all ranks exchange what they found, so they agree on the same rows. A row with more than
+    `max_images` images (0: no limit) is a bad row. `loaded`: (rows, their reading errors) already read
+    from `path` (ftloop.data.loaders.read_rows), instead of reading it here."""
     errors: list[str] = []
-    rows = load_rows(path, image_folder, errors=errors)
+    if loaded is None:
+        rows = load_rows(path, image_folder, errors=errors)
+    else:
+        rows, errors = loaded[0], list(loaded[1])
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     found = {}
     for index in range(rank, len(rows), world):
         try:
             # With --truncation right, text after the last image can be cut: only the images must fit.
             limit = max_seq_length if truncation == "right" else None
-            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path)
+            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path,
+                                       max_images)
         except DataError as err:
             found[index] = str(err)
     if world > 1:

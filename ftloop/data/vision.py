@@ -1,0 +1,53 @@
+"""A row's vision inputs as the model takes them, and the image processor with the run's pixel limits.
+
+Training (SFTDataset) and the data check (ftloop.data.check) both go through `row_vision_inputs`, so the
+token counts the check measures are the ones training sees.
+"""
+
+from __future__ import annotations
+
+from ftloop.config import ConfigError
+from ftloop.data.images import open_rgb
+from ftloop.data.video import run_image_processor, video_inputs
+
+
+def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's image processor; `--min-pixels` / `--max-pixels` (None: the checkpoint's) replace its
+    limits on the resized image area. They bound every image and every video frame, and being the processor's
+    own settings, they are written with it when the model is exported."""
+    from transformers import AutoImageProcessor
+
+    for flag, value in (("--min-pixels", min_pixels), ("--max-pixels", max_pixels)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be positive")
+    overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = AutoImageProcessor.from_pretrained(path, **overrides)
+    low, high = processor.size["shortest_edge"], processor.size["longest_edge"]
+    low_name = f"--min-pixels {low}" if min_pixels is not None else f"the checkpoint's min_pixels {low}"
+    high_name = f"--max-pixels {high}" if max_pixels is not None else f"the checkpoint's max_pixels {high}"
+    if overrides and low > high:
+        raise ConfigError(f"{low_name} is above {high_name}; give --min-pixels <= --max-pixels")
+    smallest = (processor.patch_size * processor.merge_size) ** 2
+    if max_pixels is not None and high < smallest:
+        raise ConfigError(f"--max-pixels {high} is below {smallest} = (patch_size {processor.patch_size} x "
+                          f"merge_size {processor.merge_size})^2, the smallest image the model takes")
+    return processor
+
+
+def row_vision_inputs(row: dict, image_processor, where: str) -> tuple[dict, list[int], list[int]]:
+    """(tensors, image token counts, video token counts) of one normalised row.
+
+    tensors holds `pixel_values` and `image_grid_thw` when the row has images, and `pixel_values_videos`,
+    `video_grid_thw` and `second_per_grid_ts` when it has videos; each image or video becomes
+    grid t*h*w / merge^2 pad tokens. Unreadable images and processor failures are one DataError line."""
+    tensors, image_counts, video_counts = {}, [], []
+    merged = image_processor.merge_size ** 2
+    if row["images"]:
+        images = [open_rgb(source, where) for source in row["images"]]
+        vision = run_image_processor(image_processor, images, where)
+        tensors["pixel_values"], tensors["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+        image_counts = (vision["image_grid_thw"].prod(-1) // merged).tolist()
+    if row.get("videos"):
+        tensors.update(video_inputs(row["videos"], image_processor, where, row.get("video_fps")))
+        video_counts = (tensors["video_grid_thw"].prod(-1) // merged).tolist()
+    return tensors, image_counts, video_counts

@@ -1,0 +1,215 @@
+"""The messages layout (OpenAI / TRL / Qwen), LLaVA videos, layout detection and --data-format: every row
+becomes the same normal form, and every bad row one line naming file and row."""
+
+import os
+
+import pytest
+
+from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
+from ftloop.data.formats import DataError, load_rows
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "f1.png", "f2.png", "f3.png"):
+        save_rgb(tmp_path / name)
+    return tmp_path
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def image(path=None):
+    return {"type": "image", "image": path} if path else {"type": "image"}
+
+
+def video(frames=None):
+    return {"type": "video", "video": frames} if frames else {"type": "video"}
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+# The same three rows in LLaVA, messages-with-paths and TRL (bare parts + top-level images) layouts.
+LLAVA = [
+    {"image": "a.png", "conversations": turns(("human", "<image>What color?"), ("gpt", "red"))},
+    {"image": ["b.png", "c.png"], "conversations": turns(
+        ("system", "Be brief."), ("human", "<image> and <image>: same?"), ("gpt", "yes"), ("human", "sure?"),
+        ("gpt", "sure"))},
+    {"conversations": turns(("human", "hi"), ("gpt", "hello"))},
+]
+MESSAGES = [
+    {"messages": [msg("user", [image("a.png"), text("What color?")]), msg("assistant", "red")]},
+    {"messages": [msg("system", "Be brief."), msg("user", [image("b.png"), text(" and "), image("c.png"),
+                                                           text(": same?")]),
+                  msg("assistant", [text("yes")]), msg("user", "sure?"), msg("assistant", "sure")]},
+    {"messages": [msg("user", "hi"), msg("assistant", "hello")]},
+]
+TRL = [
+    {"images": ["a.png"], "messages": [msg("user", [image(), text("What color?")]), msg("assistant", "red")]},
+    {"images": ["b.png", "c.png"], "messages": [
+        msg("system", [text("Be brief.")]), msg("user", [image(), text(" and "), image(), text(": same?")]),
+        msg("assistant", [text("yes")]), msg("user", [text("sure?")]), msg("assistant", [text("sure")])]},
+    {"images": [], "messages": [msg("user", [text("hi")]), msg("assistant", [text("hello")])]},
+]
+
+
+def test_three_layouts_give_identical_rows(data_dir):
+    llava = load_rows(write_json(data_dir / "llava.json", LLAVA))
+    messages = load_rows(write_jsonl(data_dir / "messages.jsonl", MESSAGES))
+    trl = load_rows(write_json(data_dir / "trl.json", TRL))
+    assert llava == messages == trl
+    assert llava[1] == {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "<image> and <image>: same?"},
+                     {"role": "assistant", "content": "yes"}, {"role": "user", "content": "sure?"},
+                     {"role": "assistant", "content": "sure"}],
+        "images": [os.path.join(str(data_dir), "b.png"), os.path.join(str(data_dir), "c.png")],
+        "videos": [], "row": 2}
+    assert llava[2]["images"] == [] and llava[2]["videos"] == []
+
+
+def test_messages_string_placeholders_take_top_level_images_and_file_scheme(data_dir, tmp_path):
+    rows = [{"images": ["a.png"], "messages": [msg("user", "<image>What color?"), msg("assistant", "red")]},
+            {"image": "a.png", "messages": [msg("user", [image(), text("What color?")]), msg("assistant", "red")]},
+            {"messages": [msg("user", [image("file://" + str(data_dir / "a.png")), text("What color?")]),
+                          msg("assistant", "red")]}]
+    got = load_rows(write_json(data_dir / "d.json", rows))
+    assert [r["messages"][0]["content"] for r in got] == ["<image>What color?"] * 3
+    assert [r["images"] for r in got] == [[str(data_dir / "a.png")]] * 3
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    save_rgb(folder / "a.png")
+    (moved,) = load_rows(write_json(data_dir / "e.json", rows[:1]), str(folder))
+    assert moved["images"] == [str(folder / "a.png")]
+
+
+def test_videos_in_messages_and_llava(data_dir):
+    frames = ["f1.png", "f2.png", "f3.png"]
+    absolute = [str(data_dir / f) for f in frames]
+    messages = [
+        {"messages": [msg("user", [video(frames), text("What happens?")]), msg("assistant", "it moves")]},
+        {"videos": [frames, frames[:1]], "messages": [
+            msg("user", [video(), text("then"), video(), image("a.png")]), msg("assistant", "x")]},
+    ]
+    llava = [
+        {"video": frames, "conversations": turns(("human", "<video>What happens?"), ("gpt", "it moves"))},
+        {"video": [frames, frames[:1]], "image": "a.png",
+         "conversations": turns(("human", "<video>then<video><image>"), ("gpt", "x"))},
+    ]
+    a = load_rows(write_json(data_dir / "m.json", messages))
+    b = load_rows(write_json(data_dir / "l.json", llava))
+    assert a == b
+    assert a[0]["videos"] == [absolute] and a[0]["images"] == []
+    assert a[0]["messages"][0]["content"] == "<video>What happens?"
+    assert a[1]["videos"] == [absolute, absolute[:1]] and a[1]["images"] == [str(data_dir / "a.png")]
+    assert a[1]["messages"][0]["content"] == "<video>then<video><image>"
+
+
+def user_image(path=None):
+    return [msg("user", [image(path), text("What?")]), msg("assistant", "red")]
+
+
+BAD_MESSAGES = {
+    "unknown role": ({"messages": [msg("robot", "beep"), msg("assistant", "x")]}, "unknown role 'robot'"),
+    "missing messages": ({"images": ["a.png"]}, "`messages`"),
+    "empty messages": ({"messages": []}, "`messages`"),
+    "no assistant": ({"messages": [msg("user", "hi"), msg("user", "again")]}, "no assistant turn"),
+    "no content": ({"messages": [msg("user", None), msg("assistant", "x")]}, "no `content`"),
+    "unknown part": ({"messages": [msg("user", [{"type": "audio"}]), msg("assistant", "x")]},
+                     "unknown content part 'audio'"),
+    "text part without text": ({"messages": [msg("user", [{"type": "text"}]), msg("assistant", "x")]},
+                               "string `text`"),
+    "too few images": ({"images": ["a.png"], "messages": [msg("user", [image(), image()]),
+                                                          msg("assistant", "x")]},
+                       "2 bare image parts or `<image>` placeholders but 1 entries in `images`"),
+    "too many images": ({"images": ["a.png", "b.png"], "messages": user_image()},
+                        "1 bare image parts or `<image>` placeholders but 2 entries in `images`"),
+    "images without parts": ({"images": ["a.png"], "messages": [msg("user", "hi"), msg("assistant", "x")]},
+                             "0 bare image parts"),
+    "paths and top-level images": ({"images": ["a.png"], "messages": user_image("a.png")},
+                                   "also has a top-level `images`"),
+    "paths and bare parts": ({"messages": [msg("user", [image("a.png"), image()]), msg("assistant", "x")]},
+                             "some image parts carry a path and others"),
+    "image missing": ({"messages": user_image("gone.png")}, "image not found"),
+    "top-level image missing": ({"images": ["gone.png"], "messages": user_image()}, "image not found"),
+    "image in assistant turn": ({"messages": [msg("user", "hi"), msg("assistant", [image("a.png")])]},
+                                "`<image>` placeholders belong in user turns"),
+    "image not a path": ({"messages": user_image({"bytes": "..."})}, "must be a path"),
+    "image url": ({"messages": user_image("https://example.com/a.png")}, "local files only"),
+    "images not paths": ({"images": [3], "messages": user_image()}, "`images` must be a list of paths"),
+    "video not a list": ({"messages": [msg("user", [video("clip.mp4")]), msg("assistant", "x")]},
+                         "non-empty list of frame paths"),
+    "bare video without videos": ({"messages": [msg("user", [video()]), msg("assistant", "x")]},
+                                  "1 bare video parts or `<video>` placeholders but 0 entries in `videos`"),
+    "videos not lists": ({"videos": ["f1.png"], "messages": [msg("user", [video()]), msg("assistant", "x")]},
+                         "`videos` must be a list of videos"),
+    "frame missing": ({"messages": [msg("user", [video(["f1.png", "gone.png"])]), msg("assistant", "x")]},
+                      "video 1 frame not found"),
+    "video in system turn": ({"videos": [["f1.png"]], "messages": [msg("system", [video()]), msg("user", "hi"),
+                                                                   msg("assistant", "x")]},
+                             "`<video>` placeholders belong in user turns"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MESSAGES))
+def test_bad_messages_row_is_one_line_naming_file_and_row(data_dir, case):
+    bad, needle = BAD_MESSAGES[case]
+    good = MESSAGES[0]
+    path = write_jsonl(data_dir / "d.jsonl", [good, good, bad])
+    with pytest.raises(DataError) as excinfo:
+        load_rows(path)
+    one_line_error(excinfo, path, "row 3", needle)
+    errors = []
+    assert len(load_rows(path, errors=errors)) == 2 and len(errors) == 1 and "row 3" in errors[0]
+
+
+BAD_LLAVA_VIDEOS = {
+    "too few videos": ({"video": ["f1.png"], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
+                       "2 `<video>` placeholders but 1 videos"),
+    "video without placeholder": ({"video": [["f1.png"]], "conversations": turns(("human", "hi"), ("gpt", "x"))},
+                                  "0 `<video>` placeholders but 1 videos"),
+    "placeholder in gpt turn": ({"video": ["f1.png"], "conversations": turns(("human", "hi"), ("gpt", "<video>"))},
+                                "`<video>` placeholders belong in human turns"),
+    "frame missing": ({"video": [["f1.png"], ["gone.png"]], "conversations": turns(("human", "<video><video>"),
+                                                                                   ("gpt", "x"))},
+                      "video 2 frame not found"),
+    "empty video": ({"video": [["f1.png"], []], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
+                    "video 2 of `video` must be a non-empty list"),
+    "video file": ({"video": "clip.mp4", "conversations": turns(("human", "<video>"), ("gpt", "x"))},
+                   "list of frame paths"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LLAVA_VIDEOS))
+def test_bad_llava_video_row_is_one_line(data_dir, case):
+    bad, needle = BAD_LLAVA_VIDEOS[case]
+    path = write_json(data_dir / "d.json", [LLAVA[0], bad])
+    with pytest.raises(DataError) as excinfo:
+        load_rows(path)
+    one_line_error(excinfo, path, "row 2", needle)
+
+
+def test_detection_and_data_format_override(data_dir):
+    llava, messages = write_json(data_dir / "l.json", LLAVA), write_json(data_dir / "m.json", MESSAGES)
+    neither = write_jsonl(data_dir / "n.jsonl", [{"prompt": "hi", "completion": "x"}] * 2)
+    both = write_jsonl(data_dir / "b.jsonl", [dict(LLAVA[2], **MESSAGES[2])])
+    assert load_rows(llava, data_format="llava") == load_rows(messages, data_format="messages")
+    for path, needles in ((neither, ["neither `conversations`", "`messages`", "completion, prompt"]),
+                          (both, ["both", "--data-format"])):
+        with pytest.raises(DataError) as excinfo:
+            load_rows(path, errors=[])  # a layout problem is about the whole file: it raises even with errors=
+        one_line_error(excinfo, path, *needles)
+    assert load_rows(both, data_format="messages")[0]["messages"][1]["content"] == "hello"
+    # Forcing the other layout: every row is bad, each said on its own line.
+    errors = []
+    assert load_rows(messages, errors=errors, data_format="llava") == []
+    assert len(errors) == 3 and all("missing or empty `conversations`" in e for e in errors)
+    errors = []
+    assert load_rows(llava, errors=errors, data_format="messages") == []
+    assert [e.split(": ")[1] for e in errors] == ["row 1", "row 2", "row 3"]
+    assert all("missing or empty `messages`" in e for e in errors)
+    with pytest.raises(ValueError):
+        load_rows(llava, data_format="sharegpt")
