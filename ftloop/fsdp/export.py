@@ -1,26 +1,31 @@
-"""Export the trained weights as a Hugging Face folder that `from_pretrained` loads.
+"""Export the trained weights as a Hugging Face folder that `from_pretrained` loads, streamed.
 
-Rank 0 receives the full (unsharded, CPU) state dict, casts it to the save dtype and writes config,
-generation config, safetensors shards with their index, tokenizer, image processor and chat template into
-a temporary folder, which replaces the target only when complete: an interrupted export never leaves a
-folder that looks finished.
+The FSDP units are gathered one at a time, in the same order on every rank (gathering is collective), onto
+rank 0 only; rank 0 copies each tensor, cast to the save dtype, into a pending safetensors shard that is written
+whenever the next tensor would make it larger than --max-shard-size. So rank 0 never holds more than one shard
+plus one unit, whatever the model's size (`python scripts/bench_export.py` measures it). Everything goes into a
+temporary folder that replaces the target only when complete: an interrupted export never leaves a folder that
+looks finished.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
-from transformers import AutoModelForImageTextToText, GenerationConfig
 
+from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, publish, save_model_files, save_size,
+                              saved_names, temporary_folder)
 from ftloop.model import DTYPES, WRAPPER_PREFIX
+from ftloop.optim.segments import clean_name
 
 
 def full_state_dict(model: FSDP) -> dict[str, torch.Tensor]:
-    """Every parameter gathered to rank 0's host memory (empty dict on the other ranks)."""
+    """Every parameter gathered to rank 0's host memory at once (empty dict on the other ranks). Not for
+    export (see export_model); the tests compare against it."""
     # On a CPU run the shards already live in host memory, and FSDP's offload path would free the very
     # storage it just gathered (it assumes a device-to-host copy), so offload only from accelerators.
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -30,38 +35,73 @@ def full_state_dict(model: FSDP) -> dict[str, torch.Tensor]:
     return {name.removeprefix(WRAPPER_PREFIX): tensor for name, tensor in state.items()}
 
 
-def save_hf_folder(state: dict[str, torch.Tensor], out_dir: str, hf_config, tokenizer, image_processor,
-                   save_dtype: str, max_shard_size: str, source_dir: str | None = None) -> None:
-    """Write a complete HF model folder at out_dir (replacing any old one only once the new one is done)."""
-    dtype = DTYPES[save_dtype]
-    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with torch.device("meta"):  # a skeleton gives save_pretrained its naming and tied-weight rules
-        skeleton = AutoModelForImageTextToText.from_config(hf_config, dtype=dtype)
-    skeleton.config.use_cache = True  # the export is for inference
-    if source_dir:
-        try:
-            skeleton.generation_config = GenerationConfig.from_pretrained(source_dir)
-        except OSError:
-            pass  # the source had none; keep the one derived from the model config
-    skeleton.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        old = f"{out_dir}.old-{os.getpid()}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+@dataclass
+class ExportStats:
+    """What rank 0 wrote and the most tensor data its writer held at once (its host-memory bound is that
+    plus the largest unit, which is gathered where the model lives: host memory on a CPU run)."""
+    files: list[str]
+    total_bytes: int
+    peak_shard_bytes: int
+    largest_unit_bytes: int
+
+
+def unit_parameters(model: FSDP) -> list[tuple[FSDP, list[tuple[str, nn.Module, str]]]]:
+    """Each FSDP unit that manages parameters, in `model.modules()` order (the root first, so it is lazily
+    initialised as the root), with (name under the FSDP root without wrapper prefixes, owning module,
+    attribute) for each of its original parameters, tied aliases included.
+
+    While a unit is summoned, `getattr(module, attribute)` is the full parameter: FSDP1 puts views of the
+    unsharded flat parameter back on the original modules, as parameters with use_orig_params=False and as
+    the data of the original parameters with use_orig_params=True.
+    """
+    paths = {module: path for path, module in model.named_modules()}
+    units = []
+    for unit in FSDP.fsdp_modules(model):
+        if unit._handle is None:
+            continue
+        flat = unit._handle.flat_param
+        prefix = paths[unit] + "." if paths[unit] else ""
+        entries = [(clean_name(prefix + (f"{info.module_name}." if info.module_name else "") + info.param_name),
+                    info.module, info.param_name)
+                   for info in [*flat._param_infos, *flat._shared_param_infos]]
+        units.append((unit, entries))
+    return units
 
 
 def export_model(model: FSDP, out_dir: str, hf_config, tokenizer, image_processor, save_dtype: str,
-                 max_shard_size: str, source_dir: str | None = None) -> None:
-    """Collective: every rank must call it; rank 0 writes."""
-    state = full_state_dict(model)
-    if dist.get_rank() == 0:
-        save_hf_folder(state, out_dir, hf_config, tokenizer, image_processor, save_dtype, max_shard_size,
-                       source_dir)
+                 max_shard_size: str, source_dir: str | None = None) -> ExportStats | None:
+    """Collective: every rank must call it; rank 0 writes (and returns its ExportStats; None elsewhere)."""
+    rank0 = dist.get_rank() == 0
+    dtype = DTYPES[save_dtype]
+    units = unit_parameters(model)
+    if rank0:
+        tmp = temporary_folder(out_dir)
+        save_model_files(tmp, hf_config, tokenizer, image_processor, source_dir, save_dtype=dtype)
+        skeleton = meta_skeleton(hf_config, dtype)
+        names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
+        check_names(skeleton, names)
+        saved = saved_names(skeleton, names)
+        writer = ShardWriter(tmp, max_shard_size, dtype)
+    largest_unit = 0
+    # No offload_to_cpu: on a GPU the unit is gathered on rank 0's GPU, as in a forward pass, and each
+    # tensor reaches the host already cast; so the host holds the pending shard only (and FSDP refuses
+    # offload_to_cpu for NO_SHARD anyway).
+    for unit, entries in units:
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=False):
+            if not rank0:
+                continue
+            unit_bytes = 0
+            for name, module, attribute in entries:
+                name = name.removeprefix(WRAPPER_PREFIX)
+                if name in saved:
+                    tensor = getattr(module, attribute)
+                    writer.add(saved[name], tensor)
+                    unit_bytes += save_size(tensor.dtype, tensor.numel(), dtype)
+            largest_unit = max(largest_unit, unit_bytes)
+    stats = None
+    if rank0:
+        files = writer.close()
+        publish(tmp, out_dir)
+        stats = ExportStats(files, writer.total_bytes, writer.peak_bytes, largest_unit)
     dist.barrier()
+    return stats
