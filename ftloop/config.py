@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import tyro
 
+from ftloop.data.formats import source_problem
+
 Dtype = Literal["bf16", "fp32"]
 
 
@@ -41,11 +43,21 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     train_data: str = ""
-    """LLaVA-style .json (array) or .jsonl file with `image` and `conversations` fields."""
+    """Training rows: a .json (array) or .jsonl file, a Hugging Face dataset folder (`save_to_disk`; its
+    `train` split), a .parquet or .arrow file, or a hub dataset name (org/name; needs network or the HF cache).
+    Rows in LLaVA layout (`conversations`, `image`, `video`) or messages layout (`messages`, `images`)."""
     eval_data: str = ""
-    """Held-out file in the same format; empty disables evaluation."""
+    """Held-out rows, in any form --train-data takes (a DatasetDict gives its `validation`, else `test`
+    split); empty disables evaluation unless --eval-ratio is set."""
+    eval_ratio: float = 0.0
+    """Without --eval-data: hold out this fraction of the training rows (at least 1) for evaluation, chosen
+    by --seed, the same at every world size. 0: no held-out set."""
+    data_format: Literal["auto", "llava", "messages"] = "auto"
+    """Row layout: `auto` tells it per file from the first rows' keys (`conversations`: llava, `messages`:
+    messages)."""
     image_folder: str = ""
-    """Folder that relative image paths in the data are resolved against (default: the data file's folder)."""
+    """Folder that relative image paths in the data are resolved against (default: the data file's folder,
+    a dataset folder itself, or the working directory for a hub dataset)."""
     max_seq_length: int = 2048
     """Longest token sequence, image tokens included."""
     truncation: Literal["drop", "right"] = "drop"
@@ -57,6 +69,14 @@ class DataArgs:
     """Batch rows of similar length (sorted within mega-batches of 50 steps) to cut padding."""
     system_prompt: str = "You are a helpful assistant."
     """System prompt used when a conversation has none (Qwen's default)."""
+    min_pixels: int | None = None
+    """Smallest area (pixels) an image or video frame is resized to (default: the checkpoint's preprocessor
+    config). Exported with the image processor."""
+    max_pixels: int | None = None
+    """Largest area (pixels) an image or video frame is resized to: fewer pixels, fewer vision tokens (default:
+    the checkpoint's preprocessor config). Exported with the image processor."""
+    max_images_per_sample: int = 0
+    """Rows with more images are bad rows (see --skip-bad-rows); videos do not count. 0: no limit."""
     dataloader_num_workers: int = 1
     """Worker processes that load images and tokenise per rank."""
 
@@ -122,6 +142,16 @@ class TrainArgs:
     """Also evaluate before the first step, as a baseline."""
     save_steps: int = 500
     """Write a sharded checkpoint every this many optimizer steps; 0 disables."""
+    save_total_limit: int = 0
+    """Keep only the newest this many checkpoints (the one of the best eval loss is always kept); 0 keeps all."""
+    resume_from_checkpoint: str = ""
+    """`auto`: continue from the newest complete checkpoint in --output-dir (a fresh start when there is none);
+    or the path of a `checkpoint-<step>` folder."""
+    allow_dtype_change: bool = False
+    """Resume even when the checkpoint's parameters or optimizer state were saved in other dtypes than this
+    run configures (they are cast on load)."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient norm are skipped (no update); stop after this many in a row."""
     load_best_model_at_end: bool = True
     """Export the weights of the lowest eval loss as `final` (they are always exported as `best`)."""
     seed: int = 42
@@ -176,12 +206,21 @@ def validate(cfg: Config) -> None:
     if looks_local or os.path.exists(path):
         need(os.path.isfile(os.path.join(m.model_name_or_path, "config.json")),
              f"--model-name-or-path {m.model_name_or_path}: no config.json there; give a Hugging Face model folder")
-    need(bool(d.train_data), "--train-data is required: a LLaVA-style .json or .jsonl file")
+    need(bool(d.train_data), "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
     for flag, path in (("--train-data", d.train_data), ("--eval-data", d.eval_data)):
-        need(not path or os.path.isfile(path), f"{flag} {path}: file not found")
+        problem = source_problem(path) if path else None
+        need(problem is None, f"{flag} {path}: {problem}")
+    need(0 <= d.eval_ratio < 1, "--eval-ratio must be in [0, 1)")
+    need(not (d.eval_ratio > 0 and d.eval_data),
+         "--eval-ratio holds out training rows instead of --eval-data; give one of the two")
     need(not d.image_folder or os.path.isdir(d.image_folder), f"--image-folder {d.image_folder}: folder not found")
     need(d.max_seq_length > 0, "--max-seq-length must be positive")
     need(d.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
+    need(d.min_pixels is None or d.min_pixels > 0, "--min-pixels must be positive")
+    need(d.max_pixels is None or d.max_pixels > 0, "--max-pixels must be positive")
+    need(d.min_pixels is None or d.max_pixels is None or d.min_pixels <= d.max_pixels,
+         f"--min-pixels {d.min_pixels} is above --max-pixels {d.max_pixels}; give --min-pixels <= --max-pixels")
+    need(d.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
     need(o.learning_rate > 0, "--learning-rate must be positive")
     need(o.weight_decay >= 0, "--weight-decay must be 0 or more")
     need(o.vision_lr is None or o.vision_lr > 0, "--vision-lr must be positive")
@@ -197,6 +236,11 @@ def validate(cfg: Config) -> None:
     need(t.logging_steps > 0, "--logging-steps must be positive")
     need(t.eval_steps > 0, "--eval-steps must be positive")
     need(t.save_steps >= 0, "--save-steps must be 0 (off) or positive")
+    need(t.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
+    need(t.max_bad_steps > 0, "--max-bad-steps must be positive")
+    resume = t.resume_from_checkpoint
+    need(resume in ("", "auto") or os.path.isdir(resume),
+         f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")
     need(bool(t.output_dir), "--output-dir is required")
     need(not os.path.isfile(t.output_dir), f"--output-dir {t.output_dir}: is a file; give a folder")
     parse_size(t.max_shard_size)

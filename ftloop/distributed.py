@@ -49,15 +49,26 @@ def init_distributed() -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After torchrun --max-restarts restarts the workers, they meet in the agent's key-value store,
+            # which still holds the previous attempt's process-group addresses under the same keys: gloo then
+            # dials dead peers. A key prefix per attempt keeps the attempts apart.
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                        is_master=False)
+            kwargs["store"] = dist.PrefixStore(f"ftloop/attempt-{restart}", agent_store)
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     quiet_library_chatter(rank)
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
 def quiet_library_chatter(rank: int) -> None:
-    """Rank 0 speaks for the run; the other ranks keep only errors. Everywhere, drop FSDP1's notice that
-    its state-dict API is deprecated in favour of FSDP2's: ftloop is FSDP1 by design."""
+    """Rank 0 speaks for the run; the other ranks keep only errors. Everywhere, drop FSDP1's notices that its
+    state-dict API and ShardedTensor are deprecated in favour of FSDP2's DTensor: ftloop is FSDP1 by design;
+    and gloo's note that a CPU process group also registers other backends."""
     warnings.filterwarnings("ignore", message=r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\)")
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
+    warnings.filterwarnings("ignore", message=r"Multiple backends are registered with this ProcessGroup")
     if rank != 0:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -8,10 +8,9 @@ is the same however the global batch is split across processes and micro-batches
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,70 +19,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ftloop.config import Config, ConfigError, parse_args, validate
 from ftloop.data.formats import DataError
 from ftloop.data.loaders import build_eval_loader, build_train_loader
+from ftloop.data.vision import load_image_processor
 from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, print0
-from ftloop.fsdp.checkpoint import save_checkpoint
+from ftloop.fsdp.checkpoint import (check_model_config, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                    read_trainer_state, resolve_resume, save_checkpoint)
 from ftloop.fsdp.export import export_model
+from ftloop.hf_folder import copy_export, save_model_files
 from ftloop.fsdp.wrap import wrap_fsdp
 from ftloop.metrics import MetricsLogger
 from ftloop.model import (WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
                           load_source_state, wrapped_layer_classes)
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def supervised_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def count_step_tokens(micro_batches: list[dict], d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-    """(supervised tokens, [real tokens, padded positions]) of one optimizer step on all ranks. The first (at
-    least 1) is the loss denominator. They stay on the device: reading them would stall every step."""
-    counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
-                             sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                             sum(b["attention_mask"].numel() for b in micro_batches)], d.device)
-    return counts[0].clamp(min=1).float(), counts[1:]
-
-
-def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Forward and backward over this rank's micro-batches; returns the rank's summed token loss."""
-    loss_sum = torch.zeros((), device=d.device)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
-        with contextlib.nullcontext() if last else model.no_sync():
-            micro_loss, _ = model(**to_device(batch, d.device))
-            # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
-            (micro_loss * (d.world_size / step_targets)).backward()
-        loss_sum += micro_loss.detach()
-    return loss_sum
-
-
-@torch.no_grad()
-def evaluate(model, loader, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy over the whole eval set, all ranks together."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in loader:
-        loss_sum, count = model(**to_device(batch, device))
-        totals += torch.stack([loss_sum.double(), count.double()])
-    model.train()
-    totals = all_reduce_sum(totals, device)
-    return float(totals[0] / totals[1].clamp(min=1))
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+from ftloop.signals import StopRequest, Stopped
+from ftloop.steps import accumulate_gradients, count_step_tokens, evaluate, peak_memory_gib
 
 
 @dataclass
@@ -104,7 +58,7 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     torch.manual_seed(t.seed)
     hf_config = load_config(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    image_processor = AutoImageProcessor.from_pretrained(src)
+    image_processor = load_image_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)  # --min/max-pixels
 
     # Data before the model: a bad row should stop the run before minutes go into loading weights.
     pin = d.device.type == "cuda"
@@ -126,8 +80,20 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps)
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+
+def poison_gradients_for_tests(model, step: int) -> None:
+    """Fault injection for the tests: a NaN gradient at the steps listed in FTLOOP_TEST_NONFINITE_STEPS."""
+    steps = os.environ.get("FTLOOP_TEST_NONFINITE_STEPS", "")
+    if str(step) in steps.split(","):
+        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+
+
 def run(cfg: Config, d: Dist) -> dict:
     t = cfg.train
+    stop = StopRequest()  # from the start: a preemption while loading still ends in a clean save
     s = prepare(cfg, d)
     model, sampler, total_steps = s.model, s.sampler, s.total_steps
     optimizer = build_optimizer(model, cfg.optim, d.device)
@@ -140,13 +106,54 @@ def run(cfg: Config, d: Dist) -> dict:
     print0(f"ftloop: {d.world_size} process(es) on {d.device.type} ({d.backend}), ~{n_params / 1e6:.1f}M "
            f"parameters, {sampler.num_rows} train rows, {total_steps} steps of {sampler.global_batch} "
            f"sequences, warmup {warmup}")
+    src = cfg.model.model_name_or_path
+    source_dir = src if os.path.isdir(src) else None
 
     def export(name: str) -> None:
-        src = cfg.model.model_name_or_path
         export_model(model, os.path.join(t.output_dir, name), s.hf_config, s.tokenizer, s.image_processor,
-                     t.save_dtype, t.max_shard_size, src if os.path.isdir(src) else None)
+                     t.save_dtype, t.max_shard_size, source_dir)
 
+    # What a checkpoint must bring back for the run to continue exactly where it was.
+    step, bad_steps, last_saved = 0, 0, None
+    tokens_seen = torch.zeros(2, dtype=torch.float64, device=d.device)  # real tokens, padded positions
     best = {"eval_loss": math.inf, "step": None, "shards": None}
+    resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir, d.is_main)
+    if resume_from:
+        saved = read_trainer_state(resume_from)
+        check_model_config(resume_from, s.hf_config)
+        if saved["sampler"]["num_rows"] != sampler.num_rows or saved["sampler"]["seed"] != t.seed:
+            raise ConfigError(f"--resume-from-checkpoint {resume_from}: the training rows or --seed changed "
+                              f"({saved['sampler']['num_rows']} rows then, {sampler.num_rows} now), so the data "
+                              "order cannot continue; resume with the same data and seed, or start afresh")
+        started = time.perf_counter()
+        load_checkpoint(model, optimizer, resume_from, saved, t.allow_dtype_change)
+        scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler sets the lr of the next step; loading its state does not
+        sampler.load_state_dict(saved["sampler"])
+        step = last_saved = saved["step"]
+        bad_steps = saved["bad_steps_in_a_row"]
+        tokens_seen.copy_(torch.tensor(saved["tokens_seen"], dtype=torch.float64))
+        best.update(eval_loss=saved["best_eval_loss"], step=saved["best_step"])
+        print0(f"resumed from {resume_from} at step {step} (epoch {sampler.epoch}, row {sampler.position}) "
+               f"in {time.perf_counter() - started:.1f}s")
+
+    def save(step: int) -> str:
+        nonlocal last_saved
+        path = os.path.join(t.output_dir, f"checkpoint-{step}")
+        if last_saved == step:
+            return path
+        started = time.perf_counter()
+        state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                 "tokens_seen": tokens_seen.tolist(), "best_eval_loss": best["eval_loss"],
+                 "best_step": best["step"], "bad_steps_in_a_row": bad_steps}
+        save_checkpoint(model, optimizer, path, state, cfg.to_dict(), lambda folder: save_model_files(
+            folder, s.hf_config, s.tokenizer, s.image_processor, source_dir))
+        if d.is_main and t.save_total_limit:
+            prune_checkpoints(t.output_dir, t.save_total_limit, protected_step=best["step"])
+        logger.log(step, {"checkpoint_save_s": time.perf_counter() - started})
+        last_saved = step
+        return path
 
     def run_eval(step: int) -> None:
         if s.eval_loader is None:
@@ -162,51 +169,67 @@ def run(cfg: Config, d: Dist) -> dict:
         logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best["eval_loss"], "best_step": best["step"]})
         print0(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
 
-    if t.eval_on_start:
+    if t.eval_on_start and step == 0:
         run_eval(0)
 
-    epoch, step = 0, 0
-    tokens_seen = torch.zeros(2, dtype=torch.float64, device=d.device)  # real tokens, padded positions
     batches = iter(s.train_loader)
 
     def next_micro_batch() -> dict:
-        nonlocal epoch, batches
+        nonlocal batches
         try:
             return next(batches)
         except StopIteration:  # end of epoch: a new seeded permutation
-            epoch += 1
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(sampler.epoch + 1)
             batches = iter(s.train_loader)
             return next(batches)
 
     model.train()
-    progress = tqdm(total=total_steps, disable=not d.is_main, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     # Sums over the steps since the last log line; read on the host only when logged.
     window = {"loss": torch.zeros((), device=d.device), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
               "start": time.perf_counter()}
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
-        step_targets, step_tokens = count_step_tokens(micro_batches, d)
+        step_targets, step_tokens, stop_votes = count_step_tokens(micro_batches, d, stop.requested)
         loss_sum = accumulate_gradients(model, micro_batches, step_targets, d)
+        poison_gradients_for_tests(model, step + 1)
         grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf)  # the global norm, logged
-        optimizer.step()
+        # One host sync per step: whether to update and whether to stop must be the same on every rank.
+        grad_norm_value, stop_votes = torch.stack([grad_norm.double(), stop_votes.double()]).tolist()
+        finite = math.isfinite(grad_norm_value)
+        if finite:
+            optimizer.step()
+        bad_steps = 0 if finite else bad_steps + 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        sampler.advance()
         tokens_seen += step_tokens
-        # This rank's share of the step's mean loss; summed over ranks only when logged.
-        window["loss"] += loss_sum / step_targets
-        window["tokens"] += step_tokens
-        window["steps"] += 1
         progress.update(1)
+        if not finite:  # skipped: no update, optimizer state untouched; the data and the schedule move on
+            logger.log(step, {"skipped_nonfinite_step": True, "grad_norm": grad_norm_value,
+                              "bad_steps_in_a_row": bad_steps})
+            print0(f"step {step}: non-finite loss or gradient norm ({grad_norm_value}); step skipped "
+                   f"({bad_steps} in a row, --max-bad-steps {t.max_bad_steps})")
+            if bad_steps >= t.max_bad_steps:
+                kept = latest_checkpoint(t.output_dir)
+                raise TrainingError(f"{bad_steps} non-finite steps in a row (up to step {step}); the last good "
+                                    f"checkpoint is {kept or 'none (--save-steps)'}; lower --learning-rate, check "
+                                    "the data, or raise --max-bad-steps")
+        else:
+            # This rank's share of the step's mean loss; summed over ranks only when logged.
+            window["loss"] += loss_sum / step_targets
+            window["tokens"] += step_tokens
+            window["steps"] += 1
 
-        if step % t.logging_steps == 0 or step == total_steps:
+        if (step % t.logging_steps == 0 or step == total_steps) and window["steps"]:
             elapsed = time.perf_counter() - window["start"]
             record = {"loss": float(all_reduce_sum(window["loss"].view(1), d.device)) / window["steps"],
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_value,
                       "tokens_per_s": float(window["tokens"][0]) / elapsed, "step_time_s": elapsed / window["steps"],
                       "padding_ratio": 1 - float(window["tokens"][0] / window["tokens"][1]),
-                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch, "tokens_seen": int(tokens_seen[0])}
+                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch,
+                      "tokens_seen": int(tokens_seen[0])}
             logger.log(step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window = {"loss": torch.zeros_like(window["loss"]), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
@@ -214,16 +237,30 @@ def run(cfg: Config, d: Dist) -> dict:
         if step % t.eval_steps == 0 or step == total_steps:
             run_eval(step)
         if t.save_steps and step % t.save_steps == 0 and step < total_steps:
-            save_checkpoint(model, optimizer, scheduler, step, os.path.join(t.output_dir, f"checkpoint-{step}"))
+            save(step)
+        if stop_votes and step < total_steps:
+            progress.close()
+            path = save(step)
+            logger.close()
+            raise Stopped(stop.signum or signal.SIGTERM, step, path)
     progress.close()
+    stop.restore()
 
-    if t.load_best_model_at_end and best["shards"] is not None and best["step"] != step:
-        with torch.no_grad():
-            for param, saved in zip(model.parameters(), best["shards"]):
-                param.copy_(saved.to(param.device))
-        print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f})")
-    export("final")
-    print0(f"exported {os.path.join(t.output_dir, 'final')}")
+    final = os.path.join(t.output_dir, "final")
+    if t.load_best_model_at_end and best["step"] is not None and best["step"] != step:
+        if best["shards"] is not None:
+            with torch.no_grad():
+                for param, saved_shard in zip(model.parameters(), best["shards"]):
+                    param.copy_(saved_shard.to(param.device))
+            print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f})")
+            export("final")
+        else:  # found before a resume: the `best` export holds them
+            copy_export(os.path.join(t.output_dir, "best"), final) if d.is_main else None
+            dist.barrier()
+            print0(f"final = the best weights (step {best['step']}, eval_loss {best['eval_loss']:.4f}), from best/")
+    else:
+        export("final")
+    print0(f"exported {final}")
     logger.close()
     return {"steps": step, "best_eval_loss": best["eval_loss"], "best_step": best["step"]}
 
@@ -237,6 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     d = init_distributed()
     try:
         run(cfg, d)
+    except Stopped as stopped:
+        print0(f"ftloop: {stopped}", file=sys.stderr)
+        dist.destroy_process_group()
+        raise SystemExit(stopped.exit_code) from None
+    except TrainingError as err:
+        print0(f"\nftloop: error: {err}", file=sys.stderr)
+        dist.destroy_process_group()
+        raise SystemExit(1) from None
     except (ConfigError, DataError) as err:
         # Every rank reads the same files and flags, so every rank stops here with the same message. An
         # error raised in a data-loader worker arrives wrapped in the worker's traceback: keep its last line.

@@ -29,7 +29,7 @@ def main() -> None:
 
     batches = iter(s.train_loader)
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-    targets, _ = count_step_tokens(micro_batches, d)
+    targets, *_ = count_step_tokens(micro_batches, d)
     loss_sum = accumulate_gradients(model, micro_batches, targets, d)
     loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / float(targets)
     facts = {

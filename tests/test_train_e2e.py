@@ -55,8 +55,12 @@ def test_metrics_record_every_logged_and_eval_step(fp32_run):
 def test_sharded_checkpoint_written_by_every_rank(fp32_run):
     checkpoint = fp32_run[0] / "checkpoint-2"
     names = set(os.listdir(checkpoint))
-    assert {"__0_0.distcp", "__1_0.distcp", "trainer_state.pt", ".metadata"} <= names
-    assert torch.load(checkpoint / "trainer_state.pt")["step"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", "trainer_state.json", "run_config.json", ".metadata", ".complete",
+            "rng", "hf"} <= names
+    state = json.load(open(checkpoint / "trainer_state.json"))
+    assert state["step"] == 2 and state["world_size"] == 2 and state["sampler"]["position"] == 8
+    assert state["dtypes"] == {"parameters": ["float32"], "optimizer_state": ["float32"]}
+    assert sorted(os.listdir(checkpoint / "rng")) == ["rank-0.pt", "rank-1.pt"]
 
 
 def test_export_is_a_sharded_hf_folder(fp32_run):

@@ -1,27 +1,227 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint: each rank writes its own shards."""
+"""Sharded training checkpoints that a crash cannot corrupt, and resuming from them.
+
+`output_dir/checkpoint-<step>` holds, written with torch.distributed.checkpoint (DCP) from FSDP's sharded
+state dicts, so that every rank writes its own shards and nobody gathers the model:
+  - `model` and `optimizer` (ftloop's Adafactor keys its state, factored statistics included, by original
+    parameter name; DCP reshards both when the world size changes),
+  - `rng/rank-<r>.pt`: python and torch (and CUDA) generator states of each rank,
+  - `trainer_state.json`: step, scheduler, sampler position, tokens seen, best eval record, the dtypes the
+    tensors were saved in, the world size,
+  - `run_config.json`: the configuration of the run that wrote it,
+  - `hf/`: the model config, tokenizer and image processor (enough for `python -m ftloop.export`).
+
+Atomic: everything is written under `checkpoint-<step>.tmp`; when every rank has finished, rank 0 writes the
+`.complete` marker last and renames the folder. A kill at any moment leaves either the previous checkpoints
+untouched or a `.tmp` folder, which resume never picks.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
+import shutil
+import time
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
 
+from ftloop.config import ConfigError
 
-def save_checkpoint(model: FSDP, optimizer: torch.optim.Optimizer, scheduler, step: int, path: str) -> None:
-    """Model and optimizer as FSDP sharded state dicts, plus schedule and step. Collective."""
-    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
-        model_state = model.state_dict()
-        # ftloop's Adafactor keys its state by original parameter (factored statistics included); other
-        # optimizers go through FSDP's own conversion of flat-parameter state.
-        if hasattr(optimizer, "sharded_state_dict"):
-            optimizer_state = optimizer.sharded_state_dict()
-        else:
-            optimizer_state = FSDP.optim_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.save(state, checkpoint_id=path)
-    if dist.get_rank() == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, os.path.join(path, "trainer_state.pt"))
+COMPLETE_MARKER = ".complete"
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.json"
+MODEL_FILES = "hf"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Fault injection for the tests: seconds to sleep after this rank wrote its shards, before the rename.
+PAUSE_ENV = "FTLOOP_TEST_SAVE_PAUSE_S"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every finished checkpoint in output_dir, oldest first."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = CHECKPOINT_NAME.match(name)
+            path = os.path.join(output_dir, name)
+            if match and is_complete(path):
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def remove_incomplete(output_dir: str) -> list[str]:
+    """Delete the leftovers of saves that never finished (rank 0, before training starts)."""
+    removed = []
+    if os.path.isdir(output_dir):
+        for name in sorted(os.listdir(output_dir)):
+            path = os.path.join(output_dir, name)
+            leftover = name.startswith("checkpoint-") and (".tmp" in name or ".old" in name)
+            if leftover or (CHECKPOINT_NAME.match(name) and not is_complete(path)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def prune_checkpoints(output_dir: str, keep: int, protected_step: int | None) -> list[str]:
+    """Delete all but the newest `keep` checkpoints, never the one written at `protected_step` (the best)."""
+    found = complete_checkpoints(output_dir)
+    doomed = [path for step, path in found[:-keep] if step != protected_step] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def _dtypes(state) -> list[str]:
+    """The floating dtypes found anywhere in a (nested) state dict."""
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return sorted({dtype for value in state for dtype in _dtypes(value)})
+    return [str(state.dtype).removeprefix("torch.")] if torch.is_tensor(state) and state.is_floating_point() else []
+
+
+def _optimizer_state(model: FSDP, optimizer, template: bool) -> dict:
+    # ftloop's Adafactor knows its sharded form; other optimizers (AdamW) go through torch's helper, which
+    # converts FSDP's flat-parameter state and creates empty state to load into.
+    if hasattr(optimizer, "sharded_state_dict"):
+        return optimizer.sharded_state_template() if template else optimizer.sharded_state_dict()
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_config: dict,
+                    write_model_files) -> None:
+    """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
+    the config, tokenizer and image processor on rank 0."""
+    rank, tmp = dist.get_rank(), path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=False)}
+    dcp.save(state, checkpoint_id=tmp)
+    device = next(model.parameters()).device
+    torch.save(_rng_state(device), os.path.join(tmp, "rng", f"rank-{rank}.pt"))
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
+    dtypes = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        record = dict(trainer_state, dtypes=dtypes, world_size=dist.get_world_size())
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            json.dump(record, f, indent=1)
+        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+            json.dump(run_config, f, indent=1)
+        write_model_files(os.path.join(tmp, MODEL_FILES))
+        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+            f.write(f"{trainer_state.get('step')}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(path):  # an older run's checkpoint of the same step: replace it whole
+            os.rename(path, path + ".old")
+            shutil.rmtree(path + ".old")
+        os.rename(tmp, path)
+    dist.barrier()
+
+
+def read_trainer_state(path: str) -> dict:
+    if not is_complete(path):
+        raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no {COMPLETE_MARKER} "
+                          "marker: its save never finished); use an earlier one, or `auto`")
+    with open(os.path.join(path, TRAINER_STATE)) as f:
+        return json.load(f)
+
+
+IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "use_cache", "dtype", "torch_dtype",
+                       "architectures", "auto_map", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if key in IGNORED_CONFIG_KEYS:
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_model_config(path: str, hf_config) -> None:
+    """Refuse a checkpoint of another model: its saved config must match the one being trained."""
+    with open(os.path.join(path, MODEL_FILES, "config.json")) as f:
+        saved = _flatten(json.load(f))
+    current = _flatten(json.loads(hf_config.to_json_string()))
+    differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)} saved, {current.get(k)} now" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ConfigError(f"--resume-from-checkpoint {path}: it was written for another model ({shown}{more}); "
+                          "resume with the --model-name-or-path it was trained from")
+
+
+def _check_dtypes(path: str, saved: dict, live: dict, allow: bool) -> None:
+    differ = [f"{what} saved as {'/'.join(saved[what])}, this run configures {'/'.join(live[what])}"
+              for what in ("parameters", "optimizer_state") if saved.get(what) != live[what]]
+    if differ and not allow:
+        raise ConfigError(f"--resume-from-checkpoint {path}: " + "; ".join(differ) +
+                          " (--param-dtype); set them back, or pass --allow-dtype-change to cast on load")
+
+
+def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_dtype_change: bool) -> None:
+    """Load model and optimizer shards (resharded to this world size) and this rank's RNG. Collective."""
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=True)}
+        live = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
+        _check_dtypes(path, saved_state["dtypes"], live, allow_dtype_change)
+        dcp.load(state, checkpoint_id=path)
+        model.load_state_dict(state["model"])
+    if hasattr(optimizer, "load_sharded_state_dict"):
+        optimizer.load_sharded_state_dict(state["optimizer"])
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rank, saved_world = dist.get_rank(), saved_state["world_size"]
+    # At another world size, rank r continues the generator of saved rank r mod W (the streams of dropout
+    # masks cannot be resharded; only the same world size resumes bit for bit).
+    rng = torch.load(os.path.join(path, "rng", f"rank-{rank % saved_world}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def resolve_resume(flag: str, output_dir: str, is_main: bool) -> str | None:
+    """The checkpoint --resume-from-checkpoint names (`auto`: the newest complete one, or None). Collective."""
+    if is_main:  # leftovers of interrupted saves are never resumed from; clear them
+        for path in remove_incomplete(output_dir):
+            print(f"removed {path}: its save never finished", flush=True)
+    dist.barrier()
+    if flag != "auto":
+        return flag or None
+    path = latest_checkpoint(output_dir)
+    if is_main:
+        print(f"--resume-from-checkpoint auto: {path or f'no checkpoint in {output_dir}, starting afresh'}",
+              flush=True)
+    return path

@@ -1,0 +1,67 @@
+"""One optimizer step's arithmetic and the evaluation pass, shared by the loop and the tests.
+
+The loss of a step is the sum of token cross-entropies divided by the number of supervised tokens of the
+whole step on all ranks, so the gradient is the same however the global batch is split across processes and
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+import torch
+
+from ftloop.distributed import Dist, all_reduce_sum
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def count_step_tokens(micro_batches: list[dict], d: Dist, stop_requested: bool = False):
+    """(supervised tokens, [real tokens, padded positions], ranks asking to stop) of one optimizer step on all
+    ranks, in one all-reduce. The first (at least 1) is the loss denominator. They stay on the device: reading
+    them here would stall every step."""
+    counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
+                             sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                             sum(b["attention_mask"].numel() for b in micro_batches), float(stop_requested)],
+                            d.device)
+    return counts[0].clamp(min=1).float(), counts[1:3], counts[3]
+
+
+def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches; returns the rank's summed token loss."""
+    loss_sum = torch.zeros((), device=d.device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
+        with contextlib.nullcontext() if last else model.no_sync():
+            micro_loss, _ = model(**to_device(batch, d.device))
+            # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
+            (micro_loss * (d.world_size / step_targets)).backward()
+        loss_sum += micro_loss.detach()
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device) -> float:
+    """Token-weighted mean cross-entropy over the whole eval set, all ranks together."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        loss_sum, count = model(**to_device(batch, device))
+        totals += torch.stack([loss_sum.double(), count.double()])
+    model.train()
+    totals = all_reduce_sum(totals, device)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

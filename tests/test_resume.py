@@ -1,0 +1,195 @@
+"""Checkpoints that survive anything: exact resume after SIGTERM (torchrun restarts the job), resume at another
+world size, atomic saves under SIGKILL, non-finite steps skipped, and refusals of mismatched checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint
+from launch import REPO, check, env, python_m, torchrun, train_flags
+
+# Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
+# grouping (on by default) make the data position part of it.
+RUN = ["--max-steps", "8", "--gradient-accumulation-steps", "2", "--logging-steps", "1", "--eval-steps", "4",
+       "--learning-rate", "1e-3", "--warmup-ratio", "0.25", "--lr-scheduler-type", "cosine", "--no-bf16",
+       "--save-dtype", "fp32"]
+
+
+def flags(bundle, out, *extra):
+    return train_flags(bundle, out, "--eval-data", bundle["eval_json"], *RUN, *extra)
+
+
+def losses(out, once: bool = True) -> dict:
+    """step -> logged training loss; `once`: each step was logged once, also across a stop and resume."""
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert not once or len(train) == len({s for s, _ in train}), "a step was logged twice"
+    return dict(train)  # the last record of a step wins
+
+
+def final_weights(out) -> dict:
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle, tmp_path_factory):
+    """8 uninterrupted steps on 2 processes, with a checkpoint at step 4."""
+    out = tmp_path_factory.mktemp("reference")
+    check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, out, "--save-steps", "4")]))
+    return out
+
+
+def worker_pid(out, local_rank: int) -> int | None:
+    """The pid of the ftloop.train worker of `local_rank` writing to `out` (found through /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and b"ftloop.train" in cmdline and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def launch_and_wait(command, out, until, timeout=120):
+    """Start `command`, poll until `until()` is true, return the running process."""
+    proc = subprocess.Popen(command, env=env() | {"PYTHONUNBUFFERED": "1"}, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not until():
+        assert proc.poll() is None, f"ended early: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+    return proc
+
+
+def logged_steps(out) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    return len(losses(out, once=False)) if os.path.exists(path) else 0
+
+
+def test_sigterm_saves_and_torchrun_restart_resumes_bit_identical(tiny_bundle, reference, tmp_path):
+    """SIGTERM reaches one rank mid-run: every rank stops after the same step, saves and exits 143; torchrun
+    --max-restarts starts them again, --resume-from-checkpoint auto continues, and the result is bit for bit
+    the uninterrupted run's."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", "1", "-m", "ftloop.train",
+               *flags(tiny_bundle, out, "--save-steps", "4", "--resume-from-checkpoint", "auto")]
+    proc = launch_and_wait(command, out, until=lambda: logged_steps(out) >= 2)
+    os.kill(worker_pid(out, 1), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-5000:]
+    assert "stopped by SIGTERM after step" in stderr
+    stopped_at = int(stderr.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 2 <= stopped_at < 8
+    assert f"resumed from {out}/checkpoint-{stopped_at} at step {stopped_at}" in stdout
+    assert losses(out) == losses(reference)  # every step's loss, before and after the restart
+    expected, got = final_weights(reference), final_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_at_another_world_size_and_save_total_limit(tiny_bundle, reference, tmp_path):
+    """The 2-process checkpoint of step 4 continues on 1 process (4 micro-batches per step: the same global
+    batch): same rows in the same steps, so the same losses up to float summation order. Checkpoints beyond
+    --save-total-limit are deleted, never the best one."""
+    out = tmp_path / "one_process"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-4", out / "checkpoint-4")
+    result = check(python_m("ftloop.train", flags(
+        tiny_bundle, out, "--gradient-accumulation-steps", "4", "--resume-from-checkpoint", "auto",
+        "--save-steps", "1", "--save-total-limit", "2")))
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    expected, got = losses(reference), losses(out)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert all(abs(got[s] - expected[s]) < 1e-5 * abs(expected[s]) for s in got)
+    ref_w, w = final_weights(reference), final_weights(out)
+    assert max(float((ref_w[k] - w[k]).abs().max()) for k in ref_w) < 1e-3
+    state = json.load(open(reference / "checkpoint-4" / "trainer_state.json"))
+    assert state["best_step"] == 4  # the eval at step 4 was the best so far: that checkpoint is protected
+    assert sorted(os.listdir(out), key=str) == sorted(["best", "checkpoint-4", "checkpoint-6", "checkpoint-7",
+                                                       "final", "metrics.jsonl"])
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint(tiny_bundle, reference, tmp_path):
+    out = tmp_path / "killed"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-4", out / "checkpoint-4")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ftloop.train", *flags(tiny_bundle, out, "--save-steps", "2", "--resume-from-checkpoint", "auto")]
+    saving = out / "checkpoint-6.tmp"
+    os.environ["FTLOOP_TEST_SAVE_PAUSE_S"] = "5"  # both ranks linger after writing their shards
+    try:
+        proc = launch_and_wait(command, out, until=lambda: (saving / "rng" / "rank-1.pt").exists())
+    finally:
+        del os.environ["FTLOOP_TEST_SAVE_PAUSE_S"]
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (out / "checkpoint-6").exists() and saving.exists() and not (saving / COMPLETE_MARKER).exists()
+    assert latest_checkpoint(str(out)) == str(out / "checkpoint-4")
+
+    result = check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, out, "--resume-from-checkpoint", "auto",
+                                                             "--save-steps", "0")]))
+    assert f"removed {saving}" in result.stdout
+    assert f"resumed from {out}/checkpoint-4 at step 4" in result.stdout
+    expected = {step: loss for step, loss in losses(reference).items() if step > 4}
+    assert losses(out, once=False) == expected  # steps 5-6 logged before the kill, then redone alike
+
+
+def checkpoint_tensors(path) -> dict:
+    target = str(path) + ".pt"
+    dcp_to_torch_save(str(path), target)
+    state = torch.load(target, weights_only=False)
+    return {f"{group}/{k}": v for group in ("model", "optimizer") for k, v in state[group].items()
+            if torch.is_tensor(v)}
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_bundle, tmp_path):
+    out = tmp_path / "nan"
+    result = python_m("ftloop.train", flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2"),
+                      extra_env={"FTLOOP_TEST_NONFINITE_STEPS": "3,5,6"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ftloop: error: 2 non-finite steps in a row (up to step 6)" in result.stderr
+    assert f"last good checkpoint is {out}/checkpoint-5" in result.stderr  # saved after 4, nothing applied since
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if r.get("skipped_nonfinite_step")] == [3, 5, 6]
+    before, skipped, after = (checkpoint_tensors(out / f"checkpoint-{s}") for s in (2, 3, 4))
+    assert before.keys() == skipped.keys()
+    assert all(torch.equal(before[k], skipped[k]) for k in before)  # no update, optimizer state untouched
+    assert not torch.equal(skipped["optimizer/step"], after["optimizer/step"])  # step 4 trained again
+    assert any(not torch.equal(skipped[k], after[k]) for k in skipped if k.startswith("model/"))
+
+
+def test_mismatched_checkpoints_are_refused(tiny_bundle, reference, tmp_path):
+    out = tmp_path / "refused"
+    checkpoint = str(reference / "checkpoint-4")
+    result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", checkpoint,
+                                            "--param-dtype", "bf16"))
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"ftloop: error: --resume-from-checkpoint {checkpoint}: parameters saved as float32, "
+                            "this run configures bfloat16") and "--allow-dtype-change" in error
+
+    result = check(python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", checkpoint,
+                                                  "--param-dtype", "bf16", "--allow-dtype-change", "--max-steps", "5")))
+    assert "at step 4" in result.stdout
+
+    other = tmp_path / "other-model"
+    shutil.copytree(checkpoint, other)
+    config = json.load(open(other / "hf" / "config.json"))
+    config["text_config"]["num_hidden_layers"] += 1
+    json.dump(config, open(other / "hf" / "config.json", "w"))
+    result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", str(other)))
+    assert result.returncode == 2
+    assert "written for another model (text_config.num_hidden_layers: " in result.stderr
