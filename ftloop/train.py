@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ftloop.config import Config, ConfigError, parse_args, validate
 from ftloop.data.formats import DataError
-from ftloop.data.loaders import build_eval_loader, build_train_loader
+from ftloop.data.loaders import build_loaders
 from ftloop.data.vision import load_image_processor
 from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, print0
 from ftloop.fsdp.checkpoint import (check_model_config, latest_checkpoint, load_checkpoint, prune_checkpoints,
@@ -62,9 +62,8 @@ def prepare(cfg: Config, d: Dist) -> Setup:
 
     # Data before the model: a bad row should stop the run before minutes go into loading weights.
     pin = d.device.type == "cuda"
-    train_loader, sampler = build_train_loader(cfg, tokenizer, image_processor, hf_config, d.world_size,
-                                               d.rank, pin)
-    eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, d.world_size, d.rank, pin)
+    train_loader, sampler, eval_loader = build_loaders(cfg, tokenizer, image_processor, hf_config,
+                                                       d.world_size, d.rank, pin)
     if sampler.steps_per_epoch == 0:
         raise ConfigError(f"--train-data has {sampler.num_rows} rows, fewer than one global batch of "
                           f"{sampler.global_batch} (processes x --per-device-train-batch-size x "

@@ -17,7 +17,7 @@ from ftloop.config import ConfigError, parse_args, validate
 from ftloop.data.formats import DataError, load_rows
 from ftloop.data.image_ref import ImageRef
 from ftloop.data.images import open_rgb
-from ftloop.data.loaders import hold_out, read_rows
+from ftloop.data.loaders import hold_out, read_sources
 from launch import check, python_m, train_flags
 from test_formats_messages import LLAVA, MESSAGES, TRL
 
@@ -218,9 +218,8 @@ def test_eval_ratio_reads_and_validates(tiny_bundle, tmp_path):
 
     cfg = config("--eval-ratio", "0.25", "--seed", "7")
     validate(cfg)
-    train, train_errors = read_rows(cfg, "train")
-    held, held_errors = read_rows(cfg, "eval")  # handed over by the train side
-    again, _ = read_rows(cfg, "eval")  # read afresh: the same rows
+    (train, train_errors), (held, held_errors) = read_sources(cfg)
+    _, (again, _) = read_sources(cfg)  # read afresh: the same rows
     assert (len(train), len(held)) == (12, 4) and train_errors == held_errors == []
     assert [r["row"] for r in held] == [r["row"] for r in again]
     assert sorted(r["row"] for r in train + held) == list(range(1, 17))

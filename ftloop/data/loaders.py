@@ -40,63 +40,67 @@ def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-_HELD_OUT: dict = {}  # rows build_train_loader held out, waiting for build_eval_loader
+Read = tuple[list[dict], list[str]]  # rows read without error, one line per row that could not be read
 
 
-def read_rows(cfg: Config, role: str) -> tuple[list[dict], list[str]]:
-    """(rows, reading errors) of --train-data (role "train") or of the eval set (role "eval": --eval-data,
-    or the rows --eval-ratio holds out of --train-data, whose reading errors the train side reports)."""
+def read_sources(cfg: Config) -> tuple[Read, Read | None]:
+    """(training rows, evaluation rows or None): --eval-data, or the rows --eval-ratio holds out of
+    --train-data (their reading errors are reported with the training rows)."""
     d = cfg.data
-    if role == "eval" and d.eval_data:
-        errors: list[str] = []
-        return load_rows(d.eval_data, d.image_folder, errors, d.data_format, "eval"), errors
-    key = (d.train_data, d.image_folder, d.data_format, d.eval_ratio, cfg.train.seed)
-    if role == "eval" and key in _HELD_OUT:
-        return _HELD_OUT.pop(key), []
-    errors = []
-    rows = load_rows(d.train_data, d.image_folder, errors, d.data_format, "train")
+    train, errors = _read(cfg, d.train_data, "train")
+    if d.eval_data:
+        return (train, errors), _read(cfg, d.eval_data, "eval")
     if d.eval_ratio <= 0:
-        return rows, errors
-    train, held = hold_out(rows, d.eval_ratio, cfg.train.seed)
-    if role == "eval":
-        return held, []
-    _HELD_OUT[key] = held
-    print0(f"{d.train_data}: --eval-ratio {d.eval_ratio}: {len(held)} of {len(rows)} rows held out for evaluation")
-    return train, errors
+        return (train, errors), None
+    kept, held = hold_out(train, d.eval_ratio, cfg.train.seed)
+    print0(f"{d.train_data}: --eval-ratio {d.eval_ratio}: {len(held)} of {len(train)} rows held out for evaluation")
+    return (kept, errors), (held, [])
 
 
-def check(cfg: Config, path: str, tokenizer, image_processor, role: str = "train") -> CheckedRows:
-    """Every row of `path` (as read_rows gives them for `role`) measured across the ranks; what was dropped
-    is said once."""
+def _read(cfg: Config, path: str, role: str) -> Read:
+    errors: list[str] = []
+    return load_rows(path, cfg.data.image_folder, errors, cfg.data.data_format, role), errors
+
+
+def check(cfg: Config, path: str, read: Read, tokenizer, image_processor) -> CheckedRows:
+    """Every row read from `path` measured across the ranks; what was dropped is said once."""
     d = cfg.data
     checked = checked_rows(path, d.image_folder, tokenizer, image_processor, d.system_prompt, d.max_seq_length,
-                           d.truncation, d.skip_bad_rows, d.max_images_per_sample, loaded=read_rows(cfg, role))
+                           d.truncation, d.skip_bad_rows, d.max_images_per_sample, loaded=read)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
                f"{checked.dropped_long} rows longer than --max-seq-length {d.max_seq_length}")
     return checked
 
 
-def build_train_loader(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
-                       pin: bool) -> tuple[DataLoader, StepBatchSampler]:
+def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
+                  pin: bool) -> tuple[DataLoader, StepBatchSampler, DataLoader | None]:
+    """(training loader, its sampler, evaluation loader or None), every row checked first."""
     d, t = cfg.data, cfg.train
-    checked = check(cfg, d.train_data, tokenizer, image_processor)
+    train_read, eval_read = read_sources(cfg)
+    checked = check(cfg, d.train_data, train_read, tokenizer, image_processor)
     dataset = SFTDataset(checked.rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt,
                          d.train_data)
     sampler = StepBatchSampler(len(checked.rows), world_size, rank, t.per_device_train_batch_size,
                                t.gradient_accumulation_steps, t.seed,
                                lengths=checked.lengths if d.group_by_length else None)
-    loader = _loader(dataset, sampler, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)
-    return loader, sampler
+    train_loader = _loader(dataset, sampler, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)
+    eval_loader = None
+    if eval_read is not None:
+        eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, world_size, rank, pin, eval_read)
+    return train_loader, sampler, eval_loader
 
 
 def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
-                      pin: bool) -> DataLoader | None:
+                      pin: bool, read: Read | None = None) -> DataLoader | None:
+    """The evaluation loader over `read` (default: the rows of --eval-data), or None."""
     d = cfg.data
-    if not d.eval_data and d.eval_ratio <= 0:
-        return None
+    if read is None:
+        if not d.eval_data:
+            return None
+        read = _read(cfg, d.eval_data, "eval")
     path = d.eval_data or d.train_data  # held-out rows keep their row numbers in --train-data
-    rows = check(cfg, path, tokenizer, image_processor, role="eval").rows
+    rows = check(cfg, path, read, tokenizer, image_processor).rows
     if not rows:
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None

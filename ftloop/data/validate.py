@@ -41,7 +41,7 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, syste
     """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
     row and all ranks exchange what they found, so they agree on the same rows. A row with more than
     `max_images` images (0: no limit) is a bad row. `loaded`: (rows, their reading errors) already read
-    from `path` (ftloop.data.loaders.read_rows), instead of reading it here."""
+    from `path` (ftloop.data.loaders.read_sources), instead of reading it here."""
     errors: list[str] = []
     if loaded is None:
         rows = load_rows(path, image_folder, errors=errors)
