@@ -18,9 +18,11 @@ class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing, so call sites need no rank checks."""
 
     def __init__(self, output_dir: str, enabled: bool, report_to: str, project: str, run_name: str,
-                 config: dict):
+                 config: dict, wandb_id: str | None = None):
+        """`wandb_id`: the wandb run a resumed run continues (recorded in its checkpoint)."""
         self.enabled = enabled
         self.wandb = None
+        self.wandb_id = wandb_id
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -35,7 +37,9 @@ class MetricsLogger:
                 print("wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline to "
                       f"{output_dir}/wandb; upload later with `wandb sync`", flush=True)
             self.wandb = wandb.init(project=project, name=run_name or os.path.basename(os.path.abspath(output_dir)),
-                                    dir=output_dir, config=config, mode=mode)
+                                    dir=output_dir, config=config, mode=mode, id=wandb_id,
+                                    resume="allow" if wandb_id else None)
+            self.wandb_id = self.wandb.id
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

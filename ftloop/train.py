@@ -26,8 +26,8 @@ from ftloop.data.formats import DataError
 from ftloop.data.loaders import build_loaders
 from ftloop.data.vision import load_image_processor
 from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, print0
-from ftloop.fsdp.checkpoint import (check_model_config, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                    read_trainer_state, resolve_resume, save_checkpoint)
+from ftloop.fsdp.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                    resolve_resume, save_checkpoint)
 from ftloop.fsdp.export import export_model
 from ftloop.hf_folder import copy_export, save_model_files
 from ftloop.fsdp.wrap import wrap_fsdp
@@ -51,6 +51,8 @@ class Setup:
     eval_loader: object
     model: FSDP
     total_steps: int
+    resume_from: str | None  # the checkpoint to continue from, checked against the model and data
+    saved: dict  # its trainer_state.json ({} for a fresh start)
 
 
 def prepare(cfg: Config, d: Dist) -> Setup:
@@ -69,6 +71,9 @@ def prepare(cfg: Config, d: Dist) -> Setup:
                           f"{sampler.global_batch} (processes x --per-device-train-batch-size x "
                           "--gradient-accumulation-steps)")
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    # A checkpoint of another model or other data is refused now, before loading weights.
+    resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir, d.is_main)
+    saved = check_resumable(resume_from, hf_config, sampler.num_rows, t.seed) if resume_from else {}
 
     # Rank 0 reads the checkpoint; every rank receives it unit by unit while FSDP wraps the skeleton.
     hf_model = build_meta_model(hf_config, cfg.model)
@@ -76,7 +81,8 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     if d.is_main:
         source = {WRAPPER_PREFIX + name: tensor for name, tensor in load_source_state(cfg.model).items()}
     model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, source, d.device)
-    return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps)
+    return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
+                 resume_from, saved)
 
 
 class TrainingError(RuntimeError):
@@ -98,8 +104,9 @@ def run(cfg: Config, d: Dist) -> dict:
     optimizer = build_optimizer(model, cfg.optim, d.device)
     warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
     scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
+    resume_from, saved = s.resume_from, s.saved
     logger = MetricsLogger(t.output_dir, d.is_main, t.report_to, t.wandb_project_name, t.run_name,
-                           cfg.to_dict())
+                           cfg.to_dict(), wandb_id=saved.get("wandb_run_id"))
     shards = 1 if cfg.fsdp.sharding_strategy == "NO_SHARD" else d.world_size
     n_params = sum(p.numel() for p in model.parameters()) * shards
     print0(f"ftloop: {d.world_size} process(es) on {d.device.type} ({d.backend}), ~{n_params / 1e6:.1f}M "
@@ -116,14 +123,7 @@ def run(cfg: Config, d: Dist) -> dict:
     step, bad_steps, last_saved = 0, 0, None
     tokens_seen = torch.zeros(2, dtype=torch.float64, device=d.device)  # real tokens, padded positions
     best = {"eval_loss": math.inf, "step": None, "shards": None}
-    resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir, d.is_main)
     if resume_from:
-        saved = read_trainer_state(resume_from)
-        check_model_config(resume_from, s.hf_config)
-        if saved["sampler"]["num_rows"] != sampler.num_rows or saved["sampler"]["seed"] != t.seed:
-            raise ConfigError(f"--resume-from-checkpoint {resume_from}: the training rows or --seed changed "
-                              f"({saved['sampler']['num_rows']} rows then, {sampler.num_rows} now), so the data "
-                              "order cannot continue; resume with the same data and seed, or start afresh")
         started = time.perf_counter()
         load_checkpoint(model, optimizer, resume_from, saved, t.allow_dtype_change)
         scheduler.load_state_dict(saved["scheduler"])
@@ -145,7 +145,7 @@ def run(cfg: Config, d: Dist) -> dict:
         started = time.perf_counter()
         state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
                  "tokens_seen": tokens_seen.tolist(), "best_eval_loss": best["eval_loss"],
-                 "best_step": best["step"], "bad_steps_in_a_row": bad_steps}
+                 "best_step": best["step"], "bad_steps_in_a_row": bad_steps, "wandb_run_id": logger.wandb_id}
         save_checkpoint(model, optimizer, path, state, cfg.to_dict(), lambda folder: save_model_files(
             folder, s.hf_config, s.tokenizer, s.image_processor, source_dir))
         if d.is_main and t.save_total_limit:

@@ -185,6 +185,10 @@ def test_mismatched_checkpoints_are_refused(tiny_bundle, reference, tmp_path):
                                                   "--param-dtype", "bf16", "--allow-dtype-change", "--max-steps", "5")))
     assert "at step 4" in result.stdout
 
+    result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", checkpoint, "--seed", "1"))
+    assert result.returncode == 2 and "the training rows or --seed changed" in result.stderr
+    assert "Loading weights" not in result.stderr  # refused before the model is loaded
+
     other = tmp_path / "other-model"
     shutil.copytree(checkpoint, other)
     config = json.load(open(other / "hf" / "config.json"))

@@ -181,6 +181,19 @@ def check_model_config(path: str, hf_config) -> None:
                           "resume with the --model-name-or-path it was trained from")
 
 
+def check_resumable(path: str, hf_config, num_rows: int, seed: int) -> dict:
+    """The trainer state of checkpoint `path`, after checking it was written for this model and these rows:
+    the data order continues from a row position, which only means something for the same rows and seed."""
+    saved = read_trainer_state(path)
+    check_model_config(path, hf_config)
+    sampler = saved["sampler"]
+    if sampler["num_rows"] != num_rows or sampler["seed"] != seed:
+        raise ConfigError(f"--resume-from-checkpoint {path}: the training rows or --seed changed ({sampler['num_rows']} "
+                          f"rows and seed {sampler['seed']} then, {num_rows} and {seed} now), so the data order "
+                          "cannot continue; resume with the same data and seed, or start afresh")
+    return saved
+
+
 def _check_dtypes(path: str, saved: dict, live: dict, allow: bool) -> None:
     differ = [f"{what} saved as {'/'.join(saved[what])}, this run configures {'/'.join(live[what])}"
               for what in ("parameters", "optimizer_state") if saved.get(what) != live[what]]
