@@ -190,11 +190,18 @@ def run(cfg: Config, d: Dist) -> dict:
     while step < total_steps:
         micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
         step_targets, step_tokens, stop_votes = count_step_tokens(micro_batches, d, stop.requested)
+        # A rank signalled during the last step: every rank stops after that step. Reading the vote waits for
+        # the last step to end on the device: one small stall per step, the price of stopping exactly there.
+        if stop_votes.item():
+            progress.close()
+            path = save(step)
+            logger.close()
+            raise Stopped(stop.signum or signal.SIGTERM, step, path)  # these micro-batches count as unread
         loss_sum = accumulate_gradients(model, micro_batches, step_targets, d)
         poison_gradients_for_tests(model, step + 1)
         grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf)  # the global norm, logged
-        # One host sync per step: whether to update and whether to stop must be the same on every rank.
-        grad_norm_value, stop_votes = torch.stack([grad_norm.double(), stop_votes.double()]).tolist()
+        # Whether to update must be the same on every rank: the global norm decides.
+        grad_norm_value = grad_norm.item()
         finite = math.isfinite(grad_norm_value)
         if finite:
             optimizer.step()
@@ -237,11 +244,6 @@ def run(cfg: Config, d: Dist) -> dict:
             run_eval(step)
         if t.save_steps and step % t.save_steps == 0 and step < total_steps:
             save(step)
-        if stop_votes and step < total_steps:
-            progress.close()
-            path = save(step)
-            logger.close()
-            raise Stopped(stop.signum or signal.SIGTERM, step, path)
     progress.close()
     stop.restore()
 
