@@ -8,6 +8,8 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import resource
 
 import torch
@@ -23,15 +25,15 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def count_step_tokens(micro_batches: list[dict], d: Dist, stop_requested: bool = False):
-    """(supervised tokens, [real tokens, padded positions], ranks asking to stop) of one optimizer step on all
-    ranks, in one all-reduce. The first (at least 1) is the loss denominator. They stay on the device: reading
-    them here would stall every step."""
+def count_step_tokens(micro_batches: list[dict], d: Dist, stop_requested: bool = False, row_failed: bool = False):
+    """(supervised tokens, [real tokens, padded positions], [ranks asking to stop, ranks whose row failed]) of
+    one optimizer step on all ranks, in one all-reduce. The first (at least 1) is the loss denominator. The
+    votes let every rank leave together when one rank was signalled or could not read a row."""
     counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                             sum(b["attention_mask"].numel() for b in micro_batches), float(stop_requested)],
-                            d.device)
-    return counts[0].clamp(min=1).float(), counts[1:3], counts[3]
+                             sum(b["attention_mask"].numel() for b in micro_batches), float(stop_requested),
+                             float(row_failed)], d.device)
+    return counts[0].clamp(min=1).float(), counts[1:3], counts[3:]
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -65,3 +67,10 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def poison_gradients_for_tests(model, step: int) -> None:
+    """Fault injection for the tests: a NaN gradient at the steps listed in FTLOOP_TEST_NONFINITE_STEPS."""
+    steps = os.environ.get("FTLOOP_TEST_NONFINITE_STEPS", "")
+    if str(step) in steps.split(","):
+        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan

@@ -23,21 +23,22 @@ from transformers import AutoTokenizer
 
 from ftloop.config import Config, ConfigError, parse_args, validate
 from ftloop.data.formats import DataError
-from ftloop.data.loaders import build_loaders
+from ftloop.data.loaders import RowFailedMidRun, StepBatches, build_loaders
 from ftloop.data.vision import load_image_processor
 from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, print0
 from ftloop.fsdp.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                     resolve_resume, save_checkpoint)
 from ftloop.fsdp.export import export_model
-from ftloop.hf_folder import copy_export, save_model_files
 from ftloop.fsdp.wrap import wrap_fsdp
+from ftloop.hf_folder import copy_export, save_model_files
 from ftloop.metrics import MetricsLogger
 from ftloop.model import (WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
                           load_source_state, wrapped_layer_classes)
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
 from ftloop.signals import StopRequest, Stopped
-from ftloop.steps import accumulate_gradients, count_step_tokens, evaluate, peak_memory_gib
+from ftloop.steps import (accumulate_gradients, count_step_tokens, evaluate, peak_memory_gib,
+                          poison_gradients_for_tests)
 
 
 @dataclass
@@ -87,13 +88,6 @@ def prepare(cfg: Config, d: Dist) -> Setup:
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
-
-
-def poison_gradients_for_tests(model, step: int) -> None:
-    """Fault injection for the tests: a NaN gradient at the steps listed in FTLOOP_TEST_NONFINITE_STEPS."""
-    steps = os.environ.get("FTLOOP_TEST_NONFINITE_STEPS", "")
-    if str(step) in steps.split(","):
-        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
 
 
 def run(cfg: Config, d: Dist) -> dict:
@@ -171,16 +165,7 @@ def run(cfg: Config, d: Dist) -> dict:
     if t.eval_on_start and step == 0:
         run_eval(0)
 
-    batches = iter(s.train_loader)
-
-    def next_micro_batch() -> dict:
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:  # end of epoch: a new seeded permutation
-            sampler.set_epoch(sampler.epoch + 1)
-            batches = iter(s.train_loader)
-            return next(batches)
+    steps_data = StepBatches(s.train_loader, sampler, t.gradient_accumulation_steps)
 
     model.train()
     progress = tqdm(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
@@ -188,11 +173,19 @@ def run(cfg: Config, d: Dist) -> dict:
     window = {"loss": torch.zeros((), device=d.device), "tokens": torch.zeros_like(tokens_seen), "steps": 0,
               "start": time.perf_counter()}
     while step < total_steps:
-        micro_batches = [next_micro_batch() for _ in range(t.gradient_accumulation_steps)]
-        step_targets, step_tokens, stop_votes = count_step_tokens(micro_batches, d, stop.requested)
-        # A rank signalled during the last step: every rank stops after that step. Reading the vote waits for
-        # the last step to end on the device: one small stall per step, the price of stopping exactly there.
-        if stop_votes.item():
+        micro_batches, failed = [], None
+        try:
+            micro_batches = steps_data.next_step()
+        except RowFailedMidRun as err:  # said in the vote below, so that the other ranks do not wait for us
+            failed = err
+        step_targets, step_tokens, votes = count_step_tokens(micro_batches, d, stop.requested, failed is not None)
+        # Reading the votes waits for the last step to end on the device: one small stall per step, the price
+        # of every rank leaving together, right after the step in which a rank was signalled or failed.
+        stop_votes, failed_ranks = votes.tolist()
+        if failed_ranks:
+            raise failed or RowFailedMidRun(f"a row failed to load on {int(failed_ranks)} other rank(s), which "
+                                            "name it; fix or remove it and resume", here=False)
+        if stop_votes:
             progress.close()
             path = save(step)
             logger.close()
@@ -275,21 +268,20 @@ def main(argv: list[str] | None = None) -> None:
     d = init_distributed()
     try:
         run(cfg, d)
-    except Stopped as stopped:
-        print0(f"ftloop: {stopped}", file=sys.stderr)
+    except (Stopped, TrainingError) as err:
+        print0(f"\nftloop: {'' if isinstance(err, Stopped) else 'error: '}{err}", file=sys.stderr)
         dist.destroy_process_group()
-        raise SystemExit(stopped.exit_code) from None
-    except TrainingError as err:
-        print0(f"\nftloop: error: {err}", file=sys.stderr)
-        dist.destroy_process_group()
-        raise SystemExit(1) from None
+        raise SystemExit(getattr(err, "exit_code", 1)) from None
     except (ConfigError, DataError) as err:
-        # Every rank reads the same files and flags, so every rank stops here with the same message. An
-        # error raised in a data-loader worker arrives wrapped in the worker's traceback: keep its last line.
+        # Every rank reads the same files and flags, so every rank stops here with the same message, said
+        # once; but a row that fails mid-run fails on one rank, which says it. An error raised in a data-loader
+        # worker arrives wrapped in the worker's traceback: keep its last line.
+        local = getattr(err, "here", False)
         lines = getattr(err, "lines", None) or [
             str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")]
-        if d.is_main:
-            print("\n" + "\n".join(f"ftloop: error: {line}" for line in lines), file=sys.stderr, flush=True)
+        if d.is_main or local:
+            where = f"[rank {d.rank}] " if local else ""
+            print("\n" + "\n".join(f"ftloop: error: {where}{line}" for line in lines), file=sys.stderr, flush=True)
         dist.destroy_process_group()
         raise SystemExit(2) from None
     dist.destroy_process_group()

@@ -56,7 +56,8 @@ def worker_pid(out, local_rank: int) -> int | None:
             environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if str(out).encode() in cmdline and b"ftloop.train" in cmdline and f"LOCAL_RANK={local_rank}".encode() in environ:
+        ours = str(out).encode() in cmdline and b"ftloop.train" in cmdline
+        if ours and f"LOCAL_RANK={local_rank}".encode() in environ:
             return int(pid)
     return None
 
@@ -197,3 +198,27 @@ def test_mismatched_checkpoints_are_refused(tiny_bundle, reference, tmp_path):
     result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", str(other)))
     assert result.returncode == 2
     assert "written for another model (text_config.num_hidden_layers: " in result.stderr
+
+
+def test_a_row_that_fails_mid_run_is_named_by_its_rank(tiny_bundle, tmp_path):
+    """An image deleted after the check passed: the rank that meets its row says which row and file, and the
+    run ends (torchrun ends the peers waiting in a collective) instead of hanging."""
+    bundle = dict(tiny_bundle, image_folder=str(tmp_path / "images"))
+    shutil.copytree(tiny_bundle["image_folder"], bundle["image_folder"])
+    rows = json.load(open(tiny_bundle["train_json"]))
+    row_number, row = next((i + 1, r) for i, r in enumerate(rows) if r.get("image"))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ftloop.train", *flags(bundle, out, "--max-steps", "40", "--save-steps", "0")]
+    proc = launch_and_wait(command, out, until=lambda: logged_steps(out) >= 1)
+    os.remove(os.path.join(bundle["image_folder"], row["image"]))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("ftloop: error: ")]
+    named = [line for line in errors if line.startswith("ftloop: error: [rank ")]
+    assert len(named) == 1, stderr[-3000:]
+    assert f"{tiny_bundle['train_json']}: row {row_number}: image not found" in named[0]
+    if not named[0].startswith("ftloop: error: [rank 0]"):  # rank 0 says where to look
+        pointer = "a row failed to load on 1 other rank(s), which name it; fix or remove it and resume"
+        assert f"ftloop: error: {pointer}" in errors
+    assert "Connection closed by peer" not in stderr  # every rank left together, none crashed

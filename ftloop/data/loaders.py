@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ftloop.config import Config
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
-from ftloop.data.formats import load_rows
+from ftloop.data.formats import DataError, load_rows
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
@@ -107,3 +107,37 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
     dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt, path))
     batches = eval_batches(len(rows), world_size, rank, cfg.train.per_device_eval_batch_size)
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)
+
+
+class RowFailedMidRun(DataError):
+    """A row that failed on one rank during training, after the check before training passed it (a file
+    changed since). `here`: on this rank; the other ranks stop with a pointer to it."""
+
+    def __init__(self, message: str, here: bool = True):
+        super().__init__(message)
+        self.here = here
+
+
+class StepBatches:
+    """The micro-batches of each optimizer step on this rank, epoch after epoch (each a new seeded permutation
+    of the rows). The loader is first iterated at the first step, after a resume has set the sampler."""
+
+    def __init__(self, loader: DataLoader, sampler: StepBatchSampler, accumulation: int):
+        self.loader, self.sampler, self.accumulation = loader, sampler, accumulation
+        self.batches = None
+
+    def next_step(self) -> list[dict]:
+        try:
+            return [self._next_micro_batch() for _ in range(self.accumulation)]
+        except DataError as err:
+            raise RowFailedMidRun(str(err)) from None
+
+    def _next_micro_batch(self) -> dict:
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        try:
+            return next(self.batches)
+        except StopIteration:  # end of the epoch; a step never spans two epochs
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.batches = iter(self.loader)
+            return next(self.batches)

@@ -188,9 +188,10 @@ def check_resumable(path: str, hf_config, num_rows: int, seed: int) -> dict:
     check_model_config(path, hf_config)
     sampler = saved["sampler"]
     if sampler["num_rows"] != num_rows or sampler["seed"] != seed:
-        raise ConfigError(f"--resume-from-checkpoint {path}: the training rows or --seed changed ({sampler['num_rows']} "
-                          f"rows and seed {sampler['seed']} then, {num_rows} and {seed} now), so the data order "
-                          "cannot continue; resume with the same data and seed, or start afresh")
+        raise ConfigError(f"--resume-from-checkpoint {path}: the training rows or --seed changed "
+                          f"({sampler['num_rows']} rows and seed {sampler['seed']} then, {num_rows} and {seed} "
+                          "now), so the data order cannot continue; resume with the same data and seed, or start "
+                          "afresh")
     return saved
 
 
