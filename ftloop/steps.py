@@ -14,6 +14,8 @@ import resource
 
 import torch
 
+from ftloop.data.formats import DataError
+from ftloop.data.loaders import RowFailedMidRun
 from ftloop.distributed import Dist, all_reduce_sum
 
 
@@ -52,10 +54,25 @@ def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.T
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy over the whole eval set, all ranks together."""
+    """Token-weighted mean cross-entropy over the whole eval set, all ranks together.
+
+    Every rank has the same number of batches. Before each forward the ranks agree that all of them have
+    their batch: an eval row whose file changed since the check would otherwise leave the others waiting in
+    the forward's all-gathers."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in loader:
+    batches = iter(loader)
+    for _ in range(len(loader)):
+        batch, failed = None, None
+        try:
+            batch = next(batches)
+        except DataError as err:
+            failed = RowFailedMidRun(str(err))
+        failed_ranks = int(all_reduce_sum([float(failed is not None)], device).item())
+        if failed_ranks:
+            model.train()
+            raise failed or RowFailedMidRun(f"an eval row failed to load on {failed_ranks} other rank(s), which "
+                                            "name it; fix or remove it and resume", here=False)
         loss_sum, count = model(**to_device(batch, device))
         totals += torch.stack([loss_sum.double(), count.double()])
     model.train()

@@ -200,16 +200,19 @@ def test_mismatched_checkpoints_are_refused(tiny_bundle, reference, tmp_path):
     assert "written for another model (text_config.num_hidden_layers: " in result.stderr
 
 
-def test_a_row_that_fails_mid_run_is_named_by_its_rank(tiny_bundle, tmp_path):
-    """An image deleted after the check passed: the rank that meets its row says which row and file, and the
-    run ends (torchrun ends the peers waiting in a collective) instead of hanging."""
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_row_that_fails_mid_run_is_named_by_its_rank(tiny_bundle, tmp_path, split):
+    """An image deleted after the check passed: the rank that meets its row (in a training step or in an
+    evaluation pass) names row and file, and all ranks exit 2 together instead of waiting for it."""
     bundle = dict(tiny_bundle, image_folder=str(tmp_path / "images"))
     shutil.copytree(tiny_bundle["image_folder"], bundle["image_folder"])
-    rows = json.load(open(tiny_bundle["train_json"]))
+    data = tiny_bundle[f"{split}_json"]
+    rows = json.load(open(data))
     row_number, row = next((i + 1, r) for i, r in enumerate(rows) if r.get("image"))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ftloop.train", *flags(bundle, out, "--max-steps", "40", "--save-steps", "0")]
+               "-m", "ftloop.train", *flags(bundle, out, "--max-steps", "40", "--save-steps", "0",
+                                            "--eval-steps", "3")]
     proc = launch_and_wait(command, out, until=lambda: logged_steps(out) >= 1)
     os.remove(os.path.join(bundle["image_folder"], row["image"]))
     _, stderr = proc.communicate(timeout=120)
@@ -217,8 +220,9 @@ def test_a_row_that_fails_mid_run_is_named_by_its_rank(tiny_bundle, tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("ftloop: error: ")]
     named = [line for line in errors if line.startswith("ftloop: error: [rank ")]
     assert len(named) == 1, stderr[-3000:]
-    assert f"{tiny_bundle['train_json']}: row {row_number}: image not found" in named[0]
+    assert f"{data}: row {row_number}: image not found" in named[0]
     if not named[0].startswith("ftloop: error: [rank 0]"):  # rank 0 says where to look
-        pointer = "a row failed to load on 1 other rank(s), which name it; fix or remove it and resume"
+        what = "a row" if split == "train" else "an eval row"
+        pointer = f"{what} failed to load on 1 other rank(s), which name it; fix or remove it and resume"
         assert f"ftloop: error: {pointer}" in errors
     assert "Connection closed by peer" not in stderr  # every rank left together, none crashed
