@@ -31,8 +31,19 @@ def torchrun(nproc: int, target: list[str], timeout: float = 240, **extra_env: s
     # --standalone: torchrun binds a free port itself, so concurrent runs cannot race for one.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                *target]
-    return subprocess.run(command, env={**env(), **extra_env}, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    result = subprocess.run(command, env={**env(), **extra_env}, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    if GLOO_CONNECT_ABORT in result.stderr and "SIGABRT" in result.stderr:
+        # A rare C++ abort of one gloo worker (std::terminate; the same signature as the open upstream
+        # pytorch/gloo#514 in its TCP connection setup), seen once in about 15 runs of the 4-process loading
+        # test on the 2-core CI machine and never reproduced. It is not ftloop's behaviour under test: run
+        # once more; any other failure, or the same abort twice, still fails.
+        result = subprocess.run(command, env={**env(), **extra_env}, cwd=REPO, capture_output=True, text=True,
+                                timeout=timeout)
+    return result
+
+
+GLOO_CONNECT_ABORT = "terminate called without an active exception"
 
 
 def python_m(module: str, args: list[str], timeout: float = 240, extra_env: dict | None = None):
