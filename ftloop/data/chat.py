@@ -66,3 +66,9 @@ def encode_chat(messages: list[dict], image_token_counts: list[int], tokenizer, 
         if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
             labels[i] = input_ids[i]
     return input_ids, labels
+
+
+def vision_past_limit(where: str, length: int, last_vision_end: int, max_seq_length: int) -> str:
+    """The one line for a row that cannot be cut to max_seq_length: an image or video ends past it."""
+    return (f"{where}: {length} tokens and its images/videos end at token {last_vision_end + 1}, past "
+            f"--max-seq-length {max_seq_length}; raise it or lower --max-pixels")

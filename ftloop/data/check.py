@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ftloop.config import ConfigError
-from ftloop.data.chat import VISION_END, encode_chat
+from ftloop.data.chat import VISION_END, encode_chat, vision_past_limit
 from ftloop.data.formats import DATA_FORMATS, DataError, load_rows, source_problem
 from ftloop.data.vision import load_image_processor, row_vision_inputs
 
@@ -47,9 +47,7 @@ def measure_row(row: dict, tokenizer, image_processor, system_prompt: str, max_s
     where = f"{source}: row {row.get('row', '?')}"
     length, last_image_end = _measure(row, tokenizer, image_processor, system_prompt, where, max_images)
     if max_seq_length is not None and last_image_end >= max_seq_length:
-        raise DataError(f"{where}: {length} tokens and its images/videos end at token "
-                        f"{last_image_end + 1}, past --max-seq-length {max_seq_length}; raise it or lower "
-                        "--max-pixels")
+        raise DataError(vision_past_limit(where, length, last_image_end, max_seq_length))
     return length
 
 
@@ -116,9 +114,7 @@ def _measure_chunk(chunk: list[tuple[str, dict]]) -> list[tuple[int | None, int,
             continue
         error = None
         if last_image_end >= _STATE["max_seq_length"]:
-            error = (f"{path}: row {row['row']}: {length} tokens and its images/videos end at token "
-                     f"{last_image_end + 1}, past --max-seq-length {_STATE['max_seq_length']}; training cannot "
-                     "truncate it")
+            error = vision_past_limit(f"{path}: row {row['row']}", length, last_image_end, _STATE["max_seq_length"])
         out.append((length, len(row["images"]), error))
     return out
 

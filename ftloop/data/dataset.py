@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from ftloop.data.chat import IGNORE_INDEX, encode_chat
+from ftloop.data.chat import IGNORE_INDEX, encode_chat, vision_past_limit
 from ftloop.data.formats import DataError
 from ftloop.data.vision import row_vision_inputs
 
@@ -40,9 +40,7 @@ class SFTDataset(Dataset):
         tokens and features must stay paired."""
         last_image_end = max((i for i, t in enumerate(input_ids) if t == self.vision_end_id), default=-1)
         if last_image_end >= self.max_seq_length:
-            raise DataError(f"{where}: {len(input_ids)} tokens and its images/videos end at token "
-                            f"{last_image_end + 1}, past --max-seq-length {self.max_seq_length}; raise it or lower "
-                            "--max-pixels")
+            raise DataError(vision_past_limit(where, len(input_ids), last_image_end, self.max_seq_length))
         return input_ids[: self.max_seq_length], labels[: self.max_seq_length]
 
 
