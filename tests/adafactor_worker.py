@@ -2,7 +2,8 @@
 
 Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1) [save|load CHECKPOINT_DIR]
 For each option set in CASES it trains a fresh copy of `toy_model()` for STEPS steps on the same global
-batches and saves (rank 0) the full parameters, plus every rank's optimizer state bytes.
+batches and saves (rank 0) the full parameters, plus every rank's optimizer state bytes (and, for
+hf_trainer, the all-reduces of one more step).
 """
 
 import io
@@ -93,6 +94,22 @@ def train_steps(model, optimizer, steps) -> None:
         optimizer.step()
 
 
+def all_reduces_in_a_step(optimizer) -> int:
+    """How many all-reduces one optimizer step issues (gradients are set by the steps before)."""
+    calls, original = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        optimizer.step()
+    finally:
+        dist.all_reduce = original
+    return len(calls)
+
+
 def full_params(model) -> dict:
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
         return {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,6 +166,8 @@ def main() -> None:
         per_rank = [None] * world
         dist.all_gather_object(per_rank, state_bytes)
         results[case] = {"params": full_params(model), "state_bytes": per_rank}
+        if case == "hf_trainer":  # after the comparison: this extra step changes the parameters
+            results[case]["all_reduces_per_step"] = all_reduces_in_a_step(optimizer)
 
     # Stop halfway: save the optimizer state, load it into a fresh optimizer, go on.
     case = "hf_trainer_beta1_wd"

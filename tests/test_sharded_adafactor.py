@@ -111,6 +111,12 @@ def test_state_is_r_plus_c_per_matrix_on_every_rank(runs):
             assert rank_bytes <= 4 * (factored + unfactored_count + unfactored_numel)
 
 
+def test_two_all_reduces_per_step_whatever_the_number_of_units(runs):
+    """Statistics, then update RMS: one collective each for all four FSDP units together (none on one rank)."""
+    for (world, orig), result in runs.items():
+        assert result["hf_trainer"]["all_reduces_per_step"] == (2 if world > 1 else 0), (world, orig)
+
+
 def test_state_dict_round_trip_continues_exactly(runs):
     for key, result in runs.items():
         straight, resumed = result["hf_trainer_beta1_wd"]["params"], result["resumed"]["params"]

@@ -11,7 +11,6 @@ from ftloop.optim.segments import describe_fsdp
 from ftloop.optim.sharded_adafactor import ShardedAdafactor
 
 
-
 def part_settings(args: OptimArgs):
     """(lr_scale, decay) for an original parameter, by name: vision tower, merger or language model;
     weight decay on matrices only, never on biases and norm weights."""
@@ -32,8 +31,9 @@ def build_optimizer(model: FSDP, args: OptimArgs, device: torch.device) -> torch
     layout = describe_fsdp(model, part_settings(args), strip_prefix=WRAPPER_PREFIX)
     if args.optim == "adafactor":
         # What the HF Trainer builds for optim="adafactor": an external learning rate and schedule.
-        return ShardedAdafactor(layout, lr=args.learning_rate, scale_parameter=False, relative_step=False,
-                                warmup_init=False, weight_decay=args.weight_decay)
+        return ShardedAdafactor(layout, bf16_rounding=args.bf16_master_rounding, lr=args.learning_rate,
+                                scale_parameter=False, relative_step=False, warmup_init=False,
+                                weight_decay=args.weight_decay)
     fused = device.type == "cuda"
     layout = [t for t in layout if t.tensor.requires_grad]
     if all(len(t.segments) == 1 for t in layout):  # original parameters: group them by their settings

@@ -10,12 +10,28 @@ The result equals single-process Adafactor on the unsharded model, up to float s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ftloop.optim.adafactor import _LOW_PRECISION, Adafactor, beta2_at, clip_by_rms_, ema_, learning_rate
 from ftloop.optim.segments import Segment, ShardedTensor, row_pieces
+
+ROUNDINGS = ("nearest", "stochastic", "kahan")  # how a bf16 weight takes its update (--bf16-master-rounding)
+CHUNK = 1 << 20  # elements per piece when a low-precision weight is read or written: bounds the fp32 temporaries
+
+
+def _sum_of_squares(t: Tensor) -> Tensor:
+    """sum(t^2) in fp32; a low-precision tensor goes through fp32 in pieces of CHUNK elements."""
+    if t.dtype not in _LOW_PRECISION:
+        return torch.dot(t, t)  # no parameter-sized temporary
+    total = torch.zeros((), device=t.device)
+    for start in range(0, t.numel(), CHUNK):
+        piece = t[start:start + CHUNK].float()
+        total += torch.dot(piece, piece)
+    return total
 
 
 class _Slot:
@@ -39,21 +55,43 @@ class _Slot:
                 local, row, n = local + take * (c1 - c0), row + take, n - take
 
 
+@dataclass
+class _StepWork:
+    """One stepped tensor's step in progress, between the all-reduces."""
+    entry: ShardedTensor
+    state: dict
+    sums: list[Tensor]  # per segment: row sums, column sums, sum of p^2 (local, then all-reduced)
+    update: Tensor | None = None  # the preconditioned update, kept only where it overwrote an fp32 gradient
+    update_sq: list[Tensor] = field(default_factory=list)  # per segment: sum of update^2
+
+
 class ShardedAdafactor(Adafactor):
     """`Adafactor` over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
 
     Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (or `describe_plain`); every rank
     must pass the same layout order. Keyword arguments are Adafactor's. To save memory, `step` turns fp32
     gradients into the update in place: read gradients before stepping, clear them after.
+
+    Memory: with fp32 parameters and gradients nothing parameter-sized is allocated. With bf16 ones the fp32
+    work copies exist for one stepped tensor (one FSDP unit's local shard) at a time: its gradient in fp32,
+    plus pieces of at most CHUNK elements while the weights are written. The update is then computed twice
+    (once for its RMS, once to apply it) instead of being held for every tensor until the RMS all-reduce.
+    `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and --bf16-master-rounding.
     """
 
-    def __init__(self, layout: list[ShardedTensor], **kwargs):
+    def __init__(self, layout: list[ShardedTensor], bf16_rounding: str = "nearest", **kwargs):
         layout = [t for t in layout if t.tensor.requires_grad]
         super().__init__([t.tensor for t in layout], **kwargs)
         if self.defaults["relative_step"] and any(s.lr_scale != 1.0 for t in layout for s in t.segments):
             raise ValueError("per-part learning rates scale an external lr: use relative_step=False")
+        if bf16_rounding not in ROUNDINGS:
+            raise ValueError(f"bf16_rounding must be one of {ROUNDINGS}, not {bf16_rounding!r}")
+        self.bf16_rounding = bf16_rounding
         self.layout = layout
         self.slots = {id(t.tensor): [_Slot(s) for s in t.segments] for t in layout}
+
+    def _compensated(self, p: Tensor) -> bool:
+        return self.bf16_rounding == "kahan" and p.dtype in _LOW_PRECISION
 
     def _new_state(self, p: Tensor, slots: list[_Slot], first_moment: bool) -> dict:
         state = {"step": 0}
@@ -66,8 +104,19 @@ class ShardedAdafactor(Adafactor):
                 state[f"{s.name}.exp_avg_sq"] = torch.zeros(s.numel, device=p.device)
             if first_moment:
                 state[f"{s.name}.exp_avg"] = torch.zeros(s.numel, device=p.device)
+            if self._compensated(p):  # what rounding took from the weight, given back at the next update
+                state[f"{s.name}.compensation"] = torch.zeros(s.numel, device=p.device, dtype=p.dtype)
             state[f"{s.name}.RMS"] = torch.zeros((), device=p.device)
         return state
+
+    @staticmethod
+    def _fp32_grad(p: Tensor) -> tuple[Tensor, bool]:
+        """The flattened gradient in fp32, and whether it is the gradient's own buffer (fp32 gradients: the
+        update may be written over it) rather than a copy (bf16 gradients)."""
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if grad.dtype in _LOW_PRECISION:
+            return grad.float().view(-1), False
+        return grad.view(-1), p.grad is not None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -80,62 +129,89 @@ class ShardedAdafactor(Adafactor):
         group = self.param_groups[0]
         eps1 = group["eps"][0]
 
-        # Stage 1: local sums for every segment, all-reduced once per process group.
-        work = []  # (tensor entry, flat fp32 grad, flat fp32 param, state, per-segment statistics)
-        by_group: dict = {}
+        # Stage 1: local sums for every segment (fp32 copies of one tensor at a time), one all-reduce.
+        works = []
         for entry in self.layout:
             p = entry.tensor
-            # The gradient becomes the update in place (see _precondition): a copy only when low precision.
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
-            p32 = p.float() if p.dtype in _LOW_PRECISION else p
             state = self.state[p]
             if not state:
                 state.update(self._new_state(p, self.slots[id(p)], group["beta1"] is not None))
             state["step"] += 1
-            grad, p32 = grad.reshape(-1), p32.view(-1)  # segments index the flattened tensor
-            stats = [self._local_sums(slot, grad, p32, eps1) for slot in self.slots[id(p)]]
-            by_group.setdefault(entry.group, []).append(len(work))
-            work.append([entry, grad, p32, state, stats])
-        for pg, indices in by_group.items():
-            self._all_reduce([work[i][4] for i in indices], pg)
+            grad, _ = self._fp32_grad(p)
+            sums = [self._local_sums(slot, grad, p.view(-1), eps1) for slot in self.slots[id(p)]]
+            works.append(_StepWork(entry, state, sums))
+            del grad
+        self._all_reduce_by_group(works, lambda w: w.sums)
 
-        # Stage 2: second moments and preconditioned updates; then the update RMS, again all-reduced.
-        updates = []
-        for entry, grad, p32, state, stats in work:
-            beta2t = beta2_at(state["step"], group["decay_rate"])
-            updates.append([self._precondition(slot, grad, state, sums, beta2t, eps1)
-                            for slot, sums in zip(self.slots[id(entry.tensor)], stats)])
-        sq = {pg: [[torch.dot(u, u).view(1) for u in updates[i]] for i in indices] for pg, indices in by_group.items()}
-        for pg, parts in sq.items():
-            self._all_reduce(parts, pg)
-            for i, part in zip(by_group[pg], parts):
-                work[i].append(part)
+        # Stage 2: second moments and preconditioned updates, for their RMS; again one all-reduce.
+        for w in works:
+            beta2t = beta2_at(w.state["step"], group["decay_rate"])
+            grad, owned = self._fp32_grad(w.entry.tensor)
+            for slot, sums in zip(self.slots[id(w.entry.tensor)], w.sums):
+                self._update_second_moment(slot, grad, w.state, sums, beta2t, eps1)
+                u = self._precondition(slot, grad, w.state)
+                w.update_sq.append(torch.dot(u, u).view(1))
+            w.update = grad if owned else None  # a bf16 gradient's copy is dropped and made again below
+            del grad
+        self._all_reduce_by_group(works, lambda w: w.update_sq)
 
         # Stage 3: clip, scale, momentum, decay, apply.
-        for (entry, grad, p32, state, stats, update_sq), seg_updates in zip(work, updates):
-            for slot, sums, u, u_sq in zip(self.slots[id(entry.tensor)], stats, seg_updates, update_sq):
+        for w in works:
+            p = w.entry.tensor
+            update = w.update
+            if update is None:  # the same update again, from the second moments stage 2 left
+                update, _ = self._fp32_grad(p)
+                for slot in self.slots[id(p)]:
+                    self._precondition(slot, update, w.state)
+            for slot, sums, u_sq in zip(self.slots[id(p)], w.sums, w.update_sq):
                 s = slot.segment
-                state[f"{s.name}.RMS"] = (sums[-1] / s.full_numel).sqrt()
-                lr = learning_rate(group, state["step"], state[f"{s.name}.RMS"]) * s.lr_scale
+                w.state[f"{s.name}.RMS"] = (sums[-1] / s.full_numel).sqrt()
+                lr = learning_rate(group, w.state["step"], w.state[f"{s.name}.RMS"]) * s.lr_scale
+                u = update[s.offset:s.offset + s.numel]
                 clip_by_rms_(u, (u_sq / s.full_numel).sqrt().squeeze(0), group["clip_threshold"])
                 u.mul_(lr)
                 if group["beta1"] is not None:
-                    u = ema_(state[f"{s.name}.exp_avg"], u, group["beta1"])
-                piece = p32[s.offset:s.offset + s.numel]
-                if group["weight_decay"] != 0 and s.decay:
-                    piece.add_(piece * (-group["weight_decay"] * lr))
-                piece.sub_(u)
-            if p32.data_ptr() != entry.tensor.data_ptr():  # stepped in an fp32 copy
-                entry.tensor.copy_(p32.view_as(entry.tensor))
+                    u = ema_(w.state[f"{s.name}.exp_avg"], u, group["beta1"])
+                decay = -group["weight_decay"] * lr if group["weight_decay"] != 0 and s.decay else None
+                self._apply(p.view(-1)[s.offset:s.offset + s.numel], u, decay, w.state.get(f"{s.name}.compensation"))
+            w.update = update = None
         return loss
 
+    def _apply(self, weight: Tensor, u: Tensor, decay, compensation: Tensor | None) -> None:
+        """weight += decay * weight - u (decay on the weight before the update, as transformers does it)."""
+        if weight.dtype not in _LOW_PRECISION:
+            if decay is not None:
+                weight.add_(weight * decay)
+            weight.sub_(u)
+            return
+        for start in range(0, weight.numel(), CHUNK):
+            piece, step = weight[start:start + CHUNK], u[start:start + CHUNK]
+            w32 = piece.float()
+            if decay is not None:
+                w32.add_(w32 * decay)
+            w32.sub_(step)
+            if compensation is None:
+                self._round_into(piece, w32)
+            else:  # Kahan: add back what the last rounding lost, round, keep what this rounding loses
+                lost = compensation[start:start + CHUNK]
+                w32.add_(lost.float())
+                piece.copy_(w32)
+                lost.copy_(w32.sub_(piece.float()))
+
+    def _round_into(self, piece: Tensor, value: Tensor) -> None:
+        """piece (bf16) = value (fp32, overwritten), rounded to nearest or stochastically."""
+        if self.bf16_rounding == "stochastic":
+            # Add uniform noise below the 16 bits bf16 drops, then drop them: the weight rounds away from zero
+            # with probability (distance to the lower magnitude) / (bf16 step), so its expected value is exact.
+            bits = value.view(torch.int32)
+            bits.add_(torch.empty_like(bits).random_(0, 1 << 16)).bitwise_and_(-65536)
+        piece.copy_(value)
+
     @staticmethod
-    def _local_sums(slot: _Slot, grad: Tensor, p32: Tensor, eps1: float) -> Tensor:
+    def _local_sums(slot: _Slot, grad: Tensor, weights: Tensor, eps1: float) -> Tensor:
         """This rank's row sums and column sums of grad^2 + eps, and sum of p^2, for one segment."""
         s = slot.segment
-        piece = p32[s.offset:s.offset + s.numel]
-        p_sq = torch.dot(piece, piece).view(1)  # no parameter-sized temporary
+        p_sq = _sum_of_squares(weights[s.offset:s.offset + s.numel]).view(1)
         if not s.factored:
             return p_sq
         row_sum = grad.new_zeros(s.rows)
@@ -147,28 +223,36 @@ class ShardedAdafactor(Adafactor):
         return torch.cat([row_sum, col_sum.view(-1), p_sq])
 
     @staticmethod
-    def _precondition(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float, eps1: float) -> Tensor:
-        """grad / sqrt(second moment) for this rank's slice, after updating the second moment. Written over
-        the gradient in place: the gradient is not needed again, and no parameter-sized buffer is made."""
+    def _update_second_moment(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float,
+                              eps1: float) -> None:
+        """The EMA of grad^2: factored from the all-reduced row and column sums, or per element of the slice."""
+        s = slot.segment
+        if not s.factored:
+            ema_(state[f"{s.name}.exp_avg_sq"], grad[s.offset:s.offset + s.numel].square().add_(eps1), beta2t)
+            return
+        ema_(state[f"{s.name}.exp_avg_sq_row"], sums[:s.rows] / slot.cols, beta2t)  # mean over columns
+        ema_(state[f"{s.name}.exp_avg_sq_col"], sums[s.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch,
+             beta2t)  # mean over rows
+
+    @staticmethod
+    def _precondition(slot: _Slot, grad: Tensor, state: dict) -> Tensor:
+        """grad / sqrt(second moment) for this rank's slice, written over `grad` in place (no parameter-sized
+        buffer is made); returns the segment's view of it."""
         s = slot.segment
         g = grad[s.offset:s.offset + s.numel]
         if not s.factored:
-            v = ema_(state[f"{s.name}.exp_avg_sq"], g.square().add_(eps1), beta2t)
-            return g.mul_(v.rsqrt())
-        row, col = state[f"{s.name}.exp_avg_sq_row"], state[f"{s.name}.exp_avg_sq_col"]
-        ema_(row, sums[:s.rows] / slot.cols, beta2t)  # mean over columns
-        ema_(col, sums[s.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch, beta2t)  # mean over rows
-        rows = row.view(slot.batches, slot.rows_per_batch)
+            return g.mul_(state[f"{s.name}.exp_avg_sq"].rsqrt())
+        rows = state[f"{s.name}.exp_avg_sq_row"].view(slot.batches, slot.rows_per_batch)
         row_mean = rows.sum(dim=-1, keepdim=True) / slot.rows_per_batch
         r_factor = (rows / row_mean).rsqrt_().view(-1)
-        c_factor = col.rsqrt()
+        c_factor = state[f"{s.name}.exp_avg_sq_col"].rsqrt()
         for start, row_index, n, c0, c1, batch in slot.pieces:
             view = grad[start:start + n * (c1 - c0)].view(n, c1 - c0)
             view.mul_(r_factor[row_index:row_index + n, None]).mul_(c_factor[batch, c0:c1])
         return g
 
     # ---- checkpoints: state by original parameter name, in a form torch.distributed.checkpoint reshards --
-    SLICED = ("exp_avg_sq", "exp_avg")  # held per local slice; the row/column statistics are replicated
+    SLICED = ("exp_avg_sq", "exp_avg", "compensation")  # held per local slice; the row/column statistics are replicated
 
     def sharded_state_dict(self) -> dict:
         """{"step", "<param>.<state>": tensor}. Row/column statistics and RMS are the same on every rank;
@@ -189,7 +273,7 @@ class ShardedAdafactor(Adafactor):
             state = state_of(entry)
             out["step"] = torch.tensor(state["step"])
             for segment in entry.segments:
-                for key in self._state_keys(segment):
+                for key in self._state_keys(segment, entry.tensor):
                     value = state[f"{segment.name}.{key}"]
                     sliced = key in self.SLICED and entry.group is not None
                     out[f"{segment.name}.{key}"] = self._shard(value, segment, entry.group) if sliced else value
@@ -203,7 +287,7 @@ class ShardedAdafactor(Adafactor):
             state.update(self._fresh(entry))
             state["step"] = int(loaded["step"])
             for segment in entry.segments:
-                for key in self._state_keys(segment):
+                for key in self._state_keys(segment, entry.tensor):
                     value = loaded[f"{segment.name}.{key}"]
                     if not torch.is_tensor(value) or type(value).__name__ == "ShardedTensor":
                         shards = value.local_shards()
@@ -212,10 +296,12 @@ class ShardedAdafactor(Adafactor):
                         value = value[segment.first:segment.first + segment.numel]
                     state[f"{segment.name}.{key}"].copy_(value.view_as(state[f"{segment.name}.{key}"]))
 
-    def _state_keys(self, segment: Segment) -> list[str]:
+    def _state_keys(self, segment: Segment, p: Tensor) -> list[str]:
         keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if segment.factored else ["exp_avg_sq"]
         if self.param_groups[0]["beta1"] is not None:
             keys.append("exp_avg")
+        if self._compensated(p):
+            keys.append("compensation")
         return keys + ["RMS"]
 
     @staticmethod
@@ -227,6 +313,14 @@ class ShardedAdafactor(Adafactor):
             placement = f"rank:{dist.get_rank(pg)}/{local.device}"
             shards.append(Shard(local, ShardMetadata([segment.first], [segment.numel], placement)))
         return ShardedTensor._init_from_local_shards(shards, [segment.full_numel], process_group=pg)
+
+    def _all_reduce_by_group(self, works: list[_StepWork], parts_of) -> None:
+        """All-reduce `parts_of(work)` of every stepped tensor: one collective per process group."""
+        by_group: dict = {}
+        for w in works:
+            by_group.setdefault(w.entry.group, []).append(parts_of(w))
+        for pg, parts in by_group.items():
+            self._all_reduce(parts, pg)
 
     @staticmethod
     def _all_reduce(parts: list[list[Tensor]], pg) -> None:

@@ -1,0 +1,139 @@
+"""bf16 master weights under ShardedAdafactor: compensated updates learn as fp32 masters do at a fine-tuning
+learning rate (plain rounding does not), stochastic rounding is unbiased, the Kahan buffer is checkpointed, and
+the fp32 work copies exist for one tensor at a time."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftloop.optim.segments import Segment, ShardedTensor
+from ftloop.optim.sharded_adafactor import ShardedAdafactor
+from launch import REPO, env
+
+
+def optimizer_for(params, rounding, **kwargs):
+    layout = [ShardedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None) for i, p in enumerate(params)]
+    defaults = dict(lr=1e-5, scale_parameter=False, relative_step=False, warmup_init=False)  # the HF Trainer's
+    return ShardedAdafactor(layout, bf16_rounding=rounding, **{**defaults, **kwargs})
+
+
+def fine_tune(dtype, rounding, steps=600, seed=0) -> tuple[float, float]:
+    """A 'pretrained' softmax classifier (weights ~0.05, where a bf16 step is ~2e-4) learns a nearby teacher at
+    lr 1e-5 for `steps` steps; eval cross-entropy before and after, with the weights in bf16 (as bf16 eval runs)."""
+    g = torch.Generator().manual_seed(seed)
+    classes, dim = 16, 64
+    start = torch.randn(classes, dim, generator=g) * 0.05
+    teacher = start + torch.randn(classes, dim, generator=g) * 0.01
+
+    def rows(n):
+        x = torch.randn(n, dim, generator=g) * 4
+        return x, torch.multinomial(F.softmax(x @ teacher.T, -1), 1, generator=g).squeeze(1)
+
+    (x, y), (x_eval, y_eval) = rows(8192), rows(4096)
+    w = torch.nn.Parameter(start.clone().to(dtype))
+    optimizer = optimizer_for([w], rounding)
+    torch.manual_seed(seed)
+    for step in range(steps):
+        batch = slice(step * 256 % 8192, step * 256 % 8192 + 256)
+        optimizer.zero_grad()
+        F.cross_entropy(x[batch] @ w.float().T, y[batch]).backward()
+        optimizer.step()
+
+    def loss(weights):
+        return F.cross_entropy(x_eval @ weights.detach().to(torch.bfloat16).float().T, y_eval).item()
+
+    return loss(start), loss(w)
+
+
+def test_compensated_bf16_masters_learn_like_fp32_and_plain_rounding_does_not():
+    before, fp32 = fine_tune(torch.float32, "nearest")
+    gain = before - fp32
+    assert gain > 0.004  # the fp32 run learns measurably
+    for rounding in ("stochastic", "kahan"):
+        _, loss = fine_tune(torch.bfloat16, rounding)
+        assert loss == pytest.approx(fp32, rel=0.02), rounding
+        assert (before - loss) > 0.9 * gain, rounding  # at least 90 % of fp32's improvement
+    _, nearest = fine_tune(torch.bfloat16, "nearest")
+    assert (before - nearest) < 0.2 * gain  # most updates are below half a bf16 step: lost
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    value = torch.full((200_000,), 1.0 + 2**-10, dtype=torch.float32)  # a quarter of the way from 1 to next bf16
+    weight = torch.zeros_like(value, dtype=torch.bfloat16)
+    optimizer_for([torch.nn.Parameter(weight.clone())], "stochastic")._round_into(weight, value.clone())
+    assert set(weight.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert weight.float().mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
+    negative = -value
+    optimizer_for([torch.nn.Parameter(weight.clone())], "stochastic")._round_into(weight, negative.clone())
+    assert weight.float().mean().item() == pytest.approx(-(1.0 + 2**-10), abs=2e-5)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_bf16_state_round_trip_continues_exactly(rounding):
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(8, 6).to(torch.bfloat16)), torch.nn.Parameter(torch.randn(5).bfloat16())]
+
+    def grads(step):
+        g = torch.Generator().manual_seed(step)
+        return [torch.randn(8, 6, generator=g).bfloat16(), torch.randn(5, generator=g).bfloat16()]
+
+    def steps(params, optimizer, which):
+        for step in which:
+            for p, g in zip(params, grads(step)):
+                p.grad = g
+            torch.manual_seed(100 + step)  # stochastic rounding draws from the global generator
+            optimizer.step()
+
+    straight = make()
+    steps(straight, optimizer_for(straight, rounding, lr=1e-3), range(6))
+    resumed = make()
+    first = optimizer_for(resumed, rounding, lr=1e-3)
+    steps(resumed, first, range(3))
+    state = first.sharded_state_dict()
+    if rounding == "kahan":
+        assert state["p0.compensation"].dtype == torch.bfloat16 and state["p0.compensation"].abs().sum() > 0
+    second = optimizer_for(resumed, rounding, lr=1e-3)
+    second.load_sharded_state_dict(state)
+    steps(resumed, second, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+MEMORY_PROBE = r"""
+import json, re, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_bf16_masters import optimizer_for
+def rss(field):
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+extra = {}
+for dtype, rounding in [(torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic"), (torch.bfloat16, "kahan"),
+                        (torch.float32, "nearest")]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(2048, 1024).to(dtype)) for _ in range(8)]
+    optimizer = optimizer_for(params, rounding, lr=1e-3)
+    for step in range(2):  # the state is made in the first step; the second is measured
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = rss("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")
+        optimizer.step()
+    extra[f"{dtype}-{rounding}"] = rss("VmHWM") - before
+    del params, optimizer
+print(json.dumps(extra))
+"""
+
+
+def test_step_holds_fp32_copies_of_one_tensor_at_a_time():
+    """8 tensors of 2M elements: all their fp32 copies at once (what the step held before) would be 8 x 2 x 8 MB;
+    the bound is about two of one tensor's, for every rounding, and one for fp32 tensors (a square's temporary)."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, f"{REPO}/tests"], capture_output=True, text=True,
+                            env={**env(), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    extra, tensor_fp32 = json.loads(result.stdout), 2048 * 1024 * 4
+    for variant, nbytes in extra.items():
+        limit = 1.25 if variant.startswith("torch.float32") else 2.25
+        assert nbytes <= limit * tensor_fp32, (variant, nbytes / tensor_fp32)
