@@ -38,6 +38,10 @@ class ModelArgs:
     """Recompute activations of each decoder layer and vision block in backward (non-reentrant)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
+    load_weights_on: Literal["rank0", "every-rank"] = "rank0"
+    """Who reads the checkpoint's safetensors files while FSDP wraps the model, one tensor at a time: rank 0,
+    which broadcasts each tensor to the others, or every rank for itself (no broadcast; the files must be
+    readable on every node)."""
 
 
 @dataclass
@@ -99,6 +103,11 @@ class OptimArgs:
     """Fraction of the total optimizer steps spent warming the learning rate up from 0."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    bf16_master_rounding: Literal["stochastic", "kahan", "nearest"] = "stochastic"
+    """With --param-dtype bf16, how Adafactor writes each update into the bf16 weights. `nearest` rounds, which
+    loses every update smaller than half a bf16 step (most of them at fine-tuning learning rates);
+    `stochastic` rounds up or down with the probabilities that make the expected weight exact (no extra memory);
+    `kahan` keeps the rounding error in a bf16 compensation buffer (2 bytes per parameter) and adds it back."""
 
 
 @dataclass
@@ -110,6 +119,9 @@ class FSDPArgs:
     buffer_dtype: Dtype = "fp32"
     """dtype of module buffers under bf16. fp32 keeps the rotary inverse frequencies exact: in bf16 they
     carry 3 significant digits and the rotary angle at position 2000 is off by whole radians."""
+    reduce_dtype: Dtype = "fp32"
+    """dtype in which gradients are reduce-scattered (and so summed over ranks) under --bf16; bf16 halves the
+    traffic and rounds every rank's contribution."""
     cpu_offload: bool = False
     """Keep sharded parameters and gradients in host memory (slow; for models that do not fit)."""
     use_orig_params: bool = False
@@ -166,6 +178,9 @@ class TrainArgs:
     """wandb project."""
     run_name: str = ""
     """wandb run name (default: the output folder's name)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective (all-gather, all-reduce, barrier) may wait for the other ranks before the run fails
+    instead of hanging."""
 
 
 @dataclass
@@ -191,8 +206,9 @@ def parse_size(text: str) -> int:
     return int(number * base**power)
 
 
-def validate(cfg: Config) -> None:
-    """Check everything that can be checked before any process group or model exists."""
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """Check everything that can be checked before any process group or model exists (`need_data=False`: all
+    but the data flags, for the memory plan)."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
 
     def need(ok: bool, message: str) -> None:
@@ -206,7 +222,8 @@ def validate(cfg: Config) -> None:
     if looks_local or os.path.exists(path):
         need(os.path.isfile(os.path.join(m.model_name_or_path, "config.json")),
              f"--model-name-or-path {m.model_name_or_path}: no config.json there; give a Hugging Face model folder")
-    need(bool(d.train_data), "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
+    need(bool(d.train_data) or not need_data,
+         "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
     for flag, path in (("--train-data", d.train_data), ("--eval-data", d.eval_data)):
         problem = source_problem(path) if path else None
         need(problem is None, f"{flag} {path}: {problem}")
@@ -227,6 +244,10 @@ def validate(cfg: Config) -> None:
     need(o.merger_lr is None or o.merger_lr > 0, "--merger-lr must be positive")
     need(0 <= o.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
     need(o.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
+    need(not (m.param_dtype == "bf16" and o.optim == "adamw" and o.bf16_master_rounding != "nearest"),
+         "--param-dtype bf16 with --optim adamw rounds every update to the nearest bf16 (torch's AdamW has no "
+         "compensated updates, and most fine-tuning updates vanish): use --optim adafactor, --param-dtype fp32, or "
+         "pass --bf16-master-rounding nearest to accept it")
     need(t.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")
     need(t.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive")
     need(t.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive")
@@ -238,6 +259,7 @@ def validate(cfg: Config) -> None:
     need(t.save_steps >= 0, "--save-steps must be 0 (off) or positive")
     need(t.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
     need(t.max_bad_steps > 0, "--max-bad-steps must be positive")
+    need(t.ddp_timeout > 0, "--ddp-timeout must be positive (seconds)")
     resume = t.resume_from_checkpoint
     need(resume in ("", "auto") or os.path.isdir(resume),
          f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")

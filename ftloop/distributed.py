@@ -11,6 +11,7 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ class Dist:
     world_size: int
     device: torch.device
     backend: str
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE): HYBRID_SHARD's shard group
 
     @property
     def is_main(self) -> bool:
@@ -35,8 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
-    """gloo on the CPU, nccl with one CUDA device per local rank."""
+def init_distributed(timeout_s: float = 1800) -> Dist:
+    """gloo on the CPU, nccl with one CUDA device per local rank. `timeout_s` (--ddp-timeout): how long any
+    collective may wait for the other ranks before it fails."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -57,9 +60,11 @@ def init_distributed() -> Dist:
             agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                         is_master=False)
             kwargs["store"] = dist.PrefixStore(f"ftloop/attempt-{restart}", agent_store)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
     quiet_library_chatter(rank)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def quiet_library_chatter(rank: int) -> None:

@@ -1,5 +1,12 @@
-"""Write a Hugging Face model folder one safetensors shard at a time.
+"""Read and write a Hugging Face model folder one tensor (or one safetensors shard) at a time.
 
+Reading (`FolderWeights`): the safetensors headers say where every tensor lives; each model parameter is
+matched to its checkpoint key through transformers' own key renaming (hub checkpoints of Qwen2.5-VL say
+`model.layers.*` and `visual.*` where the model says `model.language_model.*` and `model.visual.*`), and read
+alone when it is needed, cast to the master dtype on the way. So loading holds one tensor at a time, never the
+state dict, whatever the model's size.
+
+Writing:
 `save_pretrained` needs the whole state dict in memory at once; for a model that fills several GPUs that is
 more host memory than a node may have. Here the weights arrive a few tensors at a time (one FSDP unit, or one
 output shard read back from a checkpoint), are cast to the save dtype into a pending shard, and the shard is
@@ -13,14 +20,17 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (WeightConverter, WeightRenaming, rename_source_key,
+                                             revert_weight_conversion)
 
-from ftloop.config import parse_size
+from ftloop.config import ConfigError, parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -197,9 +207,140 @@ def publish(tmp: str, out_dir: str) -> None:
         os.rename(tmp, out_dir)
 
 
-def copy_export(src: str, out_dir: str) -> None:
-    """Publish a copy of the finished export `src` as out_dir (e.g. `best` as `final`), atomically."""
-    tmp = temporary_folder(out_dir)
-    os.rmdir(tmp)
-    shutil.copytree(src, tmp)
-    publish(tmp, out_dir)
+def local_folder(name_or_path: str, flag: str = "--model-name-or-path") -> str:
+    """The folder holding a model's safetensors files: the path itself, or a hub id's snapshot in the HF cache
+    (fetched there first if needed: its json and safetensors files only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:  # offline, unknown repository, no access: say which and stop
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{flag} {name_or_path}: cannot fetch its weights ({first_line}); give a local folder, "
+                          "or a hub id with network access or a filled HF cache") from None
+
+
+class FolderWeights:
+    """The tensors of a Hugging Face folder's safetensors files, by the model's parameter names, read one at a
+    time. Building it reads only the files' headers, and checks that every parameter and persistent buffer of
+    `model` (a meta skeleton will do) has exactly one tensor in the folder: a missing or unexpected name is one
+    ConfigError naming the folder and the first few names."""
+
+    def __init__(self, folder: str, model: PreTrainedModel, flag: str = "--model-name-or-path"):
+        self.folder = folder
+        files = self._files(folder, flag)
+        renamings, converters = _conversions(model)
+        expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers, tied names included
+        ignored = [re.compile(p) for p in [*(model._keys_to_ignore_on_load_unexpected or []), r"rotary_emb\.inv_freq"]]
+        self.location: dict[str, tuple[str, str]] = {}  # model name -> (file, key in that file)
+        unexpected = []
+        self.headers = {file: _read_header(os.path.join(folder, file)) for file in files}
+        for file, (_, entries) in self.headers.items():
+            for key in entries:
+                name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+                if converter is not None:
+                    raise ConfigError(f"{flag} {folder}: {key} needs transformers' weight conversion (tensors merged "
+                                      f"or split on load), which ftloop's one-tensor-at-a-time loading does not do")
+                if name in expected:
+                    self.location[name] = (file, key)
+                elif not any(p.search(key) for p in ignored):
+                    unexpected.append(key)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        for target, source in tied.items():  # a tied weight saved once: both names read the same tensor
+            if target not in self.location and source in self.location:
+                self.location[target] = self.location[source]
+        missing = sorted(set(expected) - set(self.location))
+        if missing or unexpected:
+            found = []
+            if missing:
+                found.append(f"{len(missing)} of the model's tensors are not in its safetensors files "
+                             f"({_first_names(missing)})")
+            if unexpected:
+                found.append(f"{len(unexpected)} tensors in the files belong to no parameter of "
+                             f"{type(model).__name__} ({_first_names(sorted(unexpected))})")
+            raise ConfigError(f"{flag} {folder}: " + "; ".join(found) + "; is it a checkpoint of this architecture "
+                              "(config.json's model_type), saved whole?")
+        self._handles: dict = {}
+
+    @staticmethod
+    def _files(folder: str, flag: str) -> list[str]:
+        index = os.path.join(folder, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+            files = [SINGLE_FILE]
+        else:
+            raise ConfigError(f"{flag} {folder}: no {SINGLE_FILE} or {INDEX_FILE}; ftloop reads safetensors weights "
+                              "(re-save a .bin checkpoint with save_pretrained)")
+        absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if absent:
+            raise ConfigError(f"{flag} {folder}: {INDEX_FILE} names {absent[0]}, which is not there (an incomplete "
+                              "download?)")
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor the model calls `name`, read from its file alone, floating point cast to `dtype`.
+
+        Read with plain positioned reads into a fresh tensor, not through a memory map: the pages of a mapped
+        file count in the process's resident memory for as long as the mapping lives, which would make a
+        loading rank's memory grow by the whole checkpoint after all (measured: +400 MB RSS for a 400 MB file
+        read through one safe_open handle)."""
+        file, key = self.location[name]
+        data_start, entries = self.headers[file]
+        stored, shape, begin, end = entries[key]
+        if file not in self._handles:
+            self._handles[file] = open(os.path.join(self.folder, file), "rb", buffering=0)
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        handle, view, done = self._handles[file], memoryview(raw.numpy()), 0
+        while done < len(view):  # a read may return fewer bytes than asked for
+            handle.seek(data_start + begin + done)
+            count = handle.readinto(view[done:])
+            if not count:
+                raise ValueError(f"{os.path.join(self.folder, file)}: ends inside tensor {key} (truncated file?)")
+            done += count
+        tensor = raw.view(stored).reshape(shape)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """A safetensors file's layout: where its data starts, and key -> (dtype, shape, begin, end) in the data.
+    The format is an 8-byte little-endian header length, a JSON header, then the little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{path}: tensor {key} has dtype {info['dtype']}, which ftloop does not read")
+        entries[key] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], *info["data_offsets"])
+    return 8 + length, entries
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _conversions(model: PreTrainedModel) -> tuple[list, list]:
+    """transformers' checkpoint-to-model key renamings for this architecture (what from_pretrained applies)."""
+    transforms = get_model_conversion_mapping(model)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])

@@ -1,9 +1,8 @@
-"""Model loading and the module FSDP wraps.
+"""The model's skeleton and the module FSDP wraps.
 
-Only rank 0 reads the checkpoint. Every rank (rank 0 included) builds the same model skeleton on the meta
-device; FSDP then materialises it one unit at a time and `ftloop.fsdp.wrap` fills each unit from rank 0's
-weights by broadcast. So no rank but 0 ever holds a full copy, and the path is the same on CPU (where FSDP
-refuses `sync_module_states`) and on CUDA.
+Every rank builds the same skeleton on the meta device (no memory); FSDP then materialises it one unit at a
+time and `ftloop.fsdp.load` fills each unit from the checkpoint's safetensors files. So no rank ever holds a
+full copy, and the path is the same on CPU (where FSDP refuses `sync_module_states`) and on CUDA.
 """
 
 from __future__ import annotations
@@ -47,20 +46,6 @@ def build_meta_model(config: PretrainedConfig, args: ModelArgs) -> PreTrainedMod
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
-
-
-def load_source_state(args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Rank 0 only: every parameter and buffer of the checkpoint, by module path, in the master dtype.
-
-    Buffers matter too: the rotary inverse frequencies are not saved in the checkpoint but computed at
-    construction, and the other ranks' meta skeletons have no values for them.
-    """
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model_name_or_path, dtype=DTYPES[args.param_dtype], attn_implementation=args.attn_implementation
-    )
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(model.named_buffers(remove_duplicate=False))
-    return {name: tensor.detach() for name, tensor in state.items()}
 
 
 def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:

@@ -13,6 +13,7 @@ import os
 import resource
 
 import torch
+from torch.distributed.fsdp import ShardingStrategy
 
 from ftloop.data.formats import DataError
 from ftloop.data.loaders import RowFailedMidRun
@@ -39,12 +40,17 @@ def count_step_tokens(micro_batches: list[dict], d: Dist, stop_requested: bool =
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Forward and backward over this rank's micro-batches; returns the rank's summed token loss."""
+    """Forward and backward over this rank's micro-batches; returns the rank's summed token loss.
+
+    Sharded strategies reduce-scatter every micro-batch's gradient, and FSDP adds it to the sharded gradient
+    (in the master dtype): the full gradient of a unit exists only while that unit's backward runs. `no_sync`
+    would keep every unit's unsharded gradient until the last micro-batch, a second copy of the model per
+    rank. Only NO_SHARD, whose gradients are unsharded anyway, accumulates locally and all-reduces once."""
+    local = model.sharding_strategy == ShardingStrategy.NO_SHARD and d.world_size > 1
     loss_sum = torch.zeros((), device=d.device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # Skip the gradient reduce-scatter on all but the last micro-batch; gradients accumulate locally.
-        with contextlib.nullcontext() if last else model.no_sync():
+        with model.no_sync() if local and not last else contextlib.nullcontext():
             micro_loss, _ = model(**to_device(batch, d.device))
             # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
             (micro_loss * (d.world_size / step_targets)).backward()

@@ -29,13 +29,15 @@ from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, pri
 from ftloop.fsdp.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                     resolve_resume, save_checkpoint)
 from ftloop.fsdp.export import export_model
+from ftloop.fsdp.load import UnitMaterializer, load_weights_into
 from ftloop.fsdp.wrap import wrap_fsdp
-from ftloop.hf_folder import copy_export, save_model_files
+from ftloop.hf_folder import FolderWeights, local_folder, meta_skeleton, save_model_files
 from ftloop.metrics import MetricsLogger
-from ftloop.model import (WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
-                          load_source_state, wrapped_layer_classes)
+from ftloop.model import (DTYPES, WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
+                          wrapped_layer_classes)
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
+from ftloop.plan import check_fits
 from ftloop.signals import StopRequest, Stopped
 from ftloop.steps import (accumulate_gradients, count_step_tokens, evaluate, peak_memory_gib,
                           poison_gradients_for_tests)
@@ -60,6 +62,13 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     t, src = cfg.train, cfg.model.model_name_or_path
     torch.manual_seed(t.seed)
     hf_config = load_config(cfg.model)
+    # The skeleton and the checkpoint's tensor names (safetensors headers only): a checkpoint that does not match
+    # the model stops every rank now; and on GPUs a run that cannot fit stops before anything is loaded.
+    hf_model = build_meta_model(hf_config, cfg.model)
+    weights = FolderWeights(local_folder(src), hf_model)
+    if d.device.type == "cuda":
+        check_fits(hf_model, cfg, d.world_size, d.local_world_size,
+                   torch.cuda.get_device_properties(d.device).total_memory)
     tokenizer = AutoTokenizer.from_pretrained(src)
     image_processor = load_image_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)  # --min/max-pixels
 
@@ -76,12 +85,11 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir, d.is_main)
     saved = check_resumable(resume_from, hf_config, sampler.num_rows, t.seed) if resume_from else {}
 
-    # Rank 0 reads the checkpoint; every rank receives it unit by unit while FSDP wraps the skeleton.
-    hf_model = build_meta_model(hf_config, cfg.model)
-    source = None
-    if d.is_main:
-        source = {WRAPPER_PREFIX + name: tensor for name, tensor in load_source_state(cfg.model).items()}
-    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, source, d.device)
+    # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
+    # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
+    materialize = UnitMaterializer(hf_model, weights, d.device, cfg.model.load_weights_on == "every-rank")
+    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, d.device)
+    weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
                  resume_from, saved)
 
@@ -116,7 +124,7 @@ def run(cfg: Config, d: Dist) -> dict:
     # What a checkpoint must bring back for the run to continue exactly where it was.
     step, bad_steps, last_saved = 0, 0, None
     tokens_seen = torch.zeros(2, dtype=torch.float64, device=d.device)  # real tokens, padded positions
-    best = {"eval_loss": math.inf, "step": None, "shards": None}
+    best = {"eval_loss": math.inf, "step": None}
     if resume_from:
         started = time.perf_counter()
         load_checkpoint(model, optimizer, resume_from, saved, t.allow_dtype_change)
@@ -153,10 +161,8 @@ def run(cfg: Config, d: Dist) -> dict:
             return
         eval_loss = evaluate(model, s.eval_loader, d.device)
         improved = eval_loss < best["eval_loss"]
-        if improved:
-            # An exact host copy of this rank's shards, to load back at the end (load_best_model_at_end).
-            best.update(eval_loss=eval_loss, step=step,
-                        shards=[p.detach().to("cpu", copy=True) for p in model.parameters()])
+        if improved:  # the weights stay on disk (`best`), loaded back at the end: no copy in memory
+            best.update(eval_loss=eval_loss, step=step)
             if step > 0:
                 export("best")
         logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best["eval_loss"], "best_step": best["step"]})
@@ -242,18 +248,15 @@ def run(cfg: Config, d: Dist) -> dict:
 
     final = os.path.join(t.output_dir, "final")
     if t.load_best_model_at_end and best["step"] is not None and best["step"] != step:
-        if best["shards"] is not None:
-            with torch.no_grad():
-                for param, saved_shard in zip(model.parameters(), best["shards"]):
-                    param.copy_(saved_shard.to(param.device))
-            print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f})")
-            export("final")
-        else:  # found before a resume: the `best` export holds them
-            copy_export(os.path.join(t.output_dir, "best"), final) if d.is_main else None
-            dist.barrier()
-            print0(f"final = the best weights (step {best['step']}, eval_loss {best['eval_loss']:.4f}), from best/")
-    else:
-        export("final")
+        # Streamed back from disk one FSDP unit at a time: the `best` export (or, for the weights of step 0,
+        # the folder the run started from), in --save-dtype, which `final` is written in too.
+        folder = os.path.join(t.output_dir, "best") if best["step"] > 0 else local_folder(src)
+        weights = FolderWeights(folder, meta_skeleton(s.hf_config, DTYPES[cfg.model.param_dtype]),
+                                flag="--load-best-model-at-end")
+        load_weights_into(model, weights, prefix=WRAPPER_PREFIX)
+        weights.close()
+        print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f}) from {folder}")
+    export("final")
     print0(f"exported {final}")
     logger.close()
     return {"steps": step, "best_eval_loss": best["eval_loss"], "best_step": best["step"]}
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg)
     except ConfigError as err:
         fail(str(err))
-    d = init_distributed()
+    d = init_distributed(cfg.train.ddp_timeout)
     try:
         run(cfg, d)
     except (Stopped, TrainingError) as err:

@@ -1,7 +1,10 @@
 """Run under torchrun by the tests: one optimizer step's gradients (not applied) and dtype facts.
 
 Usage: torchrun ... tests/grad_worker.py OUT.pt -- <ftloop.train flags>
-Rank 0 saves {"grads": {name: full fp32 gradient}, "loss": step mean loss, "dtypes": {...}} to OUT.pt.
+Rank 0 saves {"grads": {name: full fp32 gradient}, "loss": step mean loss, "dtypes": {...},
+"micro_batch_targets": [supervised tokens of each micro-batch, this rank], "unsharded_grad_between_micro_batches":
+whether any FSDP unit held a gradient of its unsharded size when a later micro-batch started} to OUT.pt.
+Gradients are gathered from the flat shards (or the original parameters with --use-orig-params).
 """
 
 import sys
@@ -16,6 +19,22 @@ from ftloop.optim.segments import clean_name
 from ftloop.train import accumulate_gradients, count_step_tokens, prepare
 
 
+def gathered_gradients(model, units, d) -> dict:
+    """{original parameter name: full fp32 gradient} from the flat-parameter shards of every unit."""
+    grads = {}
+    paths = {m: n for n, m in model.named_modules()}
+    for unit in units:
+        flat = unit._handle.flat_param
+        shard = flat.grad.detach().float() if flat.grad is not None else torch.zeros(flat.numel())
+        pieces = [torch.empty_like(shard) for _ in range(d.world_size)]
+        dist.all_gather(pieces, shard.contiguous()) if d.world_size > 1 else pieces.__setitem__(0, shard)
+        full = torch.cat(pieces)[:flat._unpadded_unsharded_size.numel()]
+        prefix = paths[unit] + "." if paths[unit] else ""
+        for name, shape, chunk in zip(flat._fqns, flat._shapes, full.split(list(flat._numels))):
+            grads[clean_name(prefix + name)] = chunk.view(shape).clone()
+    return grads
+
+
 def main() -> None:
     out, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     cfg = parse_args(flags)
@@ -27,6 +46,15 @@ def main() -> None:
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda mod, args, out_: matmul_input_dtypes.add(str(args[0].dtype)))
 
+    units = [m for m in FSDP.fsdp_modules(model) if m._handle is not None]
+    unsharded_between = []
+
+    def before_forward(module, args, kwargs):  # is any unit holding a full-size gradient from the last micro-batch?
+        flats = [u._handle.flat_param for u in units]
+        unsharded_between.append(any(f.grad is not None and f.grad.numel() == f._unpadded_unsharded_size.numel()
+                                     and d.world_size > 1 for f in flats))
+
+    model.register_forward_pre_hook(before_forward, with_kwargs=True)
     batches = iter(s.train_loader)
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
     targets, *_ = count_step_tokens(micro_batches, d)
@@ -36,12 +64,17 @@ def main() -> None:
         "master": sorted({str(p.dtype) for p in model.parameters()}),
         "grad": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
         "matmul_input": sorted(matmul_input_dtypes),
+        "reduce": str(model.mixed_precision.reduce_dtype),
     }
-    with FSDP.summon_full_params(model, with_grads=True, rank0_only=False, writeback=False):
-        grads = {clean_name(name): p.grad.detach().float().clone()
-                 for name, p in model.named_parameters() if p.grad is not None}
+    grads = gathered_gradients(model, units, d) if not cfg.fsdp.use_orig_params else None
+    if grads is None:
+        with FSDP.summon_full_params(model, with_grads=True, rank0_only=False, writeback=False):
+            grads = {clean_name(name): p.grad.detach().float().clone()
+                     for name, p in model.named_parameters() if p.grad is not None}
     if d.rank == 0:
-        torch.save({"grads": grads, "loss": loss, "dtypes": facts}, out)
+        torch.save({"grads": grads, "loss": loss, "dtypes": facts,
+                    "micro_batch_targets": [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches],
+                    "unsharded_grad_between_micro_batches": any(unsharded_between[1:])}, out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,11 +1,13 @@
 """Flags: parsed with HF TrainingArguments names, validated up front, one clear line on error."""
 
 import json
+import os
+import time
 
 import pytest
 
 from ftloop.config import Config, ConfigError, parse_args, parse_size, validate
-from launch import python_m, train_flags
+from launch import REPO, python_m, torchrun, train_flags
 
 
 def config_for(bundle, *flags: str) -> Config:
@@ -24,7 +26,9 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     assert default.model.gradient_checkpointing and default.data.dataloader_num_workers == 1
     assert default.train.load_best_model_at_end and default.train.save_dtype == "bf16"
     assert default.model.param_dtype == "fp32" and default.train.report_to == "wandb"
+    assert default.fsdp.reduce_dtype == "fp32" and default.optim.bf16_master_rounding == "stochastic"
     validate(default)
+    validate(config_for(tiny_bundle, "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding", "nearest"))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -45,6 +49,8 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     (["--max-shard-size", "lots"], "--max-shard-size"),
     (["--cpu-offload", "--sharding-strategy", "NO_SHARD"], "--cpu-offload"),
     (["--cpu-offload"], "--cpu-offload moves GPU shards to host memory, and there is no GPU here"),
+    (["--ddp-timeout", "0"], "--ddp-timeout must be positive"),
+    (["--optim", "adamw", "--param-dtype", "bf16"], "--param-dtype bf16 with --optim adamw rounds every update"),
 ])
 def test_bad_values_name_the_flag(tiny_bundle, flags, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
@@ -134,3 +140,12 @@ def test_adamw_with_weight_decay_on_flat_shards_is_refused(tiny_bundle, tmp_path
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--optim", "adamw",
                                                   "--weight-decay", "0.1"))
     assert "needs --use-orig-params" in one_error_line(result)
+
+
+def test_ddp_timeout_bounds_how_long_a_collective_waits(tmp_path):
+    started = time.perf_counter()
+    result = torchrun(2, [os.path.join(REPO, "tests", "timeout_worker.py"), "2", "30"], timeout=60)
+    assert result.returncode != 0 and "rank 0 gave up after" in result.stdout, result.stdout + result.stderr
+    waited = float(result.stdout.split("rank 0 gave up after ")[1].split("s:")[0])
+    assert 1.5 < waited < 10 and time.perf_counter() - started < 30  # not rank 1's 30 s
+    assert parse_args(["--model-name-or-path", "m", "--train-data", "t"]).train.ddp_timeout == 1800  # HF's default

@@ -1,5 +1,6 @@
 """Multi-process behaviour on gloo: gradients independent of the batch split, dtypes, no desync."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -7,14 +8,18 @@ import subprocess
 import pytest
 import torch
 
+from ftloop.config import FSDPArgs
+from ftloop.fsdp.wrap import mixed_precision
 from launch import REPO, check, env, free_port, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
 
-def step_gradients(bundle, tmp_path, nproc: int, micro_batch: int, accumulation: int, *extra: str) -> dict:
-    out = tmp_path / f"grads-{nproc}x{accumulation}x{micro_batch}{'-'.join(extra)}.pt"
-    flags = train_flags(bundle, tmp_path / "unused", "--max-steps", "1", "--use-orig-params",
+def step_gradients(bundle, tmp_path, nproc: int, micro_batch: int, accumulation: int, *extra: str,
+                   flat: bool = False) -> dict:
+    tag = hashlib.md5(" ".join(extra).encode()).hexdigest()[:8]
+    out = tmp_path / f"grads-{nproc}x{accumulation}x{micro_batch}-{tag}{'-flat' * flat}.pt"
+    flags = train_flags(bundle, tmp_path / "unused", "--max-steps", "1", *([] if flat else ["--use-orig-params"]),
                         "--per-device-train-batch-size", str(micro_batch),
                         "--gradient-accumulation-steps", str(accumulation), *extra)
     check(torchrun(nproc, [WORKER, str(out), "--", *flags]))
@@ -41,11 +46,35 @@ def test_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bundle, 
     assert max_relative_difference(per_rank["grads"], one_by_two["grads"]) < 1e-4
 
 
+def test_sharded_accumulation_is_token_exact_without_unsharded_gradients(tiny_bundle, tmp_path):
+    """Flat parameters (the default): 1 process x one micro-batch of 4 rows against 2 processes x 2 micro-batches
+    of 1 row, each reduce-scattered into the sharded gradient as it is computed."""
+    rows = json.loads(open(tiny_bundle["train_json"]).read())[:8]
+    answers = ["red", "a red circle", "the shape is a small blue square", "green", "yes, there are two shapes in "
+               "the picture", "no", "a pointed triangle on a plain light background", "purple"]
+    for row, answer in zip(rows, answers):  # replies of 1 to 11 words: micro-batches of unequal token counts
+        row["conversations"][1]["value"] = answer
+    data = tmp_path / "unequal.json"
+    data.write_text(json.dumps(rows))
+    args = ("--no-bf16", "--train-data", str(data), "--image-folder", tiny_bundle["image_folder"])
+    one_by_four = step_gradients(tiny_bundle, tmp_path, 1, 4, 1, *args, flat=True)
+    two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, flat=True)
+    # The rows of a step carry different numbers of supervised tokens, so a mean per micro-batch (or per rank)
+    # would give another gradient: the comparison below can tell the two apart.
+    counts = two_by_two["micro_batch_targets"]
+    assert len(counts) == 2 and counts[0] != counts[1]
+    assert two_by_two["loss"] == pytest.approx(one_by_four["loss"], rel=1e-6)
+    assert max_relative_difference(two_by_two["grads"], one_by_four["grads"]) < 1e-5
+    assert not two_by_two["unsharded_grad_between_micro_batches"]  # no no_sync: no full gradient is kept
+
+
 def test_bf16_mixed_precision_dtypes(tiny_bundle, tmp_path):
     facts = step_gradients(tiny_bundle, tmp_path, 2, 1, 1)["dtypes"]  # --bf16 is the default
     assert facts["master"] == ["torch.float32"]  # sharded masters stay fp32
-    assert facts["grad"] == ["torch.float32"]  # reduced bf16 gradients land in the master dtype
+    assert facts["grad"] == ["torch.float32"]  # reduced gradients land in the master dtype
     assert facts["matmul_input"] == ["torch.bfloat16"]  # the matmuls run in bf16
+    assert facts["reduce"] == "torch.float32"  # every rank's bf16 gradient summed in fp32
+    assert mixed_precision(FSDPArgs(reduce_dtype="bf16")).reduce_dtype == torch.bfloat16  # --reduce-dtype bf16
 
 
 def test_fp32_run_has_fp32_matmuls(tiny_bundle, tmp_path):

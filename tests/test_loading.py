@@ -1,5 +1,6 @@
-"""Rank-0 loading: the weights every rank ends up with are exactly the checkpoint's, tied weights stay
-tied, and ranks other than 0 never hold a full copy of the model."""
+"""Loading: the weights every rank ends up with are exactly the checkpoint's (rank 0 reading and broadcasting,
+or every rank reading), tied weights stay tied, no rank (rank 0 included) ever holds a full copy of the model,
+and the memory plan's parameters + gradients + optimizer state are what a rank really holds."""
 
 import json
 import os
@@ -9,23 +10,23 @@ import pytest
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from launch import REPO, check, torchrun, train_flags
+from safetensors.torch import load_file
+
+from ftloop.demo.bundle import widen
+
+from launch import REPO, check, python_m, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "load_worker.py")
+MEMORY_WORKER = os.path.join(REPO, "tests", "memory_worker.py")
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks straight from mmap: freed memory leaves the RSS
 
 
 @pytest.fixture(scope="module")
 def larger_tied_model(tiny_bundle, tmp_path_factory):
     """~70M parameters (280 MB in fp32) with tied input/output embeddings, like Qwen2.5-VL-3B."""
     folder = tmp_path_factory.mktemp("larger_model")
-    config = AutoConfig.from_pretrained(tiny_bundle["model_dir"])
-    text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 512, 1536, 20
-    text.num_attention_heads, text.num_key_value_heads = 8, 2
-    text.layer_types = ["full_attention"] * text.num_hidden_layers
-    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64 -> 32 rotary pairs
-    config.vision_config.out_hidden_size = 512
-    config.tie_word_embeddings = text.tie_word_embeddings = True
+    config = widen(AutoConfig.from_pretrained(tiny_bundle["model_dir"]), 512, 20)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.save_pretrained(folder)
@@ -37,12 +38,13 @@ def larger_tied_model(tiny_bundle, tmp_path_factory):
     return folder, {k: v.clone() for k, v in model.state_dict().items()}, bytes_fp32
 
 
-def test_every_rank_gets_rank0_weights_and_only_its_shard(larger_tied_model, tiny_bundle, tmp_path):
+@pytest.mark.parametrize("reader, nproc", [("rank0", 4), ("every-rank", 2)])
+def test_every_rank_gets_the_checkpoint_and_only_its_shard(larger_tied_model, tiny_bundle, tmp_path, reader, nproc):
     folder, reference, model_bytes = larger_tied_model
     prefix = str(tmp_path / "load")
-    flags = train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path", str(folder), "--max-steps", "1")
-    # Large blocks straight from mmap, so that freed memory leaves the RSS and the peak measures live data.
-    check(torchrun(4, [WORKER, prefix, "--", *flags], timeout=300, MALLOC_MMAP_THRESHOLD_="65536"))
+    flags = train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path", str(folder), "--max-steps", "1",
+                        "--load-weights-on", reader)
+    check(torchrun(nproc, [WORKER, prefix, "--", *flags], timeout=300, **MMAP))
 
     # Gathered from the four ranks' shards: exactly the checkpoint, tied lm_head included.
     state = torch.load(f"{prefix}.state.pt")
@@ -52,10 +54,83 @@ def test_every_rank_gets_rank0_weights_and_only_its_shard(larger_tied_model, tin
     assert torch.equal(state["lm_head.weight"], state["model.language_model.embed_tokens.weight"])
 
     growth = {}
-    for rank in range(4):
+    for rank in range(nproc):
         with open(f"{prefix}.rank{rank}.json") as f:
             r = json.load(f)
         growth[rank] = (r["peak_mib"] - r["before_mib"]) * 2**20
-    assert growth[0] > 0.9 * model_bytes  # rank 0 did read the whole checkpoint
-    for rank in (1, 2, 3):  # a quarter of the model, one unit in flight and the run's own objects; no copy
-        assert growth[rank] < 0.5 * model_bytes, (rank, growth[rank] / model_bytes)
+    for rank in range(nproc):  # its share of the model, one unit in flight and the run's own objects; no copy
+        assert growth[rank] < 1 / nproc * model_bytes + 0.25 * model_bytes, (rank, growth[rank] / model_bytes)
+
+
+def wide_folder(tiny_bundle, folder, layers: int) -> int:
+    """A random Qwen2.5-VL of width 1024 and `layers` decoder layers (one layer: 11.8M parameters, 47 MB in
+    fp32), saved in bf16 as hub checkpoints are; returns its parameter count."""
+    config = widen(AutoConfig.from_pretrained(tiny_bundle["model_dir"]), 1024, layers)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="200MB")
+    for name in os.listdir(tiny_bundle["model_dir"]):
+        if not name.endswith(".safetensors") and name not in ("config.json", "generation_config.json"):
+            shutil.copy(os.path.join(tiny_bundle["model_dir"], name), folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def memory_by_size(tiny_bundle, tmp_path_factory):
+    """Per-rank memory records of a 2-process load and step, for models of 6 and 20 layers of one width."""
+    out = tmp_path_factory.mktemp("memory")
+    records = {}
+    for layers in (6, 20):
+        folder = out / f"model-{layers}"
+        params = wide_folder(tiny_bundle, folder, layers)
+        flags = train_flags(tiny_bundle, out / "run", "--model-name-or-path", str(folder), "--max-steps", "1",
+                            "--no-bf16", "--max-seq-length", "128")
+        check(torchrun(2, [MEMORY_WORKER, str(out / f"m{layers}"), "--", *flags], timeout=300, **MMAP))
+        records[layers] = (params, [json.load(open(out / f"m{layers}.rank{r}.json")) for r in range(2)])
+        shutil.rmtree(folder)
+    return records
+
+
+def test_rank0_load_memory_does_not_grow_with_the_model(memory_by_size):
+    (small, small_ranks), (large, large_ranks) = memory_by_size[6], memory_by_size[20]
+    assert large > 3 * small
+    # What loading adds on rank 0 beyond its own shard (half the fp32 model at 2 ranks): about one unit.
+    extra = {n: ranks[0]["load_peak_mib"] * 2**20 - n * 4 / 2 for n, ranks in ((small, small_ranks),
+                                                                             (large, large_ranks))}
+    assert abs(extra[large] - extra[small]) < 0.1 * large * 4, extra
+
+
+def test_plan_persistent_memory_agrees_with_what_a_rank_holds(memory_by_size):
+    for params, ranks in memory_by_size.values():
+        for record in ranks:  # sharded fp32 parameters + fp32 gradients + Adafactor's state
+            assert record["after_step_mib"] == pytest.approx(record["plan_persistent_mib"], rel=0.15), (params, record)
+
+
+def test_an_improving_eval_adds_no_copy_of_the_model(larger_tied_model, tiny_bundle, tmp_path):
+    """The best weights stay on disk (`best`, streamed out one unit at a time); memory is not a second model."""
+    folder, _, model_bytes = larger_tied_model
+    out = tmp_path / "run"
+    check(python_m("ftloop.train", train_flags(
+        tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"], "--no-bf16",
+        "--max-steps", "3", "--eval-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-4",
+        "--max-shard-size", "20MB", "--per-device-eval-batch-size", "4"), timeout=300, extra_env=MMAP))
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    peak = {r["step"]: r["peak_mem_gib"] * 2**30 for r in records if "peak_mem_gib" in r}
+    improved = [r["step"] for r in records if "eval_loss" in r and r["best_step"] == r["step"]]
+    assert improved and improved[0] == 1  # logged at step 1 before its eval; every later peak includes it
+    assert peak[3] - peak[1] < 0.25 * model_bytes, (peak, model_bytes)
+
+
+def test_best_weights_of_step_0_come_back_from_the_model_folder(tiny_bundle, tmp_path):
+    out = tmp_path / "run"
+    # Two processes: rank 0 reads each unit's tensors and broadcasts them, every rank writes back its shard.
+    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+        tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--eval-on-start", "--max-steps", "2",
+        "--eval-steps", "1", "--learning-rate", "1.0", "--per-device-train-batch-size", "2")]))
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
+    assert evals[-1]["best_step"] == 0 and "loaded the best weights back (step 0" in result.stdout
+    source = load_file(os.path.join(tiny_bundle["model_dir"], "model.safetensors"))
+    final = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert final.keys() == source.keys()
+    for name, tensor in source.items():  # the untrained weights, in --save-dtype (bf16)
+        assert torch.equal(final[name], tensor.to(torch.bfloat16)), name

@@ -150,7 +150,8 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--sharding-strategy", "SHARD_GRAD_OP", "--optim", "adamw", "--param-dtype", "bf16"],
+    ["--sharding-strategy", "SHARD_GRAD_OP", "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding",
+     "nearest"],
     ["--sharding-strategy", "HYBRID_SHARD", "--use-orig-params", "--lr-scheduler-type", "cosine"],
     ["--vision-lr", "1e-4", "--merger-lr", "2e-4", "--weight-decay", "0.01"],
     ["--optim", "adamw", "--use-orig-params", "--vision-lr", "1e-4", "--weight-decay", "0.01"],

@@ -1,0 +1,130 @@
+"""Weights into FSDP units one unit at a time: at start from the model folder, at the end from the `best` export.
+
+At start, every rank builds the same meta skeleton and FSDP wraps it unit by unit (a decoder layer, a vision
+block, then the root with the embeddings and lm_head). Just before it flattens a unit, FSDP calls
+`param_init_fn` for each of the unit's modules; `UnitMaterializer` gives those modules storage and values. So
+no rank, rank 0 included, ever holds more than its shards plus the one unit being flattened: the tensors are
+read from the safetensors files one at a time (`ftloop.hf_folder.FolderWeights`), cast to the master dtype as
+they are read, never gathered into a state dict.
+
+Who reads: rank 0 reads each tensor and broadcasts it (the default), or every rank reads it from the files
+itself (`--load-weights-on every-rank`, no broadcast; the page cache serves the ranks of a node). See the README
+for the measured load times of both. Buffers that the checkpoint does not hold (the rotary inverse frequencies)
+are computed on every rank by the model's own initialisation, as `from_pretrained` computes them.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import PreTrainedModel
+from transformers import initialization as hf_init
+
+from ftloop.fsdp.export import unit_parameters
+from ftloop.hf_folder import FolderWeights
+
+
+class UnitMaterializer:
+    """FSDP `param_init_fn`: real storage and checkpoint values for the parameters and buffers of a meta module.
+
+    FSDP calls it for every module of a unit (breadth first, the same order on every rank) before flattening
+    the unit. Tied weights (lm_head and the input embedding) stay one tensor: a meta tensor seen twice is
+    materialised once.
+    """
+
+    def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights, device: torch.device,
+                 every_rank_reads: bool = False):
+        """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's."""
+        self.hf_model = hf_model
+        self.names = {module: name for name, module in hf_model.named_modules(remove_duplicate=False)}
+        self.weights, self.device = weights, device
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.broadcast = world > 1 and not every_rank_reads
+        self.reads = every_rank_reads or not dist.is_initialized() or dist.get_rank() == 0
+        # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
+        # flattened and sharded them; the meta tensor is kept so that its id is never reused.
+        self.done: dict[int, tuple[torch.Tensor, weakref.ref]] = {}
+
+    def __call__(self, module: nn.Module) -> None:
+        path = self.names.get(module)
+        if path is None:  # a wrapper around the Hugging Face model: it must own nothing to load
+            if any(t is not None and t.is_meta for t in [*module._parameters.values(), *module._buffers.values()]):
+                raise ValueError(f"{type(module).__name__} owns tensors that are not the Hugging Face model's")
+            return
+        computed = []
+        for slots, is_param in ((module._parameters, True), (module._buffers, False)):
+            for key, meta in list(slots.items()):
+                if meta is None or not meta.is_meta:
+                    continue
+                if id(meta) in self.done:  # tied: a second name for a tensor already given storage
+                    slots[key] = self.done[id(meta)][1]()
+                    continue
+                name = f"{path}.{key}" if path else key
+                if not is_param and name not in self.weights:
+                    computed.append((key, meta))
+                    continue
+                real = self._receive(name, meta)
+                if is_param:
+                    real = nn.Parameter(real, requires_grad=meta.requires_grad)
+                self.done[id(meta)] = (meta, weakref.ref(real))
+                slots[key] = real
+        if computed:
+            self._compute_buffers(module, path, computed)
+
+    def _receive(self, name: str, meta: torch.Tensor) -> torch.Tensor:
+        if self.reads:
+            tensor = self.weights.read(name, meta.dtype).to(self.device).contiguous()
+            if tensor.shape != meta.shape:
+                raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(meta.shape)} (config.json does not describe these weights)")
+        else:
+            tensor = torch.empty_like(meta, device=self.device)
+        if self.broadcast:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def _compute_buffers(self, module: nn.Module, path: str, buffers: list[tuple[str, torch.Tensor]]) -> None:
+        """Buffers the checkpoint does not hold, computed on the host by the model's initialisation. They start
+        as NaN (or the lowest integer), so one that the initialisation does not compute is an error, never
+        garbage."""
+        for key, meta in buffers:
+            fill = math.nan if meta.is_floating_point() else torch.iinfo(meta.dtype).min
+            module._buffers[key] = torch.full(meta.shape, fill, dtype=meta.dtype)
+        # The model's own initialisation (what from_pretrained runs for tensors the checkpoint lacks); the
+        # tensors loaded above are flagged as initialised, which transformers' init functions respect.
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None and tensor.is_floating_point() and not tensor.isnan().any():
+                tensor._is_hf_initialized = True
+        with torch.no_grad(), hf_init.guard_torch_init_functions():
+            self.hf_model._init_weights(module)
+        for key, meta in buffers:
+            value = module._buffers[key]
+            unset = value.isnan() if value.is_floating_point() else value == torch.iinfo(value.dtype).min
+            if unset.any():
+                raise ValueError(f"{path}.{key}: a buffer that is neither in the checkpoint nor computed by the "
+                                 f"model's initialisation; ftloop cannot load {type(module).__name__}")
+            module._buffers[key] = value.to(self.device)
+            self.done[id(meta)] = (meta, weakref.ref(module._buffers[key]))
+
+
+@torch.no_grad()
+def load_weights_into(model: FSDP, weights: FolderWeights, prefix: str = "") -> None:
+    """Overwrite a wrapped model's parameters with a folder's, one FSDP unit at a time, on every rank (e.g. the
+    `best` export back into the model at the end). Collective. Each unit is gathered, rank 0 reads its tensors
+    into the gathered parameters and broadcasts them, and every rank writes its shard back: no rank holds more
+    than one unit beyond its shards."""
+    rank0 = dist.get_rank() == 0
+    broadcast = dist.get_world_size() > 1
+    for unit, entries in unit_parameters(model):
+        with FSDP.summon_full_params(unit, recurse=False, writeback=True):
+            for name, module, attribute in entries:
+                tensor = getattr(module, attribute)
+                if rank0:
+                    tensor.copy_(weights.read(name.removeprefix(prefix), tensor.dtype))
+                if broadcast:
+                    dist.broadcast(tensor.data, src=0)

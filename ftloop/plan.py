@@ -1,0 +1,343 @@
+"""What every GPU of a run holds, from the model's config alone: `python -m ftloop.plan [ftloop.train flags]
+--nproc-per-node 8 --nnodes 1 --gpu-memory-gib 80`.
+
+The model is built on the meta device (no weights, no tokenizer, no data) and split into the FSDP units
+ftloop wraps (each decoder layer and vision block; the root with the embeddings, lm_head, final norm, patch
+embedding and merger). Per GPU, in bytes:
+
+  persistent   sharded parameters (master dtype, each unit padded to a multiple of the shard count), their
+               gradients (FSDP reduces into the master dtype), optimizer state (Adafactor: full row and column
+               statistics of every matrix on every rank, the sliced second moment of vectors, the Kahan
+               buffer with --bf16-master-rounding kahan; AdamW: two moments per parameter)
+  largest unit two units gathered in the compute dtype (the one running and the one prefetched:
+               limit_all_gathers allows no more), the running unit's unsharded gradient, its copy in
+               --reduce-dtype for the reduce-scatter, and the reduced shard (SHARD_GRAD_OP: every unit stays
+               gathered from forward to backward)
+  root unit    the root's gathered parameters and unsharded gradient: FSDP keeps the root gathered from the
+               first forward to its post-backward, and lm_head's gradient arrives first in backward
+  activations  per micro-batch of --per-device-train-batch-size x --max-seq-length tokens: the tensors autograd
+               saves in each decoder layer (formula below, checked against autograd on CPU by the tests), all
+               layers without gradient checkpointing, or the layer inputs plus one recomputed layer with it;
+               the vision tower likewise for the most patches those tokens can hold (4 per token)
+  logits       every position supervised at worst: lm_head's output, its fp32 copy and log-softmax
+  reserve      RESERVE_BYTES for the CUDA context, NCCL buffers and allocator fragmentation (set aside, not derived)
+
+The peak is the persistent part plus the larger of two moments: mid-backward (root unit + largest unit +
+activations + logits) and the root's own post-backward (its unsharded gradient, the copy in --reduce-dtype and
+the reduced shard), plus the reserve. Gradient accumulation adds nothing: every micro-batch's gradient is
+reduce-scattered into the sharded gradient. Exit 0 when the peak fits the GPU, 2 (with the flag to change)
+when it does not. `ftloop.train` runs the same plan on GPUs before loading anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import tyro
+from torch import nn
+from transformers import PreTrainedModel
+
+from ftloop.config import Config, ConfigError, validate
+from ftloop.model import DTYPES, build_meta_model, load_config, wrapped_layer_classes
+
+GIB = 2**30
+RESERVE_BYTES = 2 * GIB
+
+
+@dataclass
+class UnitSize:
+    """One FSDP unit's parameters as the plan needs them."""
+    name: str
+    numel: int
+    matrix_stats: int  # row + column statistics Adafactor keeps for its >= 2-D parameters (full, on every rank)
+    vector_numel: int  # elements of its 0-/1-D parameters (per-element second moment, sliced)
+
+
+def fsdp_units(hf_model: PreTrainedModel) -> list[UnitSize]:
+    """The units ftloop's auto-wrap policy makes, the root last; tied parameters counted once (in the root)."""
+    classes = tuple(wrapped_layer_classes(hf_model))
+    seen: set[int] = set()
+    units, in_units = [], set()
+    for name, module in hf_model.named_modules():
+        if isinstance(module, classes) and not any(name.startswith(f"{u}.") for u in in_units):
+            in_units.add(name)
+            units.append(_unit_size(name, module, seen))
+    units.append(_unit_size("root", hf_model, seen))  # whatever no unit took
+    return units
+
+
+def _unit_size(name: str, module: nn.Module, seen: set[int]) -> UnitSize:
+    numel = stats = vectors = 0
+    for param in module.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        numel += param.numel()
+        if param.dim() >= 2:
+            rows = param.numel() // param.shape[-1]
+            stats += rows + (rows // param.shape[-2]) * param.shape[-1]
+        else:
+            vectors += param.numel()
+    return UnitSize(name, numel, stats, vectors)
+
+
+def decoder_layer_activation_bytes(text_config, compute_bytes: int) -> int:
+    """Bytes autograd saves per token in one decoder layer (flash/memory-efficient attention, no dropout):
+    two RMSNorms (their fp32 input copy, the normalised input of the weight product, and that product, which
+    the next projections save), q, k and v (the attention kernel saves them with its output and per-head
+    log-sum-exp), the attention output again (contiguous copy for o_proj), and the MLP's gate, silu, up and
+    product (4 x intermediate)."""
+    d, heads = text_config.hidden_size, text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    attn, kv = heads * head_dim, text_config.num_key_value_heads * head_dim
+    cb = compute_bytes
+    norms = 2 * (4 * d + 2 * cb * d)
+    attention = cb * (attn + 2 * kv) + 2 * cb * attn + 4 * heads
+    return norms + attention + 4 * cb * text_config.intermediate_size
+
+
+def vision_block_activation_bytes(vision_config, compute_bytes: int) -> int:
+    """The same per patch for one vision block: full-head q, k, v from one qkv projection."""
+    d, heads = vision_config.hidden_size, vision_config.num_heads
+    cb = compute_bytes
+    return 2 * (4 * d + 2 * cb * d) + 3 * cb * d + 2 * cb * d + 4 * heads + 4 * cb * vision_config.intermediate_size
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes of each term (see the module docstring) and the peak against the GPU's memory."""
+    terms: dict[str, int]
+    details: dict[str, str]
+    activations_other: int  # activations with gradient checkpointing switched the other way
+    peak_bytes: int
+    gpu_bytes: int | None = None
+    shards: int = 1
+    parameters: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def persistent_bytes(self) -> int:
+        return self.terms["sharded parameters"] + self.terms["gradients"] + self.terms["optimizer state"]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes
+
+    def fits(self) -> bool:
+        return self.gpu_bytes is None or self.peak_bytes <= self.gpu_bytes
+
+
+def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int,
+                gpu_bytes: int | None = None) -> MemoryPlan:
+    """The plan for `cfg` on `world_size` GPUs, `gpus_per_node` to a node, for a meta `hf_model`."""
+    f, o, m, t, data = cfg.fsdp, cfg.optim, cfg.model, cfg.train, cfg.data
+    strategy = "NO_SHARD" if world_size == 1 else f.sharding_strategy  # FSDP itself does this at world size 1
+    shards = {"NO_SHARD": 1, "HYBRID_SHARD": min(gpus_per_node, world_size)}.get(strategy, world_size)
+    pb = DTYPES[m.param_dtype].itemsize
+    cb = 2 if f.bf16 else pb
+    rb = DTYPES[f.reduce_dtype].itemsize if f.bf16 else pb
+    units = fsdp_units(hf_model)
+    root, layers = units[-1], units[:-1]
+    local = sum(math.ceil(u.numel / shards) for u in units)  # FSDP pads each flat parameter to the shard count
+    offloaded = f.cpu_offload  # shards, gradients and the optimizer live in host memory
+    terms, details = {}, {}
+    terms["sharded parameters"] = 0 if offloaded else local * pb
+    terms["gradients"] = 0 if offloaded else local * pb
+    where = " (on the host)" if offloaded else ""
+    details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}"
+    details["gradients"] = f"the same: FSDP reduces into the master dtype{where}"
+    if o.optim == "adafactor":
+        stats = sum(u.matrix_stats for u in units) * 4 + sum(math.ceil(u.vector_numel / shards) for u in units) * 4
+        kahan = local * 2 if m.param_dtype == "bf16" and o.bf16_master_rounding == "kahan" else 0
+        details["optimizer state"] = "Adafactor row/column statistics + sliced vector moments" + (
+            " + bf16 Kahan buffer" if kahan else "")
+        state = stats + kahan
+    else:
+        state = 2 * local * pb
+        details["optimizer state"] = "AdamW: two moments per local element"
+    terms["optimizer state"] = 0 if offloaded else state
+
+    gathered = cb if (f.bf16 or shards > 1) else 0  # bytes per element of a gathered copy
+    biggest = max(layers, key=lambda u: u.numel, default=root)
+    reduce_copy = rb if rb != cb else 0
+    unit_grad = biggest.numel * (cb + reduce_copy) + math.ceil(biggest.numel / shards) * rb
+    if strategy == "SHARD_GRAD_OP":  # no reshard after forward: every unit stays gathered until its backward
+        unit_params = sum(u.numel for u in layers) * gathered
+        details["largest unit"] = "every unit gathered from forward to backward (SHARD_GRAD_OP) + gradient"
+    else:
+        unit_params = 2 * biggest.numel * gathered
+        details["largest unit"] = (f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B + gradient "
+                                   f"{cb} B" + (f" + reduce copy {reduce_copy} B" if reduce_copy else ""))
+    terms["largest unit"] = unit_params + unit_grad
+    terms["root unit"] = root.numel * (gathered + cb)
+    details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B + gradient {cb} B"
+
+    tokens = t.per_device_train_batch_size * data.max_seq_length
+    text, vision = hf_model.config.text_config, hf_model.config.vision_config
+    per_layer = decoder_layer_activation_bytes(text, cb) * tokens
+    patches = tokens * vision.spatial_merge_size**2
+    per_block = vision_block_activation_bytes(vision, cb) * patches
+    around = tokens * (4 * text.hidden_size + 3 * cb * text.hidden_size)  # embeddings, final norm, lm_head input
+
+    def activations(checkpointed: bool) -> int:
+        if checkpointed:  # each layer's input, plus one layer recomputed and its gradients
+            return (text.num_hidden_layers * tokens * text.hidden_size * cb + 2 * per_layer
+                    + vision.depth * patches * vision.hidden_size * cb + 2 * per_block + around)
+        return (text.num_hidden_layers + 1) * per_layer + (vision.depth + 1) * per_block + around
+
+    terms["activations"] = activations(m.gradient_checkpointing)
+    details["activations"] = (f"{tokens} tokens, {patches} patches at most, gradient checkpointing "
+                              f"{'on' if m.gradient_checkpointing else 'off'}")
+    terms["logits"] = tokens * text.vocab_size * (cb + 8)
+    details["logits"] = f"{tokens} positions x {text.vocab_size} x ({cb} + 4 + 4) B"
+    terms["reserve"] = RESERVE_BYTES
+    details["reserve"] = "CUDA context, NCCL buffers, fragmentation"
+    middle = terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
+    root_reduce = root.numel * (cb + reduce_copy) + math.ceil(root.numel / shards) * rb
+    persistent = terms["sharded parameters"] + terms["gradients"] + terms["optimizer state"]
+    plan = MemoryPlan(terms, details, activations(not m.gradient_checkpointing),
+                      persistent + max(middle, root_reduce) + RESERVE_BYTES, gpu_bytes, shards,
+                      sum(u.numel for u in units))
+    if strategy != f.sharding_strategy:
+        plan.notes.append("one process: FSDP runs NO_SHARD")
+    return plan
+
+
+def _replace(cfg: Config, group: str, **values) -> Config:
+    return dataclasses.replace(cfg, **{group: dataclasses.replace(getattr(cfg, group), **values)})
+
+
+def _changes(cfg: Config) -> list[tuple[str, Config]]:
+    """Single changes of flags that lower the peak, in the order they cost the user least, with their config."""
+    changes = []
+    if cfg.model.param_dtype == "fp32" and cfg.optim.optim == "adafactor":
+        changes.append(("--param-dtype bf16", _replace(cfg, "model", param_dtype="bf16")))
+    if not cfg.model.gradient_checkpointing:
+        changes.append(("--gradient-checkpointing", _replace(cfg, "model", gradient_checkpointing=True)))
+    if cfg.fsdp.sharding_strategy != "FULL_SHARD":
+        changes.append(("--sharding-strategy FULL_SHARD", _replace(cfg, "fsdp", sharding_strategy="FULL_SHARD")))
+    if cfg.fsdp.bf16 and cfg.fsdp.reduce_dtype == "fp32":
+        changes.append(("--reduce-dtype bf16", _replace(cfg, "fsdp", reduce_dtype="bf16")))
+    batch = cfg.train.per_device_train_batch_size
+    if batch > 1:  # the same global batch in more, smaller micro-batches
+        accumulation = cfg.train.gradient_accumulation_steps * 2
+        changes.append((f"--per-device-train-batch-size {batch // 2} --gradient-accumulation-steps {accumulation}",
+                        _replace(cfg, "train", per_device_train_batch_size=batch // 2,
+                                 gradient_accumulation_steps=accumulation)))
+    return changes
+
+
+def fitting_change(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int,
+                   gpu_bytes: int) -> tuple[str, MemoryPlan] | None:
+    """The first single change of flags whose plan fits; failing that, the fewest of them applied one after
+    the other; None when even all of them do not fit."""
+    for flags, changed in _changes(cfg):
+        plan = plan_memory(hf_model, changed, world_size, gpus_per_node, gpu_bytes)
+        if plan.fits():
+            return flags, plan
+    applied, current = [], cfg
+    while changes := _changes(current):
+        flags, current = changes[0]
+        applied.append(flags)
+        plan = plan_memory(hf_model, current, world_size, gpus_per_node, gpu_bytes)
+        if plan.fits():
+            return " ".join(applied), plan
+    return None
+
+
+def verdict(hf_model: PreTrainedModel, plan: MemoryPlan, cfg: Config, world_size: int, gpus_per_node: int) -> str:
+    """One line: the peak against the GPU, and when it does not fit, what would."""
+    line = f"memory plan: {gib(plan.peak_bytes)} per GPU of {gib(plan.gpu_bytes)} on {world_size} GPU(s)"
+    if plan.fits():
+        return line + f": fits, {gib(plan.gpu_bytes - plan.peak_bytes)} to spare"
+    line += (f": does not fit (sharded parameters {gib(plan.terms['sharded parameters'])}, gradients "
+             f"{gib(plan.terms['gradients'])}, optimizer state {gib(plan.terms['optimizer state'])}, root unit "
+             f"{gib(plan.terms['root unit'])}, largest unit {gib(plan.terms['largest unit'])}, activations "
+             f"{gib(plan.terms['activations'])}, logits {gib(plan.terms['logits'])})")
+    found = fitting_change(hf_model, cfg, world_size, gpus_per_node, plan.gpu_bytes)
+    if found:
+        flags, better = found
+        return line + f"; {flags} brings it to {gib(better.peak_bytes)}"
+    return line + "; no flag makes it fit: use more GPUs (--nnodes) or a smaller --max-seq-length"
+
+
+def check_fits(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int, gpu_bytes: int) -> None:
+    """Raise ConfigError (one line, the figures and the flag to change) when the run cannot fit its GPUs."""
+    plan = plan_memory(hf_model, cfg, world_size, gpus_per_node, gpu_bytes)
+    if not plan.fits():
+        raise ConfigError(verdict(hf_model, plan, cfg, world_size, gpus_per_node))
+
+
+def gib(nbytes: int | None) -> str:
+    return "?" if nbytes is None else f"{nbytes / GIB:.1f} GiB"
+
+
+def report(plan: MemoryPlan) -> str:
+    """The per-GPU table `python -m ftloop.plan` prints."""
+    rows = [f"{'sharded over':<20} {plan.shards} GPU(s), {plan.parameters / 1e9:.2f}B parameters"]
+    for name, nbytes in plan.terms.items():
+        rows.append(f"{name:<20} {gib(nbytes):>10}   {plan.details.get(name, '')}")
+    other = "off" if plan.details["activations"].endswith("on") else "on"
+    rows.append(f"{'  checkpointing ' + other:<20} {gib(plan.activations_other):>10}   the activations with "
+                f"gradient checkpointing {other}")
+    rows.append(f"{'peak':<20} {gib(plan.peak_bytes):>10}   persistent + max(mid-backward, root reduce) + reserve")
+    return "\n".join(rows + [f"note: {n}" for n in plan.notes])
+
+
+@dataclass
+class GPUArgs:
+    nproc_per_node: int = 8
+    """GPUs (processes) per node."""
+    nnodes: int = 1
+    """Nodes."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU in GiB (an 80 GB H100 has 79.6)."""
+
+
+@dataclass
+class PlanCommand:
+    gpus: GPUArgs = field(default_factory=GPUArgs)
+    run: Config = field(default_factory=Config)
+
+
+def parse(argv: list[str] | None) -> PlanCommand:
+    return tyro.cli(PlanCommand, args=argv, config=(tyro.conf.OmitArgPrefixes,), prog="python -m ftloop.plan",
+                    description=__doc__.split("\n\n")[0])
+
+
+def plan_from_flags(argv: list[str]) -> MemoryPlan:
+    """The plan for ftloop.train flags plus --nproc-per-node / --nnodes / --gpu-memory-gib."""
+    command = parse(argv)
+    validate(command.run, need_data=False)
+    world = command.gpus.nproc_per_node * command.gpus.nnodes
+    hf_model = build_meta_model(load_config(command.run.model), command.run.model)
+    return plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
+                       int(command.gpus.gpu_memory_gib * GIB))
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = parse(argv)
+    try:
+        validate(command.run, need_data=False)
+        if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
+            raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
+        world = command.gpus.nproc_per_node * command.gpus.nnodes
+        hf_model = build_meta_model(load_config(command.run.model), command.run.model)
+    except ConfigError as err:
+        print(f"ftloop: error: {err}", file=sys.stderr)
+        return 2
+    plan = plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
+                       int(command.gpus.gpu_memory_gib * GIB))
+    print(f"{command.run.model.model_name_or_path}: per GPU, {world} GPU(s) of {command.gpus.gpu_memory_gib:g} GiB")
+    print(report(plan))
+    print(verdict(hf_model, plan, command.run, world, command.gpus.nproc_per_node))
+    return 0 if plan.fits() else 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

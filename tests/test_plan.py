@@ -1,0 +1,229 @@
+"""The memory plan at the real Qwen2.5-VL sizes (meta device), every term derived here by hand; the
+activation formula against what autograd really saves; the CLI's exit codes and advice."""
+
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+from ftloop.config import Config, DataArgs, FSDPArgs, ModelArgs, OptimArgs, TrainArgs
+from ftloop.plan import (GIB, RESERVE_BYTES, decoder_layer_activation_bytes, fsdp_units, plan_memory,
+                         vision_block_activation_bytes)
+from ftloop.plan import main as plan_main
+from launch import python_m
+
+# The dimensions of Qwen2.5-VL-3B/7B/72B-Instruct's config.json (no weights).
+VISION = dict(depth=32, hidden_size=1280, num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+              window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu",
+              in_chans=3)
+SIZES = {
+    "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+           dict(intermediate_size=3420, out_hidden_size=2048), True),
+    "7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+           dict(intermediate_size=3420, out_hidden_size=3584), False),
+    "72b": (dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+            dict(intermediate_size=3456, out_hidden_size=8192), False),
+}
+PUBLISHED = {"3b": 3.75, "7b": 8.29, "72b": 73.41}  # billions, as published
+
+
+def config_dict(size: str) -> dict:
+    text, vision, tied = SIZES[size]
+    return {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "text_config": {**text, "model_type": "qwen2_5_vl_text", "max_position_embeddings": 128000,
+                            "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+            "vision_config": {**VISION, **vision}, "tie_word_embeddings": tied,
+            "image_token_id": 151655, "video_token_id": 151656}
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(size: str, dtype=torch.bfloat16):
+    """The model on the meta device (built once per size: the plan only reads it)."""
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(Qwen2_5_VLConfig(**config_dict(size)), dtype=dtype)
+
+
+def by_hand(size: str) -> dict:
+    """Parameter counts of one decoder layer, one vision block and the root, from the dimensions alone."""
+    text, vision, tied = SIZES[size]
+    d, i, v = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    kv = text["num_key_value_heads"] * d // text["num_attention_heads"]
+    layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * i + 2 * d  # q (bias), k, v (bias), o, MLP, 2 norms
+    dv, iv = VISION["hidden_size"], vision["intermediate_size"]
+    block = (dv * 3 * dv + 3 * dv) + (dv * dv + dv) + 2 * (dv * iv + iv) + (iv * dv + dv) + 2 * dv
+    merged = 4 * dv
+    root = (v * d) * (1 if tied else 2) + d  # embeddings (+ lm_head), final norm
+    root += dv * 3 * 2 * 14 * 14 + dv + (merged * merged + merged) + (merged * d + d)  # patch embed, merger
+    return {"layer": layer, "block": block, "root": root, "layers": text["num_hidden_layers"],
+            "total": text["num_hidden_layers"] * layer + VISION["depth"] * block + root}
+
+
+def run_config(**changes) -> Config:
+    cfg = Config(ModelArgs(model_name_or_path="x"), DataArgs(max_seq_length=2048), OptimArgs(), FSDPArgs(),
+                 TrainArgs(per_device_train_batch_size=1))
+    for group, values in changes.items():
+        cfg = dataclasses.replace(cfg, **{group: dataclasses.replace(getattr(cfg, group), **values)})
+    return cfg
+
+
+@pytest.mark.parametrize("size", ["3b", "7b", "72b"])
+def test_units_and_parameters_are_the_published_sizes(size):
+    units, want = fsdp_units(meta_model(size)), by_hand(size)
+    assert sum(u.numel for u in units) == want["total"]
+    assert round(want["total"] / 1e9, 2) == PUBLISHED[size]
+    assert units[-1].name == "root" and units[-1].numel == want["root"]
+    assert sorted({u.numel for u in units[:-1]}) == sorted({want["layer"], want["block"]})
+    assert len(units) == want["layers"] + VISION["depth"] + 1
+
+
+def test_72b_on_8_gpus_of_80_gib_with_bf16_masters_fits_and_every_term_is_derived():
+    hand = by_hand("72b")
+    layer, root, total = hand["layer"], hand["root"], hand["total"]
+    assert layer == 877_684_736 and root == 2_561_102_080 and total == 73_410_777_344
+    plan = plan_memory(meta_model("72b"), run_config(model={"param_dtype": "bf16"}), 8, 8, 80 * GIB)
+    local = 80 * -(-layer // 8) + 32 * -(-hand["block"] // 8) + -(-root // 8)  # ceil: FSDP pads to 8 shards
+    assert plan.terms["sharded parameters"] == local * 2 == 18_352_694_336  # ~18 GB of bf16 weights per GPU
+    assert plan.terms["gradients"] == local * 2
+    assert plan.terms["optimizer state"] < 0.2 * GIB  # factored: rows + columns, not a float per element
+    # two layers gathered in bf16 (~1.8 GB each), the running one's bf16 gradient, its fp32 reduce copy, the shard
+    assert plan.terms["largest unit"] == layer * (2 * 2 + 2 + 4) + (layer // 8) * 4
+    assert plan.terms["root unit"] == root * (2 + 2)  # ~5 GB gathered plus its gradient
+    assert plan.terms["logits"] == 2048 * 152064 * (2 + 4 + 4)
+    text = meta_model("72b").config.text_config
+    vision = meta_model("72b").config.vision_config
+    per_layer, per_block = decoder_layer_activation_bytes(text, 2), vision_block_activation_bytes(vision, 2)
+    checkpointed = (80 * 2048 * 8192 * 2 + 2 * per_layer * 2048 + 32 * 8192 * 1280 * 2 + 2 * per_block * 8192
+                    + 2048 * (4 * 8192 + 6 * 8192))
+    assert plan.terms["activations"] == checkpointed and checkpointed < 7 * GIB
+    assert plan.activations_other == 81 * per_layer * 2048 + 33 * per_block * 8192 + 2048 * 10 * 8192
+    persistent = 2 * local * 2 + plan.terms["optimizer state"]
+    middle = plan.terms["root unit"] + plan.terms["largest unit"] + checkpointed + plan.terms["logits"]
+    assert plan.peak_bytes == persistent + middle + RESERVE_BYTES
+    assert plan.fits() and plan.peak_bytes < 70 * GIB  # with headroom
+
+
+def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path, capsys):
+    plan = plan_memory(meta_model("72b"), run_config(), 8, 8, 80 * GIB)
+    assert plan.terms["sharded parameters"] == plan.terms["gradients"] == 18_352_694_336 * 2
+    assert not plan.fits()
+    folder = tmp_path / "qwen2.5-vl-72b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_dict("72b")))
+    args = ["--model-name-or-path", str(folder), "--nproc-per-node", "8", "--gpu-memory-gib", "80"]
+    refused = python_m("ftloop.plan", args)  # as users run it: needs no data, no tokenizer, no weights
+    assert refused.returncode == 2, refused.stderr
+    verdict = refused.stdout.strip().splitlines()[-1]
+    assert "does not fit" in verdict and "--param-dtype bf16 brings it to" in verdict
+    for term in ("sharded parameters", "gradients", "optimizer state", "largest unit", "root unit", "activations",
+                 "logits", "peak"):
+        assert term in refused.stdout
+    assert plan_main([*args, "--param-dtype", "bf16"]) == 0
+    assert "fits" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_7b_with_accumulation_4_fits_with_fp32_masters():
+    cfg = run_config(train={"gradient_accumulation_steps": 4})
+    plan = plan_memory(meta_model("7b"), cfg, 8, 8, 80 * GIB)
+    assert plan.fits()
+    # accumulation adds nothing: each micro-batch's gradient is reduce-scattered into the sharded gradient
+    assert plan.peak_bytes == plan_memory(meta_model("7b"), run_config(), 8, 8, 80 * GIB).peak_bytes
+    hand = by_hand("7b")
+    assert plan.terms["sharded parameters"] == 4 * (28 * -(-hand["layer"] // 8) + 32 * -(-hand["block"] // 8)
+                                                    + -(-hand["root"] // 8))
+
+
+def test_the_plan_follows_the_flags():
+    model = meta_model("7b")
+    base = plan_memory(model, run_config(), 8, 8)
+    kahan = plan_memory(model, run_config(model={"param_dtype": "bf16"}, optim={"bf16_master_rounding": "kahan"}), 8, 8)
+    assert kahan.terms["optimizer state"] - base.terms["optimizer state"] == base.terms["sharded parameters"] // 2
+    bf16_reduce = plan_memory(model, run_config(fsdp={"reduce_dtype": "bf16"}), 8, 8)
+    assert base.terms["largest unit"] - bf16_reduce.terms["largest unit"] == by_hand("7b")["layer"] * 4 + \
+        (by_hand("7b")["layer"] // 8) * 2
+    hybrid = plan_memory(model, run_config(fsdp={"sharding_strategy": "HYBRID_SHARD"}), 16, 8)
+    assert hybrid.terms["sharded parameters"] == base.terms["sharded parameters"]  # sharded within the node
+    no_ckpt = plan_memory(model, run_config(model={"gradient_checkpointing": False}), 8, 8)
+    assert no_ckpt.terms["activations"] == base.activations_other > 5 * base.terms["activations"]
+    adamw = plan_memory(model, run_config(optim={"optim": "adamw"}), 8, 8)
+    assert adamw.terms["optimizer state"] == 2 * base.terms["sharded parameters"]
+    offload = plan_memory(model, run_config(fsdp={"cpu_offload": True}), 8, 8)
+    assert offload.persistent_bytes == 0
+    assert plan_memory(model, run_config(), 16, 8).terms["sharded parameters"] < base.terms["sharded parameters"]
+
+
+def saved_bytes(module, *inputs, **kwargs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `module` runs, its weights left out."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)] = \
+                t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs, **kwargs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layer_activation_formula_matches_autograd(dtype):
+    """One real decoder layer (and vision block) on the CPU: what autograd keeps for backward, per token, against
+    the plan's formula. Attention through sdpa without a mask, as a single packed row runs on GPUs."""
+    config = Qwen2_5_VLConfig(**config_dict("72b"))
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads = 256, 704, 4, 2
+    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64
+    text._attn_implementation = "sdpa"
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLDecoderLayer,
+                                                                    Qwen2_5_VLRotaryEmbedding,
+                                                                    Qwen2_5_VLVisionBlock)
+    layer = Qwen2_5_VLDecoderLayer(text, 0).to(dtype)
+    tokens = 128
+    hidden = torch.randn(1, tokens, 256, dtype=dtype, requires_grad=True)
+    positions = torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1)
+    cos, sin = Qwen2_5_VLRotaryEmbedding(text)(hidden, positions)
+    measured = saved_bytes(layer, hidden, position_embeddings=(cos, sin))
+    # cos and sin are computed once per forward and shared by every layer: not the layer's own
+    measured -= 2 * cos.numel() * cos.element_size()
+    formula = decoder_layer_activation_bytes(text, dtype.itemsize) * tokens
+    assert measured == pytest.approx(formula, rel=0.05)
+
+    vision = config.vision_config
+    vision.hidden_size, vision.intermediate_size, vision.num_heads = 128, 352, 2
+    vision._attn_implementation = "sdpa"
+    block = Qwen2_5_VLVisionBlock(vision).to(dtype)
+    patches = 256
+    x = torch.randn(patches, 128, dtype=dtype, requires_grad=True)
+    angles = torch.randn(patches, 64 // 2).repeat(1, 2)
+    measured = saved_bytes(block, x, cu_seqlens=torch.tensor([0, patches], dtype=torch.int32),
+                           position_embeddings=(angles.cos(), angles.sin()))
+    measured -= 2 * angles.numel() * 4
+    assert measured == pytest.approx(vision_block_activation_bytes(vision, dtype.itemsize) * patches, rel=0.05)
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_flag():
+    """What ftloop.train runs on GPUs before it loads anything."""
+    from ftloop.config import ConfigError
+    from ftloop.plan import check_fits
+
+    model = meta_model("72b")
+    check_fits(model, run_config(model={"param_dtype": "bf16"}), 8, 8, 80 * GIB)  # fits: no error
+    with pytest.raises(ConfigError) as refused:
+        check_fits(model, run_config(), 8, 8, 80 * GIB)
+    message = str(refused.value)
+    assert "\n" not in message and "97.3 GiB per GPU of 80.0 GiB on 8 GPU(s): does not fit" in message
+    assert "sharded parameters 34.2 GiB" in message and "--param-dtype bf16 brings it to 63.1 GiB" in message
+    # When no single flag is enough, the changes add up; when nothing is, the message says so.
+    with pytest.raises(ConfigError, match="--param-dtype bf16 --gradient-checkpointing brings it to"):
+        check_fits(model, run_config(model={"gradient_checkpointing": False}), 8, 8, 80 * GIB)
+    with pytest.raises(ConfigError, match="no flag makes it fit"):
+        check_fits(model, run_config(), 2, 2, 80 * GIB)
