@@ -69,33 +69,27 @@ class PeakRSS:
         self.growth_mib = (peak - self.before) / 1024
 
 
-def build_folder(folder: str, layers: int, hidden: int) -> float:
-    """A random Qwen2.5-VL with `layers` decoder layers of width `hidden` and a tiny vision tower; returns
-    its bf16 size in MB."""
-    from ftloop.demo.bundle import build_config, build_image_processor, build_tokenizer, save_image_processor
+def build_folder(folder: str, layers: int, hidden: int, dtype: torch.dtype = torch.float32,
+                 max_shard_size: str = "5GB") -> int:
+    """A random Qwen2.5-VL with `layers` decoder layers of width `hidden` and the test bundle's tiny vision
+    tower, saved in `dtype`; returns its parameter count."""
+    from pathlib import Path
 
+    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
+
+    from ftloop.demo.bundle import build_config, build_image_processor, build_tokenizer, save_image_processor, widen
 
     hf_logging.disable_progress_bar()
     tok = build_tokenizer()
-    config = build_config(tok, "test")
-    text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 3 * hidden, layers
-    text.num_attention_heads, text.num_key_value_heads = hidden // 64, 2
-    text.layer_types = ["full_attention"] * layers
-    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64 -> 32 rotary pairs
-    config.vision_config.out_hidden_size = hidden
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    config = widen(build_config(tok, "test"), hidden, layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.save_pretrained(folder)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     tok.save_pretrained(folder)
-    from pathlib import Path
-
     save_image_processor(build_image_processor(56), Path(folder))
-    return sum(p.numel() for p in model.parameters()) * 2 / 1e6
+    return sum(p.numel() for p in model.parameters())
 
 
 def worker(folder: str, out: str, max_shard_size: str) -> None:
@@ -109,22 +103,18 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     from ftloop.distributed import init_distributed
     from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES
     from ftloop.fsdp.export import export_model, full_state_dict
-    from ftloop.hf_folder import save_model_files
+    from ftloop.fsdp.load import UnitMaterializer
     from ftloop.fsdp.wrap import wrap_fsdp
-    from ftloop.hf_folder import meta_skeleton
-    from ftloop.model import WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_source_state, \
-        wrapped_layer_classes
+    from ftloop.hf_folder import FolderWeights, meta_skeleton, save_model_files
+    from ftloop.model import VisionLanguageSFT, build_meta_model, wrapped_layer_classes
 
     d = init_distributed()
     args = ModelArgs(model_name_or_path=folder)
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     meta = build_meta_model(hf_config, args)
-    source = None
-    if d.is_main:
-        source = {WRAPPER_PREFIX + name: tensor for name, tensor in load_source_state(args).items()}
-    model = wrap_fsdp(VisionLanguageSFT(meta), wrapped_layer_classes(meta), FSDPArgs(), source, d.device)
-    del source
+    materialize = UnitMaterializer(meta, FolderWeights(folder, meta), d.device)
+    model = wrap_fsdp(VisionLanguageSFT(meta), wrapped_layer_classes(meta), FSDPArgs(), materialize, d.device)
 
     # Once unmeasured: the first export imports and caches what any export needs (tokenizer saving, ...).
     export_model(model, os.path.join(out, "warmup"), hf_config, tokenizer, image_processor, "bf16", max_shard_size,
@@ -193,7 +183,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for layers in args.layers:
             folder, out = os.path.join(tmp, f"model-{layers}"), os.path.join(tmp, f"out-{layers}")
-            size_mb = build_folder(folder, layers, args.hidden)
+            size_mb = build_folder(folder, layers, args.hidden) * 2 / 1e6  # in bf16
             started = time.perf_counter()
             result = run_result([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", __file__, "--max-shard-size", args.max_shard_size, "--worker", folder, out], env)

@@ -1,11 +1,15 @@
-"""GPU check: a random-weight model with Qwen2.5-VL-3B's real dimensions, 20 steps with ftloop.train.
+"""GPU check: a random-weight model with Qwen2.5-VL-3B's real dimensions, 20 steps with ftloop.train, at
+gradient accumulation 1 and 4, beside the memory plan.
 
     python scripts/gpu_smoke.py [--workdir /tmp/ftloop-gpu] [--steps 20] [--nproc 1] [--size 3b|tiny]
+                                [--accumulation 1 4]
 
 Builds the folder locally (nothing is downloaded: the tokenizer is the demo's, the weights random), draws
-448x448 images (256 image tokens each), trains with gradient checkpointing and bf16, and prints step time,
-tokens/s and peak memory from metrics.jsonl. `--size tiny` runs the same pipeline on the demo model (a
-quick check that the script works, e.g. on a CPU).
+448x448 images (256 image tokens each), trains with gradient checkpointing and bf16, and prints per run the
+step time, tokens/s and peak memory (torch.cuda.max_memory_allocated, from metrics.jsonl) next to the peak
+`ftloop.plan` gives for the same flags (without its reserve for the CUDA context, which the allocator does not
+count). `--size tiny` runs the same pipeline on the demo model (a quick check that the script works, e.g. on a
+CPU, where the peak is the process's RSS).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--size", choices=["3b", "tiny"], default="3b")
+    parser.add_argument("--accumulation", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
 
     from ftloop.demo.bundle import build_demo_bundle
@@ -66,21 +71,32 @@ def main() -> None:
         model_dir = os.path.join(args.workdir, "qwen2.5-vl-3b-random")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             build_3b_folder(bundle["model_dir"], model_dir)
-    out = os.path.join(args.workdir, "run")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "-m", "ftloop.train", "--model-name-or-path", model_dir, "--train-data", bundle["train_json"],
-               "--image-folder", bundle["image_folder"], "--output-dir", out, "--max-steps", str(args.steps),
-               "--per-device-train-batch-size", "4", "--logging-steps", "5", "--eval-steps", "1000000",
-               "--save-steps", "0", "--report-to", "none", "--learning-rate", "1e-5"]
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit("gpu_smoke: training failed")
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-    steady = records[1:] or records  # the first window holds warm-up and compilation
-    step_time = sum(r["step_time_s"] for r in steady) / len(steady)
-    tokens = sum(r["tokens_per_s"] for r in steady) / len(steady)
-    print(f"gpu_smoke: {args.size}, {args.nproc} process(es): step {step_time:.3f} s, {tokens:.0f} tokens/s, "
-          f"peak memory {max(r['peak_mem_gib'] for r in records):.1f} GiB, loss {records[0]['loss']:.3f} -> "
-          f"{records[-1]['loss']:.3f}")
+    import torch
+
+    from ftloop.plan import GIB, RESERVE_BYTES, plan_from_flags
+
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
+    for accumulation in args.accumulation:
+        out = os.path.join(args.workdir, f"run-acc{accumulation}")
+        shutil.rmtree(out, ignore_errors=True)
+        flags = ["--model-name-or-path", model_dir, "--train-data", bundle["train_json"], "--image-folder",
+                 bundle["image_folder"], "--output-dir", out, "--max-steps", str(args.steps),
+                 "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", str(accumulation),
+                 "--max-seq-length", "1024", "--logging-steps", "5", "--eval-steps", "1000000", "--save-steps", "0",
+                 "--report-to", "none", "--learning-rate", "1e-5"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(args.nproc), "-m", "ftloop.train", *flags]
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit(f"gpu_smoke: training failed (accumulation {accumulation})")
+        plan = plan_from_flags([*flags, "--nproc-per-node", str(args.nproc), "--gpu-memory-gib", str(gpu_gib)])
+        records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+        steady = records[1:] or records  # the first window holds warm-up and compilation
+        step_time = sum(r["step_time_s"] for r in steady) / len(steady)
+        tokens = sum(r["tokens_per_s"] for r in steady) / len(steady)
+        print(f"gpu_smoke: {args.size}, {args.nproc} process(es), accumulation {accumulation}: step {step_time:.3f} s, "
+              f"{tokens:.0f} tokens/s, peak memory {max(r['peak_mem_gib'] for r in records):.1f} GiB (plan "
+              f"{(plan.peak_bytes - RESERVE_BYTES) / GIB:.1f} GiB + {RESERVE_BYTES / GIB:.0f} GiB reserve), loss "
+              f"{records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
