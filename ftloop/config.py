@@ -178,6 +178,10 @@ class TrainArgs:
     """wandb project."""
     run_name: str = ""
     """wandb run name (default: the output folder's name)."""
+    memory_check: bool = True
+    """On GPUs, refuse before loading a run whose memory plan (`python -m ftloop.plan`) does not fit, naming the
+    flag to change. The plan assumes the worst (every position supervised, 4 image patches per token);
+    --no-memory-check runs it anyway."""
     ddp_timeout: int = 1800
     """Seconds a collective (all-gather, all-reduce, barrier) may wait for the other ranks before the run fails
     instead of hanging."""

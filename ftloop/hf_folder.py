@@ -237,20 +237,28 @@ class FolderWeights:
         self.location: dict[str, tuple[str, str]] = {}  # model name -> (file, key in that file)
         unexpected = []
         self.headers = {file: _read_header(os.path.join(folder, file)) for file in files}
+        shapes = []
         for file, (_, entries) in self.headers.items():
-            for key in entries:
+            for key, (_, shape, _, _) in entries.items():
                 name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
                 if converter is not None:
                     raise ConfigError(f"{flag} {folder}: {key} needs transformers' weight conversion (tensors merged "
                                       f"or split on load), which ftloop's one-tensor-at-a-time loading does not do")
                 if name in expected:
                     self.location[name] = (file, key)
+                    if tuple(shape) != tuple(expected[name].shape):
+                        shapes.append(f"{key} is {tuple(shape)}, the model's {name} {tuple(expected[name].shape)}")
                 elif not any(p.search(key) for p in ignored):
                     unexpected.append(key)
+        if shapes:
+            raise ConfigError(f"{flag} {folder}: {len(shapes)} tensors have another shape than config.json "
+                              f"describes ({_first_names(shapes, 2)}); is config.json this checkpoint's?")
         tied = getattr(model, "all_tied_weights_keys", None) or {}
-        for target, source in tied.items():  # a tied weight saved once: both names read the same tensor
-            if target not in self.location and source in self.location:
+        for target, source in tied.items():  # tied: both names read the one tensor, the source's when it is saved
+            if source in self.location:
                 self.location[target] = self.location[source]
+            elif target in self.location:
+                self.location[source] = self.location[target]
         missing = sorted(set(expected) - set(self.location))
         if missing or unexpected:
             found = []
@@ -323,15 +331,21 @@ SAFETENSORS_DTYPES = {
 def _read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
     """A safetensors file's layout: where its data starts, and key -> (dtype, shape, begin, end) in the data.
     The format is an 8-byte little-endian header length, a JSON header, then the little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+    except (ValueError, MemoryError, OverflowError) as err:  # not JSON where the header should be
+        raise ConfigError(f"{path}: not a safetensors file ({type(err).__name__}); download or copy it again") from None
     header.pop("__metadata__", None)
-    entries = {}
+    entries, size = {}, os.path.getsize(path)
     for key, info in header.items():
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ConfigError(f"{path}: tensor {key} has dtype {info['dtype']}, which ftloop does not read")
         entries[key] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], *info["data_offsets"])
+        if 8 + length + info["data_offsets"][1] > size:
+            raise ConfigError(f"{path}: ends before tensor {key} does ({size} bytes): a truncated file? Download "
+                              "or copy it again")
     return 8 + length, entries
 
 

@@ -9,6 +9,8 @@ embedding and merger). Per GPU, in bytes:
                gradients (FSDP reduces into the master dtype), optimizer state (Adafactor: full row and column
                statistics of every matrix on every rank, the sliced second moment of vectors, the Kahan
                buffer with --bf16-master-rounding kahan; AdamW: two moments per parameter)
+               (with --cpu-offload they live on the host; but accumulating over micro-batches then keeps
+               every unit's unsharded gradient on the GPU, as FSDP1 cannot add to an offloaded gradient)
   largest unit two units gathered in the compute dtype (the one running and the one prefetched:
                limit_all_gathers allows no more), the running unit's unsharded gradient, its copy in
                --reduce-dtype for the reduce-scatter, and the reduced shard (SHARD_GRAD_OP: every unit stays
@@ -20,13 +22,16 @@ embedding and merger). Per GPU, in bytes:
                layers without gradient checkpointing, or the layer inputs plus one recomputed layer with it;
                the vision tower likewise for the most patches those tokens can hold (4 per token)
   logits       every position supervised at worst: lm_head's output, its fp32 copy and log-softmax
+  eval logits  the same for a micro-batch of --per-device-eval-batch-size rows (evaluation keeps no gradients)
   reserve      RESERVE_BYTES for the CUDA context, NCCL buffers and allocator fragmentation (set aside, not derived)
 
 The peak is the persistent part plus the larger of two moments: mid-backward (root unit + largest unit +
 activations + logits) and the root's own post-backward (its unsharded gradient, the copy in --reduce-dtype and
-the reduced shard), plus the reserve. Gradient accumulation adds nothing: every micro-batch's gradient is
-reduce-scattered into the sharded gradient. Exit 0 when the peak fits the GPU, 2 (with the flag to change)
-when it does not. `ftloop.train` runs the same plan on GPUs before loading anything.
+the reduced shard), plus the reserve; or evaluation's peak (the root and two units gathered, the logits of
+--per-device-eval-batch-size rows), if higher. Gradient accumulation adds nothing: every micro-batch's gradient
+is reduce-scattered into the sharded gradient (not with --cpu-offload, above). Exit 0 when the peak fits the
+GPU, 2 (with the flag to change) when it does not. `ftloop.train` runs the same plan on GPUs before loading
+anything (--no-memory-check skips it).
 """
 
 from __future__ import annotations
@@ -147,9 +152,13 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     terms, details = {}, {}
     terms["sharded parameters"] = 0 if offloaded else local * pb
     terms["gradients"] = 0 if offloaded else local * pb
+    if offloaded and t.gradient_accumulation_steps > 1:  # no_sync: unsharded on the GPU until the last micro-batch
+        terms["gradients"] = sum(u.numel for u in units) * cb
     where = " (on the host)" if offloaded else ""
     details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}"
     details["gradients"] = f"the same: FSDP reduces into the master dtype{where}"
+    if terms["gradients"] and offloaded:
+        details["gradients"] = "unsharded on the GPU across micro-batches (no_sync: FSDP1 cannot accumulate offloaded)"
     if o.optim == "adafactor":
         stats = sum(u.matrix_stats for u in units) * 4 + sum(math.ceil(u.vector_numel / shards) for u in units) * 4
         kahan = local * 2 if m.param_dtype == "bf16" and o.bf16_master_rounding == "kahan" else 0
@@ -194,13 +203,17 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
                               f"{'on' if m.gradient_checkpointing else 'off'}")
     terms["logits"] = tokens * text.vocab_size * (cb + 8)
     details["logits"] = f"{tokens} positions x {text.vocab_size} x ({cb} + 4 + 4) B"
+    eval_tokens = t.per_device_eval_batch_size * data.max_seq_length
+    terms["eval logits"] = eval_tokens * text.vocab_size * (cb + 8)
+    details["eval logits"] = f"{eval_tokens} positions of --per-device-eval-batch-size rows (no gradients)"
     terms["reserve"] = RESERVE_BYTES
     details["reserve"] = "CUDA context, NCCL buffers, fragmentation"
     middle = terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
     root_reduce = root.numel * (cb + reduce_copy) + math.ceil(root.numel / shards) * rb
+    evaluation = root.numel * gathered + 2 * biggest.numel * gathered + terms["eval logits"]
     persistent = terms["sharded parameters"] + terms["gradients"] + terms["optimizer state"]
     plan = MemoryPlan(terms, details, activations(not m.gradient_checkpointing),
-                      persistent + max(middle, root_reduce) + RESERVE_BYTES, gpu_bytes, shards,
+                      persistent + max(middle, root_reduce, evaluation) + RESERVE_BYTES, gpu_bytes, shards,
                       sum(u.numel for u in units))
     if strategy != f.sharding_strategy:
         plan.notes.append("one process: FSDP runs NO_SHARD")
@@ -284,7 +297,8 @@ def report(plan: MemoryPlan) -> str:
     other = "off" if plan.details["activations"].endswith("on") else "on"
     rows.append(f"{'  checkpointing ' + other:<20} {gib(plan.activations_other):>10}   the activations with "
                 f"gradient checkpointing {other}")
-    rows.append(f"{'peak':<20} {gib(plan.peak_bytes):>10}   persistent + max(mid-backward, root reduce) + reserve")
+    rows.append(f"{'peak':<20} {gib(plan.peak_bytes):>10}   persistent + max(mid-backward, root reduce, evaluation)"
+                " + reserve")
     return "\n".join(rows + [f"note: {n}" for n in plan.notes])
 
 

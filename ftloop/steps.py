@@ -43,10 +43,14 @@ def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.T
     """Forward and backward over this rank's micro-batches; returns the rank's summed token loss.
 
     Sharded strategies reduce-scatter every micro-batch's gradient, and FSDP adds it to the sharded gradient
-    (in the master dtype): the full gradient of a unit exists only while that unit's backward runs. `no_sync`
-    would keep every unit's unsharded gradient until the last micro-batch, a second copy of the model per
-    rank. Only NO_SHARD, whose gradients are unsharded anyway, accumulates locally and all-reduces once."""
-    local = model.sharding_strategy == ShardingStrategy.NO_SHARD and d.world_size > 1
+    (in the master dtype: with bf16 masters the micro-batches are summed in bf16): the full gradient of a unit
+    exists only while that unit's backward runs. `no_sync` would keep every unit's unsharded gradient until
+    the last micro-batch, a second copy of the model per rank. It stays where it is right: NO_SHARD, whose
+    gradients are unsharded anyway (one all-reduce instead of one per micro-batch), and --cpu-offload, where
+    FSDP1 cannot add a new sharded gradient to one already offloaded to the host (it would drop all but the
+    last micro-batch)."""
+    local = model.cpu_offload.offload_params or (d.world_size > 1
+                                                 and model.sharding_strategy == ShardingStrategy.NO_SHARD)
     loss_sum = torch.zeros((), device=d.device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1

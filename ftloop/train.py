@@ -29,9 +29,9 @@ from ftloop.distributed import Dist, all_reduce_sum, fail, init_distributed, pri
 from ftloop.fsdp.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                     resolve_resume, save_checkpoint)
 from ftloop.fsdp.export import export_model
-from ftloop.fsdp.load import UnitMaterializer, load_weights_into
+from ftloop.fsdp.load import UnitMaterializer, load_weights_into, open_weights
 from ftloop.fsdp.wrap import wrap_fsdp
-from ftloop.hf_folder import FolderWeights, local_folder, meta_skeleton, save_model_files
+from ftloop.hf_folder import local_folder, meta_skeleton, save_model_files
 from ftloop.metrics import MetricsLogger
 from ftloop.model import (DTYPES, WRAPPER_PREFIX, VisionLanguageSFT, build_meta_model, load_config,
                           wrapped_layer_classes)
@@ -65,9 +65,10 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     # The skeleton and the checkpoint's tensor names (safetensors headers only): a checkpoint that does not match
     # the model stops every rank now; and on GPUs a run that cannot fit stops before anything is loaded.
     hf_model = build_meta_model(hf_config, cfg.model)
-    weights = FolderWeights(local_folder(src), hf_model)
-    if d.device.type == "cuda":
-        check_fits(hf_model, cfg, d.world_size, d.local_world_size,
+    every_rank_reads = cfg.model.load_weights_on == "every-rank"
+    weights = open_weights(lambda: local_folder(src), hf_model, "--model-name-or-path", every_rank_reads)
+    if d.device.type == "cuda" and t.memory_check:
+        check_fits(hf_model, cfg, d.world_size, torch.cuda.device_count(),  # FSDP's node size for HYBRID_SHARD
                    torch.cuda.get_device_properties(d.device).total_memory)
     tokenizer = AutoTokenizer.from_pretrained(src)
     image_processor = load_image_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)  # --min/max-pixels
@@ -83,13 +84,14 @@ def prepare(cfg: Config, d: Dist) -> Setup:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
     # A checkpoint of another model or other data is refused now, before loading weights.
     resume_from = resolve_resume(t.resume_from_checkpoint, t.output_dir, d.is_main)
-    saved = check_resumable(resume_from, hf_config, sampler.num_rows, t.seed) if resume_from else {}
+    saved = check_resumable(resume_from, hf_config, sampler.num_rows, t.seed, cfg.to_dict()) if resume_from else {}
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
-    materialize = UnitMaterializer(hf_model, weights, d.device, cfg.model.load_weights_on == "every-rank")
+    materialize = UnitMaterializer(hf_model, weights, d.device, every_rank_reads)
     model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, d.device)
-    weights.close()
+    if weights is not None:
+        weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
                  resume_from, saved)
 
@@ -103,7 +105,7 @@ def run(cfg: Config, d: Dist) -> dict:
     stop = StopRequest()  # from the start: a preemption while loading still ends in a clean save
     s = prepare(cfg, d)
     model, sampler, total_steps = s.model, s.sampler, s.total_steps
-    optimizer = build_optimizer(model, cfg.optim, d.device)
+    optimizer = build_optimizer(model, cfg.optim, d.device, t.seed)
     warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
     scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
     resume_from, saved = s.resume_from, s.saved
@@ -250,12 +252,15 @@ def run(cfg: Config, d: Dist) -> dict:
     if t.load_best_model_at_end and best["step"] is not None and best["step"] != step:
         # Streamed back from disk one FSDP unit at a time: the `best` export (or, for the weights of step 0,
         # the folder the run started from), in --save-dtype, which `final` is written in too.
-        folder = os.path.join(t.output_dir, "best") if best["step"] > 0 else local_folder(src)
-        weights = FolderWeights(folder, meta_skeleton(s.hf_config, DTYPES[cfg.model.param_dtype]),
-                                flag="--load-best-model-at-end")
+        best_dir = os.path.join(t.output_dir, "best")
+        weights = open_weights(lambda: best_dir if best["step"] > 0 else local_folder(src),  # rank 0, which wrote it
+                               meta_skeleton(s.hf_config, DTYPES[cfg.model.param_dtype]), "--load-best-model-at-end",
+                               every_rank_reads=False)
         load_weights_into(model, weights, prefix=WRAPPER_PREFIX)
-        weights.close()
-        print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f}) from {folder}")
+        if weights is not None:
+            weights.close()
+        print0(f"loaded the best weights back (step {best['step']}, eval_loss {best['eval_loss']:.4f}) from "
+               f"{best_dir if best['step'] > 0 else src}")
     export("final")
     print0(f"exported {final}")
     logger.close()

@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="the fine-tunes' --seed (data order, rounding noise)")
     args = parser.parse_args()
     sys.path.insert(0, REPO)
     from ftloop.demo.bundle import build_demo_bundle
@@ -61,7 +62,8 @@ def main() -> None:
             records = train(pretrained, shapes, os.path.join(tmp, name.replace(" ", "").replace(",", "-")),
                             args.nproc, ["--max-steps", str(args.steps), "--learning-rate", str(args.learning_rate),
                                          "--eval-on-start", "--eval-steps", str(args.steps), "--logging-steps",
-                                         str(args.steps), "--no-gradient-checkpointing", *flags])
+                                         str(args.steps), "--no-gradient-checkpointing", "--seed", str(args.seed),
+                                         *flags])
             evals = [r["eval_loss"] for r in records if "eval_loss" in r]
             results[name] = (evals[0], evals[-1])
             print(f"{name}: eval loss {evals[0]:.4f} -> {evals[-1]:.4f}", flush=True)

@@ -51,7 +51,7 @@ def main() -> None:
 
     def before_forward(module, args, kwargs):  # is any unit holding a full-size gradient from the last micro-batch?
         flats = [u._handle.flat_param for u in units]
-        unsharded_between.append(any(f.grad is not None and f.grad.numel() == f._unpadded_unsharded_size.numel()
+        unsharded_between.append(any(f.grad is not None and f.grad.numel() > f._local_shard.numel()
                                      and d.world_size > 1 for f in flats))
 
     model.register_forward_pre_hook(before_forward, with_kwargs=True)

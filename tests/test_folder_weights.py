@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2_5_VLForC
 from ftloop.config import ConfigError
 from ftloop.fsdp.load import UnitMaterializer
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, FolderWeights
-from launch import python_m, train_flags
+from launch import torchrun, train_flags
 
 
 def meta_model(folder, dtype=torch.float32):
@@ -101,11 +101,12 @@ def test_missing_and_unexpected_tensors_are_one_clear_error(tiny_bundle, tmp_pat
     no_weights = copy_folder(folder, tmp_path / "none")
     with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
         FolderWeights(str(no_weights), meta_model(folder))
-    # The run says it before anything else: one line, exit 2.
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path", str(missing),
-                                                  "--max-steps", "1"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"ftloop: error: --model-name-or-path {missing}: 1 of")
+    # The run says it before anything else, rank 0 having read the headers for both ranks: one line, exit 2.
+    result = torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path",
+                                                             str(missing), "--max-steps", "1")], timeout=120)
+    assert result.returncode != 0 and "[rank1]: Traceback" not in result.stderr  # no rank left waiting: no hang
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ftloop: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"ftloop: error: --model-name-or-path {missing}: 1 of")
 
 
 def test_a_buffer_nobody_computes_is_an_error_not_garbage(tiny_bundle):
@@ -117,10 +118,21 @@ def test_a_buffer_nobody_computes_is_an_error_not_garbage(tiny_bundle):
             fill(module)
 
 
-def test_shape_mismatch_names_the_tensor(tiny_bundle, tmp_path):
+def test_a_wrong_shape_or_a_truncated_file_is_found_from_the_headers(tiny_bundle, tmp_path):
+    """On every rank, before any tensor is read (rank 0 alone finding it mid-load would leave the others
+    waiting in a broadcast)."""
     folder = tiny_bundle["model_dir"]
     saved = load_file(os.path.join(folder, SINGLE_FILE))
     name = "model.norm.weight"
     bad = copy_folder(folder, tmp_path / "bad", {**saved, name: torch.ones(saved[name].numel() + 1)})
-    with pytest.raises(ValueError, match=r"model.language_model.norm.weight: the checkpoint holds shape"):
-        materialize(bad)
+    with pytest.raises(ConfigError, match=r"1 tensors have another shape than config.json describes \(model\.norm"
+                                          r"\.weight is \(65,\), the model's model\.language_model\.norm\.weight"):
+        FolderWeights(str(bad), meta_model(folder))
+    cut = copy_folder(folder, tmp_path / "cut")
+    data = open(os.path.join(folder, SINGLE_FILE), "rb").read()
+    open(os.path.join(cut, SINGLE_FILE), "wb").write(data[:-100])
+    with pytest.raises(ConfigError, match="a truncated file"):
+        FolderWeights(str(cut), meta_model(folder))
+    open(os.path.join(cut, SINGLE_FILE), "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a json header")
+    with pytest.raises(ConfigError, match="not a safetensors file"):
+        FolderWeights(str(cut), meta_model(folder))

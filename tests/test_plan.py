@@ -153,6 +153,9 @@ def test_the_plan_follows_the_flags():
     assert no_ckpt.terms["activations"] == base.activations_other > 5 * base.terms["activations"]
     adamw = plan_memory(model, run_config(optim={"optim": "adamw"}), 8, 8)
     assert adamw.terms["optimizer state"] == 2 * base.terms["sharded parameters"]
+    grad_op = plan_memory(model, run_config(fsdp={"sharding_strategy": "SHARD_GRAD_OP"}), 8, 8)
+    layers = by_hand("7b")["layers"] * by_hand("7b")["layer"] + 32 * by_hand("7b")["block"]
+    assert grad_op.terms["largest unit"] - base.terms["largest unit"] == (layers - 2 * by_hand("7b")["layer"]) * 2
     offload = plan_memory(model, run_config(fsdp={"cpu_offload": True}), 8, 8)
     assert offload.persistent_bytes == 0
     assert plan_memory(model, run_config(), 16, 8).terms["sharded parameters"] < base.terms["sharded parameters"]

@@ -186,6 +186,13 @@ def test_mismatched_checkpoints_are_refused(tiny_bundle, reference, tmp_path):
                                                   "--param-dtype", "bf16", "--allow-dtype-change", "--max-steps", "5")))
     assert "at step 4" in result.stdout
 
+    # The Kahan buffer of bf16 masters is optimizer state the fp32 checkpoint does not hold: said, even with
+    # --allow-dtype-change, before any weights load.
+    result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", checkpoint, "--param-dtype",
+                                            "bf16", "--bf16-master-rounding", "kahan", "--allow-dtype-change"))
+    assert result.returncode == 2 and "saved without the Kahan buffer of --bf16-master-rounding kahan" in result.stderr
+    assert "resume with --param-dtype fp32 --bf16-master-rounding stochastic" in result.stderr
+
     result = python_m("ftloop.train", flags(tiny_bundle, out, "--resume-from-checkpoint", checkpoint, "--seed", "1"))
     assert result.returncode == 2 and "the training rows or --seed changed" in result.stderr
     assert "Loading weights" not in result.stderr  # refused before the model is loaded

@@ -181,10 +181,27 @@ def check_model_config(path: str, hf_config) -> None:
                           "resume with the --model-name-or-path it was trained from")
 
 
-def check_resumable(path: str, hf_config, num_rows: int, seed: int) -> dict:
-    """The trainer state of checkpoint `path`, after checking it was written for this model and these rows:
-    the data order continues from a row position, which only means something for the same rows and seed."""
+def _kahan_buffer(run_config: dict) -> bool:
+    """Whether the optimizer state holds --bf16-master-rounding kahan's compensation buffer."""
+    optim, model = run_config["optim"], run_config["model"]
+    return (optim["optim"] == "adafactor" and model["param_dtype"] == "bf16"
+            and optim.get("bf16_master_rounding") == "kahan")
+
+
+def check_resumable(path: str, hf_config, num_rows: int, seed: int, run_config: dict) -> dict:
+    """The trainer state of checkpoint `path`, after checking it was written for this model and these rows
+    (the data order continues from a row position, which only means something for the same rows and seed)
+    and with the optimizer state this run's `run_config` keeps."""
     saved = read_trainer_state(path)
+    with open(os.path.join(path, RUN_CONFIG)) as f:
+        then = json.load(f)
+    kahan_then = _kahan_buffer(then)
+    if kahan_then != _kahan_buffer(run_config):
+        rounding = then["optim"].get("bf16_master_rounding", "nearest")
+        raise ConfigError(f"--resume-from-checkpoint {path}: its optimizer state was saved "
+                          f"{'with' if kahan_then else 'without'} the Kahan buffer of --bf16-master-rounding kahan, "
+                          f"and this run {'keeps none' if kahan_then else 'keeps one'}; resume with --param-dtype "
+                          f"{then['model']['param_dtype']} --bf16-master-rounding {rounding}, as it was saved")
     check_model_config(path, hf_config)
     sampler = saved["sampler"]
     if sampler["num_rows"] != num_rows or sampler["seed"] != seed:

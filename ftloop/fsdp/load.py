@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
+from ftloop.config import ConfigError
 from ftloop.fsdp.export import unit_parameters
 from ftloop.hf_folder import FolderWeights
 
@@ -37,15 +39,19 @@ class UnitMaterializer:
     materialised once.
     """
 
-    def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights, device: torch.device,
+    def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights | None, device: torch.device,
                  every_rank_reads: bool = False):
-        """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's."""
+        """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's.
+        `weights`: the folder on the ranks that read it (`open_weights`), None on the others."""
         self.hf_model = hf_model
         self.names = {module: name for name, module in hf_model.named_modules(remove_duplicate=False)}
+        # What the checkpoint holds, known on every rank: FolderWeights has checked that it is exactly the
+        # skeleton's parameters and persistent buffers. The rest (non-persistent buffers) is computed.
+        self.in_checkpoint = set(hf_model.state_dict(keep_vars=True))
         self.weights, self.device = weights, device
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.broadcast = world > 1 and not every_rank_reads
-        self.reads = every_rank_reads or not dist.is_initialized() or dist.get_rank() == 0
+        self.reads = weights is not None
         # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
         # flattened and sharded them; the meta tensor is kept so that its id is never reused.
         self.done: dict[int, tuple[torch.Tensor, weakref.ref]] = {}
@@ -62,10 +68,14 @@ class UnitMaterializer:
                 if meta is None or not meta.is_meta:
                     continue
                 if id(meta) in self.done:  # tied: a second name for a tensor already given storage
-                    slots[key] = self.done[id(meta)][1]()
+                    real = self.done[id(meta)][1]()
+                    if real is None:
+                        raise ValueError(f"{path}.{key}: tied to a tensor of another FSDP unit, which that unit "
+                                         "flattened already; ftloop cannot wrap this tie")
+                    slots[key] = real
                     continue
                 name = f"{path}.{key}" if path else key
-                if not is_param and name not in self.weights:
+                if not is_param and name not in self.in_checkpoint:
                     computed.append((key, meta))
                     continue
                 real = self._receive(name, meta)
@@ -77,11 +87,8 @@ class UnitMaterializer:
             self._compute_buffers(module, path, computed)
 
     def _receive(self, name: str, meta: torch.Tensor) -> torch.Tensor:
-        if self.reads:
+        if self.reads:  # shapes were checked against the headers by FolderWeights
             tensor = self.weights.read(name, meta.dtype).to(self.device).contiguous()
-            if tensor.shape != meta.shape:
-                raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(meta.shape)} (config.json does not describe these weights)")
         else:
             tensor = torch.empty_like(meta, device=self.device)
         if self.broadcast:
@@ -112,12 +119,38 @@ class UnitMaterializer:
             self.done[id(meta)] = (meta, weakref.ref(module._buffers[key]))
 
 
+def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: str,
+                 every_rank_reads: bool) -> FolderWeights | None:
+    """The folder's weights on the ranks that read them (rank 0, or every rank), None on the others, which then
+    need neither the files nor their folder. Collective: a problem found on any rank (a missing file, a tensor
+    of the wrong name or shape) stops every rank with the same one-line ConfigError, instead of leaving the
+    others waiting in a broadcast."""
+    initialized = dist.is_initialized() and dist.get_world_size() > 1
+    reads = every_rank_reads or not initialized or dist.get_rank() == 0
+    weights, problem = None, None
+    if reads:
+        try:
+            weights = FolderWeights(folder_of(), skeleton, flag)
+        except ConfigError as err:
+            problem = str(err)
+    problems = [problem]
+    if initialized:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = next((p for p in problems if p), None)
+    if found:
+        if weights is not None:
+            weights.close()
+        raise ConfigError(found)
+    return weights
+
+
 @torch.no_grad()
-def load_weights_into(model: FSDP, weights: FolderWeights, prefix: str = "") -> None:
+def load_weights_into(model: FSDP, weights: FolderWeights | None, prefix: str = "") -> None:
     """Overwrite a wrapped model's parameters with a folder's, one FSDP unit at a time, on every rank (e.g. the
-    `best` export back into the model at the end). Collective. Each unit is gathered, rank 0 reads its tensors
-    into the gathered parameters and broadcasts them, and every rank writes its shard back: no rank holds more
-    than one unit beyond its shards."""
+    `best` export back into the model at the end). Collective; `weights` is needed on rank 0 only. Each unit is
+    gathered, rank 0 reads its tensors into the gathered parameters and broadcasts them, and every rank writes
+    its shard back: no rank holds more than one unit beyond its shards."""
     rank0 = dist.get_rank() == 0
     broadcast = dist.get_world_size() > 1
     for unit, entries in unit_parameters(model):

@@ -26,13 +26,13 @@ def part_settings(args: OptimArgs):
     return settings
 
 
-def build_optimizer(model: FSDP, args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: FSDP, args: OptimArgs, device: torch.device, seed: int = 0) -> torch.optim.Optimizer:
     """ftloop's shard-aware Adafactor with the HF Trainer's optim="adafactor" settings, or torch's AdamW."""
     layout = describe_fsdp(model, part_settings(args), strip_prefix=WRAPPER_PREFIX)
     if args.optim == "adafactor":
         # What the HF Trainer builds for optim="adafactor": an external learning rate and schedule.
-        return ShardedAdafactor(layout, bf16_rounding=args.bf16_master_rounding, lr=args.learning_rate,
-                                scale_parameter=False, relative_step=False, warmup_init=False,
+        return ShardedAdafactor(layout, bf16_rounding=args.bf16_master_rounding, rounding_seed=seed,
+                                lr=args.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
                                 weight_decay=args.weight_decay)
     fused = device.type == "cuda"
     layout = [t for t in layout if t.tensor.requires_grad]

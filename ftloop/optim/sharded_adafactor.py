@@ -79,7 +79,8 @@ class ShardedAdafactor(Adafactor):
     `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and --bf16-master-rounding.
     """
 
-    def __init__(self, layout: list[ShardedTensor], bf16_rounding: str = "nearest", **kwargs):
+    def __init__(self, layout: list[ShardedTensor], bf16_rounding: str = "nearest", rounding_seed: int = 0,
+                 **kwargs):
         layout = [t for t in layout if t.tensor.requires_grad]
         super().__init__([t.tensor for t in layout], **kwargs)
         if self.defaults["relative_step"] and any(s.lr_scale != 1.0 for t in layout for s in t.segments):
@@ -87,6 +88,10 @@ class ShardedAdafactor(Adafactor):
         if bf16_rounding not in ROUNDINGS:
             raise ValueError(f"bf16_rounding must be one of {ROUNDINGS}, not {bf16_rounding!r}")
         self.bf16_rounding = bf16_rounding
+        # Stochastic rounding draws from its own generator, seeded by (rounding_seed, step, tensor): every
+        # replica of a tensor (NO_SHARD, HYBRID_SHARD) rounds alike whatever else used the global generators,
+        # and a resumed run draws what the uninterrupted one did.
+        self.rounding_seed = rounding_seed
         self.layout = layout
         self.slots = {id(t.tensor): [_Slot(s) for s in t.segments] for t in layout}
 
@@ -156,8 +161,12 @@ class ShardedAdafactor(Adafactor):
         self._all_reduce_by_group(works, lambda w: w.update_sq)
 
         # Stage 3: clip, scale, momentum, decay, apply.
-        for w in works:
+        for index, w in enumerate(works):
             p = w.entry.tensor
+            noise = None
+            if self.bf16_rounding == "stochastic" and p.dtype in _LOW_PRECISION:
+                noise = torch.Generator(device=p.device)
+                noise.manual_seed(hash((self.rounding_seed, w.state["step"], index)) % 2**63)
             update = w.update
             if update is None:  # the same update again, from the second moments stage 2 left
                 update, _ = self._fp32_grad(p)
@@ -173,12 +182,15 @@ class ShardedAdafactor(Adafactor):
                 if group["beta1"] is not None:
                     u = ema_(w.state[f"{s.name}.exp_avg"], u, group["beta1"])
                 decay = -group["weight_decay"] * lr if group["weight_decay"] != 0 and s.decay else None
-                self._apply(p.view(-1)[s.offset:s.offset + s.numel], u, decay, w.state.get(f"{s.name}.compensation"))
+                self._apply(p.view(-1)[s.offset:s.offset + s.numel], u, decay, w.state.get(f"{s.name}.compensation"),
+                            noise)
             w.update = update = None
         return loss
 
-    def _apply(self, weight: Tensor, u: Tensor, decay, compensation: Tensor | None) -> None:
-        """weight += decay * weight - u (decay on the weight before the update, as transformers does it)."""
+    def _apply(self, weight: Tensor, u: Tensor, decay, compensation: Tensor | None,
+               noise: torch.Generator | None) -> None:
+        """weight += decay * weight - u (decay on the weight before the update, as transformers does it); a
+        bf16 weight is rounded with `noise` (stochastic), through `compensation` (Kahan), or to nearest."""
         if weight.dtype not in _LOW_PRECISION:
             if decay is not None:
                 weight.add_(weight * decay)
@@ -191,20 +203,21 @@ class ShardedAdafactor(Adafactor):
                 w32.add_(w32 * decay)
             w32.sub_(step)
             if compensation is None:
-                self._round_into(piece, w32)
+                self._round_into(piece, w32, noise)
             else:  # Kahan: add back what the last rounding lost, round, keep what this rounding loses
                 lost = compensation[start:start + CHUNK]
                 w32.add_(lost.float())
                 piece.copy_(w32)
                 lost.copy_(w32.sub_(piece.float()))
 
-    def _round_into(self, piece: Tensor, value: Tensor) -> None:
-        """piece (bf16) = value (fp32, overwritten), rounded to nearest or stochastically."""
-        if self.bf16_rounding == "stochastic":
+    @staticmethod
+    def _round_into(piece: Tensor, value: Tensor, noise: torch.Generator | None) -> None:
+        """piece (bf16) = value (fp32, overwritten), rounded stochastically with `noise`, else to nearest."""
+        if noise is not None:
             # Add uniform noise below the 16 bits bf16 drops, then drop them: the weight rounds away from zero
             # with probability (distance to the lower magnitude) / (bf16 step), so its expected value is exact.
             bits = value.view(torch.int32)
-            bits.add_(torch.empty_like(bits).random_(0, 1 << 16)).bitwise_and_(-65536)
+            bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=noise)).bitwise_and_(-65536)
         piece.copy_(value)
 
     @staticmethod
