@@ -24,7 +24,6 @@ class Dist:
     world_size: int
     device: torch.device
     backend: str
-    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE): HYBRID_SHARD's shard group
 
     @property
     def is_main(self) -> bool:
@@ -63,8 +62,7 @@ def init_distributed(timeout_s: float = 1800) -> Dist:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     quiet_library_chatter(rank)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
 def quiet_library_chatter(rank: int) -> None:

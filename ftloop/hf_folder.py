@@ -289,9 +289,6 @@ class FolderWeights:
                               "download?)")
         return files
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.location
-
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor the model calls `name`, read from its file alone, floating point cast to `dtype`.
 

@@ -128,10 +128,6 @@ class MemoryPlan:
     def persistent_bytes(self) -> int:
         return self.terms["sharded parameters"] + self.terms["gradients"] + self.terms["optimizer state"]
 
-    @property
-    def total_bytes(self) -> int:
-        return self.peak_bytes
-
     def fits(self) -> bool:
         return self.gpu_bytes is None or self.peak_bytes <= self.gpu_bytes
 
