@@ -19,13 +19,9 @@ from typing import Literal
 import torch
 import tyro
 
-from ftloop.data.formats import source_problem
+from ftloop.errors import ConfigError
 
 Dtype = Literal["bf16", "fp32"]
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the flag and what to do."""
 
 
 @dataclass
@@ -210,70 +206,79 @@ def parse_size(text: str) -> int:
     return int(number * base**power)
 
 
-def validate(cfg: Config, need_data: bool = True) -> None:
-    """Check everything that can be checked before any process group or model exists (`need_data=False`: all
-    but the data flags, for the memory plan)."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
 
-    need(bool(m.model_name_or_path), "--model-name-or-path is required: a Qwen2.5-VL folder or hub id")
-    path = m.model_name_or_path
+def check_model_path(path: str) -> None:
+    """--model-name-or-path: required, and a folder with a config.json unless it reads as a hub id."""
+    _need(bool(path), "--model-name-or-path is required: a Qwen2.5-VL folder or hub id")
     # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is meant as a folder.
     looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
     if looks_local or os.path.exists(path):
-        need(os.path.isfile(os.path.join(m.model_name_or_path, "config.json")),
-             f"--model-name-or-path {m.model_name_or_path}: no config.json there; give a Hugging Face model folder")
-    need(bool(d.train_data) or not need_data,
-         "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
-    for flag, path in (("--train-data", d.train_data), ("--eval-data", d.eval_data)):
-        problem = source_problem(path) if path else None
-        need(problem is None, f"{flag} {path}: {problem}")
-    need(0 <= d.eval_ratio < 1, "--eval-ratio must be in [0, 1)")
-    need(not (d.eval_ratio > 0 and d.eval_data),
-         "--eval-ratio holds out training rows instead of --eval-data; give one of the two")
-    need(not d.image_folder or os.path.isdir(d.image_folder), f"--image-folder {d.image_folder}: folder not found")
-    need(d.max_seq_length > 0, "--max-seq-length must be positive")
-    need(d.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
-    need(d.min_pixels is None or d.min_pixels > 0, "--min-pixels must be positive")
-    need(d.max_pixels is None or d.max_pixels > 0, "--max-pixels must be positive")
-    need(d.min_pixels is None or d.max_pixels is None or d.min_pixels <= d.max_pixels,
-         f"--min-pixels {d.min_pixels} is above --max-pixels {d.max_pixels}; give --min-pixels <= --max-pixels")
-    need(d.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
-    need(o.learning_rate > 0, "--learning-rate must be positive")
-    need(o.weight_decay >= 0, "--weight-decay must be 0 or more")
-    need(o.vision_lr is None or o.vision_lr > 0, "--vision-lr must be positive")
-    need(o.merger_lr is None or o.merger_lr > 0, "--merger-lr must be positive")
-    need(0 <= o.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
-    need(o.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
-    need(not (m.param_dtype == "bf16" and o.optim == "adamw" and o.bf16_master_rounding != "nearest"),
-         "--param-dtype bf16 with --optim adamw rounds every update to the nearest bf16 (torch's AdamW has no "
-         "compensated updates, and most fine-tuning updates vanish): use --optim adafactor, --param-dtype fp32, or "
-         "pass --bf16-master-rounding nearest to accept it")
-    need(t.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")
-    need(t.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive")
-    need(t.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive")
-    need(t.max_steps > 0 or t.max_steps == -1, "--max-steps must be positive, or -1 to use --num-train-epochs")
-    need(t.max_steps > 0 or t.num_train_epochs > 0,
-         "--num-train-epochs must be positive when --max-steps is -1")
-    need(t.logging_steps > 0, "--logging-steps must be positive")
-    need(t.eval_steps > 0, "--eval-steps must be positive")
-    need(t.save_steps >= 0, "--save-steps must be 0 (off) or positive")
-    need(t.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
-    need(t.max_bad_steps > 0, "--max-bad-steps must be positive")
-    need(t.ddp_timeout > 0, "--ddp-timeout must be positive (seconds)")
-    resume = t.resume_from_checkpoint
-    need(resume in ("", "auto") or os.path.isdir(resume),
-         f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")
-    need(bool(t.output_dir), "--output-dir is required")
-    need(not os.path.isfile(t.output_dir), f"--output-dir {t.output_dir}: is a file; give a folder")
-    parse_size(t.max_shard_size)
-    need(not (cfg.fsdp.cpu_offload and cfg.fsdp.sharding_strategy == "NO_SHARD"),
-         "--cpu-offload needs a sharded --sharding-strategy")
-    need(not cfg.fsdp.cpu_offload or torch.cuda.is_available(),
-         "--cpu-offload moves GPU shards to host memory, and there is no GPU here; drop the flag")
+        _need(os.path.isfile(os.path.join(path, "config.json")),
+              f"--model-name-or-path {path}: no config.json there; give a Hugging Face model folder")
+
+
+def check_data_args(data: DataArgs, need_data: bool = True) -> None:
+    """The data flags on their own. Whether --train-data / --eval-data can be read is the data package's
+    check (ftloop.data.sources.check_sources), and the pixel limits against the checkpoint's are checked
+    where the image processor is loaded (ftloop.data.vision)."""
+    _need(bool(data.train_data) or not need_data,
+          "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
+    _need(0 <= data.eval_ratio < 1, "--eval-ratio must be in [0, 1)")
+    _need(not (data.eval_ratio > 0 and data.eval_data),
+          "--eval-ratio holds out training rows instead of --eval-data; give one of the two")
+    _need(not data.image_folder or os.path.isdir(data.image_folder),
+          f"--image-folder {data.image_folder}: folder not found")
+    _need(data.max_seq_length > 0, "--max-seq-length must be positive")
+    _need(data.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
+    _need(data.min_pixels is None or data.min_pixels > 0, "--min-pixels must be positive")
+    _need(data.max_pixels is None or data.max_pixels > 0, "--max-pixels must be positive")
+    _need(data.min_pixels is None or data.max_pixels is None or data.min_pixels <= data.max_pixels,
+          f"--min-pixels {data.min_pixels} is above --max-pixels {data.max_pixels}; give --min-pixels <= --max-pixels")
+    _need(data.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
+
+
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """Check every flag that can be checked before any process group or model exists (`need_data=False`: all
+    but the data flags, for the memory plan). ftloop.train also runs ftloop.data.sources.check_sources."""
+    model, optim, train = cfg.model, cfg.optim, cfg.train
+    check_model_path(model.model_name_or_path)
+    check_data_args(cfg.data, need_data)
+    _need(optim.learning_rate > 0, "--learning-rate must be positive")
+    _need(optim.weight_decay >= 0, "--weight-decay must be 0 or more")
+    _need(optim.vision_lr is None or optim.vision_lr > 0, "--vision-lr must be positive")
+    _need(optim.merger_lr is None or optim.merger_lr > 0, "--merger-lr must be positive")
+    _need(0 <= optim.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+    _need(optim.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
+    _need(not (model.param_dtype == "bf16" and optim.optim == "adamw" and optim.bf16_master_rounding != "nearest"),
+          "--param-dtype bf16 with --optim adamw rounds every update to the nearest bf16 (torch's AdamW has no "
+          "compensated updates, and most fine-tuning updates vanish): use --optim adafactor, --param-dtype fp32, "
+          "or pass --bf16-master-rounding nearest to accept it")
+    _need(train.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")
+    _need(train.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive")
+    _need(train.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive")
+    _need(train.max_steps > 0 or train.max_steps == -1, "--max-steps must be positive, or -1 to use --num-train-epochs")
+    _need(train.max_steps > 0 or train.num_train_epochs > 0,
+          "--num-train-epochs must be positive when --max-steps is -1")
+    _need(train.logging_steps > 0, "--logging-steps must be positive")
+    _need(train.eval_steps > 0, "--eval-steps must be positive")
+    _need(train.save_steps >= 0, "--save-steps must be 0 (off) or positive")
+    _need(train.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
+    _need(train.max_bad_steps > 0, "--max-bad-steps must be positive")
+    _need(train.ddp_timeout > 0, "--ddp-timeout must be positive (seconds)")
+    resume = train.resume_from_checkpoint
+    _need(resume in ("", "auto") or os.path.isdir(resume),
+          f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")
+    _need(bool(train.output_dir), "--output-dir is required")
+    _need(not os.path.isfile(train.output_dir), f"--output-dir {train.output_dir}: is a file; give a folder")
+    parse_size(train.max_shard_size)
+    _need(not (cfg.fsdp.cpu_offload and cfg.fsdp.sharding_strategy == "NO_SHARD"),
+          "--cpu-offload needs a sharded --sharding-strategy")
+    _need(not cfg.fsdp.cpu_offload or torch.cuda.is_available(),
+          "--cpu-offload moves GPU shards to host memory, and there is no GPU here; drop the flag")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

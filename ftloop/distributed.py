@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +17,8 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class Dist:
+class World:
+    """This process's place among the ranks of the run, and the device it computes on."""
     rank: int
     local_rank: int
     world_size: int
@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 1800) -> Dist:
+def init_distributed(timeout_s: float = 1800) -> World:
     """gloo on the CPU, nccl with one CUDA device per local rank. `timeout_s` (--ddp-timeout): how long any
     collective may wait for the other ranks before it fails."""
     if "RANK" not in os.environ:
@@ -62,7 +62,7 @@ def init_distributed(timeout_s: float = 1800) -> Dist:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     quiet_library_chatter(rank)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    return World(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
 def quiet_library_chatter(rank: int) -> None:
@@ -85,12 +85,6 @@ def print0(*args, **kwargs) -> None:
     """Rank 0 speaks; the other ranks stay quiet unless something is wrong."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr and a non-zero exit, no traceback: for user errors."""
-    print(f"ftloop: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:

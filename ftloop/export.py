@@ -23,8 +23,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from ftloop.config import ConfigError, parse_size
-from ftloop.distributed import fail
+from ftloop.config import parse_size
+from ftloop.errors import ConfigError, fail
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, is_complete
 from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, plan_shards, publish, save_model_files,
                               save_size, saved_names, temporary_folder)

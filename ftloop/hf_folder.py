@@ -30,7 +30,8 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (WeightConverter, WeightRenaming, rename_source_key,
                                              revert_weight_conversion)
 
-from ftloop.config import ConfigError, parse_size
+from ftloop.config import parse_size
+from ftloop.errors import ConfigError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

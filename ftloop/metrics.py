@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
+
+import torch
+
+from ftloop.distributed import World, all_reduce_sum
 
 
 def _have_wandb_credentials() -> bool:
@@ -56,3 +61,40 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepWindow:
+    """Sums over the steps since the last log line, kept on the device and read on the host only when logged
+    (a read waits for the device)."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self._restart()
+
+    def _restart(self) -> None:
+        world = self.world
+        self.loss = torch.zeros((), device=world.device)  # this rank's shares of the steps' mean losses
+        self.tokens = torch.zeros(2, dtype=torch.float64, device=world.device)  # real tokens, padded positions
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss_share: torch.Tensor, step_tokens: torch.Tensor) -> None:
+        self.loss += loss_share
+        self.tokens += step_tokens
+        self.steps += 1
+
+    def summary(self) -> dict:
+        """The window's loss (summed over ranks: collective), throughput, padding and memory; then restart."""
+        elapsed = time.perf_counter() - self.started
+        record = {"loss": float(all_reduce_sum(self.loss.view(1), self.world.device)) / self.steps,
+                  "tokens_per_s": float(self.tokens[0]) / elapsed, "step_time_s": elapsed / self.steps,
+                  "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
+                  "peak_mem_gib": peak_memory_gib(self.world.device)}
+        self._restart()
+        return record

@@ -15,10 +15,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ftloop.config import ConfigError, ModelArgs
+from ftloop.config import ModelArgs
+from ftloop.data.chat import IGNORE_INDEX
+from ftloop.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-IGNORE_INDEX = -100
 
 
 def load_config(args: ModelArgs) -> PretrainedConfig:
@@ -58,6 +59,15 @@ def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
 
 
 WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with this; HF names do not
+# What FSDP, activation checkpointing and torch.compile put into module names; `clean_name` takes them out.
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name in the model as built, whatever wrappers hold it now."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 class VisionLanguageSFT(nn.Module):

@@ -46,7 +46,8 @@ import tyro
 from torch import nn
 from transformers import PreTrainedModel
 
-from ftloop.config import Config, ConfigError, validate
+from ftloop.config import Config, validate
+from ftloop.errors import ConfigError
 from ftloop.model import DTYPES, build_meta_model, load_config, wrapped_layer_classes
 
 GIB = 2**30

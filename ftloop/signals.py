@@ -34,14 +34,3 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-
-class Stopped(Exception):
-    """Raised after the checkpoint is saved; main exits with 128 + the signal number, so that a torchrun with
-    --max-restarts starts the job again (and --resume-from-checkpoint auto continues it)."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str):
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint {checkpoint} saved; "
-                         "continue with --resume-from-checkpoint auto")

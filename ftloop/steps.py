@@ -8,16 +8,13 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import resource
 
 import torch
 from torch.distributed.fsdp import ShardingStrategy
 
-from ftloop.data.formats import DataError
-from ftloop.data.loaders import RowFailedMidRun
-from ftloop.distributed import Dist, all_reduce_sum
+from ftloop.data.chat import IGNORE_INDEX
+from ftloop.distributed import World, all_reduce_sum
+from ftloop.errors import DataError, RowFailedMidRun
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -25,21 +22,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def supervised_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def count_step_tokens(micro_batches: list[dict], d: Dist, stop_requested: bool = False, row_failed: bool = False):
+def count_step_tokens(micro_batches: list[dict], world: World, stop_requested: bool = False,
+                      row_failed: bool = False):
     """(supervised tokens, [real tokens, padded positions], [ranks asking to stop, ranks whose row failed]) of
     one optimizer step on all ranks, in one all-reduce. The first (at least 1) is the loss denominator. The
     votes let every rank leave together when one rank was signalled or could not read a row."""
     counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches),
                              sum(b["attention_mask"].numel() for b in micro_batches), float(stop_requested),
-                             float(row_failed)], d.device)
+                             float(row_failed)], world.device)
     return counts[0].clamp(min=1).float(), counts[1:3], counts[3:]
 
 
-def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, d: Dist) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, world: World) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the rank's summed token loss.
 
     Sharded strategies reduce-scatter every micro-batch's gradient, and FSDP adds it to the sharded gradient
@@ -49,15 +47,15 @@ def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.T
     gradients are unsharded anyway (one all-reduce instead of one per micro-batch), and --cpu-offload, where
     FSDP1 cannot add a new sharded gradient to one already offloaded to the host (it would drop all but the
     last micro-batch)."""
-    local = model.cpu_offload.offload_params or (d.world_size > 1
+    local = model.cpu_offload.offload_params or (world.world_size > 1
                                                  and model.sharding_strategy == ShardingStrategy.NO_SHARD)
-    loss_sum = torch.zeros((), device=d.device)
+    loss_sum = torch.zeros((), device=world.device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with model.no_sync() if local and not last else contextlib.nullcontext():
-            micro_loss, _ = model(**to_device(batch, d.device))
+            micro_loss, _ = model(**to_device(batch, world.device))
             # FSDP averages gradients over ranks; multiplying by world_size turns that into a sum.
-            (micro_loss * (d.world_size / step_targets)).backward()
+            (micro_loss * (world.world_size / step_targets)).backward()
         loss_sum += micro_loss.detach()
     return loss_sum
 
@@ -81,23 +79,9 @@ def evaluate(model, loader, device: torch.device) -> float:
         failed_ranks = int(all_reduce_sum([float(failed is not None)], device).item())
         if failed_ranks:
             model.train()
-            raise failed or RowFailedMidRun(f"an eval row failed to load on {failed_ranks} other rank(s), which "
-                                            "name it; fix or remove it and resume", here=False)
+            raise failed or RowFailedMidRun.elsewhere(failed_ranks, "an eval row")
         loss_sum, count = model(**to_device(batch, device))
         totals += torch.stack([loss_sum.double(), count.double()])
     model.train()
     totals = all_reduce_sum(totals, device)
     return float(totals[0] / totals[1].clamp(min=1))
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def poison_gradients_for_tests(model, step: int) -> None:
-    """Fault injection for the tests: a NaN gradient at the steps listed in FTLOOP_TEST_NONFINITE_STEPS."""
-    steps = os.environ.get("FTLOOP_TEST_NONFINITE_STEPS", "")
-    if str(step) in steps.split(","):
-        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan

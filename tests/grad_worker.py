@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
 from ftloop.distributed import all_reduce_sum, init_distributed
-from ftloop.optim.segments import clean_name
+from ftloop.model import clean_name
 from ftloop.train import accumulate_gradients, count_step_tokens, prepare
 
 

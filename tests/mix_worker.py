@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ftloop.config import parse_args
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.distributed import all_reduce_sum, init_distributed
-from ftloop.optim.segments import clean_name
+from ftloop.model import clean_name
 from ftloop.steps import accumulate_gradients, count_step_tokens
 from ftloop.train import prepare
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftloop.optim.segments import Segment, ShardedTensor
+from ftloop.optim.segments import Segment, SteppedTensor
 from ftloop.optim.sharded_adafactor import ShardedAdafactor
 from launch import REPO, env
 
 
 def optimizer_for(params, rounding, **kwargs):
-    layout = [ShardedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None) for i, p in enumerate(params)]
+    layout = [SteppedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None) for i, p in enumerate(params)]
     defaults = dict(lr=1e-5, scale_parameter=False, relative_step=False, warmup_init=False)  # the HF Trainer's
     return ShardedAdafactor(layout, bf16_rounding=rounding, **{**defaults, **kwargs})
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ftloop.data.chat import IGNORE_INDEX, encode_chat, expand_vision, render_chat
-from ftloop.data.formats import IMAGE_PLACEHOLDER
+from ftloop.data.rows import IMAGE_PLACEHOLDER
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what the official template inserts when a row has none
 QWEN2_VOCAB = "/work/shared/qwen2-tokenizer"

@@ -6,9 +6,12 @@ import os
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from datautil import write_json
-from ftloop.data.check import check_file, main, measure_row
+from ftloop.data.check import main
+from ftloop.data.encode import measure_row
+from ftloop.data.preflight import check_file
 from ftloop.data.dataset import SFTDataset
-from ftloop.data.formats import DataError, load_rows
+from ftloop.data.formats import load_rows
+from ftloop.errors import DataError
 from launch import python_m
 from test_cli import one_error_line
 

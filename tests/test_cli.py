@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from ftloop.config import Config, ConfigError, parse_args, parse_size, validate
+from ftloop.config import Config, parse_args, parse_size, validate
+from ftloop.data.sources import check_sources
+from ftloop.errors import ConfigError
 from launch import REPO, python_m, torchrun, train_flags
 
 
@@ -54,7 +56,13 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
 ])
 def test_bad_values_name_the_flag(tiny_bundle, flags, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
-        validate(config_for(tiny_bundle, *flags))
+        check_flags(config_for(tiny_bundle, *flags))
+
+
+def check_flags(cfg: Config) -> None:
+    """What ftloop.train.main checks before it starts a process group (tested there too)."""
+    validate(cfg)
+    check_sources(cfg.data)
 
 
 def test_required_flags():
@@ -93,6 +101,8 @@ def bad_row_lines(result, data, rows: int) -> list[str]:
 def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path):
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--per-device-train-batch-size", "0"))
     assert "--per-device-train-batch-size must be positive" in one_error_line(result)
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--eval-data", str(tmp_path / "no.json")))
+    assert f"--eval-data {tmp_path / 'no.json'}: file not found" in one_error_line(result)  # ftloop.data's check
 
 
 def test_cli_names_file_and_row_of_a_missing_image_before_training(tiny_bundle, tmp_path):

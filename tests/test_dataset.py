@@ -8,7 +8,8 @@ from datautil import SYSTEM, one_line_error, save_rgb
 from ftloop.data.chat import IGNORE_INDEX
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
 from ftloop.data.sampler import StepBatchSampler
-from ftloop.data.formats import DataError, load_rows
+from ftloop.data.formats import load_rows
+from ftloop.errors import DataError
 
 # ------------------------------------------------------------------------------------------------ dataset
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
-from ftloop.config import ConfigError
+from ftloop.errors import ConfigError
 from ftloop.fsdp.load import UnitMaterializer
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, FolderWeights
 from launch import torchrun, train_flags

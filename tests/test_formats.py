@@ -6,7 +6,8 @@ import os
 import pytest
 
 from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
-from ftloop.data.formats import DataError, load_rows
+from ftloop.data.formats import load_rows
+from ftloop.errors import DataError
 
 # ------------------------------------------------------------------------------------------------ formats
 

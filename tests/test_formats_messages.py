@@ -6,7 +6,8 @@ import os
 import pytest
 
 from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
-from ftloop.data.formats import DataError, load_rows
+from ftloop.data.formats import load_rows
+from ftloop.errors import DataError
 
 
 @pytest.fixture
@@ -213,3 +214,51 @@ def test_detection_and_data_format_override(data_dir):
     assert all("missing or empty `messages`" in e for e in errors)
     with pytest.raises(ValueError):
         load_rows(llava, data_format="sharegpt")
+
+
+def test_video_fps_is_a_row_field_of_both_layouts(data_dir, tokenizer, image_processor):
+    frames = ["f1.png", "f2.png"]
+    ask = ("human", "<video>then<video>")
+    llava = [
+        {"video": [frames, frames], "video_fps": 4.0, "conversations": turns(ask, ("gpt", "x"))},  # one for all
+        {"video": [frames, frames], "video_fps": [1.0, None], "conversations": turns(ask, ("gpt", "x"))},
+        {"video": [frames, frames], "conversations": turns(ask, ("gpt", "x"))},  # Qwen's default
+    ]
+    messages = [
+        {"messages": [msg("user", [dict(video(frames), fps=4.0), text("then"), dict(video(frames), fps=4.0)]),
+                      msg("assistant", "x")]},
+        {"videos": [frames, frames], "video_fps": [1.0, None],  # bare parts: the top-level list's rates
+         "messages": [msg("user", [video(), text("then"), video()]), msg("assistant", "x")]},
+        {"messages": [msg("user", [video(frames), text("then"), video(frames)]), msg("assistant", "x")]},
+    ]
+    a = load_rows(write_json(data_dir / "l.json", llava))
+    b = load_rows(write_json(data_dir / "m.json", messages))
+    assert a == b
+    assert [r.get("video_fps") for r in a] == [[4.0, 4.0], [1.0, None], None]
+    # ... and it reaches the model: second_per_grid_ts = temporal_patch_size / fps (2.0 by default).
+    from ftloop.data.dataset import SFTDataset
+
+    dataset = SFTDataset(a, tokenizer, image_processor, 4096, "")
+    assert [dataset[i]["second_per_grid_ts"].tolist() for i in range(3)] == [[0.5, 0.5], [2.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"video": ["f1.png"], "video_fps": 0, "conversations": turns(("human", "<video>"), ("gpt", "x"))},
+     "fps must be a positive number, got 0"),
+    ({"video": ["f1.png"], "video_fps": [2.0, 2.0], "conversations": turns(("human", "<video>"), ("gpt", "x"))},
+     "2 fps values for 1 videos"),
+    ({"image": "a.png", "video_fps": 2.0, "conversations": turns(("human", "<image>"), ("gpt", "x"))},
+     "`video_fps` is given but the row has no videos"),
+    ({"video_fps": 2.0, "messages": [msg("user", [video(["f1.png"])]), msg("assistant", "x")]},
+     "give each video part its `fps`"),
+    ({"videos": [["f1.png"]], "messages": [msg("user", [dict(video(), fps=2.0)]), msg("assistant", "x")]},
+     "a bare video part has an `fps`"),
+])
+def test_bad_video_fps_is_one_line_before_training(data_dir, tokenizer, image_processor, row, needle):
+    from ftloop.data.encode import measure_row
+
+    path = write_json(data_dir / "fps.json", [row])
+    with pytest.raises(DataError) as excinfo:
+        for read in load_rows(path):  # reading, or the check before training that measures every row
+            measure_row(read, tokenizer, image_processor, "", source=path)
+    one_line_error(excinfo, f"{path}: row 1", needle)

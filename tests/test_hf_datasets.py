@@ -13,11 +13,13 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from datautil import one_line_error, write_json
-from ftloop.config import ConfigError, parse_args, validate
-from ftloop.data.formats import DataError, load_rows
+from ftloop.config import parse_args, validate
+from ftloop.data.formats import load_rows
+from ftloop.errors import ConfigError, DataError
 from ftloop.data.image_ref import ImageRef
 from ftloop.data.images import open_rgb
 from ftloop.data.loaders import hold_out, read_sources
+from test_cli import check_flags
 from launch import check, python_m, train_flags
 from test_formats_messages import LLAVA, MESSAGES, TRL
 
@@ -191,12 +193,12 @@ def test_hub_names_and_missing_sources(data_dir, monkeypatch, tiny_bundle):
     def config(data):
         return parse_args(train_flags(tiny_bundle, data_dir / "out", "--train-data", data))
 
-    validate(config(str(data_dir / "ds")))  # a folder
-    validate(config("someorg/somedata"))  # a hub name: checked when loaded
-    validate(config("somedata"))
+    check_flags(config(str(data_dir / "ds")))  # a folder
+    check_flags(config("someorg/somedata"))  # a hub name: checked when loaded
+    check_flags(config("somedata"))
     for missing in ("/nonexistent/ds", "./nonexistent", "a/b/c", "train.json"):
         with pytest.raises(ConfigError, match=f"--train-data {missing}: file not found"):
-            validate(config(missing))
+            check_flags(config(missing))
 
 
 def test_eval_ratio_split_rule():

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from datautil import one_line_error
-from ftloop.data.formats import DataError
+from ftloop.errors import DataError
 from ftloop.data.images import open_rgb
 
 # ------------------------------------------------------------------------------------------------ images

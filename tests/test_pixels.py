@@ -7,11 +7,14 @@ import pytest
 from transformers import AutoImageProcessor
 
 from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
-from ftloop.config import ConfigError, validate
-from ftloop.data.check import check_file, main, measure_row
+from ftloop.config import validate
+from ftloop.data.check import main
+from ftloop.data.encode import measure_row
+from ftloop.data.preflight import check_file
 from ftloop.data.dataset import SFTDataset
-from ftloop.data.formats import DataError, load_rows
-from ftloop.data.validate import DataErrors, checked_rows
+from ftloop.data.formats import load_rows
+from ftloop.data.validate import checked_rows
+from ftloop.errors import ConfigError, DataError, DataErrors
 from ftloop.data.vision import load_image_processor
 from launch import python_m, train_flags
 from test_cli import config_for, one_error_line
@@ -50,8 +53,8 @@ def test_limits_checked_against_the_checkpoint_and_the_patch_grid(tiny_bundle):
         load_image_processor(model, max_pixels=1000)
     with pytest.raises(ConfigError, match=r"--max-pixels 700 is below 784 = \(patch_size 14 x merge_size 2\)"):
         load_image_processor(model, min_pixels=500, max_pixels=700)
-    with pytest.raises(ConfigError, match="--min-pixels must be positive"):
-        load_image_processor(model, min_pixels=0)
+    # The flags on their own (positive, min <= max) are checked with the others, before anything loads:
+    # test_flag_values_are_validated_before_anything_runs.
 
 
 def test_override_reaches_the_processor_tokens_and_the_export(tiny_bundle, tokenizer, tmp_path):

@@ -215,7 +215,7 @@ def test_decoder_layer_activation_formula_matches_autograd(dtype):
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_flag():
     """What ftloop.train runs on GPUs before it loads anything."""
-    from ftloop.config import ConfigError
+    from ftloop.errors import ConfigError
     from ftloop.plan import check_fits
 
     model = meta_model("72b")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint
-from launch import REPO, check, env, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, env, faulty_train, python_m, torchrun, train_flags
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
 # grouping (on by default) make the data position part of it.
@@ -56,7 +56,7 @@ def worker_pid(out, local_rank: int) -> int | None:
             environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        ours = str(out).encode() in cmdline and b"ftloop.train" in cmdline
+        ours = str(out).encode() in cmdline and (b"ftloop.train" in cmdline or FAULTY_TRAIN.encode() in cmdline)
         if ours and f"LOCAL_RANK={local_rank}".encode() in environ:
             return int(pid)
     return None
@@ -127,13 +127,10 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tiny_bundle, referen
     out.mkdir()
     shutil.copytree(reference / "checkpoint-4", out / "checkpoint-4")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ftloop.train", *flags(tiny_bundle, out, "--save-steps", "2", "--resume-from-checkpoint", "auto")]
+               FAULTY_TRAIN, "--fault-pause-after-shards-s", "5",  # both ranks linger after writing their shards
+               *flags(tiny_bundle, out, "--save-steps", "2", "--resume-from-checkpoint", "auto")]
     saving = out / "checkpoint-6.tmp"
-    os.environ["FTLOOP_TEST_SAVE_PAUSE_S"] = "5"  # both ranks linger after writing their shards
-    try:
-        proc = launch_and_wait(command, out, until=lambda: (saving / "rng" / "rank-1.pt").exists())
-    finally:
-        del os.environ["FTLOOP_TEST_SAVE_PAUSE_S"]
+    proc = launch_and_wait(command, out, until=lambda: (saving / "rng" / "rank-1.pt").exists())
     os.kill(worker_pid(out, 1), signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -158,8 +155,8 @@ def checkpoint_tensors(path) -> dict:
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_bundle, tmp_path):
     out = tmp_path / "nan"
-    result = python_m("ftloop.train", flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2"),
-                      extra_env={"FTLOOP_TEST_NONFINITE_STEPS": "3,5,6"})
+    result = faulty_train(["--fault-nan-gradient-at-steps", "3,5,6",
+                           *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
     assert result.returncode == 1, result.stderr[-3000:]
     assert "ftloop: error: 2 non-finite steps in a row (up to step 6)" in result.stderr
     assert f"last good checkpoint is {out}/checkpoint-5" in result.stderr  # saved after 4, nothing applied since

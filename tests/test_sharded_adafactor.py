@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from ftloop.optim.segments import Segment, ShardedTensor
+from ftloop.optim.segments import Segment, SteppedTensor
 from ftloop.optim.sharded_adafactor import ShardedAdafactor
 from launch import REPO, check, torchrun
 from test_adafactor import CONFIGS, _run
@@ -16,7 +16,7 @@ WORKER = os.path.join(REPO, "tests", "adafactor_worker.py")
 
 def plain_layout(params, **kwargs):
     """ShardedAdafactor over whole tensors (no process group), decaying every parameter like transformers."""
-    layout = [ShardedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None)
+    layout = [SteppedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None)
               for i, p in enumerate(params)]
     return ShardedAdafactor(layout, **kwargs)
 

@@ -5,7 +5,8 @@ import signal
 
 import pytest
 
-from ftloop.signals import StopRequest, Stopped
+from ftloop.errors import Stopped
+from ftloop.signals import StopRequest
 
 
 def test_first_signal_is_recorded_second_ctrl_c_interrupts():

@@ -8,7 +8,7 @@ from PIL import Image
 from datautil import SYSTEM, one_line_error, save_rgb
 from ftloop.data.chat import IGNORE_INDEX
 from ftloop.data.dataset import SFTDataset, make_collate
-from ftloop.data.formats import DataError
+from ftloop.errors import DataError
 from ftloop.data.video import DEFAULT_FPS, video_inputs, video_patches
 
 
@@ -150,7 +150,7 @@ def test_collate_concatenates_videos_in_row_order(tokenizer, image_processor, fr
 
 
 def test_check_measures_video_rows_as_the_dataset_tokenises_them(tokenizer, image_processor, frames, pads):
-    from ftloop.data.check import measure_row
+    from ftloop.data.encode import measure_row
 
     r = dict(row([frames[0]], [frames[1:6]], reply="a long answer " * 6), row=3)
     sample = SFTDataset([r], tokenizer, image_processor, 4096, SYSTEM)[0]

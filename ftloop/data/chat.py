@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-from ftloop.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not supervised (cross-entropy's ignore_index)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -66,6 +66,13 @@ def encode_chat(messages: list[dict], image_token_counts: list[int], tokenizer, 
         if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
             labels[i] = input_ids[i]
     return input_ids, labels
+
+
+def last_vision_end(input_ids: list[int], tokenizer) -> int:
+    """Index of the last `<|vision_end|>` token (-1: none): the shortest a row can be cut to without cutting
+    through an image or video, whose tokens and features must stay paired."""
+    vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)
+    return max((i for i, t in enumerate(input_ids) if t == vision_end_id), default=-1)
 
 
 def vision_past_limit(where: str, length: int, last_vision_end: int, max_seq_length: int) -> str:

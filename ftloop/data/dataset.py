@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from ftloop.data.chat import IGNORE_INDEX, encode_chat, vision_past_limit
-from ftloop.data.formats import DataError
-from ftloop.data.vision import row_vision_inputs
+from ftloop.data.chat import IGNORE_INDEX
+from ftloop.data.encode import cut_to_length, encode_row
+from ftloop.data.rows import where as row_where
 
 
 class SFTDataset(Dataset):
@@ -18,30 +18,19 @@ class SFTDataset(Dataset):
                  source: str = "data"):
         self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
         self.max_seq_length, self.system_prompt, self.source = max_seq_length, system_prompt, source
-        self.vision_end_id = tokenizer.convert_tokens_to_ids("<|vision_end|>")
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        where = f"{self.source}: row {row.get('row', index + 1)}"
-        sample, image_counts, video_counts = row_vision_inputs(row, self.image_processor, where)
-        input_ids, labels = encode_chat(row["messages"], image_counts, self.tokenizer, self.system_prompt,
-                                        video_counts)
+        where = row_where(self.source, row.get("row", index + 1))
+        sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.system_prompt, where)
         if len(input_ids) > self.max_seq_length:
-            input_ids, labels = self._truncate(input_ids, labels, where)
+            input_ids, labels = cut_to_length(input_ids, labels, self.max_seq_length, self.tokenizer, where)
         sample["input_ids"] = torch.tensor(input_ids)
         sample["labels"] = torch.tensor(labels)
         return sample
-
-    def _truncate(self, input_ids: list[int], labels: list[int], where: str):
-        """Cut text from the right, never through an image or a video (each ends with `<|vision_end|>`): its
-        tokens and features must stay paired."""
-        last_image_end = max((i for i, t in enumerate(input_ids) if t == self.vision_end_id), default=-1)
-        if last_image_end >= self.max_seq_length:
-            raise DataError(vision_past_limit(where, len(input_ids), last_image_end, self.max_seq_length))
-        return input_ids[: self.max_seq_length], labels[: self.max_seq_length]
 
 
 def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):

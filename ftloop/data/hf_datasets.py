@@ -3,7 +3,7 @@
 or a hub name (`org/name`; needs the network or the Hugging Face cache).
 
 Rows are in LLaVA (`conversations` + `image`) or messages (`messages` + `images`) layout and are
-normalised by ftloop.data.formats like json rows. Only the columns those layouts use are read. Images in a
+normalised like json rows (ftloop.data.formats). Only the columns those layouts use are read. Images in a
 `datasets.Image` column are never decoded or copied here: an image stored as bytes becomes an `ImageRef`
 (dataset, row, column, position) that `ftloop.data.images.open_rgb` reads when the dataloader needs it; an
 image stored as a path only, or a string column, is a path resolved against --image-folder like a json
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 
-from ftloop.data.formats import DataError, looks_like_hub_id
 from ftloop.data.image_ref import ImageRef, ImageSource
+from ftloop.data.sources import DATASET_SUFFIXES, looks_like_hub_id
+from ftloop.errors import DataError
 
-COLUMNS = ("conversations", "messages", "image", "images", "video", "videos")  # what the layouts read
+COLUMNS = ("conversations", "messages", "image", "images", "video", "videos", "video_fps")  # what the layouts read
 EVAL_SPLITS = ("validation", "test")
 BATCH = 1024  # rows per Arrow batch while reading
 
@@ -48,7 +49,7 @@ def load_dataset_split(path: str, split: str = "train"):
     """The Arrow-backed `datasets.Dataset` at `path` (see the module docstring for the kinds of path)."""
     import datasets
 
-    if path.lower().endswith((".parquet", ".arrow")) and not os.path.isfile(path):
+    if path.lower().endswith(DATASET_SUFFIXES) and not os.path.isfile(path):
         raise DataError(f"{path}: cannot read (No such file or directory)")
     try:
         if os.path.isdir(path):

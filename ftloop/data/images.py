@@ -9,8 +9,8 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ftloop.data.formats import DataError
 from ftloop.data.image_ref import ImageRef
+from ftloop.errors import DataError
 
 
 def _open(source: str | ImageRef, where: str) -> Image.Image:

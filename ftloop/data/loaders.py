@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
-from ftloop.data.formats import DataError, load_rows
+from ftloop.data.formats import load_rows
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
+from ftloop.errors import DataError, RowFailedMidRun
 
 
 def _collate_for(tokenizer, hf_config):
@@ -40,51 +42,55 @@ def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-Read = tuple[list[dict], list[str]]  # rows read without error, one line per row that could not be read
+class SourceRows(NamedTuple):
+    rows: list[dict]  # the rows read without error
+    errors: list[str]  # one line per row that could not be read
 
 
-def read_sources(cfg: Config) -> tuple[Read, Read | None]:
+def read_sources(cfg: Config) -> tuple[SourceRows, SourceRows | None]:
     """(training rows, evaluation rows or None): --eval-data, or the rows --eval-ratio holds out of
     --train-data (their reading errors are reported with the training rows)."""
-    d = cfg.data
-    train, errors = _read(cfg, d.train_data, "train")
-    if d.eval_data:
-        return (train, errors), _read(cfg, d.eval_data, "eval")
-    if d.eval_ratio <= 0:
-        return (train, errors), None
-    kept, held = hold_out(train, d.eval_ratio, cfg.train.seed)
-    print0(f"{d.train_data}: --eval-ratio {d.eval_ratio}: {len(held)} of {len(train)} rows held out for evaluation")
-    return (kept, errors), (held, [])
+    data = cfg.data
+    train = _read(cfg, data.train_data, "train")
+    if data.eval_data:
+        return train, _read(cfg, data.eval_data, "eval")
+    if data.eval_ratio <= 0:
+        return train, None
+    kept, held = hold_out(train.rows, data.eval_ratio, cfg.train.seed)
+    print0(f"{data.train_data}: --eval-ratio {data.eval_ratio}: {len(held)} of {len(train.rows)} rows held out "
+           "for evaluation")
+    return SourceRows(kept, train.errors), SourceRows(held, [])
 
 
-def _read(cfg: Config, path: str, role: str) -> Read:
+def _read(cfg: Config, path: str, split: str) -> SourceRows:
     errors: list[str] = []
-    return load_rows(path, cfg.data.image_folder, errors, cfg.data.data_format, role), errors
+    return SourceRows(load_rows(path, cfg.data.image_folder, errors, cfg.data.data_format, split), errors)
 
 
-def check(cfg: Config, path: str, read: Read, tokenizer, image_processor) -> CheckedRows:
+def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor) -> CheckedRows:
     """Every row read from `path` measured across the ranks; what was dropped is said once."""
-    d = cfg.data
-    checked = checked_rows(path, d.image_folder, tokenizer, image_processor, d.system_prompt, d.max_seq_length,
-                           d.truncation, d.skip_bad_rows, d.max_images_per_sample, loaded=read)
+    data = cfg.data
+    checked = checked_rows(path, data.image_folder, tokenizer, image_processor, data.system_prompt,
+                           data.max_seq_length, data.truncation, data.skip_bad_rows, data.max_images_per_sample,
+                           loaded=read)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
-               f"{checked.dropped_long} rows longer than --max-seq-length {d.max_seq_length}")
+               f"{checked.dropped_long} rows longer than --max-seq-length {data.max_seq_length}")
     return checked
 
 
 def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
                   pin: bool) -> tuple[DataLoader, StepBatchSampler, DataLoader | None]:
     """(training loader, its sampler, evaluation loader or None), every row checked first."""
-    d, t = cfg.data, cfg.train
+    data, train = cfg.data, cfg.train
     train_read, eval_read = read_sources(cfg)
-    checked = check(cfg, d.train_data, train_read, tokenizer, image_processor)
-    dataset = SFTDataset(checked.rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt,
-                         d.train_data)
-    sampler = StepBatchSampler(len(checked.rows), world_size, rank, t.per_device_train_batch_size,
-                               t.gradient_accumulation_steps, t.seed,
-                               lengths=checked.lengths if d.group_by_length else None)
-    train_loader = _loader(dataset, sampler, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)
+    checked = check(cfg, data.train_data, train_read, tokenizer, image_processor)
+    dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
+                         data.train_data)
+    sampler = StepBatchSampler(len(checked.rows), world_size, rank, train.per_device_train_batch_size,
+                               train.gradient_accumulation_steps, train.seed,
+                               lengths=checked.lengths if data.group_by_length else None)
+    train_loader = _loader(dataset, sampler, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
     eval_loader = None
     if eval_read is not None:
         eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, world_size, rank, pin, eval_read)
@@ -92,30 +98,22 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size
 
 
 def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
-                      pin: bool, read: Read | None = None) -> DataLoader | None:
+                      pin: bool, read: SourceRows | None = None) -> DataLoader | None:
     """The evaluation loader over `read` (default: the rows of --eval-data), or None."""
-    d = cfg.data
+    data = cfg.data
     if read is None:
-        if not d.eval_data:
+        if not data.eval_data:
             return None
-        read = _read(cfg, d.eval_data, "eval")
-    path = d.eval_data or d.train_data  # held-out rows keep their row numbers in --train-data
+        read = _read(cfg, data.eval_data, "eval")
+    path = data.eval_data or data.train_data  # held-out rows keep their row numbers in --train-data
     rows = check(cfg, path, read, tokenizer, image_processor).rows
     if not rows:
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None
-    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, d.max_seq_length, d.system_prompt, path))
+    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
+                                     path))
     batches = eval_batches(len(rows), world_size, rank, cfg.train.per_device_eval_batch_size)
-    return _loader(dataset, batches, _collate_for(tokenizer, hf_config), d.dataloader_num_workers, pin)
-
-
-class RowFailedMidRun(DataError):
-    """A row that failed on one rank during training, after the check before training passed it (a file
-    changed since). `here`: on this rank; the other ranks stop with a pointer to it."""
-
-    def __init__(self, message: str, here: bool = True):
-        super().__init__(message)
-        self.here = here
+    return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
 
 
 class StepBatches:

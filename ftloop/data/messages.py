@@ -6,14 +6,15 @@ Parts are `{"type": "text", "text": ...}`, `{"type": "image", "image": path}` an
 its media then come, in order, from the row's top-level `images` (or `image`) and `videos` lists. The parts
 of a message are joined with nothing in between, as Qwen's chat template renders them, each image part
 becoming `<image>` and each video part `<video>`; the result is the same normal form as a LLaVA row
-(ftloop.data.formats). A string content may itself hold `<image>` / `<video>` placeholders, which take
-their media from the top-level lists like bare parts.
+(ftloop.data.rows). A string content may itself hold `<image>` / `<video>` placeholders, which take
+their media from the top-level lists like bare parts. A video's frame rate is its part's `fps` (as in
+qwen-vl-utils) or, for videos from the top-level list, the row's `video_fps` (one number, or one per video).
 """
 
 from __future__ import annotations
 
-from ftloop.data.formats import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, check_videos, finish_row,
-                                 is_image)
+from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, check_videos, finish_row, is_image, per_video_fps
+from ftloop.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 LOCAL_SCHEME = "file://"  # Qwen's examples write local images as file:///path
@@ -32,8 +33,9 @@ def _path(value, where: str, kind: str):
                     f"{kind}s in the row's top-level `{kind}s`)")
 
 
-def _render(content: list, where: str, images: list, videos: list) -> str:
-    """The parts as one string with placeholders; the media parts name are appended to images/videos."""
+def _render(content: list, where: str, images: list, videos: list, fps: list) -> str:
+    """The parts as one string with placeholders; the media parts name are appended to images/videos (and
+    each such video's `fps`, or None, to fps)."""
     text = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -51,6 +53,10 @@ def _render(content: list, where: str, images: list, videos: list) -> str:
                 if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
                     raise DataError(f"{where}: a video part's `video` must be a non-empty list of frame paths")
                 videos.append([_path(f, where, "video frame") for f in frames])
+                fps.append(part.get("fps"))
+            elif part.get("fps") is not None:
+                raise DataError(f"{where}: a bare video part has an `fps`; give the frame rates of the top-level "
+                                "`videos` in the row's `video_fps`")
             text.append(VIDEO_PLACEHOLDER)
         else:
             shown = part.get("type") if isinstance(part, dict) else part
@@ -89,7 +95,7 @@ def normalize_messages_row(row: dict, where: str, image_folder: str) -> dict:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: missing or empty `messages` list")
-    images, videos = [], []
+    images, videos, part_fps = [], [], []
     messages = []
     for turn in turns:
         role = turn.get("role") if isinstance(turn, dict) else None
@@ -98,11 +104,19 @@ def normalize_messages_row(row: dict, where: str, image_folder: str) -> dict:
             raise DataError(f"{where}: unknown role {shown!r}; use system, user or assistant")
         content = turn.get("content")
         if isinstance(content, list):
-            content = _render(content, where, images, videos)
+            content = _render(content, where, images, videos, part_fps)
         elif not isinstance(content, str):
             raise DataError(f"{where}: a `{role}` message has no `content` (a string or a list of parts)")
         messages.append({"role": role, "content": content})
     counts = {p: sum(m["content"].count(p) for m in messages) for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
     image_list = _media(row, where, images, "image", counts[IMAGE_PLACEHOLDER])
     video_list = _media(row, where, videos, "video", counts[VIDEO_PLACEHOLDER])
-    return finish_row(messages, image_list, video_list, where, image_folder, user="user", assistant="assistant")
+    if videos:  # the videos came from their parts, and so do their frame rates
+        if row.get("video_fps") is not None:
+            raise DataError(f"{where}: video parts carry their frames and the row also has a top-level "
+                            "`video_fps`; give each video part its `fps`")
+        fps = part_fps
+    else:
+        fps = per_video_fps(row.get("video_fps"), len(video_list))
+    return finish_row(messages, image_list, video_list, where, image_folder, user="user", assistant="assistant",
+                      video_fps=fps)

@@ -8,23 +8,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ftloop.data.check import measure_row
-from ftloop.data.formats import DataError, load_rows
-
-
-class DataErrors(DataError):
-    """Several bad rows: one line each, all reported before the run stops."""
-
-    def __init__(self, lines: list[str], hint: str):
-        super().__init__("\n".join(lines + [hint]))
-        self.lines = lines + [hint]
-
-
-def _row_number(message: str) -> int:
-    """The N of "...: row N: ..." (0 for a message about the whole file), to list problems in file order."""
-    _, _, rest = message.partition(": row ")
-    number = rest.split(":", 1)[0]
-    return int(number) if number.isdigit() else 0
+from ftloop.data.encode import measure_row
+from ftloop.data.formats import load_rows
+from ftloop.data.rows import row_number
+from ftloop.errors import DataError, DataErrors
 
 
 @dataclass
@@ -62,7 +49,7 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, syste
         dist.all_gather_object(gathered, found)
         found = {k: v for part in gathered for k, v in part.items()}
     errors += [found[i] for i in sorted(found) if isinstance(found[i], str)]
-    errors.sort(key=_row_number)
+    errors.sort(key=row_number)
     if errors and not skip_bad_rows:
         count = f"{len(errors)} bad row" + ("s" if len(errors) > 1 else "")
         raise DataErrors(errors, f"{path}: {count}; fix, or pass --skip-bad-rows to train without them")

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ftloop.data.formats import DataError
 from ftloop.data.images import open_rgb
+from ftloop.errors import DataError
 
 DEFAULT_FPS = 2.0  # frames per second of the sampled frames, Qwen2.5-VL's default (qwen-vl-utils FPS)
 

@@ -1,31 +1,28 @@
 """A row's vision inputs as the model takes them, and the image processor with the run's pixel limits.
 
-Training (SFTDataset) and the data check (ftloop.data.check) both go through `row_vision_inputs`, so the
-token counts the check measures are the ones training sees.
+Every row is encoded through `row_vision_inputs` (ftloop.data.encode), in training and in the checks alike.
 """
 
 from __future__ import annotations
 
-from ftloop.config import ConfigError
 from ftloop.data.images import open_rgb
 from ftloop.data.video import run_image_processor, video_inputs
+from ftloop.errors import ConfigError
 
 
 def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The checkpoint's image processor; `--min-pixels` / `--max-pixels` (None: the checkpoint's) replace its
     limits on the resized image area. They bound every image and every video frame, and being the processor's
-    own settings, they are written with it when the model is exported."""
+    own settings, they are written with it when the model is exported. The flags on their own are checked
+    with the others (ftloop.config.check_data_args); here, against the checkpoint's limits and patch grid."""
     from transformers import AutoImageProcessor
 
-    for flag, value in (("--min-pixels", min_pixels), ("--max-pixels", max_pixels)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{flag} must be positive")
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     processor = AutoImageProcessor.from_pretrained(path, **overrides)
     low, high = processor.size["shortest_edge"], processor.size["longest_edge"]
     low_name = f"--min-pixels {low}" if min_pixels is not None else f"the checkpoint's min_pixels {low}"
     high_name = f"--max-pixels {high}" if max_pixels is not None else f"the checkpoint's max_pixels {high}"
-    if overrides and low > high:
+    if (min_pixels is None) != (max_pixels is None) and low > high:  # both given: checked with the flags
         raise ConfigError(f"{low_name} is above {high_name}; give --min-pixels <= --max-pixels")
     smallest = (processor.patch_size * processor.merge_size) ** 2
     if max_pixels is not None and high < smallest:

@@ -20,6 +20,8 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ftloop.config import DataArgs
+
 # Qwen2.5-VL's special tokens, in Qwen's own id order (151643.. in the real vocab). Here they follow the
 # learned BPE vocab, so their ids are len(bpe_vocab) + index in this list.
 SPECIAL_TOKENS = [
@@ -29,7 +31,7 @@ SPECIAL_TOKENS = [
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
 BPE_VOCAB_SIZE = 498  # + 14 special tokens = 512 ids (fewer if the corpus runs out of merges)
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_SYSTEM_PROMPT = DataArgs.system_prompt  # Qwen's, which its chat template below inserts too
 
 # Qwen2.5-VL's official chat template (chat_template.json of Qwen2.5-VL-*-Instruct), verbatim.
 CHAT_TEMPLATE = (

@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,15 +30,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
 
-from ftloop.config import ConfigError
+from ftloop.errors import ConfigError
 
 COMPLETE_MARKER = ".complete"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
 MODEL_FILES = "hf"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-# Fault injection for the tests: seconds to sleep after this rank wrote its shards, before the rename.
-PAUSE_ENV = "FTLOOP_TEST_SAVE_PAUSE_S"
 
 
 def is_complete(path: str) -> bool:
@@ -109,9 +107,11 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_config: dict,
-                    write_model_files) -> None:
+                    write_model_files: Callable[[str], None],
+                    after_shards_written: Callable[[], None] = lambda: None) -> None:
     """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
-    the config, tokenizer and image processor on rank 0."""
+    the config, tokenizer and image processor on rank 0; `after_shards_written` runs on every rank once its
+    own shards are on disk (ftloop.faults)."""
     rank, tmp = dist.get_rank(), path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,8 +122,7 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
     dcp.save(state, checkpoint_id=tmp)
     device = next(model.parameters()).device
     torch.save(_rng_state(device), os.path.join(tmp, "rng", f"rank-{rank}.pt"))
-    if os.environ.get(PAUSE_ENV):
-        time.sleep(float(os.environ[PAUSE_ENV]))
+    after_shards_written()
     dtypes = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:

@@ -19,8 +19,7 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 
 from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, publish, save_model_files, save_size,
                               saved_names, temporary_folder)
-from ftloop.model import DTYPES, WRAPPER_PREFIX
-from ftloop.optim.segments import clean_name
+from ftloop.model import DTYPES, WRAPPER_PREFIX, clean_name
 
 
 def full_state_dict(model: FSDP) -> dict[str, torch.Tensor]:

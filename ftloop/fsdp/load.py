@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
-from ftloop.config import ConfigError
+from ftloop.errors import ConfigError
 from ftloop.fsdp.export import unit_parameters
 from ftloop.hf_folder import FolderWeights
 

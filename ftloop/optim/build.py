@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ftloop.config import ConfigError, OptimArgs
+from ftloop.config import OptimArgs
+from ftloop.errors import ConfigError
 from ftloop.model import WRAPPER_PREFIX
 from ftloop.optim.segments import describe_fsdp
 from ftloop.optim.sharded_adafactor import ShardedAdafactor

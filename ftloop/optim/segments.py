@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
+from ftloop.model import clean_name
 
 @dataclass(frozen=True)
 class Segment:
@@ -47,17 +46,11 @@ class Segment:
 
 
 @dataclass
-class ShardedTensor:
+class SteppedTensor:
     """One tensor the optimizer steps, the segments inside it, and the ranks that share its parameters."""
     tensor: torch.Tensor
     segments: list[Segment]
     group: dist.ProcessGroup | None  # None: nothing is sharded (one rank, or NO_SHARD)
-
-
-def clean_name(name: str) -> str:
-    for part in WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def default_settings(name: str, shape: tuple[int, ...]) -> tuple[float, bool]:
@@ -66,7 +59,7 @@ def default_settings(name: str, shape: tuple[int, ...]) -> tuple[float, bool]:
 
 
 def describe_fsdp(model: FSDP, settings: Callable[[str, tuple], tuple[float, bool]] = default_settings,
-                  strip_prefix: str = "") -> list[ShardedTensor]:
+                  strip_prefix: str = "") -> list[SteppedTensor]:
     """The optimizer-visible tensors of an FSDP1 model, each with its segments, in a rank-independent order."""
     out = []
     for module_name, module in model.named_modules():
@@ -88,10 +81,10 @@ def describe_fsdp(model: FSDP, settings: Callable[[str, tuple], tuple[float, boo
                 segment = Segment(name, shape, 0, 0, 0, lr_scale, decay)
             segments.append(segment)
         if flat._params is None:  # use_orig_params=False: the optimizer steps the flat shard
-            out.append(ShardedTensor(flat, segments, group))
+            out.append(SteppedTensor(flat, segments, group))
         else:  # use_orig_params=True: each original parameter is its own 1-D slice
             for param, segment in zip(flat._params, segments):
-                out.append(ShardedTensor(param, [_at_zero(segment)], group))
+                out.append(SteppedTensor(param, [_at_zero(segment)], group))
     return out
 
 
@@ -100,13 +93,13 @@ def _at_zero(segment: Segment) -> Segment:
 
 
 def describe_plain(model: nn.Module, settings: Callable[[str, tuple], tuple[float, bool]] = default_settings,
-                   ) -> list[ShardedTensor]:
+                   ) -> list[SteppedTensor]:
     """The same description for an unwrapped model: each parameter whole, nothing to reduce."""
     out = []
     for name, param in model.named_parameters():
         lr_scale, decay = settings(name, tuple(param.shape))
         segment = Segment(name, tuple(param.shape), 0, param.numel(), 0, lr_scale, decay)
-        out.append(ShardedTensor(param, [segment], None))
+        out.append(SteppedTensor(param, [segment], None))
     return out
 
 

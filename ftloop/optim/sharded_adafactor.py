@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
 from ftloop.optim.adafactor import _LOW_PRECISION, Adafactor, beta2_at, clip_by_rms_, ema_, learning_rate
-from ftloop.optim.segments import Segment, ShardedTensor, row_pieces
+from ftloop.optim.segments import Segment, SteppedTensor, row_pieces
 
 ROUNDINGS = ("nearest", "stochastic", "kahan")  # how a bf16 weight takes its update (--bf16-master-rounding)
 CHUNK = 1 << 20  # elements per piece when a low-precision weight is read or written: bounds the fp32 temporaries
@@ -58,7 +59,7 @@ class _Slot:
 @dataclass
 class _StepWork:
     """One stepped tensor's step in progress, between the all-reduces."""
-    entry: ShardedTensor
+    entry: SteppedTensor
     state: dict
     sums: list[Tensor]  # per segment: row sums, column sums, sum of p^2 (local, then all-reduced)
     update: Tensor | None = None  # the preconditioned update, kept only where it overwrote an fp32 gradient
@@ -79,7 +80,7 @@ class ShardedAdafactor(Adafactor):
     `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and --bf16-master-rounding.
     """
 
-    def __init__(self, layout: list[ShardedTensor], bf16_rounding: str = "nearest", rounding_seed: int = 0,
+    def __init__(self, layout: list[SteppedTensor], bf16_rounding: str = "nearest", rounding_seed: int = 0,
                  **kwargs):
         layout = [t for t in layout if t.tensor.requires_grad]
         super().__init__([t.tensor for t in layout], **kwargs)
@@ -277,7 +278,7 @@ class ShardedAdafactor(Adafactor):
         """Zeroed tensors of the right shapes and shardings for `dcp.load` to fill."""
         return self._packaged(self._fresh)
 
-    def _fresh(self, entry: ShardedTensor) -> dict:
+    def _fresh(self, entry: SteppedTensor) -> dict:
         return self._new_state(entry.tensor, self.slots[id(entry.tensor)], self.param_groups[0]["beta1"] is not None)
 
     def _packaged(self, state_of) -> dict:
@@ -302,7 +303,7 @@ class ShardedAdafactor(Adafactor):
             for segment in entry.segments:
                 for key in self._state_keys(segment, entry.tensor):
                     value = loaded[f"{segment.name}.{key}"]
-                    if not torch.is_tensor(value) or type(value).__name__ == "ShardedTensor":
+                    if isinstance(value, ShardedTensor):  # saved sharded: this rank's slice
                         shards = value.local_shards()
                         value = shards[0].tensor if shards else state[f"{segment.name}.{key}"]
                     elif key in self.SLICED:  # saved unsharded, loaded into a slice
@@ -319,8 +320,6 @@ class ShardedAdafactor(Adafactor):
 
     @staticmethod
     def _shard(local: Tensor, segment: Segment, pg):
-        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
-
         shards = []
         if segment.numel:
             placement = f"rank:{dist.get_rank(pg)}/{local.device}"

@@ -1,0 +1,113 @@
+"""When the loop saves, evaluates, keeps the best weights and gives up: each policy a small object.
+
+- `Saver`: a checkpoint every --save-steps steps (none at the last step: `final` is exported then), one when
+  the run is stopped, never two of one step; older ones pruned to --save-total-limit, the best's kept.
+- `Evaluator`: the eval loss every --eval-steps steps, at the last step, and before the first with
+  --eval-on-start; a new lowest is exported as `best` (on disk only) and read back at the end.
+- `skip_nonfinite_step`: a step whose gradient norm is not finite is skipped and said; too many in a row stop
+  the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from ftloop.config import Config, TrainArgs
+from ftloop.distributed import print0
+from ftloop.errors import TrainingError
+from ftloop.fsdp.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
+from ftloop.fsdp.load import load_weights_into, open_weights
+from ftloop.hf_folder import local_folder, meta_skeleton
+from ftloop.metrics import MetricsLogger
+from ftloop.model import DTYPES, WRAPPER_PREFIX
+from ftloop.state import TrainState
+from ftloop.steps import evaluate
+
+
+class Saver:
+    def __init__(self, model: FSDP, optimizer, state: TrainState, cfg: Config, logger: MetricsLogger,
+                 write_model_files: Callable[[str], None], after_shards_written: Callable[[], None],
+                 is_main: bool, resumed: bool):
+        self.model, self.optimizer, self.state, self.cfg, self.logger = model, optimizer, state, cfg, logger
+        self.write_model_files, self.after_shards_written, self.is_main = write_model_files, after_shards_written, is_main
+        self.last_saved = state.step if resumed else None  # the checkpoint resumed from is this step's
+
+    def due(self, total_steps: int) -> bool:
+        every = self.cfg.train.save_steps
+        return bool(every) and self.state.step % every == 0 and self.state.step < total_steps
+
+    def save(self) -> str:
+        """Write `checkpoint-<step>` (collective); its path."""
+        args, step = self.cfg.train, self.state.step
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if self.last_saved == step:
+            return path
+        started = time.perf_counter()
+        save_checkpoint(self.model, self.optimizer, path, self.state.state_dict(), self.cfg.to_dict(),
+                        self.write_model_files, self.after_shards_written)
+        if self.is_main and args.save_total_limit:
+            prune_checkpoints(args.output_dir, args.save_total_limit, protected_step=self.state.best.step)
+        self.logger.log(step, {"checkpoint_save_s": time.perf_counter() - started})
+        self.last_saved = step
+        return path
+
+
+class Evaluator:
+    def __init__(self, model: FSDP, loader, state: TrainState, cfg: Config, logger: MetricsLogger,
+                 export: Callable[[str], None], hf_config, device: torch.device):
+        """`loader`: the evaluation batches (None: no evaluation); `export(folder)` writes the weights there."""
+        self.model, self.loader, self.state, self.cfg, self.logger = model, loader, state, cfg, logger
+        self.export, self.hf_config, self.device = export, hf_config, device
+        self.best_dir = os.path.join(cfg.train.output_dir, "best")
+
+    def due(self, total_steps: int) -> bool:
+        return self.state.step % self.cfg.train.eval_steps == 0 or self.state.step == total_steps
+
+    def __call__(self) -> None:
+        """Evaluate at the current step (collective) and keep the record of the best."""
+        if self.loader is None:
+            return
+        step, best = self.state.step, self.state.best
+        eval_loss = evaluate(self.model, self.loader, self.device)
+        improved = eval_loss < best.eval_loss
+        if improved:  # the weights stay on disk, read back at the end: no copy in memory
+            best.eval_loss, best.step = eval_loss, step
+            if step > 0:  # step 0's weights are the folder the run started from
+                self.export(self.best_dir)
+        self.logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best.eval_loss, "best_step": best.step})
+        print0(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+
+    def restore_best(self) -> None:
+        """With --load-best-model-at-end, put the best weights back into the model (collective), unless they are
+        the ones it holds. They stream from disk one FSDP unit at a time, read by rank 0, which wrote them: the
+        `best` export (in --save-dtype, which `final` is written in too), or for step 0 the starting folder."""
+        best, cfg = self.state.best, self.cfg
+        if not cfg.train.load_best_model_at_end or best.step is None or best.step == self.state.step:
+            return
+        source = self.best_dir if best.step > 0 else cfg.model.model_name_or_path
+        weights = open_weights(lambda: source if best.step > 0 else local_folder(source),
+                               meta_skeleton(self.hf_config, DTYPES[cfg.model.param_dtype]),
+                               "--load-best-model-at-end", every_rank_reads=False)
+        load_weights_into(self.model, weights, prefix=WRAPPER_PREFIX)
+        if weights is not None:
+            weights.close()
+        print0(f"loaded the best weights back (step {best.step}, eval_loss {best.eval_loss:.4f}) from {source}")
+
+
+def skip_nonfinite_step(state: TrainState, grad_norm: float, logger: MetricsLogger, args: TrainArgs) -> None:
+    """Say that the step just counted was skipped (no update; optimizer state untouched; the data and the
+    schedule moved on); after --max-bad-steps of them in a row, stop the run with a TrainingError."""
+    step, bad = state.step, state.bad_steps_in_a_row
+    logger.log(step, {"skipped_nonfinite_step": True, "grad_norm": grad_norm, "bad_steps_in_a_row": bad})
+    print0(f"step {step}: non-finite loss or gradient norm ({grad_norm}); step skipped ({bad} in a row, "
+           f"--max-bad-steps {args.max_bad_steps})")
+    if bad >= args.max_bad_steps:
+        kept = latest_checkpoint(args.output_dir)
+        raise TrainingError(f"{bad} non-finite steps in a row (up to step {step}); the last good checkpoint is "
+                            f"{kept or 'none (--save-steps)'}; lower --learning-rate, check the data, or raise "
+                            "--max-bad-steps")
