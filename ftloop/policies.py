@@ -34,7 +34,8 @@ class Saver:
                  write_model_files: Callable[[str], None], after_shards_written: Callable[[], None],
                  is_main: bool, resumed: bool):
         self.model, self.optimizer, self.state, self.cfg, self.logger = model, optimizer, state, cfg, logger
-        self.write_model_files, self.after_shards_written, self.is_main = write_model_files, after_shards_written, is_main
+        self.write_model_files, self.after_shards_written = write_model_files, after_shards_written
+        self.is_main = is_main
         self.last_saved = state.step if resumed else None  # the checkpoint resumed from is this step's
 
     def due(self, total_steps: int) -> bool:

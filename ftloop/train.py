@@ -204,8 +204,8 @@ def describe(cfg: Config, world: World, setup: Setup, warmup: int) -> str:
     """The run in one line, said before the first step."""
     shards = 1 if cfg.fsdp.sharding_strategy == "NO_SHARD" else world.world_size
     parameters = sum(p.numel() for p in setup.model.parameters()) * shards
-    return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), ~{parameters / 1e6:.1f}M "
-            f"parameters, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
+    return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), "
+            f"~{parameters / 1e6:.1f}M parameters, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
             f"{setup.sampler.global_batch} sequences, warmup {warmup}")
 
 

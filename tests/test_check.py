@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from datautil import write_json
@@ -119,3 +121,17 @@ def test_unreadable_json_array_is_one_error_for_the_file(tiny_bundle, tmp_path, 
     out = capsys.readouterr().out
     assert f"{data}: not valid json" in out and "total: 1 errors" in out
     assert os.path.isfile(tiny_bundle["train_json"])  # the shared bundle is untouched
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-seq-length", "0"], "--max-seq-length must be positive"),
+    (["--min-pixels", "9000", "--max-pixels", "4000"], "--min-pixels 9000 is above --max-pixels 4000"),
+    (["--max-images-per-sample", "-1"], "--max-images-per-sample must be 0"),
+    (["--workers", "0"], "--workers must be positive"),
+])
+def test_cli_checks_the_data_flags_as_train_does(tiny_bundle, capsys, flags, message):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--train-data", tiny_bundle["train_json"], "--model-name-or-path", tiny_bundle["model_dir"], *flags])
+    assert excinfo.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"ftloop: error: {message}") and "\n" not in error, error

@@ -36,6 +36,18 @@ def losses(out, once: bool = True) -> dict:
     return dict(train)  # the last record of a step wins
 
 
+TIMINGS = {"time", "tokens_per_s", "step_time_s", "peak_mem_gib", "checkpoint_save_s"}
+
+
+def logged_state(out) -> dict:
+    """(step, kind) -> what metrics.jsonl says of that step besides timings: the loss, lr, grad norm, epoch and
+    tokens seen of training records, the eval loss and best record of eval records (the last record wins)."""
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    kinds = {"loss": "train", "eval_loss": "eval"}
+    return {(r["step"], kind): {k: v for k, v in r.items() if k not in TIMINGS}
+            for r in records for key, kind in kinds.items() if key in r}
+
+
 def final_weights(out) -> dict:
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
@@ -96,6 +108,7 @@ def test_sigterm_saves_and_torchrun_restart_resumes_bit_identical(tiny_bundle, r
     assert 2 <= stopped_at < 8
     assert f"resumed from {out}/checkpoint-{stopped_at} at step {stopped_at}" in stdout
     assert losses(out) == losses(reference)  # every step's loss, before and after the restart
+    assert logged_state(out) == logged_state(reference)  # and the lr, tokens seen, epoch, best record
     expected, got = final_weights(reference), final_weights(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 

@@ -31,7 +31,7 @@ class Report:
     videos: int = 0
     text_only: int = 0
     too_long: int = 0
-    max_seq_length: int = 2048
+    max_seq_length: int = DataArgs.max_seq_length
     lengths: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 

@@ -2,10 +2,10 @@
 
 A row is `{"messages": [{"role": "system"|"user"|"assistant", "content": str}], "images": [image],
 "videos": [[frame path, ...], ...], "row": its 1-based number in the source}`, plus `"video_fps": [fps or
-None, ...]` (one per video; None: Qwen's default) when the row gives a frame rate for any of its videos. The content keeps `<image>` and
-`<video>` placeholders in place, an image is an absolute path or an `ImageRef` into a Hugging Face dataset
-(read only when opened), and frame paths are absolute. The layouts (ftloop.data.llava, ftloop.data.messages)
-build on this module; ftloop.data.formats picks one per source.
+None, ...]` (one per video; None: Qwen's default) when the row gives a frame rate for any of its videos.
+The content keeps `<image>` and `<video>` placeholders in place, an image is an absolute path or an
+`ImageRef` into a Hugging Face dataset (read only when opened), and frame paths are absolute. The layouts
+(ftloop.data.llava, ftloop.data.messages) build on this module; ftloop.data.formats picks one per source.
 
 Every problem is one line that begins `<source>: row <N>:` (`where`), so that problems from every stage can
 be sorted back into file order (`row_number`).

@@ -84,7 +84,8 @@ class ShardedAdafactor(Adafactor):
                  **kwargs):
         layout = [t for t in layout if t.tensor.requires_grad]
         super().__init__([t.tensor for t in layout], **kwargs)
-        if self.defaults["relative_step"] and any(s.lr_scale != 1.0 for t in layout for s in t.segments):
+        scaled = any(segment.lr_scale != 1.0 for entry in layout for segment in entry.segments)
+        if self.defaults["relative_step"] and scaled:
             raise ValueError("per-part learning rates scale an external lr: use relative_step=False")
         if bf16_rounding not in ROUNDINGS:
             raise ValueError(f"bf16_rounding must be one of {ROUNDINGS}, not {bf16_rounding!r}")
@@ -94,7 +95,7 @@ class ShardedAdafactor(Adafactor):
         # and a resumed run draws what the uninterrupted one did.
         self.rounding_seed = rounding_seed
         self.layout = layout
-        self.slots = {id(t.tensor): [_Slot(s) for s in t.segments] for t in layout}
+        self.slots = {id(entry.tensor): [_Slot(segment) for segment in entry.segments] for entry in layout}
 
     def _compensated(self, p: Tensor) -> bool:
         return self.bf16_rounding == "kahan" and p.dtype in _LOW_PRECISION
@@ -102,17 +103,17 @@ class ShardedAdafactor(Adafactor):
     def _new_state(self, p: Tensor, slots: list[_Slot], first_moment: bool) -> dict:
         state = {"step": 0}
         for slot in slots:
-            s = slot.segment
-            if s.factored:
-                state[f"{s.name}.exp_avg_sq_row"] = torch.zeros(s.rows, device=p.device)
-                state[f"{s.name}.exp_avg_sq_col"] = torch.zeros(slot.batches, slot.cols, device=p.device)
+            seg = slot.segment
+            if seg.factored:
+                state[f"{seg.name}.exp_avg_sq_row"] = torch.zeros(seg.rows, device=p.device)
+                state[f"{seg.name}.exp_avg_sq_col"] = torch.zeros(slot.batches, slot.cols, device=p.device)
             else:
-                state[f"{s.name}.exp_avg_sq"] = torch.zeros(s.numel, device=p.device)
+                state[f"{seg.name}.exp_avg_sq"] = torch.zeros(seg.numel, device=p.device)
             if first_moment:
-                state[f"{s.name}.exp_avg"] = torch.zeros(s.numel, device=p.device)
+                state[f"{seg.name}.exp_avg"] = torch.zeros(seg.numel, device=p.device)
             if self._compensated(p):  # what rounding took from the weight, given back at the next update
-                state[f"{s.name}.compensation"] = torch.zeros(s.numel, device=p.device, dtype=p.dtype)
-            state[f"{s.name}.RMS"] = torch.zeros((), device=p.device)
+                state[f"{seg.name}.compensation"] = torch.zeros(seg.numel, device=p.device, dtype=p.dtype)
+            state[f"{seg.name}.RMS"] = torch.zeros((), device=p.device)
         return state
 
     @staticmethod
@@ -174,17 +175,17 @@ class ShardedAdafactor(Adafactor):
                 for slot in self.slots[id(p)]:
                     self._precondition(slot, update, w.state)
             for slot, sums, u_sq in zip(self.slots[id(p)], w.sums, w.update_sq):
-                s = slot.segment
-                w.state[f"{s.name}.RMS"] = (sums[-1] / s.full_numel).sqrt()
-                lr = learning_rate(group, w.state["step"], w.state[f"{s.name}.RMS"]) * s.lr_scale
-                u = update[s.offset:s.offset + s.numel]
-                clip_by_rms_(u, (u_sq / s.full_numel).sqrt().squeeze(0), group["clip_threshold"])
+                seg = slot.segment
+                w.state[f"{seg.name}.RMS"] = (sums[-1] / seg.full_numel).sqrt()
+                lr = learning_rate(group, w.state["step"], w.state[f"{seg.name}.RMS"]) * seg.lr_scale
+                u = update[seg.offset:seg.offset + seg.numel]
+                clip_by_rms_(u, (u_sq / seg.full_numel).sqrt().squeeze(0), group["clip_threshold"])
                 u.mul_(lr)
                 if group["beta1"] is not None:
-                    u = ema_(w.state[f"{s.name}.exp_avg"], u, group["beta1"])
-                decay = -group["weight_decay"] * lr if group["weight_decay"] != 0 and s.decay else None
-                self._apply(p.view(-1)[s.offset:s.offset + s.numel], u, decay, w.state.get(f"{s.name}.compensation"),
-                            noise)
+                    u = ema_(w.state[f"{seg.name}.exp_avg"], u, group["beta1"])
+                decay = -group["weight_decay"] * lr if group["weight_decay"] != 0 and seg.decay else None
+                self._apply(p.view(-1)[seg.offset:seg.offset + seg.numel], u, decay,
+                            w.state.get(f"{seg.name}.compensation"), noise)
             w.update = update = None
         return loss
 
@@ -224,11 +225,11 @@ class ShardedAdafactor(Adafactor):
     @staticmethod
     def _local_sums(slot: _Slot, grad: Tensor, weights: Tensor, eps1: float) -> Tensor:
         """This rank's row sums and column sums of grad^2 + eps, and sum of p^2, for one segment."""
-        s = slot.segment
-        p_sq = _sum_of_squares(weights[s.offset:s.offset + s.numel]).view(1)
-        if not s.factored:
+        seg = slot.segment
+        p_sq = _sum_of_squares(weights[seg.offset:seg.offset + seg.numel]).view(1)
+        if not seg.factored:
             return p_sq
-        row_sum = grad.new_zeros(s.rows)
+        row_sum = grad.new_zeros(seg.rows)
         col_sum = grad.new_zeros(slot.batches, slot.cols)
         for start, row, n, c0, c1, batch in slot.pieces:
             sq = grad[start:start + n * (c1 - c0)].view(n, c1 - c0).square().add_(eps1)
@@ -240,26 +241,26 @@ class ShardedAdafactor(Adafactor):
     def _update_second_moment(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float,
                               eps1: float) -> None:
         """The EMA of grad^2: factored from the all-reduced row and column sums, or per element of the slice."""
-        s = slot.segment
-        if not s.factored:
-            ema_(state[f"{s.name}.exp_avg_sq"], grad[s.offset:s.offset + s.numel].square().add_(eps1), beta2t)
+        seg = slot.segment
+        if not seg.factored:
+            ema_(state[f"{seg.name}.exp_avg_sq"], grad[seg.offset:seg.offset + seg.numel].square().add_(eps1), beta2t)
             return
-        ema_(state[f"{s.name}.exp_avg_sq_row"], sums[:s.rows] / slot.cols, beta2t)  # mean over columns
-        ema_(state[f"{s.name}.exp_avg_sq_col"], sums[s.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch,
+        ema_(state[f"{seg.name}.exp_avg_sq_row"], sums[:seg.rows] / slot.cols, beta2t)  # mean over columns
+        ema_(state[f"{seg.name}.exp_avg_sq_col"], sums[seg.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch,
              beta2t)  # mean over rows
 
     @staticmethod
     def _precondition(slot: _Slot, grad: Tensor, state: dict) -> Tensor:
         """grad / sqrt(second moment) for this rank's slice, written over `grad` in place (no parameter-sized
         buffer is made); returns the segment's view of it."""
-        s = slot.segment
-        g = grad[s.offset:s.offset + s.numel]
-        if not s.factored:
-            return g.mul_(state[f"{s.name}.exp_avg_sq"].rsqrt())
-        rows = state[f"{s.name}.exp_avg_sq_row"].view(slot.batches, slot.rows_per_batch)
+        seg = slot.segment
+        g = grad[seg.offset:seg.offset + seg.numel]
+        if not seg.factored:
+            return g.mul_(state[f"{seg.name}.exp_avg_sq"].rsqrt())
+        rows = state[f"{seg.name}.exp_avg_sq_row"].view(slot.batches, slot.rows_per_batch)
         row_mean = rows.sum(dim=-1, keepdim=True) / slot.rows_per_batch
         r_factor = (rows / row_mean).rsqrt_().view(-1)
-        c_factor = state[f"{s.name}.exp_avg_sq_col"].rsqrt()
+        c_factor = state[f"{seg.name}.exp_avg_sq_col"].rsqrt()
         for start, row_index, n, c0, c1, batch in slot.pieces:
             view = grad[start:start + n * (c1 - c0)].view(n, c1 - c0)
             view.mul_(r_factor[row_index:row_index + n, None]).mul_(c_factor[batch, c0:c1])
