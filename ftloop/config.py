@@ -221,6 +221,11 @@ def check_model_path(path: str) -> None:
               f"--model-name-or-path {path}: no config.json there; give a Hugging Face model folder")
 
 
+def pixels_out_of_order(low: str, high: str) -> str:
+    """The line for a smallest image area above the largest (each named by its flag or the checkpoint)."""
+    return f"{low} is above {high}; give --min-pixels <= --max-pixels"
+
+
 def check_data_args(data: DataArgs, need_data: bool = True) -> None:
     """The data flags on their own. Whether --train-data / --eval-data can be read is the data package's
     check (ftloop.data.sources.check_sources), and the pixel limits against the checkpoint's are checked
@@ -237,7 +242,7 @@ def check_data_args(data: DataArgs, need_data: bool = True) -> None:
     _need(data.min_pixels is None or data.min_pixels > 0, "--min-pixels must be positive")
     _need(data.max_pixels is None or data.max_pixels > 0, "--max-pixels must be positive")
     _need(data.min_pixels is None or data.max_pixels is None or data.min_pixels <= data.max_pixels,
-          f"--min-pixels {data.min_pixels} is above --max-pixels {data.max_pixels}; give --min-pixels <= --max-pixels")
+          pixels_out_of_order(f"--min-pixels {data.min_pixels}", f"--max-pixels {data.max_pixels}"))
     _need(data.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
 
 

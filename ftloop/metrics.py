@@ -1,4 +1,5 @@
-"""Where numbers go: the console (rank 0), output_dir/metrics.jsonl, and wandb."""
+"""Where numbers go: the console (rank 0), output_dir/metrics.jsonl, and wandb; and the window of steps
+between two log lines."""
 
 from __future__ import annotations
 
@@ -89,12 +90,15 @@ class StepWindow:
         self.tokens += step_tokens
         self.steps += 1
 
-    def summary(self) -> dict:
-        """The window's loss (summed over ranks: collective), throughput, padding and memory; then restart."""
+    def log(self, logger: MetricsLogger, progress, step: int, lr: float, grad_norm: float, epoch: int,
+            tokens_seen: int) -> None:
+        """One record of the window (its loss summed over ranks: collective) to metrics.jsonl and wandb, the
+        progress bar's loss and tokens/s; then a new window."""
         elapsed = time.perf_counter() - self.started
-        record = {"loss": float(all_reduce_sum(self.loss.view(1), self.world.device)) / self.steps,
-                  "tokens_per_s": float(self.tokens[0]) / elapsed, "step_time_s": elapsed / self.steps,
-                  "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
-                  "peak_mem_gib": peak_memory_gib(self.world.device)}
+        record = {"loss": float(all_reduce_sum(self.loss.view(1), self.world.device)) / self.steps, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": float(self.tokens[0]) / elapsed,
+                  "step_time_s": elapsed / self.steps, "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
+                  "peak_mem_gib": peak_memory_gib(self.world.device), "epoch": epoch, "tokens_seen": tokens_seen}
+        logger.log(step, record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self._restart()
-        return record

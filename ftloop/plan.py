@@ -47,6 +47,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ftloop.config import Config, validate
+from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.model import DTYPES, build_meta_model, load_config, wrapped_layer_classes
 
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     command = parse(argv)
     try:
         validate(command.run, need_data=False)
+        check_sources(command.run.data)  # data flags are not needed, but given ones must exist, as for ftloop.train
         if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
             raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
         world = command.gpus.nproc_per_node * command.gpus.nnodes

@@ -2,9 +2,8 @@
 
 Read top to bottom: `prepare` builds everything in the order that fails fastest on bad input, `run` is the
 loop, `main` turns user errors into one line. Each optimizer step takes `gradient_accumulation_steps`
-micro-batches per rank; the loss is the sum of token cross-entropies divided by the number of supervised
-tokens of the whole step on all ranks, so the gradient is the same however the global batch is split across
-processes and micro-batches.
+micro-batches per rank, normalised so that the gradient does not depend on how the global batch is split
+(ftloop.steps).
 
 Where each concern lives:
 - flags, their docs and checks: ftloop.config (data sources: ftloop.data.sources); user errors: ftloop.errors
@@ -116,10 +115,11 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
     warmup = warmup_steps_from_ratio(cfg.optim.warmup_ratio, total_steps)
     scheduler = build_lr_scheduler(optimizer, cfg.optim.lr_scheduler_type, warmup, total_steps)
     state = TrainState(scheduler, sampler, tokens_seen=torch.zeros(2, dtype=torch.float64, device=world.device))
-    resume(setup, model, optimizer, state, args.allow_dtype_change)
     logger = MetricsLogger(args.output_dir, world.is_main, args.report_to, args.wandb_project_name, args.run_name,
-                           cfg.to_dict(), wandb_id=state.wandb_run_id)
-    state.wandb_run_id = logger.wandb_id
+                           cfg.to_dict(), wandb_id=setup.saved.get("wandb_run_id"))
+    print0(describe(cfg, world, setup, warmup))
+    resume(setup, model, optimizer, state, args.allow_dtype_change)
+    state.wandb_run_id = logger.wandb_id  # the run continued, or a new one when wandb could not resume it
     model_files = dict(hf_config=setup.hf_config, tokenizer=setup.tokenizer, image_processor=setup.image_processor,
                        source_dir=local_source_dir(cfg))
     export = functools.partial(export_model, model, save_dtype=args.save_dtype, max_shard_size=args.max_shard_size,
@@ -127,7 +127,6 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
     saver = Saver(model, optimizer, state, cfg, logger, functools.partial(save_model_files, **model_files),
                   faults.after_shards_written, world.is_main, resumed=bool(setup.resume_from))
     evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, export, setup.hf_config, world.device)
-    print0(describe(cfg, world, setup, warmup))
     if args.eval_on_start and state.step == 0:
         evaluator()
 
@@ -169,10 +168,8 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
             skip_nonfinite_step(state, grad_norm, logger, args)
 
         if (state.step % args.logging_steps == 0 or state.step == total_steps) and window.steps:
-            record = {**window.summary(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "epoch": sampler.epoch, "tokens_seen": int(state.tokens_seen[0])}
-            logger.log(state.step, record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window.log(logger, progress, state.step, scheduler.get_last_lr()[0], grad_norm, sampler.epoch,
+                       int(state.tokens_seen[0]))
         if evaluator.due(total_steps):
             evaluator()
         if saver.due(total_steps):

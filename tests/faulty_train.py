@@ -16,7 +16,8 @@ from ftloop.train import main
 def split(argv: list[str]) -> tuple[Faults, list[str]]:
     options = {}
     while argv and argv[0].startswith("--fault-"):
-        options[argv[0].removeprefix("--fault-").replace("-", "_")], argv = argv[1], argv[2:]
+        options[argv[0].removeprefix("--fault-").replace("-", "_")] = argv[1]
+        argv = argv[2:]
     steps = options.pop("nan_gradient_at_steps", "")
     faults = Faults(nan_gradient_at_steps=frozenset(int(s) for s in steps.split(",") if s),
                     pause_after_shards_s=float(options.pop("pause_after_shards_s", 0)))

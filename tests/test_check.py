@@ -10,7 +10,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from datautil import write_json
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
-from ftloop.data.preflight import check_file
+from ftloop.data.preflight import Measuring, check_file
 from ftloop.data.dataset import SFTDataset
 from ftloop.data.formats import load_rows
 from ftloop.errors import DataError
@@ -27,7 +27,7 @@ def bundle_rows(bundle):
 
 def test_numbers_match_the_dataset(tiny_bundle):
     b = tiny_bundle
-    report = check_file(b["train_json"], b["model_dir"], b["image_folder"], max_seq_length=2048)
+    report = check_file(b["train_json"], Measuring(b["model_dir"], max_seq_length=2048), b["image_folder"])
     raw = bundle_rows(b)
     assert report.rows == len(raw) and not report.errors
     assert report.images == sum(1 for r in raw if r.get("image"))
@@ -40,7 +40,7 @@ def test_numbers_match_the_dataset(tiny_bundle):
     assert sorted(report.lengths) == sorted(lengths) and max(report.lengths) == max(lengths)
     assert [measure_row(r, tokenizer, image_processor, SYSTEM) for r in rows] == lengths
     assert report.percentile(1.0) == max(lengths) and report.too_long == 0
-    short = check_file(b["train_json"], b["model_dir"], b["image_folder"], max_seq_length=max(lengths) - 1)
+    short = check_file(b["train_json"], Measuring(b["model_dir"], max_seq_length=max(lengths) - 1), b["image_folder"])
     assert short.too_long == sum(n > max(lengths) - 1 for n in lengths) > 0
 
 

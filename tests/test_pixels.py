@@ -10,7 +10,7 @@ from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
 from ftloop.config import validate
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
-from ftloop.data.preflight import check_file
+from ftloop.data.preflight import Measuring, check_file
 from ftloop.data.dataset import SFTDataset
 from ftloop.data.formats import load_rows
 from ftloop.data.validate import checked_rows
@@ -76,9 +76,9 @@ def test_check_cli_takes_the_limits(tiny_bundle, tmp_path, capsys):
     b = tiny_bundle
     flags = ["--train-data", b["train_json"], "--image-folder", b["image_folder"], "--model-name-or-path",
              b["model_dir"], "--workers", "1"]
-    stock = check_file(b["train_json"], b["model_dir"], b["image_folder"])
-    finer = check_file(b["train_json"], b["model_dir"], b["image_folder"], min_pixels=112 * 112,
-                       max_pixels=112 * 112)
+    stock = check_file(b["train_json"], Measuring(b["model_dir"]), b["image_folder"])
+    finer = check_file(b["train_json"], Measuring(b["model_dir"], min_pixels=112 * 112, max_pixels=112 * 112),
+                       b["image_folder"])
     image_rows = [i for i, r in enumerate(load_rows(b["train_json"], b["image_folder"])) if r["images"]]
     assert all(finer.lengths[i] == stock.lengths[i] + 12 for i in image_rows)  # 16 image tokens instead of 4
     assert main(flags + ["--max-pixels", "12544", "--min-pixels", "12544"]) == 0

@@ -126,6 +126,9 @@ def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path
         assert term in refused.stdout
     assert plan_main([*args, "--param-dtype", "bf16"]) == 0
     assert "fits" in capsys.readouterr().out.strip().splitlines()[-1]
+    # Data flags are not needed, but a given one that cannot be read is refused, as ftloop.train refuses it.
+    assert plan_main([*args, "--param-dtype", "bf16", "--train-data", str(tmp_path / "no.json")]) == 2
+    assert f"--train-data {tmp_path / 'no.json'}: file not found" in capsys.readouterr().err
 
 
 def test_7b_with_accumulation_4_fits_with_fp32_masters():

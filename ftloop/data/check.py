@@ -3,7 +3,9 @@
 Reads every row, opens every image and video frame, runs the model's image processor and tokeniser exactly
 as training does, and prints per file: rows, images, videos, text-only rows, token-length percentiles, rows over
 --max-seq-length and every problem as one `FILE: row N: problem` line. Exit 0 when there is none, 2 otherwise.
-It takes ftloop.train's data flags (the same names, defaults and checks); rows are measured in worker
+It takes ftloop.train's data flags (the same names, defaults and checks), so that a training command's data
+flags paste as they are; --eval-ratio, --truncation, --skip-bad-rows, --group-by-length and
+--dataloader-num-workers shape training only and leave the check unchanged. Rows are measured in worker
 processes (--workers, default: the CPU count). The work is ftloop.data.preflight's.
 """
 
@@ -55,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                          data.max_images_per_sample)
     pool = make_pool(args.workers, settings) if args.workers > 1 else None
     try:
-        reports = [check_file(path, model, data.image_folder, data.max_seq_length, data.system_prompt, pool,
-                              data.min_pixels, data.max_pixels, data.max_images_per_sample, data.data_format, split)
+        reports = [check_file(path, settings, data.image_folder, pool, data.data_format, split)
                    for path, split in files]
     finally:
         if pool is not None:

@@ -8,6 +8,9 @@ source from the first rows' keys. Every problem is reported as one line naming t
 
 from __future__ import annotations
 
+import typing
+
+from ftloop.config import DataArgs
 from ftloop.data.hf_datasets import read_dataset_rows
 from ftloop.data.llava import normalize_llava_row
 from ftloop.data.messages import normalize_messages_row
@@ -15,7 +18,7 @@ from ftloop.data.rows import where
 from ftloop.data.sources import default_image_folder, is_dataset_source, read_json_rows
 from ftloop.errors import DataError
 
-DATA_FORMATS = ("auto", "llava", "messages")
+DATA_FORMATS = typing.get_args(typing.get_type_hints(DataArgs)["data_format"])  # --data-format's choices
 DETECT_ROWS = 20  # rows looked at to tell the layouts apart
 
 

@@ -101,14 +101,12 @@ def make_pool(workers: int, settings: Measuring):
     return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(settings, True))
 
 
-def check_file(path: str, model: str, image_folder: str = "", max_seq_length: int = DataArgs.max_seq_length,
-               system_prompt: str = DataArgs.system_prompt, pool=None, min_pixels: int | None = None,
-               max_pixels: int | None = None, max_images: int = 0, data_format: str = "auto",
+def check_file(path: str, settings: Measuring, image_folder: str = "", pool=None, data_format: str = "auto",
                split: str = "train") -> Report:
     """Measure every row of one file or dataset (`split`: "train" or "eval", the split a DatasetDict gives).
     With `pool` (made by `make_pool` with the same settings) the rows go to its workers; otherwise they are
     measured in this process."""
-    report = Report(path, max_seq_length=max_seq_length)
+    report = Report(path, max_seq_length=settings.max_seq_length)
     load_errors: list[str] = []
     try:
         rows = load_rows(path, image_folder, load_errors, data_format, split)
@@ -121,7 +119,6 @@ def check_file(path: str, model: str, image_folder: str = "", max_seq_length: in
     report.text_only = sum(1 for r in rows if not r["images"] and not r["videos"])
     chunks = [[(path, r) for r in rows[i:i + CHUNK]] for i in range(0, len(rows), CHUNK)]
     if pool is None:
-        settings = Measuring(model, system_prompt, max_seq_length, min_pixels, max_pixels, max_images)
         if _TOOLS.get("settings") != settings:
             _init_worker(settings, in_pool=False)
         results = map(_measure_chunk, chunks)
@@ -131,7 +128,7 @@ def check_file(path: str, model: str, image_folder: str = "", max_seq_length: in
     for length, error in (r for chunk in results for r in chunk):
         if length is not None:
             report.lengths.append(length)
-            report.too_long += length > max_seq_length
+            report.too_long += length > settings.max_seq_length
         if error is not None:
             errors.append(error)
     report.errors = sorted(errors, key=row_number)  # stable: one row's problems stay in order

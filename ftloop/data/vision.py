@@ -5,6 +5,7 @@ Every row is encoded through `row_vision_inputs` (ftloop.data.encode), in traini
 
 from __future__ import annotations
 
+from ftloop.config import pixels_out_of_order
 from ftloop.data.images import open_rgb
 from ftloop.data.video import run_image_processor, video_inputs
 from ftloop.errors import ConfigError
@@ -23,7 +24,7 @@ def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: i
     low_name = f"--min-pixels {low}" if min_pixels is not None else f"the checkpoint's min_pixels {low}"
     high_name = f"--max-pixels {high}" if max_pixels is not None else f"the checkpoint's max_pixels {high}"
     if (min_pixels is None) != (max_pixels is None) and low > high:  # both given: checked with the flags
-        raise ConfigError(f"{low_name} is above {high_name}; give --min-pixels <= --max-pixels")
+        raise ConfigError(pixels_out_of_order(low_name, high_name))
     smallest = (processor.patch_size * processor.merge_size) ** 2
     if max_pixels is not None and high < smallest:
         raise ConfigError(f"--max-pixels {high} is below {smallest} = (patch_size {processor.patch_size} x "

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.model import clean_name
 
+
 @dataclass(frozen=True)
 class Segment:
     name: str  # the original parameter's name in the unwrapped model
