@@ -150,6 +150,9 @@ class TrainArgs:
     """Also evaluate before the first step, as a baseline."""
     save_steps: int = 500
     """Write a sharded checkpoint every this many optimizer steps; 0 disables."""
+    save_grace_s: float = 25.0
+    """Seconds a save may take and still finish inside a preemption's grace period (torchrun kills its workers
+    --shutdown-timeout 30 s after its own SIGTERM). A save that took longer is said at the start of the next."""
     save_total_limit: int = 0
     """Keep only the newest this many checkpoints (the one of the best eval loss is always kept); 0 keeps all."""
     resume_from_checkpoint: str = ""
@@ -271,6 +274,7 @@ def validate(cfg: Config, need_data: bool = True) -> None:
     _need(train.logging_steps > 0, "--logging-steps must be positive")
     _need(train.eval_steps > 0, "--eval-steps must be positive")
     _need(train.save_steps >= 0, "--save-steps must be 0 (off) or positive")
+    _need(train.save_grace_s > 0, "--save-grace-s must be positive (seconds)")
     _need(train.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
     _need(train.max_bad_steps > 0, "--max-bad-steps must be positive")
     _need(train.ddp_timeout > 0, "--ddp-timeout must be positive (seconds)")

@@ -1,7 +1,8 @@
 """When the loop saves, evaluates, keeps the best weights and gives up: each policy a small object.
 
 - `Saver`: a checkpoint every --save-steps steps (none at the last step: `final` is exported then), one when
-  the run is stopped, never two of one step; older ones pruned to --save-total-limit, the best's kept.
+  the run is stopped, never two of one step; older ones pruned to --save-total-limit, the best's kept; a save
+  slower than --save-grace-s said before the next.
 - `Evaluator`: the eval loss every --eval-steps steps, at the last step, and before the first with
   --eval-on-start; a new lowest is exported as `best` (on disk only) and read back at the end.
 - `skip_nonfinite_step`: a step whose gradient norm is not finite is skipped and said; too many in a row stop
@@ -37,6 +38,7 @@ class Saver:
         self.write_model_files, self.after_shards_written = write_model_files, after_shards_written
         self.is_main = is_main
         self.last_saved = state.step if resumed else None  # the checkpoint resumed from is this step's
+        self.last_save_s = 0.0
 
     def due(self, total_steps: int) -> bool:
         every = self.cfg.train.save_steps
@@ -48,12 +50,17 @@ class Saver:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         if self.last_saved == step:
             return path
+        if self.last_save_s > args.save_grace_s:
+            print0(f"checkpoint-{step}: the last save took {self.last_save_s:.1f} s, more than --save-grace-s "
+                   f"{args.save_grace_s:g}: a preemption's save may be killed before it ends; give the scheduler "
+                   "and torchrun a longer grace (README: Preemption)")
         started = time.perf_counter()
         save_checkpoint(self.model, self.optimizer, path, self.state.state_dict(), self.cfg.to_dict(),
                         self.write_model_files, self.after_shards_written)
         if self.is_main and args.save_total_limit:
             prune_checkpoints(args.output_dir, args.save_total_limit, protected_step=self.state.best.step)
-        self.logger.log(step, {"checkpoint_save_s": time.perf_counter() - started})
+        self.last_save_s = time.perf_counter() - started
+        self.logger.log(step, {"checkpoint_save_s": self.last_save_s})
         self.last_saved = step
         return path
 

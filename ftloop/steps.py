@@ -8,6 +8,7 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import signal
 
 import torch
 from torch.distributed.fsdp import ShardingStrategy
@@ -15,6 +16,7 @@ from torch.distributed.fsdp import ShardingStrategy
 from ftloop.data.chat import IGNORE_INDEX
 from ftloop.distributed import World, all_reduce_sum
 from ftloop.errors import DataError, RowFailedMidRun
+from ftloop.signals import stop_signals_held
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -25,14 +27,15 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def count_step_tokens(micro_batches: list[dict], world: World, stop_requested: bool = False,
-                      row_failed: bool = False):
-    """(supervised tokens, [real tokens, padded positions], [ranks asking to stop, ranks whose row failed]) of
-    one optimizer step on all ranks, in one all-reduce. The first (at least 1) is the loss denominator. The
-    votes let every rank leave together when one rank was signalled or could not read a row."""
+def count_step_tokens(micro_batches: list[dict], world: World, stop_signum: int = 0, row_failed: bool = False):
+    """(supervised tokens, [real tokens, padded positions], votes) of one optimizer step on all ranks, in one
+    all-reduce. The first (at least 1) is the loss denominator. The votes, [ranks signalled with SIGTERM, with
+    SIGINT, ranks whose row failed], let every rank leave together, with the same signal, when one rank was
+    signalled (`stop_signum`) or could not read a row."""
     counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                             sum(b["attention_mask"].numel() for b in micro_batches), float(stop_requested),
+                             sum(b["attention_mask"].numel() for b in micro_batches),
+                             float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
                              float(row_failed)], world.device)
     return counts[0].clamp(min=1).float(), counts[1:3], counts[3:]
 
@@ -69,7 +72,8 @@ def evaluate(model, loader, device: torch.device) -> float:
     the forward's all-gathers."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = iter(loader)
+    with stop_signals_held():  # the workers start here the first time
+        batches = iter(loader)
     for _ in range(len(loader)):
         batch, failed = None, None
         try:

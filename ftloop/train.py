@@ -140,17 +140,17 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
             micro_batches = steps_data.next_step()
         except RowFailedMidRun as err:  # said in the vote below, so that the other ranks do not wait for us
             failed = err
-        step_targets, step_tokens, votes = count_step_tokens(micro_batches, world, stop.requested, failed is not None)
+        step_targets, step_tokens, votes = count_step_tokens(micro_batches, world, stop.signum, failed is not None)
         # Reading the votes waits for the last step to end on the device: one small stall per step, the price
         # of every rank leaving together, right after the step in which a rank was signalled or failed.
-        stop_votes, failed_ranks = votes.tolist()
+        sigterm_votes, sigint_votes, failed_ranks = votes.tolist()
         if failed_ranks:
             raise failed or RowFailedMidRun.elsewhere(int(failed_ranks))
-        if stop_votes:
+        if sigterm_votes or sigint_votes:  # every rank exits with the same signal's code
             progress.close()
             path = saver.save()
             logger.close()
-            raise Stopped(stop.signum or signal.SIGTERM, state.step, path)  # these micro-batches count as unread
+            raise Stopped(signal.SIGINT if sigint_votes else signal.SIGTERM, state.step, path)  # batches unread
         loss_sum = accumulate_gradients(model, micro_batches, step_targets, world)
         faults.after_backward(model, state.step + 1)
         # The global norm (logged) decides whether to update, so the decision is the same on every rank.

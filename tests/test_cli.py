@@ -52,6 +52,7 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     (["--cpu-offload", "--sharding-strategy", "NO_SHARD"], "--cpu-offload"),
     (["--cpu-offload"], "--cpu-offload moves GPU shards to host memory, and there is no GPU here"),
     (["--ddp-timeout", "0"], "--ddp-timeout must be positive"),
+    (["--save-grace-s", "0"], "--save-grace-s must be positive"),
     (["--optim", "adamw", "--param-dtype", "bf16"], "--param-dtype bf16 with --optim adamw rounds every update"),
 ])
 def test_bad_values_name_the_flag(tiny_bundle, flags, message):

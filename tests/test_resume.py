@@ -69,9 +69,19 @@ def worker_pid(out, local_rank: int) -> int | None:
         except OSError:
             continue
         ours = str(out).encode() in cmdline and (b"ftloop.train" in cmdline or FAULTY_TRAIN.encode() in cmdline)
-        if ours and f"LOCAL_RANK={local_rank}".encode() in environ:
+        if ours and f"LOCAL_RANK={local_rank}".encode() in environ and not is_loader_worker(pid):
             return int(pid)
     return None
+
+
+def is_loader_worker(pid: str) -> bool:
+    """A DataLoader worker is forked from its rank (same command line and environment); a rank's parent is
+    torchrun, which has no LOCAL_RANK."""
+    try:
+        parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+        return b"LOCAL_RANK=" in open(f"/proc/{parent}/environ", "rb").read()
+    except OSError:
+        return False
 
 
 def launch_and_wait(command, out, until, timeout=120):
@@ -111,6 +121,67 @@ def test_sigterm_saves_and_torchrun_restart_resumes_bit_identical(tiny_bundle, r
     assert logged_state(out) == logged_state(reference)  # and the lr, tokens seen, epoch, best record
     expected, got = final_weights(reference), final_weights(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def run_pids(out) -> list[int]:
+    """Every process of the run writing to `out`: torchrun, its ranks and their DataLoader workers (forked, so
+    they carry their rank's command line)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.parametrize("delivery, loader_workers, signum", [
+    ("launcher", 1, signal.SIGTERM), ("launcher", 2, signal.SIGINT),  # Kubernetes; Ctrl-C to torchrun
+    ("every process", 1, signal.SIGINT), ("every process", 2, signal.SIGTERM),  # scancel, a process group
+    ("one rank", 1, signal.SIGTERM), ("one rank", 2, signal.SIGINT),
+])
+def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(tiny_bundle, reference, tmp_path, delivery,
+                                                                loader_workers, signum):
+    """DataLoader workers ignore the stop signals (their rank shuts them down), so a signal that reaches them too
+    still ends in every rank finishing the step and one complete checkpoint, from which the run continues as if
+    never stopped. Before the workers ignored them: `DataLoader worker (pid ...) is killed by signal` and no
+    checkpoint, in the first four cases."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ftloop.train", *flags(tiny_bundle, out, "--dataloader-num-workers", str(loader_workers))]
+    proc = launch_and_wait(command, out, until=lambda: logged_steps(out) >= 2)
+    targets = {"launcher": [proc.pid], "every process": run_pids(out), "one rank": [worker_pid(out, 1)]}[delivery]
+    assert delivery != "every process" or len(targets) == 1 + 2 + 2 * loader_workers, targets
+    for pid in targets:
+        os.kill(pid, signum)
+    _, stderr = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert "killed by signal" not in stderr and stderr.count(f"ftloop: stopped by {name} after step ") == 1, stderr
+    stopped_at = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
+    assert sorted(os.listdir(out)) == [f"checkpoint-{stopped_at}", "metrics.jsonl"]
+    assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
+    if loader_workers == 2 and delivery != "one rank":  # the exact continuation (also tested without workers above)
+        check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, out, "--resume-from-checkpoint", "auto",
+                                                         "--dataloader-num-workers", "2")]))
+        assert losses(out, once=False) == losses(reference)
+
+
+def test_sigkill_of_one_rank_mid_training_ends_the_run_and_keeps_the_last_checkpoint(tiny_bundle, tmp_path):
+    """A rank killed outright (OOM killer, a lost node) cannot save: the others leave well within --ddp-timeout
+    instead of waiting in a collective, and the newest complete checkpoint is the one a resume takes."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ftloop.train", *flags(tiny_bundle, out, "--save-steps", "2", "--ddp-timeout", "60")]
+    proc = launch_and_wait(command, out, until=lambda: latest_checkpoint(str(out)) is not None
+                           and logged_steps(out) >= 3)
+    os.kill(worker_pid(out, 1), signal.SIGKILL)
+    killed_at = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    saved = sorted(int(name.split("-")[1]) for name in os.listdir(out) if name.startswith("checkpoint-"))
+    assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{saved[-1]}")
 
 
 def test_resume_at_another_world_size_and_save_total_limit(tiny_bundle, reference, tmp_path):

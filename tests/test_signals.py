@@ -23,6 +23,43 @@ def test_first_signal_is_recorded_second_ctrl_c_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_one_ctrl_c_arriving_twice_is_one_request_a_later_one_interrupts(monkeypatch):
+    """Sent to every process, a SIGINT reaches a rank directly and again from torchrun: one request. A second
+    Ctrl-C, later, still stops at once."""
+    import ftloop.signals
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same delivery, passed on by the launcher
+        assert stop.signum == signal.SIGINT
+        monkeypatch.setattr(ftloop.signals, "SAME_DELIVERY_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def test_stop_signals_are_held_while_loader_workers_start_and_ignored_in_them():
+    from ftloop.signals import ignore_stop_signals, stop_signals_held
+
+    stop = StopRequest()
+    try:
+        with stop_signals_held():  # held in this thread, and so in a worker forked from it
+            pid = os.fork()
+            if pid == 0:  # a worker, whose handler kills it (as DataLoader's C handler does), signalled at once
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)  # held: it waits
+                ignore_stop_signals()  # dropped, then let through: the worker survives
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # this process still gets it (by the end of the block at the latest)
+    finally:
+        stop.restore()
+
+
 def test_stopped_exits_128_plus_the_signal_and_says_how_to_continue():
     stopped = Stopped(signal.SIGINT, 12, "out/checkpoint-12")
     assert stopped.exit_code == 130

@@ -71,3 +71,37 @@ def test_a_stop_right_after_resuming_does_not_rewrite_the_checkpoint(tmp_path):
     assert saver.save() == str(tmp_path / "checkpoint-4")  # the one resumed from, as it is
     state.step = 6
     assert saver.due(total_steps=10) and not saver.due(total_steps=6)  # never at the last step: `final` is
+
+
+def test_a_save_slower_than_the_grace_is_said_before_the_next(tmp_path, monkeypatch, capsys):
+    import time
+
+    import ftloop.policies
+    from ftloop.config import Config
+    from ftloop.policies import Saver
+
+    class Logger:
+        def __init__(self):
+            self.records = []
+
+        def log(self, step, values):
+            self.records.append((step, values))
+
+    monkeypatch.setattr(ftloop.policies, "save_checkpoint", lambda *args: time.sleep(0.05))
+    cfg = Config()
+    cfg.train.output_dir, cfg.train.save_grace_s = str(tmp_path), 0.04
+    state, logger = fresh_state(), Logger()
+    saver = Saver(None, None, state, cfg, logger, None, None, is_main=True, resumed=False)
+    state.step = 2
+    saver.save()
+    assert "took" not in capsys.readouterr().out  # nothing measured yet
+    state.step = 4
+    saver.save()
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("checkpoint-4: the last save took ") and "\n" not in said
+    assert "s, more than --save-grace-s 0.04: a preemption's save may be killed before it ends" in said
+    assert [step for step, values in logger.records if values["checkpoint_save_s"] >= 0.05] == [2, 4]
+    cfg.train.save_grace_s = 25.0
+    state.step = 6
+    saver.save()
+    assert "took" not in capsys.readouterr().out

@@ -14,6 +14,7 @@ from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
 from ftloop.errors import DataError, RowFailedMidRun
+from ftloop.signals import ignore_stop_signals, stop_signals_held
 
 
 def _collate_for(tokenizer, hf_config):
@@ -23,7 +24,7 @@ def _collate_for(tokenizer, hf_config):
 
 def _loader(dataset, batch_sampler, collate, workers: int, pin: bool) -> DataLoader:
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin,
+                      persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
                       prefetch_factor=4 if workers > 0 else None)
 
 
@@ -132,7 +133,8 @@ class StepBatches:
 
     def _next_micro_batch(self) -> dict:
         if self.batches is None:
-            self.batches = iter(self.loader)
+            with stop_signals_held():  # the workers start here
+                self.batches = iter(self.loader)
         try:
             return next(self.batches)
         except StopIteration:  # end of the epoch; a step never spans two epochs

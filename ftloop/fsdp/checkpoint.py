@@ -11,8 +11,9 @@ state dicts, so that every rank writes its own shards and nobody gathers the mod
   - `hf/`: the model config, tokenizer and image processor (enough for `python -m ftloop.export`).
 
 Atomic: everything is written under `checkpoint-<step>.tmp`; when every rank has finished, rank 0 writes the
-`.complete` marker last and renames the folder. A kill at any moment leaves either the previous checkpoints
-untouched or a `.tmp` folder, which resume never picks.
+`.complete` marker last and renames the folder (`publish`). A kill at any moment leaves the previous
+checkpoints untouched and at most one interrupted save, which `recover_interrupted_saves` (run before resuming)
+finishes when it was complete, and deletes when it was not; resume never picks a folder without the marker.
 """
 
 from __future__ import annotations
@@ -60,17 +61,54 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def remove_incomplete(output_dir: str) -> list[str]:
-    """Delete the leftovers of saves that never finished (rank 0, before training starts)."""
-    removed = []
-    if os.path.isdir(output_dir):
-        for name in sorted(os.listdir(output_dir)):
-            path = os.path.join(output_dir, name)
-            leftover = name.startswith("checkpoint-") and (".tmp" in name or ".old" in name)
-            if leftover or (CHECKPOINT_NAME.match(name) and not is_complete(path)):
+def publish(tmp: str, path: str) -> None:
+    """Put the complete checkpoint `tmp` at `path`. An older run's checkpoint of the same step is moved aside
+    first and deleted last, so that a kill between any two of these calls leaves a state that
+    `recover_interrupted_saves` completes: the new checkpoint (`.tmp` with its marker) or the old one."""
+    old = path + ".old"
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)  # the leftover of an earlier interrupted save, if any
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_saves(output_dir: str) -> list[str]:
+    """Finish or undo the saves a kill interrupted (rank 0, before training starts); one line for each.
+
+    A `checkpoint-N.tmp` with its marker was complete and only not yet renamed: it is published (it is newer
+    than any `checkpoint-N`). Without the marker it never finished: deleted. A `checkpoint-N.old` is the
+    checkpoint a save was replacing: deleted once `checkpoint-N` is complete, else put back. A `checkpoint-N`
+    without its marker is deleted."""
+    said = []
+    if not os.path.isdir(output_dir):
+        return said
+    for name in sorted(os.listdir(output_dir)):
+        leftover = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+            if is_complete(leftover):
+                publish(leftover, leftover.removesuffix(".tmp"))
+                said.append(f"completed {leftover.removesuffix('.tmp')}: its save was interrupted after it was written")
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+                said.append(f"removed {leftover}: its save never finished")
+    for name in sorted(os.listdir(output_dir)):
+        leftover, path = os.path.join(output_dir, name), os.path.join(output_dir, name.removesuffix(".old"))
+        if name.startswith("checkpoint-") and name.endswith(".old"):
+            if is_complete(path):
+                shutil.rmtree(leftover, ignore_errors=True)
+                said.append(f"removed {leftover}: {path} replaced it")
+            elif is_complete(leftover):
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
+                os.rename(leftover, path)
+                said.append(f"restored {path}: a save that was replacing it never finished")
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+                said.append(f"removed {leftover}: its save never finished")
+        elif CHECKPOINT_NAME.match(name) and not is_complete(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+            said.append(f"removed {leftover}: its save never finished")
+    return said
 
 
 def prune_checkpoints(output_dir: str, keep: int, protected_step: int | None) -> list[str]:
@@ -136,10 +174,7 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
             f.write(f"{trainer_state.get('step')}\n")
             f.flush()
             os.fsync(f.fileno())
-        if os.path.isdir(path):  # an older run's checkpoint of the same step: replace it whole
-            os.rename(path, path + ".old")
-            shutil.rmtree(path + ".old")
-        os.rename(tmp, path)
+        publish(tmp, path)
     dist.barrier()
 
 
@@ -244,9 +279,9 @@ def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_
 
 def resolve_resume(flag: str, output_dir: str, is_main: bool) -> str | None:
     """The checkpoint --resume-from-checkpoint names (`auto`: the newest complete one, or None). Collective."""
-    if is_main:  # leftovers of interrupted saves are never resumed from; clear them
-        for path in remove_incomplete(output_dir):
-            print(f"removed {path}: its save never finished", flush=True)
+    if is_main:  # an interrupted save is finished when it was complete, else cleared: never resumed from
+        for line in recover_interrupted_saves(output_dir):
+            print(line, flush=True)
     dist.barrier()
     if flag != "auto":
         return flag or None
