@@ -158,6 +158,9 @@ class TrainArgs:
     resume_from_checkpoint: str = ""
     """`auto`: continue from the newest complete checkpoint in --output-dir (a fresh start when there is none);
     or the path of a `checkpoint-<step>` folder."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an --output-dir that holds a run already: its checkpoints, `best`, `final` and
+    metrics.jsonl are deleted first. Without it, such a folder is refused unless the run resumes."""
     allow_dtype_change: bool = False
     """Resume even when the checkpoint's parameters or optimizer state were saved in other dtypes than this
     run configures (they are cast on load)."""
@@ -207,6 +210,17 @@ def parse_size(text: str) -> int:
     base = 1024 if "I" in unit else 1000
     power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
     return int(number * base**power)
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "final", "best")  # with checkpoint-*: what a run leaves in --output-dir
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """What an earlier run left in `output_dir` (names), or [] for a new or unrelated folder."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir)
+                  if name in RUN_OUTPUTS or re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?", name))
 
 
 def _need(ok: bool, message: str) -> None:
@@ -283,6 +297,10 @@ def validate(cfg: Config, need_data: bool = True) -> None:
           f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")
     _need(bool(train.output_dir), "--output-dir is required")
     _need(not os.path.isfile(train.output_dir), f"--output-dir {train.output_dir}: is a file; give a folder")
+    earlier = previous_run(train.output_dir)
+    _need(not earlier or resume or train.overwrite_output_dir,
+          f"--output-dir {train.output_dir}: holds a run already ({', '.join(earlier[:3])}); continue it with "
+          "--resume-from-checkpoint auto, give a new --output-dir, or pass --overwrite-output-dir to replace it")
     parse_size(train.max_shard_size)
     _need(not (cfg.fsdp.cpu_offload and cfg.fsdp.sharding_strategy == "NO_SHARD"),
           "--cpu-offload needs a sharded --sharding-strategy")

@@ -7,8 +7,11 @@ them into that line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
+import time
 
 
 class ConfigError(ValueError):
@@ -61,4 +64,16 @@ class Stopped(Exception):
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, no traceback: for user errors found before training."""
     print(f"ftloop: error: {message}", file=sys.stderr, flush=True)
+    tell_launcher(f"ftloop: error: {message}")
     raise SystemExit(code)
+
+
+def tell_launcher(line: str) -> None:
+    """Under torchrun, leave `line` in the worker's error file (torch.distributed.elastic's), so that the
+    launcher's closing failure summary says what went wrong instead of `error_file: <N/A>`."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                              "timestamp": str(int(time.time()))}}}, f)

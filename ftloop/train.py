@@ -36,7 +36,7 @@ from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sources import check_sources
 from ftloop.distributed import World, init_distributed, print0
-from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped, TrainingError, fail
+from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped, TrainingError, fail, tell_launcher
 from ftloop.faults import NO_FAULTS, Faults
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.fsdp.export import export_model
@@ -93,7 +93,7 @@ def prepare(cfg: Config, world: World) -> Setup:
                           "--gradient-accumulation-steps)")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * sampler.steps_per_epoch)
     # A checkpoint of another model or other data is refused now, before loading weights.
-    resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world.is_main)
+    resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world.is_main, args.overwrite_output_dir)
     saved = check_resumable(resume_from, hf_config, sampler.num_rows, args.seed, cfg.to_dict()) if resume_from else {}
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
     try:
         run(cfg, world, faults)
     except (Stopped, TrainingError) as err:
-        print0(f"\nftloop: {'' if isinstance(err, Stopped) else 'error: '}{err}", file=sys.stderr)
+        line = f"ftloop: {'' if isinstance(err, Stopped) else 'error: '}{err}"
+        print0(f"\n{line}", file=sys.stderr)
+        tell_launcher(line)
         dist.destroy_process_group()
         raise SystemExit(getattr(err, "exit_code", 1)) from None
     except (ConfigError, DataError) as err:
@@ -234,9 +236,10 @@ def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
         on_this_rank = getattr(err, "on_this_rank", False)
         lines = getattr(err, "lines", None) or [
             str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")]
+        where = f"[rank {world.rank}] " if on_this_rank else ""
         if world.is_main or on_this_rank:
-            where = f"[rank {world.rank}] " if on_this_rank else ""
             print("\n" + "\n".join(f"ftloop: error: {where}{line}" for line in lines), file=sys.stderr, flush=True)
+        tell_launcher(f"ftloop: error: {where}{lines[-1]}")  # one line, or the bad rows' count and what to do
         dist.destroy_process_group()
         raise SystemExit(2) from None
     dist.destroy_process_group()

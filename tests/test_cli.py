@@ -9,7 +9,7 @@ import pytest
 from ftloop.config import Config, parse_args, parse_size, validate
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
-from launch import REPO, python_m, torchrun, train_flags
+from launch import REPO, check, python_m, torchrun, train_flags
 
 
 def config_for(bundle, *flags: str) -> Config:
@@ -160,3 +160,42 @@ def test_ddp_timeout_bounds_how_long_a_collective_waits(tmp_path):
     waited = float(result.stdout.split("rank 0 gave up after ")[1].split("s:")[0])
     assert 1.5 < waited < 10 and time.perf_counter() - started < 30  # not rank 1's 30 s
     assert parse_args(["--model-name-or-path", "m", "--train-data", "t"]).train.ddp_timeout == 1800  # HF's default
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(tiny_bundle, tmp_path):
+    from ftloop.fsdp.checkpoint import clear_previous_run
+
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "checkpoint-4").mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("the user's own")
+    flags = train_flags(tiny_bundle, out)
+    with pytest.raises(ConfigError) as excinfo:
+        validate(parse_args(flags))
+    assert str(excinfo.value) == (
+        f"--output-dir {out}: holds a run already (checkpoint-4, final, metrics.jsonl); continue it with "
+        "--resume-from-checkpoint auto, give a new --output-dir, or pass --overwrite-output-dir to replace it")
+    validate(parse_args(flags + ["--resume-from-checkpoint", "auto"]))
+    validate(parse_args(flags + ["--overwrite-output-dir"]))
+    validate(parse_args(train_flags(tiny_bundle, tmp_path)))  # a folder holding other things is no run
+    assert clear_previous_run(str(out)) == [str(out / n) for n in ("checkpoint-4", "final", "metrics.jsonl")]
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-9").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
+    result = check(python_m("ftloop.train", train_flags(tiny_bundle, out, "--max-steps", "1", "--overwrite-output-dir",
+                                                        "--per-device-train-batch-size", "2")))
+    assert f"removed {out / 'checkpoint-9'}: --overwrite-output-dir" in result.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]  # this run's only
+    assert sorted(os.listdir(out)) == ["final", "metrics.jsonl"]
+    # Under torchrun, the launcher's closing summary (its last lines) carries the same line.
+    short = train_flags(tiny_bundle, tmp_path / "short", "--max-seq-length", "5")
+    too_long = torchrun(1, ["-m", "ftloop.train", *short])
+    line = (f"ftloop: error: --train-data {tiny_bundle['train_json']}: all 16 readable rows are longer than "
+            "--max-seq-length 5; raise it, or pass --truncation right to cut their text after the last image")
+    assert too_long.returncode != 0 and line in too_long.stderr.splitlines(), too_long.stderr[-3000:]
+    assert f"  traceback : {line}" in too_long.stderr.splitlines()[-6:], too_long.stderr[-3000:]

@@ -101,6 +101,12 @@ BAD_ROWS = {
                                 "human turns"),
     "turn without value": ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}, "value"),
     "image not a path": ({"conversations": turns(("human", "<image>"), ("gpt", "x")), "image": [3]}, "image"),
+    # Rows that would otherwise train silently but wrongly:
+    "starts with the reply": ({"conversations": turns(("system", "be brief"), ("gpt", "x"), ("human", "hi"),
+                                                      ("gpt", "y"))}, "starts with a gpt turn: a reply to no prompt"),
+    "empty reply": ({"conversations": turns(("human", "hi"), ("gpt", "  "))}, "a gpt turn is empty"),
+    "image URL": ({"conversations": turns(("human", "<image>"), ("gpt", "x")), "image": "https://example.com/a.png"},
+                  "image URL https://example.com/a.png: ftloop reads local files only; download it first"),
 }
 
 
@@ -165,3 +171,15 @@ def test_load_rows_jsonl_row_number_counts_blank_lines_consistently(data_dir):
     with pytest.raises(DataError) as bad_role:
         load_rows(str(path))
     assert "row 3" in str(bad_role.value)  # ... but an unknown role on line 3 as row 2
+
+
+def test_a_json_file_that_is_one_object_is_said_once(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"version": 2, "rows": [GOOD]}, indent=2))
+    with pytest.raises(DataError) as excinfo:
+        load_rows(str(path))
+    one_line_error(excinfo, f"{path}: the file is one json object (keys `version`, `rows`), not rows",
+                   "give a json array of rows")
+    one_row = tmp_path / "one.jsonl"  # one object on one line is a .jsonl file of one row
+    one_row.write_text(json.dumps({"conversations": turns(("human", "hi"), ("gpt", "hello"))}) + "\n")
+    assert len(load_rows(str(one_row))) == 1

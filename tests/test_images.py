@@ -114,3 +114,14 @@ def test_open_rgb_errors_name_the_path(tmp_path):
         with pytest.raises(DataError) as excinfo:
             open_rgb(path, "d.json: row 4")
         one_line_error(excinfo, path, "d.json: row 4")
+
+
+def test_an_image_past_pillows_bomb_limit_is_a_bad_row(tmp_path, monkeypatch):
+    """A giant scan (here: pillow's limit lowered to 1000 pixels) is one line naming the row, not a
+    DecompressionBombError traceback on one rank and a dead peer on the others."""
+    path = tmp_path / "scan.png"
+    Image.new("RGB", (56, 56)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError) as excinfo:
+        open_rgb(str(path), "train.json: row 4")
+    one_line_error(excinfo, "train.json: row 4: image", "more than twice pillow's limit of 1000 pixels")

@@ -34,6 +34,10 @@ def open_rgb(source: str | ImageRef, where: str) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise DataError(f"{where}: image not found: {source}") from None
+    except Image.DecompressionBombError:  # decoding it would take gigabytes in every loader worker
+        raise DataError(f"{where}: image {source} has more than twice pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                        "pixels (a decompression bomb, or a giant scan); shrink it first (--max-pixels resizes only "
+                        "after decoding)") from None
     except IsADirectoryError:
         raise DataError(f"{where}: image path is a folder: {source}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -13,7 +13,7 @@ from ftloop.data.formats import load_rows
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
-from ftloop.errors import DataError, RowFailedMidRun
+from ftloop.errors import ConfigError, DataError, RowFailedMidRun
 from ftloop.signals import ignore_stop_signals, stop_signals_held
 
 
@@ -86,6 +86,10 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size
     data, train = cfg.data, cfg.train
     train_read, eval_read = read_sources(cfg)
     checked = check(cfg, data.train_data, train_read, tokenizer, image_processor)
+    if not checked.rows and checked.dropped_long:
+        raise ConfigError(f"--train-data {data.train_data}: all {checked.dropped_long} readable rows are longer than "
+                          f"--max-seq-length {data.max_seq_length}; raise it, or pass --truncation right to cut their "
+                          "text after the last image")
     dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
                          data.train_data)
     sampler = StepBatchSampler(len(checked.rows), world_size, rank, train.per_device_train_batch_size,

@@ -21,11 +21,9 @@ LOCAL_SCHEME = "file://"  # Qwen's examples write local images as file:///path
 
 
 def _path(value, where: str, kind: str):
-    """An image part's path (or ImageRef) without a file:// prefix; URLs are refused (ftloop never
-    downloads)."""
+    """An image part's path (or ImageRef) without a file:// prefix (a URL is refused with the other paths,
+    ftloop.data.rows.resolve_images)."""
     if isinstance(value, str):
-        if value.startswith(("http://", "https://")):
-            raise DataError(f"{where}: {kind} URL {value}: ftloop reads local files only; download it first")
         return value[len(LOCAL_SCHEME):] if value.startswith(LOCAL_SCHEME) else value
     if is_image(value):
         return value

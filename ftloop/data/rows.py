@@ -45,6 +45,8 @@ def resolve_images(images: list, folder: str, where: str, what: str = "image") -
         if isinstance(image, ImageRef):
             resolved.append(image)
             continue
+        if image.startswith(("http://", "https://")):
+            raise DataError(f"{where}: {what} URL {image}: ftloop reads local files only; download it first")
         path = os.path.join(folder, image)
         # a stat per image is cheap, and finding a typo now beats finding it at step 5000
         if not os.path.isfile(path):
@@ -78,6 +80,13 @@ def finish_row(messages: list[dict], images: list, videos: list[list[str]], wher
     """The checks every layout shares, on the normal form; `user`/`assistant` are the layout's role names."""
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no {assistant} turn, so nothing to learn from")
+    first = next(m for m in messages if m["role"] != "system")
+    if first["role"] == "assistant":
+        raise DataError(f"{where}: the conversation starts with a {assistant} turn: a reply to no prompt; begin "
+                        f"with a {user} turn")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        raise DataError(f"{where}: a {assistant} turn is empty: only its end token would be learnt; drop the turn "
+                        "or the row")
     for placeholder, items, noun in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
         count = sum(m["content"].count(placeholder) for m in messages)
         if count != len(items):

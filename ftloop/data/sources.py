@@ -69,6 +69,15 @@ def read_json_rows(path: str, errors: list[str] | None = None) -> list[tuple[int
             text = f.read()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    if text.lstrip().startswith("{") and len([line for line in text.splitlines() if line.strip()]) > 1:
+        try:  # one json object over several lines: not rows (a one-line object is a .jsonl file of one row)
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            keys = ", ".join(f"`{k}`" for k in list(whole)[:5])
+            raise DataError(f"{path}: the file is one json object (keys {keys}), not rows; give a json array of "
+                            "rows ([{...}, {...}]) or one row per line (.jsonl)")
     if text.lstrip().startswith("["):
         try:
             rows = list(enumerate(json.loads(text), start=1))

@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
 
+from ftloop.config import previous_run
 from ftloop.errors import ConfigError
 
 COMPLETE_MARKER = ".complete"
@@ -277,8 +278,26 @@ def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def resolve_resume(flag: str, output_dir: str, is_main: bool) -> str | None:
-    """The checkpoint --resume-from-checkpoint names (`auto`: the newest complete one, or None). Collective."""
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete what an earlier run left in `output_dir` (checkpoints, `best`, `final`, metrics.jsonl); the
+    paths deleted. Anything else in the folder stays."""
+    removed = []
+    for name in previous_run(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume(flag: str, output_dir: str, is_main: bool, overwrite: bool = False) -> str | None:
+    """The checkpoint --resume-from-checkpoint names (`auto`: the newest complete one, or None). Collective.
+    `overwrite` (--overwrite-output-dir) on a fresh start: an earlier run's outputs are deleted first."""
+    if is_main and overwrite and not flag:
+        for path in clear_previous_run(output_dir):
+            print(f"removed {path}: --overwrite-output-dir", flush=True)
     if is_main:  # an interrupted save is finished when it was complete, else cleared: never resumed from
         for line in recover_interrupted_saves(output_dir):
             print(line, flush=True)
