@@ -60,17 +60,31 @@ def reference(tiny_bundle, tmp_path_factory):
     return out
 
 
-def worker_pid(out, local_rank: int) -> int | None:
-    """The pid of the ftloop.train worker of `local_rank` writing to `out` (found through /proc)."""
+def run_pids(out) -> list[int]:
+    """Every process of the run writing to `out`: torchrun, its ranks and their DataLoader workers (forked, so
+    they carry their rank's command line)."""
+    pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+def worker_pid(out, local_rank: int) -> int | None:
+    """The pid of the ftloop.train worker of `local_rank` writing to `out` (its rank, not a loader worker)."""
+    for pid in run_pids(out):
         try:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        ours = str(out).encode() in cmdline and (b"ftloop.train" in cmdline or FAULTY_TRAIN.encode() in cmdline)
-        if ours and f"LOCAL_RANK={local_rank}".encode() in environ and not is_loader_worker(pid):
-            return int(pid)
+        worker = b"ftloop.train" in cmdline or FAULTY_TRAIN.encode() in cmdline
+        if worker and f"LOCAL_RANK={local_rank}".encode() in environ and not is_loader_worker(str(pid)):
+            return pid
     return None
 
 
@@ -121,20 +135,6 @@ def test_sigterm_saves_and_torchrun_restart_resumes_bit_identical(tiny_bundle, r
     assert logged_state(out) == logged_state(reference)  # and the lr, tokens seen, epoch, best record
     expected, got = final_weights(reference), final_weights(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-
-
-def run_pids(out) -> list[int]:
-    """Every process of the run writing to `out`: torchrun, its ranks and their DataLoader workers (forked, so
-    they carry their rank's command line)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if str(out).encode() in cmdline and int(pid) != os.getpid():
-            pids.append(int(pid))
-    return pids
 
 
 @pytest.mark.parametrize("delivery, loader_workers, signum", [
