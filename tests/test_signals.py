@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -55,7 +56,12 @@ def test_stop_signals_are_held_while_loader_workers_start_and_ignored_in_them():
             _, status = os.waitpid(pid, 0)
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
             os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM  # this process still gets it (by the end of the block at the latest)
+        # This process still gets it: at the end of the block, or through another thread that does not hold it,
+        # whose C-level handler may run a moment later (the Python handler then runs here, in the main thread).
+        deadline = time.monotonic() + 10
+        while stop.signum == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.signum == signal.SIGTERM
     finally:
         stop.restore()
 
