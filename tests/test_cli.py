@@ -1,8 +1,12 @@
 """Flags: parsed with HF TrainingArguments names, validated up front, one clear line on error."""
 
+import ast
+import inspect
 import json
 import os
+import re
 import time
+import traceback
 
 import pytest
 
@@ -33,7 +37,7 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     validate(config_for(tiny_bundle, "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding", "nearest"))
 
 
-@pytest.mark.parametrize("flags, message", [
+BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.config.validate makes
     (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
     (["--per-device-eval-batch-size", "-1"], "--per-device-eval-batch-size must be positive"),
     (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be positive"),
@@ -54,10 +58,59 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     (["--ddp-timeout", "0"], "--ddp-timeout must be positive"),
     (["--save-grace-s", "0"], "--save-grace-s must be positive"),
     (["--optim", "adamw", "--param-dtype", "bf16"], "--param-dtype bf16 with --optim adamw rounds every update"),
-])
-def test_bad_values_name_the_flag(tiny_bundle, flags, message):
-    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
-        check_flags(config_for(tiny_bundle, *flags))
+    (["--eval-ratio", "1"], "--eval-ratio must be in"),
+    (["--eval-ratio", "0.2", "--eval-data", "{train}"], "--eval-ratio holds out training rows instead of --eval-data"),
+    (["--dataloader-num-workers", "-1"], "--dataloader-num-workers must be 0 or more"),
+    (["--min-pixels", "0"], "--min-pixels must be positive"),
+    (["--max-pixels", "-4"], "--max-pixels must be positive"),
+    (["--min-pixels", "800", "--max-pixels", "400"], "--min-pixels 800 is above --max-pixels 400"),
+    (["--max-images-per-sample", "-1"], "--max-images-per-sample must be 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+    (["--vision-lr", "0"], "--vision-lr must be positive"),
+    (["--merger-lr", "-1e-5"], "--merger-lr must be positive"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be 0"),
+    (["--save-steps", "-1"], "--save-steps must be 0"),
+    (["--save-total-limit", "-2"], "--save-total-limit must be 0"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be positive"),
+    (["--resume-from-checkpoint", "/nonexistent/checkpoint-3"], "--resume-from-checkpoint /nonexistent/checkpoint-3"),
+    (["--output-dir", ""], "--output-dir is required"),
+    (["--output-dir", "{train}"], "--output-dir {train}: is a file"),
+    (["--output-dir", "{run}"], "--output-dir {run}: holds a run already"),
+    (["--model-name-or-path", ""], "--model-name-or-path is required"),
+    (["--train-data", ""], "--train-data is required"),
+]
+
+
+def bad_config(bundle, tmp_path, flags: list[str]) -> Config:
+    folders = {"train": bundle["train_json"], "run": str(tmp_path / "earlier")}
+    (tmp_path / "earlier" / "final").mkdir(parents=True, exist_ok=True)
+    return config_for(bundle, *[flag.format(**folders) for flag in flags])
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+def test_bad_values_name_the_flag(tiny_bundle, tmp_path, flags, message):
+    message = message.format(train=tiny_bundle["train_json"], run=tmp_path / "earlier")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_flags(bad_config(tiny_bundle, tmp_path, flags))
+
+
+def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
+    """A check added to validate() without a case in BAD_FLAGS fails here: each case is traced to the `_need`
+    call that refused it, and every `_need` call in ftloop/config.py must be reached."""
+    import ftloop.config
+
+    source = inspect.getsource(ftloop.config)
+    calls = {node.lineno for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_need"}
+    reached = set()
+    for flags, _ in BAD_FLAGS:
+        try:
+            validate(bad_config(tiny_bundle, tmp_path, flags))
+        except ConfigError as err:
+            frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == ftloop.config.__file__]
+            reached.add(frames[-2].lineno if frames[-1].name == "_need" else frames[-1].lineno)
+    assert calls and calls <= reached, f"config.py lines with a _need and no case: {sorted(calls - reached)}"
+
 
 
 def check_flags(cfg: Config) -> None:
