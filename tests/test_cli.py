@@ -252,3 +252,19 @@ def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_b
             "--max-seq-length 5; raise it, or pass --truncation right to cut their text after the last image")
     assert too_long.returncode != 0 and line in too_long.stderr.splitlines(), too_long.stderr[-3000:]
     assert f"  traceback : {line}" in too_long.stderr.splitlines()[-6:], too_long.stderr[-3000:]
+
+
+def test_epochs_set_the_steps_with_a_partial_last_epoch_and_too_few_rows_are_refused(tiny_bundle, tmp_path):
+    # 16 rows in global batches of 4: 4 steps an epoch; 1.3 epochs is 5.2 steps, rounded up (as HF does) to 6:
+    # the last two in epoch 1.
+    check(python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "-1",
+                                               "--num-train-epochs", "1.3", "--per-device-train-batch-size", "4",
+                                               "--logging-steps", "1")))
+    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [(r["step"], r["epoch"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]
+    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "few", "--per-device-train-batch-size", "6",
+                                                  "--gradient-accumulation-steps", "3"))
+    assert one_error_line(result) == (
+        "ftloop: error: --train-data has 16 rows, fewer than one global batch of 18 (processes x "
+        "--per-device-train-batch-size x --gradient-accumulation-steps)")
+    assert not os.path.exists(tmp_path / "few" / "metrics.jsonl")
