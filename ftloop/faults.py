@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+
+import torch.distributed as dist
 from dataclasses import dataclass
 
 
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 class Faults:
     nan_gradient_at_steps: frozenset[int] = frozenset()
     """Optimizer steps (1-based) whose gradient gets a NaN after backward (the non-finite-step guard's test)."""
+    nan_gradient_on_rank: int | None = None
+    """Only this rank's gradient gets the NaN (None: every rank's)."""
     pause_after_shards_s: float = 0.0
     """Seconds each rank waits after writing its checkpoint shards, before the folder is renamed (the window in
     which a kill test strikes)."""
 
     def after_backward(self, model, step: int) -> None:
-        if step in self.nan_gradient_at_steps:
+        if step in self.nan_gradient_at_steps and self.nan_gradient_on_rank in (None, dist.get_rank()):
             next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
 
     def after_shards_written(self) -> None:

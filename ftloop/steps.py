@@ -8,6 +8,7 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 
 import torch
@@ -61,6 +62,13 @@ def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.T
             (micro_loss * (world.world_size / step_targets)).backward()
         loss_sum += micro_loss.detach()
     return loss_sum
+
+
+def clip_gradients(model, max_grad_norm: float) -> float:
+    """Scale the gradient so that its global norm (over every rank's shards) is at most `max_grad_norm` (0: no
+    clipping); returns the norm before clipping, the same on every rank, which is what the loop logs and
+    what decides whether the step is applied."""
+    return model.clip_grad_norm_(max_grad_norm or math.inf).item()
 
 
 @torch.no_grad()

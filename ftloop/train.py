@@ -51,7 +51,7 @@ from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
 from ftloop.signals import StopRequest
 from ftloop.state import TrainState
-from ftloop.steps import accumulate_gradients, count_step_tokens
+from ftloop.steps import accumulate_gradients, clip_gradients, count_step_tokens
 
 
 @dataclass
@@ -154,7 +154,7 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
         loss_sum = accumulate_gradients(model, micro_batches, step_targets, world)
         faults.after_backward(model, state.step + 1)
         # The global norm (logged) decides whether to update, so the decision is the same on every rank.
-        grad_norm = model.clip_grad_norm_(cfg.optim.max_grad_norm or math.inf).item()
+        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
         finite = math.isfinite(grad_norm)
         if finite:
             optimizer.step()

@@ -1,6 +1,8 @@
 """Run under torchrun by the tests: one optimizer step's gradients (not applied) and dtype facts.
 
-Usage: torchrun ... tests/grad_worker.py OUT.pt -- <ftloop.train flags>
+Usage: torchrun ... tests/grad_worker.py OUT.pt [--clip] -- <ftloop.train flags>
+With --clip, the gradients are clipped as the loop clips them (ftloop.steps.clip_gradients, --max-grad-norm)
+and "grad_norm" holds the norm it returned, from before clipping.
 Rank 0 saves {"grads": {name: full fp32 gradient}, "loss": step mean loss, "dtypes": {...},
 "micro_batch_targets": [supervised tokens of each micro-batch, this rank], "unsharded_grad_between_micro_batches":
 whether any FSDP unit held a gradient of its unsharded size when a later micro-batch started} to OUT.pt.
@@ -16,6 +18,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ftloop.config import parse_args
 from ftloop.distributed import all_reduce_sum, init_distributed
 from ftloop.model import clean_name
+from ftloop.steps import clip_gradients
 from ftloop.train import accumulate_gradients, count_step_tokens, prepare
 
 
@@ -60,6 +63,7 @@ def main() -> None:
     targets, *_ = count_step_tokens(micro_batches, d)
     loss_sum = accumulate_gradients(model, micro_batches, targets, d)
     loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / float(targets)
+    grad_norm = clip_gradients(model, cfg.optim.max_grad_norm) if "--clip" in sys.argv[2:sys.argv.index("--")] else None
     facts = {
         "master": sorted({str(p.dtype) for p in model.parameters()}),
         "grad": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
@@ -72,7 +76,7 @@ def main() -> None:
             grads = {clean_name(name): p.grad.detach().float().clone()
                      for name, p in model.named_parameters() if p.grad is not None}
     if d.rank == 0:
-        torch.save({"grads": grads, "loss": loss, "dtypes": facts,
+        torch.save({"grads": grads, "loss": loss, "dtypes": facts, "grad_norm": grad_norm,
                     "micro_batch_targets": [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches],
                     "unsharded_grad_between_micro_batches": any(unsharded_between[1:])}, out)
     dist.barrier()

@@ -16,13 +16,13 @@ WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
 
 def step_gradients(bundle, tmp_path, nproc: int, micro_batch: int, accumulation: int, *extra: str,
-                   flat: bool = False) -> dict:
+                   flat: bool = False, clip: bool = False) -> dict:
     tag = hashlib.md5(" ".join(extra).encode()).hexdigest()[:8]
     out = tmp_path / f"grads-{nproc}x{accumulation}x{micro_batch}-{tag}{'-flat' * flat}.pt"
     flags = train_flags(bundle, tmp_path / "unused", "--max-steps", "1", *([] if flat else ["--use-orig-params"]),
                         "--per-device-train-batch-size", str(micro_batch),
                         "--gradient-accumulation-steps", str(accumulation), *extra)
-    check(torchrun(nproc, [WORKER, str(out), "--", *flags]))
+    check(torchrun(nproc, [WORKER, str(out), *["--clip"] * clip, "--", *flags]))
     return torch.load(out)
 
 
@@ -68,18 +68,28 @@ def test_sharded_accumulation_is_token_exact_without_unsharded_gradients(tiny_bu
     assert not two_by_two["unsharded_grad_between_micro_batches"]  # no no_sync: no full gradient is kept
 
 
-def test_bf16_mixed_precision_dtypes(tiny_bundle, tmp_path):
-    facts = step_gradients(tiny_bundle, tmp_path, 2, 1, 1)["dtypes"]  # --bf16 is the default
+def global_norm(grads: dict) -> float:
+    return float(torch.cat([g.flatten() for g in grads.values()]).norm())
+
+
+def test_bf16_mixed_precision_dtypes_and_clipping_to_max_grad_norm(tiny_bundle, tmp_path):
+    step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--max-grad-norm", "0.01", clip=True)  # --bf16: default
+    facts = step["dtypes"]
     assert facts["master"] == ["torch.float32"]  # sharded masters stay fp32
     assert facts["grad"] == ["torch.float32"]  # reduced gradients land in the master dtype
     assert facts["matmul_input"] == ["torch.bfloat16"]  # the matmuls run in bf16
     assert facts["reduce"] == "torch.float32"  # every rank's bf16 gradient summed in fp32
     assert mixed_precision(FSDPArgs(reduce_dtype="bf16")).reduce_dtype == torch.bfloat16  # --reduce-dtype bf16
+    # Clipped over both ranks' shards to exactly --max-grad-norm; the norm returned (logged) is the one before.
+    assert step["grad_norm"] > 0.1
+    assert global_norm(step["grads"]) == pytest.approx(0.01, rel=1e-4)
 
 
-def test_fp32_run_has_fp32_matmuls(tiny_bundle, tmp_path):
-    facts = step_gradients(tiny_bundle, tmp_path, 1, 1, 1, "--no-bf16")["dtypes"]
-    assert facts["matmul_input"] == ["torch.float32"]
+def test_fp32_run_has_fp32_matmuls_and_max_grad_norm_0_does_not_clip(tiny_bundle, tmp_path):
+    step = step_gradients(tiny_bundle, tmp_path, 1, 1, 1, "--no-bf16", "--max-grad-norm", "0", clip=True)
+    assert step["dtypes"]["matmul_input"] == ["torch.float32"]
+    assert step["grad_norm"] > 0.1  # would have been clipped by any small --max-grad-norm
+    assert global_norm(step["grads"]) == pytest.approx(step["grad_norm"], rel=1e-5)
 
 
 def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):

@@ -238,10 +238,12 @@ def checkpoint_tensors(path) -> dict:
             if torch.is_tensor(v)}
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_bundle, tmp_path):
+def test_nonfinite_steps_are_skipped_on_every_rank_then_the_run_stops(tiny_bundle, tmp_path):
+    # The NaN is in rank 1's gradient shard only: rank 0 must skip the step too (its shard of the checkpoint
+    # would change otherwise), since the decision is taken on the global gradient norm.
     out = tmp_path / "nan"
-    result = faulty_train(["--fault-nan-gradient-at-steps", "3,5,6",
-                           *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
+    result = torchrun(2, [FAULTY_TRAIN, "--fault-nan-gradient-at-steps", "3,5,6", "--fault-nan-gradient-on-rank", "1",
+                          *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
     assert result.returncode == 1, result.stderr[-3000:]
     assert "ftloop: error: 2 non-finite steps in a row (up to step 6)" in result.stderr
     assert f"last good checkpoint is {out}/checkpoint-5" in result.stderr  # saved after 4, nothing applied since

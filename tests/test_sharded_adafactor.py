@@ -135,3 +135,26 @@ def test_dcp_checkpoint_reshards_optimizer_state(runs, tmp_path, save_world, loa
         assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     else:
         assert max_relative_difference(resumed, straight) <= 1e-5
+
+
+def test_per_part_learning_rates_and_decay_by_parameter_name(tiny_bundle):
+    """--vision-lr, --merger-lr and --learning-rate by value on every parameter of a real Qwen2.5-VL layout; the
+    reference test above shows ShardedAdafactor steps each part at its scaled rate, as transformers' would."""
+    from ftloop.config import ModelArgs, OptimArgs
+    from ftloop.model import build_meta_model, load_config
+    from ftloop.optim.build import part_settings
+
+    args = ModelArgs(model_name_or_path=tiny_bundle["model_dir"])
+    model = build_meta_model(load_config(args), args)
+    optim = OptimArgs(learning_rate=1e-5, vision_lr=2e-6, merger_lr=4e-5)
+    parts = {"model.visual.merger.": 4e-5, "model.visual.": 2e-6, "model.language_model.": 1e-5, "lm_head.": 1e-5}
+    lrs, decayed = {}, set()
+    for name, p in model.named_parameters():
+        scale, decay = part_settings(optim)(name, tuple(p.shape))
+        part = next(prefix for prefix in parts if name.startswith(prefix))
+        lrs.setdefault(part, set()).add(round(optim.learning_rate * scale, 12))
+        decayed.add((p.dim() >= 2) == decay)
+    assert lrs == {part: {lr} for part, lr in parts.items()}
+    assert decayed == {True}  # decay on matrices only, never on biases and norm weights
+    same = part_settings(OptimArgs(learning_rate=1e-5))
+    assert {same(name, tuple(p.shape))[0] for name, p in model.named_parameters()} == {1.0}
