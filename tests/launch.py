@@ -71,12 +71,6 @@ def python_m(module: str, args: list[str], timeout: float = 240, extra_env: dict
 FAULTY_TRAIN = os.path.join(REPO, "tests", "faulty_train.py")  # ftloop.train with ftloop.faults injected
 
 
-def faulty_train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python tests/faulty_train.py args`: one process, as `python -m ftloop.train` would run."""
-    return subprocess.run([sys.executable, FAULTY_TRAIN, *args], env=env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def train_flags(bundle: dict, output_dir, *extra: str) -> list[str]:
     """Flags for a short run on the tiny test bundle."""
     return ["--model-name-or-path", bundle["model_dir"], "--train-data", bundle["train_json"],

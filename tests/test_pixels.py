@@ -1,7 +1,6 @@
 """--min-pixels / --max-pixels (the image processor's limits, overridden at load time) and
 --max-images-per-sample (rows with more images are bad rows)."""
 
-import json
 
 import pytest
 from transformers import AutoImageProcessor

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint
-from launch import FAULTY_TRAIN, REPO, check, env, faulty_train, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, env, python_m, torchrun, train_flags
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
 # grouping (on by default) make the data position part of it.
