@@ -52,7 +52,7 @@ def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bund
     Mutation check (tried): with the HF Trainer's normalisation, a mean per micro-batch divided by the number of
     micro-batches (`micro_loss / supervised_tokens(batch) / len(micro_batches)` in accumulate_gradients), this
     test fails: the largest relative difference of a parameter's gradient, 2x2 or 4x1 against 1x4 (a mean per
-    row in both), is 0.577, where the bound is 1e-5 and the exact normalisation measures below 1e-6.
+    row in both), is 0.577, where the bound is 1e-5.
     """
     args = ("--no-bf16", "--train-data", unequal_rows(tiny_bundle, tmp_path), "--image-folder",
             tiny_bundle["image_folder"])
