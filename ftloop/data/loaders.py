@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
+import torch
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
@@ -23,9 +24,13 @@ def _collate_for(tokenizer, hf_config):
 
 
 def _loader(dataset, batch_sampler, collate, workers: int, pin: bool) -> DataLoader:
+    # Every iter() of a DataLoader draws its workers' base seed from `generator`, by default torch's global
+    # one, which also drives dropout: a resumed run, whose loaders start at another point, would then draw
+    # other dropout masks than the uninterrupted run (the checkpoint restores the global generator). Their own
+    # generator keeps them off it; the rows do not depend on it (the batch sampler is seeded on its own).
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
 def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
