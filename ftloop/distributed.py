@@ -24,6 +24,8 @@ class World:
     world_size: int
     device: torch.device
     backend: str
+    local_world_size: int = 1
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE): HYBRID_SHARD shards over them."""
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +64,8 @@ def init_distributed(timeout_s: float = 1800) -> World:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     quiet_library_chatter(rank)
-    return World(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    return World(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def quiet_library_chatter(rank: int) -> None:

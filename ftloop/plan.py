@@ -49,6 +49,7 @@ from transformers import PreTrainedModel
 from ftloop.config import Config, validate
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
+from ftloop.fsdp.wrap import shard_group_size
 from ftloop.model import DTYPES, build_meta_model, load_config, wrapped_layer_classes
 
 GIB = 2**30
@@ -139,7 +140,7 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     """The plan for `cfg` on `world_size` GPUs, `gpus_per_node` to a node, for a meta `hf_model`."""
     f, o, m, t, data = cfg.fsdp, cfg.optim, cfg.model, cfg.train, cfg.data
     strategy = "NO_SHARD" if world_size == 1 else f.sharding_strategy  # FSDP itself does this at world size 1
-    shards = {"NO_SHARD": 1, "HYBRID_SHARD": min(gpus_per_node, world_size)}.get(strategy, world_size)
+    shards = shard_group_size(strategy, world_size, gpus_per_node)
     pb = DTYPES[m.param_dtype].itemsize
     cb = 2 if f.bf16 else pb
     rb = DTYPES[f.reduce_dtype].itemsize if f.bf16 else pb

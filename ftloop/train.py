@@ -41,7 +41,7 @@ from ftloop.faults import NO_FAULTS, Faults
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.fsdp.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
-from ftloop.fsdp.wrap import wrap_fsdp
+from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import local_folder, save_model_files
 from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import VisionLanguageSFT, build_meta_model, load_config, wrapped_layer_classes
@@ -79,7 +79,7 @@ def prepare(cfg: Config, world: World) -> Setup:
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
     weights = open_weights(lambda: local_folder(src), hf_model, "--model-name-or-path", every_rank_reads)
     if world.device.type == "cuda" and args.memory_check:
-        check_fits(hf_model, cfg, world.world_size, torch.cuda.device_count(),  # FSDP's node size for HYBRID_SHARD
+        check_fits(hf_model, cfg, world.world_size, world.local_world_size,
                    torch.cuda.get_device_properties(world.device).total_memory)
     tokenizer, image_processor = load_tokenizer_and_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)
 
@@ -99,7 +99,8 @@ def prepare(cfg: Config, world: World) -> Setup:
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
     materialize = UnitMaterializer(hf_model, weights, world.device, every_rank_reads)
-    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, world.device)
+    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, world.device,
+                      world.local_world_size)
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
@@ -199,7 +200,7 @@ def resume(setup: Setup, model: FSDP, optimizer, state: TrainState, allow_dtype_
 
 def describe(cfg: Config, world: World, setup: Setup, warmup: int) -> str:
     """The run in one line, said before the first step."""
-    shards = 1 if cfg.fsdp.sharding_strategy == "NO_SHARD" else world.world_size
+    shards = shard_group_size(cfg.fsdp.sharding_strategy, world.world_size, world.local_world_size)
     parameters = sum(p.numel() for p in setup.model.parameters()) * shards
     return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), "
             f"~{parameters / 1e6:.1f}M parameters, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "

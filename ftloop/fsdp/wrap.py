@@ -6,6 +6,7 @@ import functools
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import (
     BackwardPrefetch,
@@ -17,6 +18,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from ftloop.config import FSDPArgs
+from ftloop.errors import ConfigError
 from ftloop.model import DTYPES
 
 
@@ -29,13 +31,40 @@ def mixed_precision(args: FSDPArgs) -> MixedPrecision | None:
                           buffer_dtype=DTYPES[args.buffer_dtype])
 
 
+def shard_group_size(strategy: str, world_size: int, node_size: int) -> int:
+    """Over how many ranks each parameter is sharded: every rank, one node's ranks (HYBRID_SHARD, replicated
+    across the nodes) or none (NO_SHARD)."""
+    if strategy == "NO_SHARD":
+        return 1
+    return min(node_size, world_size) if strategy == "HYBRID_SHARD" else world_size
+
+
+def hybrid_process_groups(world_size: int, node_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(this node's ranks, which shard; the ranks of this local rank on every node, which all-reduce). FSDP's
+    own default takes the node size from torch.cuda.device_count(): wrong wherever a node runs fewer
+    processes than it has GPUs, and 1 on the CPU. torchrun's LOCAL_WORLD_SIZE is the node size."""
+    if world_size % node_size:
+        raise ConfigError(f"--sharding-strategy HYBRID_SHARD needs the same number of processes on every node; "
+                          f"{world_size} processes do not split into nodes of {node_size}")
+    rank, shard, replicate = dist.get_rank(), None, None
+    for node in range(world_size // node_size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(node * node_size, (node + 1) * node_size)))
+        shard = group if rank // node_size == node else shard
+    for local_rank in range(node_size):
+        group = dist.new_group(list(range(local_rank, world_size, node_size)))
+        replicate = group if rank % node_size == local_rank else replicate
+    return shard, replicate
+
+
 def wrap_fsdp(module: nn.Module, layer_classes: set[type[nn.Module]], args: FSDPArgs,
-              param_init_fn: Callable[[nn.Module], None], device: torch.device) -> FSDP:
+              param_init_fn: Callable[[nn.Module], None], device: torch.device, node_size: int = 1) -> FSDP:
     """FSDP1 with transformer auto-wrap on the decoder layers and vision blocks of a meta `module`, which
-    `param_init_fn` materialises unit by unit."""
+    `param_init_fn` materialises unit by unit. `node_size`: processes per node, for HYBRID_SHARD."""
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(layer_classes))
+    hybrid = args.sharding_strategy == "HYBRID_SHARD"
     return FSDP(
         module,
+        process_group=hybrid_process_groups(dist.get_world_size(), node_size) if hybrid else None,
         sharding_strategy=ShardingStrategy[args.sharding_strategy],
         auto_wrap_policy=policy,
         mixed_precision=mixed_precision(args),

@@ -323,7 +323,7 @@ class ShardedAdafactor(Adafactor):
     def _shard(local: Tensor, segment: Segment, pg):
         shards = []
         if segment.numel:
-            placement = f"rank:{dist.get_rank(pg)}/{local.device}"
+            placement = f"rank:{dist.get_rank()}/{local.device}"  # a global rank, also in a subgroup (HYBRID_SHARD)
             shards.append(Shard(local, ShardMetadata([segment.first], [segment.numel], placement)))
         return ShardedTensor._init_from_local_shards(shards, [segment.full_numel], process_group=pg)
 
