@@ -21,11 +21,15 @@ class Faults:
     """Optimizer steps (1-based) whose gradient gets a NaN after backward (the non-finite-step guard's test)."""
     nan_gradient_on_rank: int | None = None
     """Only this rank's gradient gets the NaN (None: every rank's)."""
+    raise_at_step: int = 0
+    """The optimizer step (1-based) after whose backward every rank raises a RuntimeError: the way out of a bug."""
     pause_after_shards_s: float = 0.0
     """Seconds each rank waits after writing its checkpoint shards, before the folder is renamed (the window in
     which a kill test strikes)."""
 
     def after_backward(self, model, step: int) -> None:
+        if step == self.raise_at_step:
+            raise RuntimeError(f"fault injected at step {step}")
         if step in self.nan_gradient_at_steps and self.nan_gradient_on_rank in (None, dist.get_rank()):
             next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
 

@@ -243,6 +243,13 @@ def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
         tell_launcher(f"ftloop: error: {where}{lines[-1]}")  # one line, or the bad rows' count and what to do
         dist.destroy_process_group()
         raise SystemExit(2) from None
+    except BaseException:
+        # Anything else (a lost peer, a second Ctrl-C) Python prints as it is. A gloo group left for the
+        # interpreter's exit can abort it there (SIGABRT, "terminate called without an active exception",
+        # pytorch/pytorch#190489), hiding the exit code; nccl's stays, as peers may still be in a collective.
+        if world.backend == "gloo":
+            dist.destroy_process_group()
+        raise
     dist.destroy_process_group()
 
 

@@ -1,9 +1,10 @@
 """Run under torchrun by tests/test_sharded_adafactor.py: ShardedAdafactor on an FSDP1 model.
 
-Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1) [save|load CHECKPOINT_DIR]
+Usage: torchrun ... tests/adafactor_worker.py OUT.pt USE_ORIG_PARAMS(0|1|0,1) [save|load CHECKPOINT_DIR]
 For each option set in CASES it trains a fresh copy of `toy_model()` for STEPS steps on the same global
 batches and saves (rank 0) the full parameters, plus every rank's optimizer state bytes (and, for
-hf_trainer, the all-reduces of one more step).
+hf_trainer, the all-reduces of one more step): {use_orig_params (0|1): results}, one entry per value asked
+for (both in one process: one start-up instead of two).
 """
 
 import io
@@ -136,23 +137,32 @@ def checkpoint_round_trip(wrap, folder: str, save: bool) -> dict | None:
     return full_params(model)
 
 
-def main() -> None:
-    out, use_orig_params = sys.argv[1], sys.argv[2] == "1"
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-
+def wrapper(use_orig_params: bool):
     def wrap(module):
         return FSDP(module, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=use_orig_params,
                     device_id=torch.device("cpu"))
 
+    return wrap
+
+
+def main() -> None:
+    out, orig_values = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     if len(sys.argv) > 3:  # checkpoint mode: save | load FOLDER
-        params = checkpoint_round_trip(wrap, sys.argv[4], sys.argv[3] == "save")
+        params = checkpoint_round_trip(wrapper(orig_values[0] == 1), sys.argv[4], sys.argv[3] == "save")
         if rank == 0 and params is not None:
             torch.save(params, out)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+    else:
+        results = {orig: train_every_case(wrapper(orig == 1)) for orig in orig_values}
+        if rank == 0:
+            torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
 
+
+def train_every_case(wrap) -> dict:
+    world = dist.get_world_size()
     results = {}
     for case, kwargs in CASES.items():
         model = wrap(toy_model())
@@ -181,10 +191,7 @@ def main() -> None:
     resumed.load_state_dict(torch.load(buffer))
     train_steps(model, resumed, batches()[STEPS // 2:])
     results["resumed"] = {"params": full_params(model)}
-    if rank == 0:
-        torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

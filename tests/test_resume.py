@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint
-from launch import FAULTY_TRAIN, REPO, check, env, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, python_m, torchrun, train_flags
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
 # grouping (on by default) make the data position part of it.
@@ -196,8 +196,9 @@ def test_sigkill_of_one_rank_mid_training_ends_the_run_and_keeps_the_last_checkp
                            and logged_steps(out) >= 3)
     os.kill(worker_pid(out, 1), signal.SIGKILL)
     killed_at = time.time()
-    proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert GLOO_EXIT_ABORT not in stderr  # the surviving rank took its process group down before exiting
     saved = sorted(int(name.split("-")[1]) for name in os.listdir(out) if name.startswith("checkpoint-"))
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{saved[-1]}")
 
@@ -280,6 +281,14 @@ def test_nonfinite_steps_are_skipped_on_every_rank_then_the_run_stops(tiny_bundl
     assert all(torch.equal(before[k], skipped[k]) for k in before)  # no update, optimizer state untouched
     assert not torch.equal(skipped["optimizer/step"], after["optimizer/step"])  # step 4 trained again
     assert any(not torch.equal(skipped[k], after[k]) for k in skipped if k.startswith("model/"))
+
+
+def test_an_unexpected_error_exits_1_with_its_traceback_and_no_abort(tiny_bundle, tmp_path):
+    """A bug's way out: Python's traceback and exit 1 on every rank. Before the process group was taken down on
+    this path too, a rank could abort at exit instead (SIGABRT, torchrun's GLOO_EXIT_ABORT line), hiding it."""
+    result = torchrun(2, [FAULTY_TRAIN, "--fault-raise-at-step", "2", *flags(tiny_bundle, tmp_path / "out")])
+    assert result.returncode == 1 and "RuntimeError: fault injected at step 2" in result.stderr
+    assert "SIGABRT" not in result.stderr and "exitcode  : 1 " in result.stderr, result.stderr[-3000:]
 
 
 def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path):

@@ -19,4 +19,6 @@ try:
     dist.barrier()
 except RuntimeError as err:
     print(f"rank {d.rank} gave up after {time.perf_counter() - started:.1f}s: {str(err).splitlines()[0]}", flush=True)
+    dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it (SIGABRT)
     raise SystemExit(3)
+dist.destroy_process_group()
