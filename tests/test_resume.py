@@ -3,6 +3,7 @@ world size, atomic saves under SIGKILL, non-finite steps skipped, and refusals o
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint
+from ftloop.config import parse_args
+from ftloop.errors import ConfigError
+from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint
+from ftloop.model import load_config
 from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, python_m, torchrun, train_flags
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
@@ -177,6 +181,11 @@ def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(dropout_bundle, 
     name = signal.Signals(signum).name
     said = [line for line in stderr.splitlines() if line.startswith(f"ftloop: stopped by {name} after step ")]
     assert "killed by signal" not in stderr and len(said) == 1, stderr  # rank 0 speaks for all
+    # torchrun exits 1, as it does when any worker fails or when it is signalled itself; when it was not (the
+    # signal went to one rank), its summary lists every rank's exit: 128 + the signal.
+    rank_codes = sorted(int(code) for code in re.findall(r"exitcode\s+:\s*(-?\d+)", stderr))
+    print(f"{delivery}, {loader_workers} loader workers, {name}: torchrun exit {proc.returncode}, ranks {rank_codes}")
+    assert proc.returncode == 1 and rank_codes == ([128 + signum] * 2 if delivery == "one rank" else []), stderr
     stopped_at = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
     assert sorted(os.listdir(out)) == [f"checkpoint-{stopped_at}", "metrics.jsonl"]
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
@@ -291,6 +300,12 @@ def test_an_unexpected_error_exits_1_with_its_traceback_and_no_abort(tiny_bundle
     assert "SIGABRT" not in result.stderr and "exitcode  : 1 " in result.stderr, result.stderr[-3000:]
 
 
+def resumable(bundle, out, checkpoint: str, *extra: str) -> dict:
+    """ftloop.train's check of a checkpoint against the run, before any weights load (in this process)."""
+    cfg = parse_args(flags(bundle, out, "--resume-from-checkpoint", checkpoint, *extra))
+    return check_resumable(checkpoint, load_config(cfg.model), 16, cfg.train.seed, cfg.to_dict())
+
+
 def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path):
     out = tmp_path / "refused"
     checkpoint = str(reference / "checkpoint-4")
@@ -306,11 +321,13 @@ def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path)
     assert "at step 4" in result.stdout
 
     # The Kahan buffer of bf16 masters is optimizer state the fp32 checkpoint does not hold: said, even with
-    # --allow-dtype-change, before any weights load.
-    result = python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint, "--param-dtype",
-                                            "bf16", "--bf16-master-rounding", "kahan", "--allow-dtype-change"))
-    assert result.returncode == 2 and "saved without the Kahan buffer of --bf16-master-rounding kahan" in result.stderr
-    assert "resume with --param-dtype fp32 --bf16-master-rounding stochastic" in result.stderr
+    # --allow-dtype-change, by the check that runs before any weights load (as the --seed case below shows).
+    assert resumable(dropout_bundle, out, checkpoint)["step"] == 4  # the same run: accepted
+    with pytest.raises(ConfigError) as refused:
+        resumable(dropout_bundle, out, checkpoint, "--param-dtype", "bf16", "--bf16-master-rounding", "kahan",
+                  "--allow-dtype-change")
+    assert "saved without the Kahan buffer of --bf16-master-rounding kahan" in str(refused.value)
+    assert "resume with --param-dtype fp32 --bf16-master-rounding stochastic" in str(refused.value)
 
     result = python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint, "--seed", "1"))
     assert result.returncode == 2 and "the training rows or --seed changed" in result.stderr
@@ -321,9 +338,8 @@ def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path)
     config = json.load(open(other / "hf" / "config.json"))
     config["text_config"]["num_hidden_layers"] += 1
     json.dump(config, open(other / "hf" / "config.json", "w"))
-    result = python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", str(other)))
-    assert result.returncode == 2
-    assert "written for another model (text_config.num_hidden_layers: " in result.stderr
+    with pytest.raises(ConfigError, match=r"written for another model \(text_config\.num_hidden_layers: "):
+        resumable(dropout_bundle, out, str(other))
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
