@@ -107,5 +107,7 @@ def test_a_two_node_checkpoint_resumes_on_one_node(tiny_bundle, two_nodes, tmp_p
           f"{time.perf_counter() - started:.1f}s")
     expected, got = losses(reference), losses(out)
     assert sorted(got) == [3, 4]
-    assert all(abs(got[s] - expected[s]) < 1e-5 * abs(expected[s]) for s in got), (got, expected)
+    difference = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
+    print(f"largest relative loss difference from the 2-node run: {difference:.2g}")
+    assert difference < 1e-5, (got, expected)
     assert parameters_said(result.stdout) == parameters_said(two_node_result.stdout)

@@ -248,7 +248,7 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(dropout_bundle, refe
     out.mkdir()
     shutil.copytree(reference / "checkpoint-4", out / "checkpoint-4")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               FAULTY_TRAIN, "--fault-pause-after-shards-s", "5",  # both ranks linger after writing their shards
+               FAULTY_TRAIN, "--fault-pause-after-shards-s", "3",  # both ranks linger after writing their shards
                *flags(dropout_bundle, out, "--save-steps", "2", "--resume-from-checkpoint", "auto")]
     saving = out / "checkpoint-6.tmp"
     proc = launch_and_wait(command, out, until=lambda: (saving / "rng" / "rank-1.pt").exists())
