@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,7 @@ class World:
     world_size: int
     device: torch.device
     backend: str
-    local_world_size: int = 1
+    local_world_size: int
     """Processes on this node (torchrun's LOCAL_WORLD_SIZE): HYBRID_SHARD shards over them."""
 
     @property
@@ -82,6 +84,17 @@ def quiet_library_chatter(rank: int) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+def leave(code: int) -> NoReturn:
+    """End this process now with `code`, without the interpreter's teardown. There, the C++ threads of a gloo
+    process group that something still holds (FSDP modules live in reference cycles, so destroy_process_group
+    does not free it) are destroyed with the interpreter and can abort it: SIGABRT, "terminate called without an
+    active exception" (pytorch/pytorch#190489; seen in this project's suite). Everything ftloop writes is
+    closed before; standard output and error are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print0(*args, **kwargs) -> None:

@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import time
+import traceback
+from typing import NoReturn
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ from ftloop.config import Config, parse_args, validate
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sources import check_sources
-from ftloop.distributed import World, init_distributed, print0
+from ftloop.distributed import World, init_distributed, leave, print0
 from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped, TrainingError, fail, tell_launcher
 from ftloop.faults import NO_FAULTS, Faults
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
@@ -243,15 +245,23 @@ def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
         tell_launcher(f"ftloop: error: {where}{lines[-1]}")  # one line, or the bad rows' count and what to do
         dist.destroy_process_group()
         raise SystemExit(2) from None
-    except BaseException:
-        # Anything else (a lost peer, a second Ctrl-C) Python prints as it is. A gloo group left for the
-        # interpreter's exit can abort it there (SIGABRT, "terminate called without an active exception",
-        # pytorch/pytorch#190489), hiding the exit code; nccl's stays, as peers may still be in a collective.
-        if world.backend == "gloo":
-            dist.destroy_process_group()
-        raise
     dist.destroy_process_group()
 
 
+def cli(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> NoReturn:
+    """`python -m ftloop.train`: `main`, then `leave` with its exit code; anything unexpected (a lost peer, a
+    bug, a second Ctrl-C) with its traceback, exit 1 (130 for Ctrl-C)."""
+    try:
+        main(argv, faults)
+    except SystemExit as err:  # ftloop's own exits (the line is said), tyro's --help and usage errors
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+        leave(err.code if isinstance(err.code, int) else 0 if err.code is None else 1)
+    except BaseException as err:
+        traceback.print_exc()
+        leave(130 if isinstance(err, KeyboardInterrupt) else 1)
+    leave(0)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -18,6 +18,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from ftloop.optim.adafactor import Adafactor
 from ftloop.optim.segments import describe_fsdp
+from ftloop.distributed import leave
 from ftloop.optim.sharded_adafactor import ShardedAdafactor
 
 STEPS, GLOBAL_BATCH, DIM = 6, 8, 12
@@ -196,3 +197,4 @@ def train_every_case(wrap) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

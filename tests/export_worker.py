@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from ftloop.config import parse_args
-from ftloop.distributed import init_distributed
+from ftloop.distributed import init_distributed, leave
 from ftloop.fsdp.checkpoint import save_checkpoint
 from ftloop.fsdp.export import export_model, full_state_dict
 from ftloop.hf_folder import save_model_files
@@ -83,3 +83,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

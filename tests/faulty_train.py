@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from ftloop.faults import Faults
-from ftloop.train import main
+from ftloop.train import cli
 
 
 def split(argv: list[str]) -> tuple[Faults, list[str]]:
@@ -31,4 +31,4 @@ def split(argv: list[str]) -> tuple[Faults, list[str]]:
 
 if __name__ == "__main__":
     faults, flags = split(sys.argv[1:])
-    main(flags, faults)
+    cli(flags, faults)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
-from ftloop.distributed import all_reduce_sum, init_distributed
+from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.model import clean_name
 from ftloop.steps import clip_gradients
 from ftloop.train import accumulate_gradients, count_step_tokens, prepare
@@ -85,3 +85,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

@@ -38,10 +38,11 @@ def torchrun(nproc: int, target: list[str], timeout: float = 240, **extra_env: s
 
 
 GLOO_EXIT_ABORT = "terminate called without an active exception"
-"""What a process prints when it exits with a gloo process group still up (its C++ threads are torn down with
-the interpreter: SIGABRT, pytorch/pytorch#190489; measured: 6 of 12 two-rank runs that skip
-destroy_process_group, 0 of 12 that call it). ftloop.train takes the group down on every way out, and so does
-every test worker: any run that prints it fails its test."""
+"""What a process prints when the interpreter's teardown destroys a gloo process group whose threads are alive:
+SIGABRT (pytorch/pytorch#190489; measured: 6 of 12 two-rank runs of a plain script without
+destroy_process_group, 0 of 12 with it; seen once in this suite after destroy_process_group, in a worker whose
+FSDP model still held the group). ftloop.train's cli and every test worker end with
+ftloop.distributed.leave, which skips that teardown: any run that prints it fails its test."""
 
 
 def python_m(module: str, args: list[str], timeout: float = 240, extra_env: dict | None = None):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ftloop.config import parse_args
-from ftloop.distributed import init_distributed
+from ftloop.distributed import init_distributed, leave
 from ftloop.fsdp.export import full_state_dict
 from ftloop.train import prepare
 
@@ -42,3 +42,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

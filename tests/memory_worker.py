@@ -14,7 +14,7 @@ import sys
 import torch.distributed as dist
 
 from ftloop.config import parse_args
-from ftloop.distributed import init_distributed
+from ftloop.distributed import init_distributed, leave
 from ftloop.optim.build import build_optimizer
 from ftloop.plan import plan_memory
 from ftloop.steps import accumulate_gradients, count_step_tokens
@@ -62,3 +62,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

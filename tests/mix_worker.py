@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
 from ftloop.data.dataset import SFTDataset, make_collate
-from ftloop.distributed import all_reduce_sum, init_distributed
+from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.model import clean_name
 from ftloop.steps import accumulate_gradients, count_step_tokens
 from ftloop.train import prepare
@@ -57,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # not through the interpreter's teardown, which can abort with gloo threads alive

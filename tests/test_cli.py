@@ -13,6 +13,7 @@ import pytest
 from ftloop.config import Config, parse_args, parse_size, validate
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
+from ftloop.train import main as train_main
 from launch import REPO, check, python_m, torchrun, train_flags
 
 
@@ -95,8 +96,9 @@ def test_bad_values_name_the_flag(tiny_bundle, tmp_path, flags, message):
 
 
 def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
-    """A check added to validate() without a case in BAD_FLAGS fails here: each case is traced to the `_need`
-    call that refused it, and every `_need` call in ftloop/config.py must be reached."""
+    """A `_need` check added to ftloop/config.py without a case in BAD_FLAGS fails here: each case is traced to
+    the `_need` call that refused it, and every one must be reached (checks raised otherwise, parse_size's,
+    have tests of their own)."""
     import ftloop.config
 
     source = inspect.getsource(ftloop.config)
@@ -152,8 +154,12 @@ def bad_row_lines(result, data, rows: int) -> list[str]:
     return lines[:-1]
 
 
-def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path):
-    # Every check of validate() and of the data sources ends in the same `fail` (BAD_FLAGS has them all).
+def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path, capsys):
+    # ftloop.train's entry point runs validate() first (BAD_FLAGS has every check), before any process group.
+    with pytest.raises(SystemExit) as exited:
+        train_main(train_flags(tiny_bundle, tmp_path, "--per-device-train-batch-size", "0"))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == "ftloop: error: --per-device-train-batch-size must be positive"
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--eval-data", str(tmp_path / "no.json")))
     assert f"--eval-data {tmp_path / 'no.json'}: file not found" in one_error_line(result)  # ftloop.data's check
 

@@ -45,8 +45,8 @@ def unequal_rows(bundle, tmp_path) -> str:
 
 def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bundle, tmp_path):
     """The same 4 rows in one optimizer step, laid out as 1 rank x 1 micro-batch of 4, 2 ranks x 2 micro-batches
-    of 1 and 4 ranks x 1 micro-batch of 1 (flat parameters, each micro-batch reduce-scattered into the sharded
-    gradient as it is computed): one loss and one gradient, because the loss is the step's token sum divided by
+    of 1 (flat parameters, each micro-batch reduce-scattered into the sharded gradient as it is computed) and
+    4 ranks x 1 micro-batch of 1 (with --use-orig-params): one loss and one gradient, because the loss is the step's token sum divided by
     the step's supervised tokens on all ranks.
 
     Mutation check (tried): with the HF Trainer's normalisation, a mean per micro-batch divided by the number of
@@ -58,7 +58,7 @@ def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bund
             tiny_bundle["image_folder"])
     one_by_four = step_gradients(tiny_bundle, tmp_path, 1, 4, 1, *args, flat=True)
     two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, flat=True)
-    four_by_one = step_gradients(tiny_bundle, tmp_path, 4, 1, 1, *args, flat=True)
+    four_by_one = step_gradients(tiny_bundle, tmp_path, 4, 1, 1, *args)  # --use-orig-params: the same gradient
     # The micro-batches carry different numbers of supervised tokens, so a mean per micro-batch (or per rank)
     # would give another gradient: the comparison below can tell the two apart.
     counts = two_by_two["micro_batch_targets"]

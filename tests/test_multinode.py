@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from ftloop.errors import ConfigError
+from ftloop.fsdp.wrap import check_node_sizes
 from launch import REPO, check, env, free_port, torchrun, train_flags
 
 SBATCH = os.path.join(REPO, "scripts", "slurm", "train.sbatch")
@@ -111,3 +113,14 @@ def test_a_two_node_checkpoint_resumes_on_one_node(tiny_bundle, two_nodes, tmp_p
     print(f"largest relative loss difference from the 2-node run: {difference:.2g}")
     assert difference < 1e-5, (got, expected)
     assert parameters_said(result.stdout) == parameters_said(two_node_result.stdout)
+
+
+def test_hybrid_shard_refuses_layouts_fsdp_would_run_wrongly():
+    check_node_sizes([2, 2, 2, 2])  # 2 nodes of 2
+    check_node_sizes([1])  # one process: FSDP's own NO_SHARD, nothing to keep in step
+    with pytest.raises(ConfigError, match=r"the same number of processes on every node; these nodes run \[2, 4\]"):
+        check_node_sizes([4, 4, 4, 4, 2, 2])
+    # One process a node: a shard group of one, which FSDP runs as NO_SHARD inside it, with no all-reduce across
+    # the nodes: each rank would train a copy of its own.
+    with pytest.raises(ConfigError, match="each node runs one process: use FULL_SHARD"):
+        check_node_sizes([1, 1])

@@ -181,11 +181,17 @@ def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(dropout_bundle, 
     name = signal.Signals(signum).name
     said = [line for line in stderr.splitlines() if line.startswith(f"ftloop: stopped by {name} after step ")]
     assert "killed by signal" not in stderr and len(said) == 1, stderr  # rank 0 speaks for all
+    assert GLOO_EXIT_ABORT not in stderr
     # torchrun exits 1, as it does when any worker fails or when it is signalled itself; when it was not (the
-    # signal went to one rank), its summary lists every rank's exit: 128 + the signal.
+    # signal went to one rank), its summary lists the ranks' exits: 128 + the signal, but a rank still on its
+    # way out (after the checkpoint's last barrier) when torchrun saw the first one leave is killed (-15).
     rank_codes = sorted(int(code) for code in re.findall(r"exitcode\s+:\s*(-?\d+)", stderr))
     print(f"{delivery}, {loader_workers} loader workers, {name}: torchrun exit {proc.returncode}, ranks {rank_codes}")
-    assert proc.returncode == 1 and rank_codes == ([128 + signum] * 2 if delivery == "one rank" else []), stderr
+    assert proc.returncode == 1, stderr
+    if delivery == "one rank":
+        assert 128 + signum in rank_codes and set(rank_codes) <= {128 + signum, -signal.SIGTERM}, stderr
+    else:
+        assert rank_codes == [], stderr
     stopped_at = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
     assert sorted(os.listdir(out)) == [f"checkpoint-{stopped_at}", "metrics.jsonl"]
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
@@ -293,8 +299,8 @@ def test_nonfinite_steps_are_skipped_on_every_rank_then_the_run_stops(tiny_bundl
 
 
 def test_an_unexpected_error_exits_1_with_its_traceback_and_no_abort(tiny_bundle, tmp_path):
-    """A bug's way out: Python's traceback and exit 1 on every rank. Before the process group was taken down on
-    this path too, a rank could abort at exit instead (SIGABRT, torchrun's GLOO_EXIT_ABORT line), hiding it."""
+    """A bug's way out: Python's traceback and exit 1 on every rank (through ftloop.train.cli, which leaves
+    without the interpreter's teardown, where a gloo group still held can abort the process: GLOO_EXIT_ABORT)."""
     result = torchrun(2, [FAULTY_TRAIN, "--fault-raise-at-step", "2", *flags(tiny_bundle, tmp_path / "out")])
     assert result.returncode == 1 and "RuntimeError: fault injected at step 2" in result.stderr
     assert "SIGABRT" not in result.stderr and "exitcode  : 1 " in result.stderr, result.stderr[-3000:]

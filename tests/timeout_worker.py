@@ -9,7 +9,7 @@ import time
 
 import torch.distributed as dist
 
-from ftloop.distributed import init_distributed
+from ftloop.distributed import init_distributed, leave
 
 d = init_distributed(float(sys.argv[1]))
 if d.rank == 1:
@@ -19,6 +19,6 @@ try:
     dist.barrier()
 except RuntimeError as err:
     print(f"rank {d.rank} gave up after {time.perf_counter() - started:.1f}s: {str(err).splitlines()[0]}", flush=True)
-    dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort it (SIGABRT)
-    raise SystemExit(3)
+    leave(3)  # not through the interpreter's teardown, which can abort with gloo threads alive
 dist.destroy_process_group()
+leave(0)

@@ -43,9 +43,9 @@ def hybrid_process_groups(world_size: int, node_size: int) -> tuple[dist.Process
     """(this node's ranks, which shard; the ranks of this local rank on every node, which all-reduce). FSDP's
     own default takes the node size from torch.cuda.device_count(): wrong wherever a node runs fewer
     processes than it has GPUs, and 1 on the CPU. torchrun's LOCAL_WORLD_SIZE is the node size."""
-    if world_size % node_size:
-        raise ConfigError(f"--sharding-strategy HYBRID_SHARD needs the same number of processes on every node; "
-                          f"{world_size} processes do not split into nodes of {node_size}")
+    node_sizes = [0] * world_size
+    dist.all_gather_object(node_sizes, node_size)  # every rank takes the same decision below
+    check_node_sizes(node_sizes)
     rank, shard, replicate = dist.get_rank(), None, None
     for node in range(world_size // node_size):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(node * node_size, (node + 1) * node_size)))
@@ -54,6 +54,18 @@ def hybrid_process_groups(world_size: int, node_size: int) -> tuple[dist.Process
         group = dist.new_group(list(range(local_rank, world_size, node_size)))
         replicate = group if rank % node_size == local_rank else replicate
     return shard, replicate
+
+
+def check_node_sizes(node_sizes: list[int]) -> None:
+    """HYBRID_SHARD's layout must be one FSDP can run: the same processes on every node, and more than one
+    (with one, FSDP would shard over a group of one, fall back to NO_SHARD within it and never all-reduce
+    across the nodes: every rank would train its own copy)."""
+    if len(set(node_sizes)) > 1:
+        raise ConfigError(f"--sharding-strategy HYBRID_SHARD needs the same number of processes on every node; "
+                          f"these nodes run {sorted(set(node_sizes))}")
+    if node_sizes[0] == 1 and len(node_sizes) > 1:
+        raise ConfigError("--sharding-strategy HYBRID_SHARD shards within a node, and each node runs one process: "
+                          "use FULL_SHARD (sharded over all processes) or NO_SHARD (a full copy on each)")
 
 
 def wrap_fsdp(module: nn.Module, layer_classes: set[type[nn.Module]], args: FSDPArgs,
