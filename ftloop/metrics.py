@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import resource
 import time
 
@@ -18,6 +19,14 @@ def _have_wandb_credentials() -> bool:
         return True
     netrc = os.path.expanduser("~/.netrc")
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read()
+
+
+def finish_reporting(exit_code: int) -> None:
+    """Close a wandb run still open (a run that failed), with its exit code: the process leaves with os._exit
+    (ftloop.distributed.leave), so wandb's own exit hook does not run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 class MetricsLogger:

@@ -45,7 +45,7 @@ from ftloop.fsdp.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import local_folder, save_model_files
-from ftloop.metrics import MetricsLogger, StepWindow
+from ftloop.metrics import MetricsLogger, StepWindow, finish_reporting
 from ftloop.model import VisionLanguageSFT, build_meta_model, load_config, wrapped_layer_classes
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
@@ -251,16 +251,18 @@ def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
 def cli(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> NoReturn:
     """`python -m ftloop.train`: `main`, then `leave` with its exit code; anything unexpected (a lost peer, a
     bug, a second Ctrl-C) with its traceback, exit 1 (130 for Ctrl-C)."""
+    code = 0
     try:
         main(argv, faults)
     except SystemExit as err:  # ftloop's own exits (the line is said), tyro's --help and usage errors
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
-        leave(err.code if isinstance(err.code, int) else 0 if err.code is None else 1)
+        code = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
     except BaseException as err:
         traceback.print_exc()
-        leave(130 if isinstance(err, KeyboardInterrupt) else 1)
-    leave(0)
+        code = 130 if isinstance(err, KeyboardInterrupt) else 1
+    finish_reporting(code)
+    leave(code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditi
 from ftloop.config import Config, DataArgs
 from ftloop.data.loaders import build_eval_loader
 from ftloop.model import VisionLanguageSFT
-from launch import check, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, python_m, torchrun, train_flags
+from launch import env as launch_env
 
 
 def exported_dtypes(folder) -> set:
@@ -120,6 +123,15 @@ def test_wandb_without_credentials_logs_offline_and_says_so(tiny_bundle, tmp_pat
     check(result)
     assert result.stdout.count("wandb: no credentials found") == 1
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "out" / "wandb"))
+
+    # A run that fails closes its wandb run too (with the exit code), though the process skips the
+    # interpreter's exit hooks (ftloop.distributed.leave).
+    result = subprocess.run([sys.executable, FAULTY_TRAIN, "--fault-raise-at-step", "2", *train_flags(
+        tiny_bundle, tmp_path / "failed", "--max-steps", "3", "--logging-steps", "1", "--report-to", "wandb")],
+        env={k: v for k, v in {**launch_env(), **env}.items() if v is not None}, cwd=REPO, capture_output=True,
+        text=True, timeout=240)
+    assert result.returncode == 1 and "RuntimeError: fault injected at step 2" in result.stderr
+    assert "wandb: Run history:" in result.stdout + result.stderr, result.stderr[-3000:]
 
 
 def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
