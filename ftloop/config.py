@@ -66,7 +66,21 @@ class DataArgs:
     skip_bad_rows: bool = False
     """Train without rows that fail the check before training (counted) instead of refusing to start."""
     group_by_length: bool = True
-    """Batch rows of similar length (sorted within mega-batches of 50 steps) to cut padding."""
+    """Batch rows (or packs) of similar length together to cut padding, within windows of
+    --length-group-steps steps."""
+    length_group_steps: int = 1
+    """With --group-by-length: steps' worth of rows sorted by length together. 1: each step holds the rows it
+    would hold without grouping (so the same learning), sorted so that similar lengths share a micro-batch
+    and an accumulation round. N > 1: rows sorted within N steps' worth, each step taking micro-batches from
+    across that order, the steps shuffled: less padding still, but rows batched together are alike in length
+    and so in kind, which at small global batches costs held-out loss (README: Batching)."""
+    packing: bool = False
+    """Concatenate several rows into each sequence of a micro-batch, up to --max-tokens-per-batch tokens, in
+    place of padding every row to the longest: each row keeps its own positions, attends only to itself, and
+    its labels stay its own. --per-device-train-batch-size then counts packed sequences."""
+    max_tokens_per_batch: int = 0
+    """With --packing: most tokens in one packed sequence (0: --max-seq-length). At least --max-seq-length, so
+    every row fits: a longer row is dropped or cut first, as --truncation says."""
     system_prompt: str = "You are a helpful assistant."
     """System prompt used when a conversation has none (Qwen's default)."""
     min_pixels: int | None = None
@@ -78,7 +92,15 @@ class DataArgs:
     max_images_per_sample: int = 0
     """Rows with more images are bad rows (see --skip-bad-rows); videos do not count. 0: no limit."""
     dataloader_num_workers: int = 1
-    """Worker processes that load images and tokenise per rank."""
+    """Worker processes that load images and tokenise per rank (the HF default). Raise it when the log's
+    `data_wait_s` is more than a few percent of `step_time_s`: each worker prepares whole micro-batches."""
+    max_eval_samples: int = 0
+    """Evaluate on the first N held-out rows that pass the check (the same rows at every world size); 0: all."""
+
+    @property
+    def sequence_tokens(self) -> int:
+        """The most tokens in one sequence of a micro-batch: a packed sequence or a row."""
+        return (self.max_tokens_per_batch or self.max_seq_length) if self.packing else self.max_seq_length
 
 
 @dataclass
@@ -256,6 +278,14 @@ def check_data_args(data: DataArgs, need_data: bool = True) -> None:
           f"--image-folder {data.image_folder}: folder not found")
     _need(data.max_seq_length > 0, "--max-seq-length must be positive")
     _need(data.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
+    _need(data.max_eval_samples >= 0, "--max-eval-samples must be 0 (all) or positive")
+    _need(data.length_group_steps >= 1, "--length-group-steps must be 1 or more")
+    _need(data.max_tokens_per_batch == 0 or data.packing,
+          "--max-tokens-per-batch is the size of a packed sequence; pass --packing with it")
+    _need(data.max_tokens_per_batch == 0 or data.max_tokens_per_batch >= data.max_seq_length,
+          f"--max-tokens-per-batch {data.max_tokens_per_batch} is below --max-seq-length {data.max_seq_length}: a "
+          "row that long could not be packed; raise it, or lower --max-seq-length (longer rows are then dropped "
+          "or cut as --truncation says)")
     _need(data.min_pixels is None or data.min_pixels > 0, "--min-pixels must be positive")
     _need(data.max_pixels is None or data.max_pixels > 0, "--max-pixels must be positive")
     _need(data.min_pixels is None or data.max_pixels is None or data.min_pixels <= data.max_pixels,

@@ -110,3 +110,12 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
         dist.all_reduce(t)
     return t
 
+
+def all_gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
+    """Every rank's small vector of statistics, one row per rank, in one collective (fp64: counts stay exact)."""
+    mine = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine[None]
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    return torch.stack(rows)

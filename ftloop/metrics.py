@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ftloop.distributed import World, all_reduce_sum
+from ftloop.distributed import World, all_reduce_sum, print0
 
 
 def _have_wandb_credentials() -> bool:
@@ -83,31 +83,59 @@ class StepWindow:
     """Sums over the steps since the last log line, kept on the device and read on the host only when logged
     (a read waits for the device)."""
 
-    def __init__(self, world: World):
-        self.world = world
+    DATA_WAIT_WARNING = 0.10  # of the step time: above it, the GPUs are idle waiting for data
+
+    def __init__(self, world: World, loader_workers: int):
+        self.world, self.loader_workers = world, loader_workers
+        self.warned, self.first = False, True
         self._restart()
 
     def _restart(self) -> None:
         world = self.world
         self.loss = torch.zeros((), device=world.device)  # this rank's shares of the steps' mean losses
         self.tokens = torch.zeros(2, dtype=torch.float64, device=world.device)  # real tokens, padded positions
+        self.rank_balance = torch.zeros((), dtype=torch.float64, device=world.device)
+        self.data_wait = 0.0  # seconds this rank waited for its micro-batches
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, loss_share: torch.Tensor, step_tokens: torch.Tensor) -> None:
+    def add(self, loss_share: torch.Tensor, step_tokens: torch.Tensor, rank_balance: torch.Tensor,
+            data_wait: float) -> None:
         self.loss += loss_share
         self.tokens += step_tokens
+        self.rank_balance += rank_balance
+        self.data_wait += data_wait
         self.steps += 1
 
     def log(self, logger: MetricsLogger, progress, step: int, lr: float, grad_norm: float, epoch: int,
             tokens_seen: int) -> None:
-        """One record of the window (its loss summed over ranks: collective) to metrics.jsonl and wandb, the
-        progress bar's loss and tokens/s; then a new window."""
+        """One record of the window (its loss summed and data wait averaged over ranks: collective) to
+        metrics.jsonl and wandb, the progress bar's loss, tokens/s and data wait; then a new window."""
         elapsed = time.perf_counter() - self.started
-        record = {"loss": float(all_reduce_sum(self.loss.view(1), self.world.device)) / self.steps, "lr": lr,
+        loss, data_wait = all_reduce_sum(torch.stack([self.loss.double(), torch.tensor(self.data_wait,
+                                         dtype=torch.float64, device=self.world.device)]), self.world.device)
+        record = {"loss": float(loss) / self.steps, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": float(self.tokens[0]) / elapsed,
-                  "step_time_s": elapsed / self.steps, "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
+                  "step_time_s": elapsed / self.steps,
+                  "data_wait_s": float(data_wait) / self.world.world_size / self.steps,
+                  "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
+                  "rank_tokens_max_over_mean": float(self.rank_balance) / self.steps,
                   "peak_mem_gib": peak_memory_gib(self.world.device), "epoch": epoch, "tokens_seen": tokens_seen}
         logger.log(step, record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                             wait=f"{record['data_wait_s']:.2f}s")
+        self._warn_if_waiting(record["data_wait_s"], record["step_time_s"])
         self._restart()
+
+    def _warn_if_waiting(self, data_wait: float, step_time: float) -> None:
+        """Once per run: the first window is left out (it holds the workers' start-up)."""
+        first, self.first = self.first, False
+        if first or self.warned or data_wait <= self.DATA_WAIT_WARNING * step_time:
+            return
+        self.warned = True
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print0(f"ftloop: warning: steps spend {data_wait / step_time:.0%} of their time waiting for data "
+               f"(data_wait_s {data_wait:.2f} of step_time_s {step_time:.2f}): raise --dataloader-num-workers "
+               f"(now {self.loader_workers} per process; {cpus} CPUs here for {self.world.local_world_size} "
+               "processes, each worker needs one), or lower "
+               "--max-pixels to make images cheaper to prepare", file=sys.stderr)

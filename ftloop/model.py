@@ -89,13 +89,20 @@ class VisionLanguageSFT(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                second_per_grid_ts=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens)."""
+                second_per_grid_ts=None, segment_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
+        `segment_lengths`: a packed micro-batch (ftloop.data.packing), whose rows attend only to themselves."""
         encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                               input_ids.device)
         extra = {}
         if second_per_grid_ts is not None and self.takes_seconds:  # Qwen2.5-VL's video time positions
             extra["second_per_grid_ts"] = second_per_grid_ts
+        if segment_lengths is not None:
+            # No attention mask: transformers then builds one from the text positions, attending only within
+            # each run of consecutive positions, i.e. within each row (sdpa; flash-attention's varlen path).
+            extra["position_ids"] = self._packed_positions(input_ids, mm_token_type_ids, segment_lengths,
+                                                           image_grid_thw, video_grid_thw, extra)
+            attention_mask = None
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
         hidden = self.hf.model(
             input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
@@ -111,6 +118,23 @@ class VisionLanguageSFT(nn.Module):
         if dummy is not None:
             loss_sum = loss_sum + 0.0 * dummy.float().sum()
         return loss_sum, keep.sum()
+
+    def _packed_positions(self, input_ids, mm_token_type_ids, segment_lengths, image_grid_thw, video_grid_thw,
+                          extra: dict) -> torch.Tensor:
+        """(4, batch, length) positions of a packed micro-batch: text positions restarting at 0 in each
+        segment, then the model's own 3D rope positions computed for each row on its own (its rope-index
+        function, on the segments laid out one per line)."""
+        lengths = segment_lengths.tolist()
+        longest = max(lengths)
+        inside = torch.arange(longest, device=input_ids.device) < segment_lengths[:, None]  # (segments, longest)
+        per_row_ids = torch.zeros(inside.shape, dtype=input_ids.dtype, device=input_ids.device)
+        per_row_ids[inside] = input_ids.reshape(-1)
+        per_row_types = torch.zeros(inside.shape, dtype=mm_token_type_ids.dtype, device=input_ids.device)
+        per_row_types[inside] = mm_token_type_ids.reshape(-1)
+        rope, _ = self.hf.model.get_rope_index(per_row_ids, per_row_types, image_grid_thw, video_grid_thw,
+                                               attention_mask=inside.long(), **extra)
+        text = torch.arange(longest, device=input_ids.device).expand(inside.shape)[inside]
+        return torch.cat([text[None], rope[:, inside]]).view(4, *input_ids.shape)
 
     def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device):
         """({"image": ..., "video": ...} encoder outputs for the HF model, or None; the dummy output, or None).

@@ -184,7 +184,7 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     terms["root unit"] = root.numel * (gathered + cb)
     details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B + gradient {cb} B"
 
-    tokens = t.per_device_train_batch_size * data.max_seq_length
+    tokens = t.per_device_train_batch_size * data.sequence_tokens
     text, vision = hf_model.config.text_config, hf_model.config.vision_config
     per_layer = decoder_layer_activation_bytes(text, cb) * tokens
     patches = tokens * vision.spatial_merge_size**2

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+from typing import NamedTuple
 
 import torch
 from torch.distributed.fsdp import ShardingStrategy
 
 from ftloop.data.chat import IGNORE_INDEX
-from ftloop.distributed import World, all_reduce_sum
+from ftloop.distributed import World, all_gather_rows, all_reduce_sum
 from ftloop.errors import DataError, RowFailedMidRun
 from ftloop.signals import stop_signals_held
 
@@ -28,17 +29,26 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def count_step_tokens(micro_batches: list[dict], world: World, stop_signum: int = 0, row_failed: bool = False):
-    """(supervised tokens, [real tokens, padded positions], votes) of one optimizer step on all ranks, in one
-    all-reduce. The first (at least 1) is the loss denominator. The votes, [ranks signalled with SIGTERM, with
-    SIGINT, ranks whose row failed], let every rank leave together, with the same signal, when one rank was
-    signalled (`stop_signum`) or could not read a row."""
-    counts = all_reduce_sum([sum(supervised_tokens(b) for b in micro_batches),
+class StepCounts(NamedTuple):
+    targets: torch.Tensor  # supervised tokens of the step on all ranks (at least 1): the loss denominator
+    tokens: torch.Tensor  # [real tokens, positions (with padding)] on all ranks
+    votes: torch.Tensor  # [ranks signalled with SIGTERM, with SIGINT, ranks whose row failed]
+    rank_balance: torch.Tensor  # the most real tokens a rank had / the mean over ranks (1: all equal)
+
+
+def count_step_tokens(micro_batches: list[dict], world: World, stop_signum: int = 0,
+                      row_failed: bool = False) -> StepCounts:
+    """What one optimizer step holds on every rank, in one collective. The votes let every rank leave
+    together, with the same signal, when one rank was signalled (`stop_signum`) or could not read a row. The
+    rank balance matters because every rank waits for the slowest at each of FSDP's all-gathers."""
+    ranks = all_gather_rows([sum(supervised_tokens(b) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches),
                              sum(b["attention_mask"].numel() for b in micro_batches),
                              float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
                              float(row_failed)], world.device)
-    return counts[0].clamp(min=1).float(), counts[1:3], counts[3:]
+    counts = ranks.sum(0)
+    real = ranks[:, 1]
+    return StepCounts(counts[0].clamp(min=1).float(), counts[1:3], counts[3:], real.max() / real.mean().clamp(min=1))
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, world: World) -> torch.Tensor:

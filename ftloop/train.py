@@ -90,13 +90,14 @@ def prepare(cfg: Config, world: World) -> Setup:
     train_loader, sampler, eval_loader = build_loaders(cfg, tokenizer, image_processor, hf_config,
                                                        world.world_size, world.rank, pin)
     if sampler.steps_per_epoch == 0:
-        raise ConfigError(f"--train-data has {sampler.num_rows} rows, fewer than one global batch of "
+        packed = f" in {sampler.num_units} packed sequences" if cfg.data.packing else ""
+        raise ConfigError(f"--train-data has {sampler.num_rows} rows{packed}, fewer than one global batch of "
                           f"{sampler.global_batch} (processes x --per-device-train-batch-size x "
                           "--gradient-accumulation-steps)")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * sampler.steps_per_epoch)
     # A checkpoint of another model or other data is refused now, before loading weights.
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world.is_main, args.overwrite_output_dir)
-    saved = check_resumable(resume_from, hf_config, sampler.num_rows, args.seed, cfg.to_dict()) if resume_from else {}
+    saved = check_resumable(resume_from, hf_config, sampler.order_settings(), cfg.to_dict()) if resume_from else {}
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
@@ -136,14 +137,17 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
     steps_data = StepBatches(setup.train_loader, sampler, args.gradient_accumulation_steps)
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc="train", dynamic_ncols=True)
-    window = StepWindow(world)
+    window = StepWindow(world, cfg.data.dataloader_num_workers)
     while state.step < total_steps:
         micro_batches, failed = [], None
+        waiting_since = time.perf_counter()
         try:
             micro_batches = steps_data.next_step()
         except RowFailedMidRun as err:  # said in the vote below, so that the other ranks do not wait for us
             failed = err
-        step_targets, step_tokens, votes = count_step_tokens(micro_batches, world, stop.signum, failed is not None)
+        data_wait = time.perf_counter() - waiting_since  # the loader's workers did not keep up
+        counts = count_step_tokens(micro_batches, world, stop.signum, failed is not None)
+        step_targets, step_tokens, votes = counts.targets, counts.tokens, counts.votes
         # Reading the votes waits for the last step to end on the device: one small stall per step, the price
         # of every rank leaving together, right after the step in which a rank was signalled or failed.
         sigterm_votes, sigint_votes, failed_ranks = votes.tolist()
@@ -166,7 +170,7 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
         state.finish_step(step_tokens, finite)
         progress.update(1)
         if finite:
-            window.add(loss_sum / step_targets, step_tokens)  # this rank's share of the step's mean loss
+            window.add(loss_sum / step_targets, step_tokens, counts.rank_balance, data_wait)  # loss: this rank's share
         else:
             skip_nonfinite_step(state, grad_norm, logger, args)
 
@@ -196,7 +200,8 @@ def resume(setup: Setup, model: FSDP, optimizer, state: TrainState, allow_dtype_
     started = time.perf_counter()
     load_checkpoint(model, optimizer, setup.resume_from, setup.saved, allow_dtype_change)
     state.load_state_dict(setup.saved)
-    print0(f"resumed from {setup.resume_from} at step {state.step} (epoch {setup.sampler.epoch}, row "
+    unit = "packed sequence" if setup.sampler.pack_tokens else "row"
+    print0(f"resumed from {setup.resume_from} at step {state.step} (epoch {setup.sampler.epoch}, {unit} "
            f"{setup.sampler.position}) in {time.perf_counter() - started:.1f}s")
 
 
@@ -206,7 +211,7 @@ def describe(cfg: Config, world: World, setup: Setup, warmup: int) -> str:
     parameters = sum(p.numel() for p in setup.model.parameters()) * shards
     return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), "
             f"~{parameters / 1e6:.1f}M parameters, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
-            f"{setup.sampler.global_batch} sequences, warmup {warmup}")
+            f"{setup.sampler.global_batch} {'packed ' if cfg.data.packing else ''}sequences, warmup {warmup}")
 
 
 def local_source_dir(cfg: Config) -> str | None:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 from PIL import Image
 
 SYSTEM = "You are a helpful assistant."
@@ -33,3 +34,22 @@ def one_line_error(excinfo, *needles):
         assert needle in message, (needle, message)
     return message
 
+
+
+def noise_frames(folder, count: int = 8) -> list[str]:
+    """`count` PNGs of seeded noise, 56x56 but the last 56x84 (another patch grid), for image and video rows."""
+    frames = []
+    for k in range(count):
+        pixels = np.random.default_rng(k).integers(0, 256, (56, 84 if k == count - 1 else 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+        frames.append(str(folder / f"{k}.png"))
+    return frames
+
+
+def vl_row(images=(), videos=(), reply="a red circle", turns: int = 1) -> dict:
+    """A messages-layout row: the images, "Look.", the videos, a question; then `turns - 1` more text turns."""
+    content = "".join("<image>" for _ in images) + "Look. " + "".join("<video>" for _ in videos) + "\nWhat?"
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+    for t in range(1, turns):
+        messages += [{"role": "user", "content": f"And then {t}?"}, {"role": "assistant", "content": f"then {t}"}]
+    return {"messages": messages, "images": list(images), "videos": [list(v) for v in videos]}

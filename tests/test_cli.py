@@ -40,6 +40,10 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
 
 BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.config.validate makes
     (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
+    (["--max-eval-samples", "-1"], "--max-eval-samples must be 0 (all) or positive"),
+    (["--length-group-steps", "0"], "--length-group-steps must be 1 or more"),
+    (["--max-tokens-per-batch", "4096"], "--max-tokens-per-batch is the size of a packed sequence; pass --packing"),
+    (["--packing", "--max-tokens-per-batch", "1024"], "--max-tokens-per-batch 1024 is below --max-seq-length 2048"),
     (["--per-device-eval-batch-size", "-1"], "--per-device-eval-batch-size must be positive"),
     (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be positive"),
     (["--max-steps", "0"], "--max-steps must be positive"),
@@ -250,7 +254,7 @@ def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_b
                                                         "--per-device-train-batch-size", "2")))
     assert f"removed {out / 'checkpoint-9'}: --overwrite-output-dir" in result.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]  # this run's only
-    assert sorted(os.listdir(out)) == ["final", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".ftloop", "final", "metrics.jsonl"]  # .ftloop: the row check's cache
     # Under torchrun, the launcher's closing summary (its last lines) carries the same line.
     short = train_flags(tiny_bundle, tmp_path / "short", "--max-seq-length", "5")
     too_long = torchrun(1, ["-m", "ftloop.train", *short])

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ftloop.config import parse_args
+from ftloop.data.sampler import StepBatchSampler
 from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint
 from ftloop.model import load_config
@@ -40,7 +41,7 @@ def losses(out, once: bool = True) -> dict:
     return dict(train)  # the last record of a step wins
 
 
-TIMINGS = {"time", "tokens_per_s", "step_time_s", "peak_mem_gib", "checkpoint_save_s"}
+TIMINGS = {"time", "tokens_per_s", "step_time_s", "data_wait_s", "peak_mem_gib", "checkpoint_save_s"}
 
 
 def logged_state(out) -> dict:
@@ -152,6 +153,8 @@ def test_sigterm_saves_and_torchrun_restart_resumes_bit_identical(dropout_bundle
     stopped_at = int(stderr.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert 2 <= stopped_at < 8
     assert f"resumed from {out}/checkpoint-{stopped_at} at step {stopped_at}" in stdout
+    # The restart reads the row check back from --output-dir instead of measuring every row again.
+    assert stdout.count("row check cached in") == 2 and "(same data, tokenizer and flags)" in stdout  # train, eval
     assert losses(out) == losses(reference)  # every step's loss, before and after the restart
     assert logged_state(out) == logged_state(reference)  # and the lr, tokens seen, epoch, best record
     expected, got = final_weights(reference), final_weights(out)
@@ -193,7 +196,7 @@ def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(dropout_bundle, 
     else:
         assert rank_codes == [], stderr
     stopped_at = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
-    assert sorted(os.listdir(out)) == [f"checkpoint-{stopped_at}", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".ftloop", f"checkpoint-{stopped_at}", "metrics.jsonl"]
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
     if loader_workers == 2 and delivery == "launcher":  # the exact continuation (one rank's: the restart test above)
         check(torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",
@@ -245,8 +248,40 @@ def test_resume_at_another_world_size_and_save_total_limit(tiny_bundle, tmp_path
     assert loss_difference < 1e-5 and weight_difference < 5e-5
     state = json.load(open(out / "checkpoint-7" / "trainer_state.json"))
     assert state["best_step"] == 4  # the eval at step 4 was the best so far: that checkpoint is protected
-    assert sorted(os.listdir(out), key=str) == sorted(["best", "checkpoint-4", "checkpoint-6", "checkpoint-7",
-                                                       "final", "metrics.jsonl"])
+    assert sorted(os.listdir(out), key=str) == sorted([".ftloop", "best", "checkpoint-4", "checkpoint-6",
+                                                       "checkpoint-7", "final", "metrics.jsonl"])
+
+
+def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_path):
+    """--packing (two rows a sequence here, 2 steps an epoch): the checkpoint of step 3, mid-epoch, resumed on 2
+    processes gives bit-identical losses and weights; on 1 process with 4 micro-batches a step, the same packs
+    in the same steps, so the same losses and weights up to summation order (the bounds of the world-size test
+    above). No dropout: its masks are drawn per rank (the exact resume of the generators is tested above)."""
+    packed = ["--packing", "--max-seq-length", "80"]
+    reference = tmp_path / "reference"
+    check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, reference, *packed, "--save-steps", "3")]))
+    records = [json.loads(line) for line in open(reference / "metrics.jsonl")]
+    assert all(r["padding_ratio"] < 0.1 and r["rank_tokens_max_over_mean"] < 1.1 for r in records if "loss" in r)
+    expected, expected_weights = losses(reference), final_weights(reference)
+    for nproc, accumulation in ((2, "2"), (1, "4")):
+        out = tmp_path / f"{nproc}_processes"
+        out.mkdir()
+        shutil.copytree(reference / "checkpoint-3", out / "checkpoint-3")
+        args = flags(tiny_bundle, out, *packed, "--gradient-accumulation-steps", accumulation,
+                     "--resume-from-checkpoint", "auto", "--save-steps", "0")
+        result = check(torchrun(2, ["-m", "ftloop.train", *args]) if nproc == 2 else python_m("ftloop.train", args))
+        assert "at step 3 (epoch 1, packed sequence 4)" in result.stdout
+        got, weights = losses(out), final_weights(out)
+        assert sorted(got) == [4, 5, 6, 7, 8]
+        if nproc == 2:
+            assert got == {s: expected[s] for s in got}
+            assert all(torch.equal(expected_weights[k], w) for k, w in weights.items())
+        else:
+            assert max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got) < 1e-5
+            assert max(float((expected_weights[k] - w).abs().max()) for k, w in weights.items()) < 5e-5
+    for other in ([], [*packed, "--length-group-steps", "2"]):
+        with pytest.raises(ConfigError, match="the batching changed"):
+            resumable(tiny_bundle, tmp_path / "refused", str(reference / "checkpoint-3"), *other)
 
 
 def test_sigkill_during_save_leaves_the_previous_checkpoint(dropout_bundle, reference, tmp_path):
@@ -309,7 +344,11 @@ def test_an_unexpected_error_exits_1_with_its_traceback_and_no_abort(tiny_bundle
 def resumable(bundle, out, checkpoint: str, *extra: str) -> dict:
     """ftloop.train's check of a checkpoint against the run, before any weights load (in this process)."""
     cfg = parse_args(flags(bundle, out, "--resume-from-checkpoint", checkpoint, *extra))
-    return check_resumable(checkpoint, load_config(cfg.model), 16, cfg.train.seed, cfg.to_dict())
+    data = cfg.data
+    order = StepBatchSampler(16, 1, 0, 1, 1, cfg.train.seed, lengths=[1] * 16, mega_steps=data.length_group_steps,
+                             group_by_length=data.group_by_length,
+                             pack_tokens=data.sequence_tokens if data.packing else 0).order_settings()
+    return check_resumable(checkpoint, load_config(cfg.model), order, cfg.to_dict())
 
 
 def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path):

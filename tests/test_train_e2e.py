@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from ftloop.config import Config, DataArgs
+from ftloop.config import Config, DataArgs, TrainArgs
 from ftloop.data.loaders import build_eval_loader
 from ftloop.model import VisionLanguageSFT
 from launch import FAULTY_TRAIN, REPO, check, python_m, torchrun, train_flags
@@ -48,7 +48,9 @@ def test_metrics_record_every_logged_and_eval_step(fp32_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in train:
-        assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib"} <= r.keys()
+        assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "peak_mem_gib", "padding_ratio",
+                "rank_tokens_max_over_mean"} <= r.keys()
+        assert 0 <= r["data_wait_s"] < r["step_time_s"] and r["rank_tokens_max_over_mean"] >= 1
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
     assert evals[-1]["best_eval_loss"] == min(r["eval_loss"] for r in evals)
@@ -78,14 +80,14 @@ def test_export_is_a_sharded_hf_folder(fp32_run):
     assert not [n for n in os.listdir(fp32_run[0]) if ".tmp-" in n]  # no half-written folders left
 
 
-def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle):
+def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle, tmp_path):
     """The reloaded export reproduces the eval loss the FSDP model measured at the last step."""
     out, _ = fp32_run
     final = str(out / "final")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
     tokenizer, processor = AutoTokenizer.from_pretrained(final), AutoImageProcessor.from_pretrained(final)
     cfg = Config(data=DataArgs(eval_data=tiny_bundle["eval_json"], image_folder=tiny_bundle["image_folder"],
-                               dataloader_num_workers=0))
+                               dataloader_num_workers=0), train=TrainArgs(output_dir=str(tmp_path)))
     loader = build_eval_loader(cfg, tokenizer, processor, model.config, world_size=1, rank=0, pin=False)
     scorer = VisionLanguageSFT(model)
     total = count = 0.0

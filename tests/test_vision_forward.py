@@ -1,13 +1,11 @@
 """VisionLanguageSFT's single vision pass gives the loss of a plain Hugging Face forward (which runs the
 vision tower once for images and once more for videos), for Qwen2.5-VL and Qwen2-VL."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from datautil import SYSTEM
+from datautil import SYSTEM, noise_frames, vl_row
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.model import VisionLanguageSFT
 
@@ -39,18 +37,8 @@ def model(request, qwen25):
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory, tokenizer, image_processor):
-    folder = tmp_path_factory.mktemp("forward_frames")
-    frames = []
-    for k in range(8):
-        pixels = np.random.default_rng(k).integers(0, 256, (56, 84 if k == 7 else 56, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{k}.png")
-        frames.append(str(folder / f"{k}.png"))
-
-    def row(images=(), videos=(), reply="a red circle"):
-        content = "".join("<image>" for _ in images) + "Look. " + "".join("<video>" for _ in videos) + "\nWhat?"
-        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": reply}],
-                "images": list(images), "videos": [list(v) for v in videos]}
-
+    frames = noise_frames(tmp_path_factory.mktemp("forward_frames"))
+    row = vl_row
     rows = {"images+videos": row([frames[0], frames[7]], [frames[1:4], frames[4:6]]),
             "videos": row(videos=[frames[2:7]], reply="it moves left"),
             "images": row([frames[6]], reply="blue"),

@@ -4,8 +4,9 @@ Reads every row, opens every image and video frame, runs the model's image proce
 as training does, and prints per file: rows, images, videos, text-only rows, token-length percentiles, rows over
 --max-seq-length and every problem as one `FILE: row N: problem` line. Exit 0 when there is none, 2 otherwise.
 It takes ftloop.train's data flags (the same names, defaults and checks), so that a training command's data
-flags paste as they are; --eval-ratio, --truncation, --skip-bad-rows, --group-by-length and
---dataloader-num-workers shape training only and leave the check unchanged. Rows are measured in worker
+flags paste as they are; --eval-ratio, --truncation, --skip-bad-rows, --group-by-length, --packing,
+--max-tokens-per-batch, --max-eval-samples and --dataloader-num-workers shape training only and leave the
+check unchanged. Rows are measured in worker
 processes (--workers, default: the CPU count). The work is ftloop.data.preflight's.
 """
 

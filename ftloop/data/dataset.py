@@ -46,22 +46,33 @@ def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | N
         for i, s in enumerate(samples):
             n = len(s["input_ids"])
             input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
-        mm_token_type_ids = (input_ids == image_token_id).int()
-        if video_token_id is not None:
-            mm_token_type_ids[input_ids == video_token_id] = 2
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "mm_token_type_ids": mm_token_type_ids}
-        with_images = [s for s in samples if "pixel_values" in s]
-        if with_images:
-            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
-        with_videos = [s for s in samples if "pixel_values_videos" in s]
-        if with_videos:
-            for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-                batch[key] = torch.cat([s[key] for s in with_videos])
-        return batch
+                 "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id)}
+        return {**batch, **vision_inputs(samples)}
 
     return collate
+
+
+def token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> torch.Tensor:
+    """0 for text, 1 for image and 2 for video placeholders: what the model's rope index reads."""
+    types = (input_ids == image_token_id).int()
+    if video_token_id is not None:
+        types[input_ids == video_token_id] = 2
+    return types
+
+
+def vision_inputs(samples: list[dict]) -> dict:
+    """The image and video inputs of `samples` concatenated in row order (the order of their placeholders)."""
+    batch = {}
+    with_images = [s for s in samples if "pixel_values" in s]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+    with_videos = [s for s in samples if "pixel_values_videos" in s]
+    if with_videos:
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            batch[key] = torch.cat([s[key] for s in with_videos])
+    return batch
 
 
 def eval_batches(num_rows: int, world_size: int, rank: int, batch_size: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from ftloop.config import Config
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
 from ftloop.data.formats import load_rows
+from ftloop.data.packing import PackedRows, make_packed_collate
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import print0
@@ -18,9 +19,9 @@ from ftloop.errors import ConfigError, DataError, RowFailedMidRun
 from ftloop.signals import ignore_stop_signals, stop_signals_held
 
 
-def _collate_for(tokenizer, hf_config):
+def _collate_for(tokenizer, hf_config, make=make_collate):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return make_collate(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None))
+    return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None))
 
 
 def _loader(dataset, batch_sampler, collate, workers: int, pin: bool) -> DataLoader:
@@ -74,11 +75,12 @@ def _read(cfg: Config, path: str, split: str) -> SourceRows:
 
 
 def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor) -> CheckedRows:
-    """Every row read from `path` measured across the ranks; what was dropped is said once."""
+    """Every row read from `path` measured across the ranks (or read back from the cache in --output-dir, as on
+    a resume with the same data and flags); what was dropped is said once."""
     data = cfg.data
     checked = checked_rows(path, data.image_folder, tokenizer, image_processor, data.system_prompt,
                            data.max_seq_length, data.truncation, data.skip_bad_rows, data.max_images_per_sample,
-                           loaded=read)
+                           loaded=read, output_dir=cfg.train.output_dir)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
                f"{checked.dropped_long} rows longer than --max-seq-length {data.max_seq_length}")
@@ -98,9 +100,12 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size
     dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
                          data.train_data)
     sampler = StepBatchSampler(len(checked.rows), world_size, rank, train.per_device_train_batch_size,
-                               train.gradient_accumulation_steps, train.seed,
-                               lengths=checked.lengths if data.group_by_length else None)
-    train_loader = _loader(dataset, sampler, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
+                               train.gradient_accumulation_steps, train.seed, lengths=checked.lengths,
+                               group_by_length=data.group_by_length, mega_steps=data.length_group_steps,
+                               pack_tokens=data.sequence_tokens if data.packing else 0)
+    collate = _collate_for(tokenizer, hf_config, make_packed_collate if data.packing else make_collate)
+    train_loader = _loader(PackedRows(dataset) if data.packing else dataset, sampler, collate,
+                           data.dataloader_num_workers, pin)
     eval_loader = None
     if eval_read is not None:
         eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, world_size, rank, pin, eval_read)
@@ -117,6 +122,10 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
         read = _read(cfg, data.eval_data, "eval")
     path = data.eval_data or data.train_data  # held-out rows keep their row numbers in --train-data
     rows = check(cfg, path, read, tokenizer, image_processor).rows
+    if data.max_eval_samples and len(rows) > data.max_eval_samples:
+        print0(f"{path}: evaluating on the first {data.max_eval_samples} of {len(rows)} held-out rows "
+               "(--max-eval-samples)")
+        rows = rows[:data.max_eval_samples]
     if not rows:
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None

@@ -1,6 +1,7 @@
 """The check ftloop.train runs before it builds the model: every row read, every image opened, every
 row's token length measured, split across the ranks and gathered, so that a bad row stops the run in
-seconds instead of at step 5000, and so that batches can be grouped by length."""
+seconds instead of at step 5000, and so that batches can be grouped by length. What it found is kept in
+--output-dir (ftloop.data.length_cache), so a resumed run with the same data and flags skips it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 from ftloop.data.encode import measure_row
 from ftloop.data.formats import load_rows
+from ftloop.data.length_cache import Found, cache_folder, cached_found
 from ftloop.data.rows import row_number
 from ftloop.errors import DataError, DataErrors
 
@@ -24,30 +26,28 @@ class CheckedRows:
 
 def checked_rows(path: str, image_folder: str, tokenizer, image_processor, system_prompt: str,
                  max_seq_length: int, truncation: str, skip_bad_rows: bool, max_images: int = 0,
-                 loaded: tuple[list[dict], list[str]] | None = None) -> CheckedRows:
+                 loaded: tuple[list[dict], list[str]] | None = None, output_dir: str | None = None) -> CheckedRows:
     """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
     row and all ranks exchange what they found, so they agree on the same rows. A row with more than
     `max_images` images (0: no limit) is a bad row. `loaded`: (rows, their reading errors) already read
-    from `path` (ftloop.data.loaders.read_sources), instead of reading it here."""
+    from `path` (ftloop.data.loaders.read_sources), instead of reading it here. `output_dir`: the run's
+    --output-dir, where what was found is kept and, when the data, tokenizer and flags are the same, read back
+    instead of measured again (ftloop.data.length_cache: a resumed run skips the check); None: always measure."""
     errors: list[str] = []
     if loaded is None:
         rows = load_rows(path, image_folder, errors=errors)
     else:
         rows, errors = loaded[0], list(loaded[1])
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    found = {}
-    for index in range(rank, len(rows), world):
-        try:
-            # With --truncation right, text after the last image can be cut: only the images must fit.
-            limit = max_seq_length if truncation == "right" else None
-            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path,
-                                       max_images)
-        except DataError as err:
-            found[index] = str(err)
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, found)
-        found = {k: v for part in gathered for k, v in part.items()}
+    # With --truncation right, text after the last image can be cut: only the images must fit.
+    limit = max_seq_length if truncation == "right" else None
+    found, entry = None, None
+    if output_dir is not None:
+        flags = {"system_prompt": system_prompt, "limit": limit, "max_images": max_images}
+        found, entry = cached_found(cache_folder(output_dir), path, rows, tokenizer, image_processor, flags)
+    if found is None:
+        found = _measured(rows, path, tokenizer, image_processor, system_prompt, limit, max_images)
+        if entry is not None:  # before any bad row stops the run: a rerun with --skip-bad-rows reuses it
+            entry.save(found)
     errors += [found[i] for i in sorted(found) if isinstance(found[i], str)]
     errors.sort(key=row_number)
     if errors and not skip_bad_rows:
@@ -64,3 +64,21 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, syste
         kept.append(rows[index])
         lengths.append(min(length, max_seq_length))
     return CheckedRows(kept, lengths, len(errors), dropped_long)
+
+
+def _measured(rows: list[dict], path: str, tokenizer, image_processor, system_prompt: str, limit: int | None,
+              max_images: int) -> Found:
+    """Each row's token length or one-line error, every world-size-th row on each rank, gathered on all."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = {}
+    for index in range(rank, len(rows), world):
+        try:
+            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path,
+                                       max_images)
+        except DataError as err:
+            found[index] = str(err)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, found)
+        found = {k: v for part in gathered for k, v in part.items()}
+    return found

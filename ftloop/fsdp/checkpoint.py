@@ -223,10 +223,10 @@ def _kahan_buffer(run_config: dict) -> bool:
             and optim.get("bf16_master_rounding") == "kahan")
 
 
-def check_resumable(path: str, hf_config, num_rows: int, seed: int, run_config: dict) -> dict:
+def check_resumable(path: str, hf_config, order_settings: dict, run_config: dict) -> dict:
     """The trainer state of checkpoint `path`, after checking it was written for this model and these rows
-    (the data order continues from a row position, which only means something for the same rows and seed)
-    and with the optimizer state this run's `run_config` keeps."""
+    (the data order continues from a position, which only means something for the same rows, seed and
+    `order_settings` of the sampler) and with the optimizer state this run's `run_config` keeps."""
     saved = read_trainer_state(path)
     with open(os.path.join(path, RUN_CONFIG)) as f:
         then = json.load(f)
@@ -239,11 +239,19 @@ def check_resumable(path: str, hf_config, num_rows: int, seed: int, run_config: 
                           f"{then['model']['param_dtype']} --bf16-master-rounding {rounding}, as it was saved")
     check_model_config(path, hf_config)
     sampler = saved["sampler"]
-    if sampler["num_rows"] != num_rows or sampler["seed"] != seed:
+    if sampler["num_rows"] != order_settings["num_rows"] or sampler["seed"] != order_settings["seed"]:
         raise ConfigError(f"--resume-from-checkpoint {path}: the training rows or --seed changed "
-                          f"({sampler['num_rows']} rows and seed {sampler['seed']} then, {num_rows} and {seed} "
-                          "now), so the data order cannot continue; resume with the same data and seed, or start "
-                          "afresh")
+                          f"({sampler['num_rows']} rows and seed {sampler['seed']} then, {order_settings['num_rows']} "
+                          f"and {order_settings['seed']} now), so the data order cannot continue; resume with the same "
+                          "data and seed, or start afresh")
+    then_order = {k: sampler.get(k) for k in order_settings}
+    if then_order != order_settings:
+        def said(o: dict) -> str:
+            return (f"--group-by-length {o['grouped']}, --length-group-steps {o['length_group_steps']}, "
+                    f"packed sequences of {o['pack_tokens'] or 'no'} tokens")
+        raise ConfigError(f"--resume-from-checkpoint {path}: the batching changed ({said(then_order)} then; "
+                          f"{said(order_settings)} now), so the data order cannot continue; resume with the flags "
+                          "it was saved with, or start afresh")
     return saved
 
 

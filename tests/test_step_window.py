@@ -1,0 +1,45 @@
+"""The log window: data wait and rank balance are recorded per logged step, and a run whose steps wait for
+data is told once what to change."""
+
+import json
+
+import torch
+
+from ftloop.distributed import World
+from ftloop.metrics import MetricsLogger, StepWindow
+
+
+class Bar:
+    def set_postfix(self, **values):
+        self.postfix = values
+
+
+def window_of(window: StepWindow, steps: int, step_time: float, data_wait: float, balance: float = 1.0):
+    for _ in range(steps):
+        window.add(torch.tensor(0.5), torch.tensor([90.0, 100.0], dtype=torch.float64),
+                   torch.tensor(balance, dtype=torch.float64), data_wait)
+    window.started -= steps * step_time  # as if the steps had taken that long
+
+
+def test_data_wait_is_logged_and_a_slow_data_path_is_warned_once(tmp_path, capsys):
+    world = World(0, 0, 1, torch.device("cpu"), "gloo", 1)
+    logger, bar = MetricsLogger(str(tmp_path), True, "none", "", "", {}), Bar()
+    window = StepWindow(world, loader_workers=1)
+    window_of(window, 2, step_time=1.0, data_wait=0.5, balance=1.3)  # the first window: start-up, not warned
+    window.log(logger, bar, 2, 1e-3, 1.0, 0, 100)
+    assert "waiting for data" not in capsys.readouterr().err
+    window_of(window, 2, step_time=1.0, data_wait=0.05)  # 5%: fine
+    window.log(logger, bar, 4, 1e-3, 1.0, 0, 200)
+    assert "waiting for data" not in capsys.readouterr().err
+    window_of(window, 2, step_time=1.0, data_wait=0.3)
+    window.log(logger, bar, 6, 1e-3, 1.0, 0, 300)
+    warning = capsys.readouterr().err
+    assert "steps spend 30% of their time waiting for data" in warning and "--dataloader-num-workers (now 1" in warning
+    window_of(window, 2, step_time=1.0, data_wait=0.3)
+    window.log(logger, bar, 8, 1e-3, 1.0, 0, 400)
+    assert "waiting for data" not in capsys.readouterr().err  # once per run
+    logger.close()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [round(r["data_wait_s"], 6) for r in records] == [0.5, 0.05, 0.3, 0.3]
+    assert [round(r["rank_tokens_max_over_mean"], 6) for r in records] == [1.3, 1.0, 1.0, 1.0]
+    assert bar.postfix["wait"] == "0.30s"
