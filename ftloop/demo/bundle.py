@@ -58,6 +58,15 @@ COLORS = {
 SHAPES = ["circle", "square", "triangle"]
 COLOR_Q = "What color is the shape?"
 SHAPE_Q = "What shape is it?"
+CAPTION_Q = "Describe the picture."
+# Caption sentences of the mixed variant (--caption-share): a reply of 1 to 6 of them, so rows range from a
+# one-word answer to a paragraph, as real mixed data does. Their words are in GENERAL_TEXT, so the tokenizer
+# (trained on the same corpus either way) splits them sensibly.
+CAPTION_SENTENCES = [
+    "The picture shows one {color} {shape}.", "It is a {shape} and it is {color}.",
+    "The {shape} is in the middle of a plain light background.", "There is nothing else in the picture.",
+    "The colour of the {shape} is {color}.", "I can see a {color} {shape} on a light background.",
+]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # Model sizes. "demo" is small enough to train in minutes on 2 CPU processes; "test" builds and runs in
@@ -229,9 +238,9 @@ def draw_image(rng: random.Random, image_size: int, color: str, shape: str) -> I
 
 
 def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_size: int,
-              shape_share: float = 0.25) -> list[dict]:
+              shape_share: float = 0.25, caption_share: float = 0.0) -> list[dict]:
     """LLaVA-format rows; every 12th row (from index 3) is text-only, so text-only batches occur in training
-    and even a tiny test split contains one."""
+    and even a tiny test split contains one. `caption_share` of the image rows ask for a caption instead."""
     rows = []
     for i in range(n):
         row_id = f"{split}-{i:05d}"
@@ -245,6 +254,9 @@ def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_siz
         draw_image(rng, image_size, color, shape).save(image_dir / rel)
         # Mostly colour (learnt in ~100 steps from random weights); shape is harder and learnt later.
         question, answer = (SHAPE_Q, shape) if rng.random() < shape_share else (COLOR_Q, color)
+        if caption_share and rng.random() < caption_share:
+            sentences = CAPTION_SENTENCES[:rng.randint(1, len(CAPTION_SENTENCES))]
+            question, answer = CAPTION_Q, " ".join(t.format(color=color, shape=shape) for t in sentences)
         rows.append({"id": row_id, "image": rel, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})  # fmt: skip
     return rows
@@ -266,10 +278,12 @@ def build_demo_bundle(
     seed: int = 0,
     model_size: str = "demo",
     shape_share: float = 0.25,
+    caption_share: float = 0.0,
 ) -> dict:
     """Write model/, images/, train.json and eval.json under out_dir; return their paths.
 
-    `shape_share` of the image rows ask for the shape, the others for the colour."""
+    `shape_share` of the image rows ask for the shape, the others for the colour; with `caption_share`, that
+    share of them ask for a caption of one to six sentences instead (a set of mixed lengths)."""
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
     out = Path(out_dir)
@@ -294,8 +308,10 @@ def build_demo_bundle(
 
     # Separate RNG streams per split: eval images never coincide with train ones, and changing num_train
     # does not change the eval set.
-    train_rows = make_rows(random.Random(f"{seed}-train"), num_train, "train", image_dir, image_size, shape_share)
-    eval_rows = make_rows(random.Random(f"{seed}-eval"), num_eval, "eval", image_dir, image_size, shape_share)
+    train_rows = make_rows(random.Random(f"{seed}-train"), num_train, "train", image_dir, image_size, shape_share,
+                           caption_share)
+    eval_rows = make_rows(random.Random(f"{seed}-eval"), num_eval, "eval", image_dir, image_size, shape_share,
+                          caption_share)
     train_json, eval_json = out / "train.json", out / "eval.json"
     train_json.write_text(json.dumps(train_rows, indent=1))
     eval_json.write_text(json.dumps(eval_rows, indent=1))
@@ -317,6 +333,8 @@ if __name__ == "__main__":
     p.add_argument("--image-size", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-size", default="demo", choices=sorted(MODEL_SIZES))
+    p.add_argument("--caption-share", type=float, default=0.0, help="image rows asking for a caption (mixed set)")
     a = p.parse_args()
-    paths = build_demo_bundle(a.out_dir, a.num_train, a.num_eval, a.image_size, a.seed, a.model_size)
+    paths = build_demo_bundle(a.out_dir, a.num_train, a.num_eval, a.image_size, a.seed, a.model_size,
+                              caption_share=a.caption_share)
     print(json.dumps(paths, indent=2))

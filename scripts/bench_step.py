@@ -1,0 +1,119 @@
+"""Loop overhead: ftloop's optimizer step against a bare forward/backward/optimizer step of the same batches.
+
+    python scripts/bench_step.py [--workdir bench_step] [--steps 80] [--batch 4] [--packing]
+
+On the demo bundle's mixed variant, in one CPU process each (one thread, as OMP_NUM_THREADS=1 gives):
+1. `python -m ftloop.train` (FSDP over one process, the DataLoader with --dataloader-num-workers workers,
+   token counting, clipping, the schedule, metrics): its logged step_time_s and data_wait_s;
+2. the same micro-batches, collated beforehand (ftloop's own sampler and collate), through the plain
+   transformers model with ftloop's loss: forward and backward of each micro-batch, gradient clipping and an
+   Adafactor step, nothing else; once with the plain Adafactor (transformers' numerics) and once with
+   ftloop's shard-aware one over whole parameters, which tells the optimizer's cost from the loop's.
+Both from the same weights; medians over the steps after the first `--warmup`. Prints both step times,
+their ratio (the loop's overhead) and the share of ftloop's step spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from ftloop.config import parse_args
+from ftloop.data.encode import load_tokenizer_and_processor
+from ftloop.data.loaders import StepBatches, build_loaders
+from ftloop.demo.bundle import build_demo_bundle
+from ftloop.model import VisionLanguageSFT, load_config
+from ftloop.optim.adafactor import Adafactor
+from ftloop.optim.segments import describe_plain
+from ftloop.optim.sharded_adafactor import ShardedAdafactor
+from ftloop.steps import supervised_tokens
+
+
+def flags(bundle: dict, out: str, args) -> list[str]:
+    packing = ["--packing", "--max-seq-length", str(args.max_seq_length)] if args.packing else []
+    return ["--model-name-or-path", bundle["model_dir"], "--train-data", bundle["train_json"], "--image-folder",
+            bundle["image_folder"], "--output-dir", out, "--report-to", "none", "--save-steps", "0", "--no-bf16",
+            "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--logging-steps", "1", "--max-steps",
+            str(args.steps), "--per-device-train-batch-size", str(args.batch), "--dataloader-num-workers",
+            str(args.workers), *packing]
+
+
+def ftloop_steps(bundle: dict, out: str, args) -> list[dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "ftloop.train", *flags(bundle, out, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: ftloop failed:\n{done.stderr[-4000:]}")
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def bare_step_times(bundle: dict, steps: list[list[dict]], sharded: bool) -> list[float]:
+    """Seconds per step of `steps` through the plain model; `sharded`: with ftloop's shard-aware Adafactor (over
+    whole parameters here) instead of the plain one, to tell the optimizer's cost from the loop's."""
+    model = VisionLanguageSFT(AutoModelForImageTextToText.from_pretrained(bundle["model_dir"], dtype=torch.float32))
+    model.train()
+    settings = dict(lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
+    optimizer = ShardedAdafactor(describe_plain(model), **settings) if sharded else \
+        Adafactor(model.parameters(), **settings)
+    times = []
+    for micro_batches in steps:
+        started = time.perf_counter()
+        targets = sum(supervised_tokens(b) for b in micro_batches)
+        for batch in micro_batches:
+            loss_sum, _ = model(**batch)
+            (loss_sum / targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def collated_steps(bundle: dict, out: str, args) -> list[list[dict]]:
+    """The micro-batches of ftloop's first steps (its sampler and collate), made before any timing."""
+    cfg = parse_args(flags(bundle, out, args))
+    tokenizer, processor = load_tokenizer_and_processor(bundle["model_dir"], None, None)
+    loader, sampler, _ = build_loaders(cfg, tokenizer, processor, load_config(cfg.model), 1, 0, False)
+    batches = StepBatches(loader, sampler, 1)
+    return [batches.next_step() for _ in range(args.steps)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="bench_step")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the medians")
+    parser.add_argument("--batch", type=int, default=4, help="--per-device-train-batch-size")
+    parser.add_argument("--workers", type=int, default=1, help="--dataloader-num-workers of the ftloop run")
+    parser.add_argument("--packing", action="store_true", help="--packing, sequences of --max-seq-length")
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    args = parser.parse_args()
+    bundle = build_demo_bundle(os.path.join(args.workdir, "bundle"), num_train=480, num_eval=8, caption_share=0.4)
+    records = ftloop_steps(bundle, os.path.join(args.workdir, "ftloop"), args)[args.warmup:]
+    torch.set_num_threads(1)
+    steps = collated_steps(bundle, os.path.join(args.workdir, "bare"), args)
+    bare, bare_sharded = (statistics.median(bare_step_times(bundle, steps, sharded)[args.warmup:])
+                          for sharded in (False, True))
+    step = statistics.median(r["step_time_s"] for r in records)
+    wait = statistics.median(r["data_wait_s"] for r in records)
+    tokens = statistics.median(r["tokens_per_s"] for r in records)
+    print(f"bench_step: batch {args.batch}{' packed' if args.packing else ''}, {args.steps} steps, medians after "
+          f"{args.warmup}: ftloop {step * 1e3:.1f} ms/step ({tokens:.0f} tokens/s), bare {bare * 1e3:.1f} ms/step "
+          f"(with ftloop's shard-aware Adafactor {bare_sharded * 1e3:.1f}); overhead {step / bare:.3f}x "
+          f"({step / bare_sharded:.3f}x beside the same optimizer); data wait {wait * 1e3:.1f} ms "
+          f"({wait / step:.1%} of the step)")
+
+
+if __name__ == "__main__":
+    main()
