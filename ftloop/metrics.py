@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ftloop.distributed import World, all_reduce_sum, print0
+from ftloop.distributed import World, all_gather_rows, print0
 
 
 def _have_wandb_credentials() -> bool:
@@ -109,15 +109,15 @@ class StepWindow:
 
     def log(self, logger: MetricsLogger, progress, step: int, lr: float, grad_norm: float, epoch: int,
             tokens_seen: int) -> None:
-        """One record of the window (its loss summed and data wait averaged over ranks: collective) to
-        metrics.jsonl and wandb, the progress bar's loss, tokens/s and data wait; then a new window."""
+        """One record of the window (its loss summed over ranks, the data wait of the rank that waited most:
+        collective) to metrics.jsonl and wandb, the progress bar's loss, tokens/s and data wait; then a new
+        window. The most, not the mean: every rank waits for the slowest at the step's first collective."""
         elapsed = time.perf_counter() - self.started
-        loss, data_wait = all_reduce_sum(torch.stack([self.loss.double(), torch.tensor(self.data_wait,
-                                         dtype=torch.float64, device=self.world.device)]), self.world.device)
-        record = {"loss": float(loss) / self.steps, "lr": lr,
+        ranks = all_gather_rows([float(self.loss), self.data_wait], self.world.device)
+        record = {"loss": float(ranks[:, 0].sum()) / self.steps, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": float(self.tokens[0]) / elapsed,
                   "step_time_s": elapsed / self.steps,
-                  "data_wait_s": float(data_wait) / self.world.world_size / self.steps,
+                  "data_wait_s": float(ranks[:, 1].max()) / self.steps,
                   "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
                   "rank_tokens_max_over_mean": float(self.rank_balance) / self.steps,
                   "peak_mem_gib": peak_memory_gib(self.world.device), "epoch": epoch, "tokens_seen": tokens_seen}

@@ -77,9 +77,15 @@ class VisionLanguageSFT(nn.Module):
     computes runs under FSDP's root pre/post-forward logic, on every rank, in the same order.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, packs_in_one_sequence: bool | None = None):
+        """`packs_in_one_sequence`: lay a packed micro-batch out as one sequence (default: with flash-attention,
+        whose varlen path transformers takes for a batch of one sequence only; with more, the packed rows would
+        attend to each other). Under sdpa, several sequences keep its mask at batch x length^2."""
         super().__init__()
         self.hf = model
+        if packs_in_one_sequence is None:
+            packs_in_one_sequence = "flash" in (getattr(model.config, "_attn_implementation", None) or "")
+        self.packs_in_one_sequence = packs_in_one_sequence
         vision = model.config.vision_config
         in_channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
         self.patch_dim = in_channels * vision.temporal_patch_size * vision.patch_size**2
@@ -98,8 +104,12 @@ class VisionLanguageSFT(nn.Module):
         if second_per_grid_ts is not None and self.takes_seconds:  # Qwen2.5-VL's video time positions
             extra["second_per_grid_ts"] = second_per_grid_ts
         if segment_lengths is not None:
+            if self.packs_in_one_sequence:  # each sequence starts a row, whose first label is ignored
+                input_ids, labels, mm_token_type_ids = (t.reshape(1, -1) for t in (input_ids, labels,
+                                                                                   mm_token_type_ids))
             # No attention mask: transformers then builds one from the text positions, attending only within
-            # each run of consecutive positions, i.e. within each row (sdpa; flash-attention's varlen path).
+            # each run of consecutive positions, i.e. within each row (sdpa's mask; flash-attention's varlen
+            # path, for one sequence).
             extra["position_ids"] = self._packed_positions(input_ids, mm_token_type_ids, segment_lengths,
                                                            image_grid_thw, video_grid_thw, extra)
             attention_mask = None

@@ -197,6 +197,11 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
                     + vision.depth * patches * vision.hidden_size * cb + 2 * per_block + around)
         return (text.num_hidden_layers + 1) * per_layer + (vision.depth + 1) * per_block + around
 
+    if data.packing and m.attn_implementation != "flash_attention_2":
+        # sdpa attends by a dense mask built from the packed positions: one byte per (query, key) pair.
+        mask = t.per_device_train_batch_size * data.sequence_tokens**2
+        terms["packed mask"] = mask
+        details["packed mask"] = f"{t.per_device_train_batch_size} x {data.sequence_tokens}^2 B (sdpa)"
     terms["activations"] = activations(m.gradient_checkpointing)
     details["activations"] = (f"{tokens} tokens, {patches} patches at most, gradient checkpointing "
                               f"{'on' if m.gradient_checkpointing else 'off'}")
@@ -207,7 +212,8 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     details["eval logits"] = f"{eval_tokens} positions of --per-device-eval-batch-size rows (no gradients)"
     terms["reserve"] = RESERVE_BYTES
     details["reserve"] = "CUDA context, NCCL buffers, fragmentation"
-    middle = terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
+    middle = (terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
+              + terms.get("packed mask", 0))
     root_reduce = root.numel * (cb + reduce_copy) + math.ceil(root.numel / shards) * rb
     evaluation = root.numel * gathered + 2 * biggest.numel * gathered + terms["eval logits"]
     persistent = terms["sharded parameters"] + terms["gradients"] + terms["optimizer state"]

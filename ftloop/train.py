@@ -94,7 +94,7 @@ def prepare(cfg: Config, world: World) -> Setup:
         raise ConfigError(f"--train-data has {sampler.num_rows} rows{packed}, fewer than one global batch of "
                           f"{sampler.global_batch} (processes x --per-device-train-batch-size x "
                           "--gradient-accumulation-steps)")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * sampler.steps_per_epoch)
+    total_steps = args.max_steps if args.max_steps > 0 else sampler.steps_in(args.num_train_epochs)
     # A checkpoint of another model or other data is refused now, before loading weights.
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world.is_main, args.overwrite_output_dir)
     saved = check_resumable(resume_from, hf_config, sampler.order_settings(), cfg.to_dict()) if resume_from else {}
@@ -146,7 +146,8 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
         except RowFailedMidRun as err:  # said in the vote below, so that the other ranks do not wait for us
             failed = err
         data_wait = time.perf_counter() - waiting_since  # the loader's workers did not keep up
-        counts = count_step_tokens(micro_batches, world, stop.signum, failed is not None)
+        counts = count_step_tokens(micro_batches, world, stop.signum, failed is not None,
+                                   args.gradient_accumulation_steps)
         step_targets, step_tokens, votes = counts.targets, counts.tokens, counts.votes
         # Reading the votes waits for the last step to end on the device: one small stall per step, the price
         # of every rank leaving together, right after the step in which a rank was signalled or failed.

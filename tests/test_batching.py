@@ -52,11 +52,15 @@ def padding(samplers, lengths) -> float:
 
 
 def rank_balance(samplers, lengths) -> float:
-    """Mean over steps of (most tokens on a rank / mean over ranks), as the loop logs it."""
+    """As the loop logs it: per step, the sum over accumulation rounds of the most positions (padding included)
+    any rank had, over the sum of the mean over ranks; the mean over steps."""
     ratios = []
-    for step in steps(samplers):
-        per_rank = [sum(unit_tokens(u, lengths) for u in rank) for rank in step]
-        ratios.append(max(per_rank) / (sum(per_rank) / len(per_rank)))
+    accumulation = samplers[0].accumulation
+    iters = [iter(s) for s in samplers]
+    for _ in range(samplers[0].steps_per_epoch):
+        rounds = [[len(b) * max(unit_tokens(u, lengths) for u in b) for b in (next(it) for it in iters)]
+                  for _ in range(accumulation)]
+        ratios.append(sum(max(r) for r in rounds) / sum(sum(r) / len(r) for r in rounds))
     return sum(ratios) / len(ratios)
 
 
@@ -170,3 +174,22 @@ def test_max_eval_samples_takes_the_first_rows_at_every_world_size(tiny_bundle, 
         seen += [i for batch in loader.batch_sampler for i in batch if i >= 0]
         assert len(loader.dataset) == 3
     assert sorted(seen) == [0, 1, 2]
+
+
+def test_the_steps_of_packed_epochs_are_counted_epoch_by_epoch():
+    """Each epoch packs its own permutation into its own number of sequences: the run's steps are the sum."""
+    rng = random.Random(1)
+    # Three windows of rows packed apart (PACK_WINDOW_ROWS), no short rows to fill gaps: the counts vary.
+    lengths = [rng.randint(300, 1500) for _ in range(9000)]
+    [sampler] = make(lengths, 1, 1, 1, pack_tokens=2048)
+    per_epoch = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        per_epoch.append(sampler.steps_per_epoch)
+    sampler.set_epoch(0)
+    print(f"packed steps per epoch: {per_epoch}")
+    assert len(set(per_epoch)) > 1  # they do differ here
+    assert sampler.steps_in(3) == sum(per_epoch)
+    assert sampler.steps_in(2.5) == per_epoch[0] + per_epoch[1] + -(-per_epoch[2] // 2)
+    plain = make(lengths, 2, 2, 2)[0]
+    assert plain.steps_in(1.5) == -(-9000 // 8 * 3 // 2)

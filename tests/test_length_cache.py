@@ -281,3 +281,16 @@ def test_the_splits_of_one_dataset_folder_are_told_apart(tmp_path, tiny_bundle, 
         rows = load_rows(folder, split=name)
         lengths.setdefault(name, []).append(check(data, tokenizer, processor, loaded=(rows, [])).lengths)
     assert lengths["train"][0] == lengths["train"][1] != lengths["eval"][0] == lengths["eval"][1]
+
+
+def test_an_error_while_making_the_key_is_a_miss_said_in_one_line(tmp_path, monkeypatch, capsys):
+    """Rank 0 must reach the broadcast whatever happens while it reads the cache, or the others wait in it."""
+    import ftloop.data.length_cache as length_cache
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no vocabulary")
+
+    monkeypatch.setattr(length_cache, "tokenizer_fingerprint", broken)
+    found, entry = length_cache.cached_found(str(tmp_path), __file__, [], None, None, {})
+    assert found is None and entry is None
+    assert "the row check's cache is unusable (RuntimeError: no vocabulary); checking the rows" in capsys.readouterr().out

@@ -51,10 +51,14 @@ def assert_same(packed, unpacked):
         torch.testing.assert_close(packed[2][name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("one_sequence", [False, True], ids=["as packed", "in one sequence"])
 @pytest.mark.parametrize("layout", [[[0, 1, 2, 3, 4, 5]], [[3, 0], [2, 5, 1], [4]]], ids=["one pack", "three packs"])
-def test_a_packed_micro_batch_has_the_loss_and_gradients_of_its_rows_unpacked(model, samples, tokenizer, layout):
+def test_a_packed_micro_batch_has_the_loss_and_gradients_of_its_rows_unpacked(model, samples, tokenizer, layout,
+                                                                             one_sequence):
     """Every row kind at once: two images and a video, a video of five frames, text only, multi-turn with an
-    image, multi-turn text, an image and a video; one sequence, or three of unequal length (padding)."""
+    image, multi-turn text, an image and a video; one sequence, or three of unequal length (padding); and the
+    three laid out as one sequence, as for flash-attention (whose varlen path takes a batch of one)."""
+    model.packs_in_one_sequence = one_sequence
     config = model.hf.config
     ids = (tokenizer.pad_token_id, config.image_token_id, config.video_token_id)
     rows = [i for pack in layout for i in pack]  # the packed order of images and videos
@@ -62,6 +66,7 @@ def test_a_packed_micro_batch_has_the_loss_and_gradients_of_its_rows_unpacked(mo
     batch = make_packed_collate(*ids)([[samples[i] for i in pack] for pack in layout])
     assert batch["input_ids"].shape[0] == len(layout)
     assert_same(loss_and_grads(model, batch), unpacked)
+    model.packs_in_one_sequence = False
 
 
 def test_labels_never_cross_rows(model, samples, tokenizer):

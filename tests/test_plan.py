@@ -162,6 +162,12 @@ def test_the_plan_follows_the_flags():
     offload = plan_memory(model, run_config(fsdp={"cpu_offload": True}), 8, 8)
     assert offload.persistent_bytes == 0
     assert plan_memory(model, run_config(), 16, 8).terms["sharded parameters"] < base.terms["sharded parameters"]
+    # --packing: sequences of --max-tokens-per-batch tokens, and sdpa's dense mask over each one.
+    packed = plan_memory(model, run_config(data={"packing": True, "max_tokens_per_batch": 8192}), 8, 8)
+    assert packed.terms["activations"] == 4 * base.terms["activations"]  # 8192 tokens against 2048
+    assert packed.terms["packed mask"] == 8192**2 and packed.peak_bytes > base.peak_bytes
+    flash = run_config(model={"attn_implementation": "flash_attention_2"}, data={"packing": True})
+    assert "packed mask" not in plan_memory(model, flash, 8, 8).terms
 
 
 def saved_bytes(module, *inputs, **kwargs) -> int:

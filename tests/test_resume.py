@@ -282,6 +282,9 @@ def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_p
     for other in ([], [*packed, "--length-group-steps", "2"]):
         with pytest.raises(ConfigError, match="the batching changed"):
             resumable(tiny_bundle, tmp_path / "refused", str(reference / "checkpoint-3"), *other)
+    # `resumable` measures every row as 1 token: the same flags, other lengths (the packs would differ).
+    with pytest.raises(ConfigError, match="the rows' token lengths changed"):
+        resumable(tiny_bundle, tmp_path / "refused", str(reference / "checkpoint-3"), *packed)
 
 
 def test_sigkill_during_save_leaves_the_previous_checkpoint(dropout_bundle, reference, tmp_path):

@@ -3,6 +3,7 @@ data is told once what to change."""
 
 import json
 
+import pytest
 import torch
 
 from ftloop.distributed import World
@@ -43,3 +44,22 @@ def test_data_wait_is_logged_and_a_slow_data_path_is_warned_once(tmp_path, capsy
     assert [round(r["data_wait_s"], 6) for r in records] == [0.5, 0.05, 0.3, 0.3]
     assert [round(r["rank_tokens_max_over_mean"], 6) for r in records] == [1.3, 1.0, 1.0, 1.0]
     assert bar.postfix["wait"] == "0.30s"
+
+
+def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatch):
+    """Two ranks, two micro-batches each: positions 8 and 2 here, 4 and 6 on the other rank. The rounds take
+    max(8, 4) + max(2, 6) = 14 against means 6 + 4 = 10: 1.4 (a step-total view would say 10/10 = 1)."""
+    import ftloop.steps
+
+    def batch(rows, length, real):
+        mask = torch.zeros(rows, length, dtype=torch.long)
+        mask.view(-1)[:real] = 1
+        return {"attention_mask": mask, "labels": torch.where(mask.bool(), 5, -100)}
+
+    other_rank = [3.0, 7.0, 10.0, 0.0, 0.0, 0.0, 4.0, 6.0]
+    monkeypatch.setattr(ftloop.steps, "all_gather_rows",
+                        lambda values, device: torch.tensor([values, other_rank], dtype=torch.float64))
+    world = World(0, 0, 2, torch.device("cpu"), "gloo", 2)
+    counts = ftloop.steps.count_step_tokens([batch(2, 4, 7), batch(1, 2, 2)], world, rounds=2)
+    assert float(counts.rank_balance) == pytest.approx(1.4)
+    assert counts.tokens.tolist() == [16.0, 20.0] and float(counts.targets) == 3 + (3 + 2) + 1  # labels shifted

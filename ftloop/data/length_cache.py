@@ -210,8 +210,12 @@ def cached_found(cache_dir: str, path: str, rows: list[dict], tokenizer, image_p
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     entry = found = None
     if rank == 0:
-        entry = cache_entry(cache_dir, path, rows, tokenizer, image_processor, flags)
-        found = entry.load() if entry is not None else None
+        try:
+            entry = cache_entry(cache_dir, path, rows, tokenizer, image_processor, flags)
+            found = entry.load() if entry is not None else None
+        except Exception as err:  # noqa: BLE001 - rank 0 must reach the broadcast, or the others wait for it
+            print0(f"{path}: the row check's cache is unusable ({type(err).__name__}: {err}); checking the rows")
+            entry = found = None
     if world > 1:
         shared = [found]
         dist.broadcast_object_list(shared, src=0)

@@ -157,5 +157,10 @@ class StepBatches:
             return next(self.batches)
         except StopIteration:  # end of the epoch; a step never spans two epochs
             self.sampler.set_epoch(self.sampler.epoch + 1)
+            if self.sampler.steps_left_in_epoch == 0:  # packing: an epoch of fewer packs (the same on every rank)
+                raise ConfigError(f"epoch {self.sampler.epoch} of --train-data packs into "
+                                  f"{self.sampler.num_units} sequences, fewer than one global batch of "
+                                  f"{self.sampler.global_batch}; lower --per-device-train-batch-size, "
+                                  "--gradient-accumulation-steps or --max-tokens-per-batch")
             self.batches = iter(self.loader)
             return next(self.batches)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import random
 
 from torch.utils.data import Sampler
@@ -75,9 +78,14 @@ class StepBatchSampler(Sampler[list]):
         self.position += self.global_batch
 
     def order_settings(self) -> dict:
-        """What the order is a function of, besides the rows: a resume must keep them."""
+        """What the order is a function of, besides the rows: a resume must keep them. The rows' lengths too
+        where they decide which rows share a step (packing, or grouping across steps): another --max-pixels or
+        system prompt would move rows into other steps, and the resume would repeat or skip some."""
+        across_steps = self.pack_tokens or (self.grouped and self.mega_steps > 1)
+        lengths = hashlib.sha256(json.dumps(self.lengths).encode()).hexdigest()[:16] if across_steps else None
         return {"num_rows": self.num_rows, "seed": self.seed, "grouped": self.grouped,
-                "length_group_steps": self.mega_steps if self.grouped else None, "pack_tokens": self.pack_tokens}
+                "length_group_steps": self.mega_steps if self.grouped else None, "pack_tokens": self.pack_tokens,
+                "lengths": lengths}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "mega_units": self.mega_units,
@@ -94,11 +102,20 @@ class StepBatchSampler(Sampler[list]):
     def units(self) -> list:
         """This epoch's units in order: row indices, or tuples of them with packing."""
         if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, self._make_units())
+            self._plan = (self.epoch, self._make_units(self.epoch))
         return self._plan[1]
 
-    def _make_units(self) -> list:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+    def steps_in(self, num_epochs: float) -> int:
+        """Optimizer steps in the first `num_epochs` epochs (a fraction: that share of the last one's steps,
+        rounded up). With packing, each epoch has its own number of packs, so each is counted."""
+        whole = int(num_epochs)
+        epochs = range(whole + (num_epochs > whole))
+        counts = [len(self._make_units(e)) // self.global_batch for e in epochs] if self.pack_tokens else \
+            [self.num_rows // self.global_batch] * len(epochs)
+        return sum(counts[:whole]) + (math.ceil((num_epochs - whole) * counts[-1]) if num_epochs > whole else 0)
+
+    def _make_units(self, epoch: int) -> list:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         units: list = list(range(self.num_rows))
         rng.shuffle(units)
         if self.pack_tokens:

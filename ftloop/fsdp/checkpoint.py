@@ -244,8 +244,18 @@ def check_resumable(path: str, hf_config, order_settings: dict, run_config: dict
                           f"({sampler['num_rows']} rows and seed {sampler['seed']} then, {order_settings['num_rows']} "
                           f"and {order_settings['seed']} now), so the data order cannot continue; resume with the same "
                           "data and seed, or start afresh")
-    then_order = {k: sampler.get(k) for k in order_settings}
+    if any(k not in sampler for k in order_settings):
+        raise ConfigError(f"--resume-from-checkpoint {path}: written by an earlier ftloop, whose order of rows this "
+                          "one cannot continue; finish that run with the ftloop that started it, or start afresh")
+    then_order = {k: sampler[k] for k in order_settings}
+    batching = [k for k in order_settings if k != "lengths"]
+    if all(then_order[k] == order_settings[k] for k in batching) and then_order["lengths"] != order_settings["lengths"]:
+        raise ConfigError(f"--resume-from-checkpoint {path}: the rows' token lengths changed (other --max-pixels, "
+                          "--system-prompt, --max-seq-length, tokenizer or data?), and with packing or "
+                          "--length-group-steps they decide which rows share a step; resume with the inputs it was "
+                          "saved with, or start afresh")
     if then_order != order_settings:
+
         def said(o: dict) -> str:
             return (f"--group-by-length {o['grouped']}, --length-group-steps {o['length_group_steps']}, "
                     f"packed sequences of {o['pack_tokens'] or 'no'} tokens")
