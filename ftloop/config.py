@@ -34,6 +34,18 @@ class ModelArgs:
     """Recompute activations of each decoder layer and vision block in backward (non-reentrant)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
+    freeze_vision_tower: bool = False
+    """Keep the vision tower's patch embedding and blocks fixed (the merger still trains unless
+    --freeze-merger). Frozen parts get no gradients and no optimizer state."""
+    freeze_merger: bool = False
+    """Keep the vision-to-language merger fixed."""
+    freeze_llm: bool = False
+    """Keep the language model fixed: its embeddings, decoder layers, final norm and lm_head (tied or not)."""
+    unfreeze_topk_llm: int = 0
+    """Train only the last K decoder layers of the language model; the rest of it is frozen (implies
+    --freeze-llm for the others, embeddings, final norm and lm_head included)."""
+    unfreeze_topk_vision: int = 0
+    """Train only the last K vision blocks; the patch embedding and the other blocks are frozen."""
     load_weights_on: Literal["rank0", "every-rank"] = "rank0"
     """Who reads the checkpoint's safetensors files while FSDP wraps the model, one tensor at a time: rank 0,
     which broadcasts each tensor to the others, or every rank for itself (no broadcast; the files must be
@@ -293,12 +305,22 @@ def check_data_args(data: DataArgs, need_data: bool = True) -> None:
     _need(data.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
 
 
+def trains_something(model: ModelArgs) -> bool:
+    vision = not model.freeze_vision_tower or model.unfreeze_topk_vision > 0
+    llm = not model.freeze_llm or model.unfreeze_topk_llm > 0
+    return vision or llm or not model.freeze_merger
+
+
 def validate(cfg: Config, need_data: bool = True) -> None:
     """Check every flag that can be checked before any process group or model exists (`need_data=False`: all
     but the data flags, for the memory plan). ftloop.train also runs ftloop.data.sources.check_sources."""
     model, optim, train = cfg.model, cfg.optim, cfg.train
     check_model_path(model.model_name_or_path)
     check_data_args(cfg.data, need_data)
+    _need(model.unfreeze_topk_llm >= 0 and model.unfreeze_topk_vision >= 0,
+          "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive")
+    _need(trains_something(model), "--freeze-vision-tower, --freeze-merger and --freeze-llm together leave nothing "
+          "to train; drop one, or unfreeze the last blocks with --unfreeze-topk-llm / --unfreeze-topk-vision")
     _need(optim.learning_rate > 0, "--learning-rate must be positive")
     _need(optim.weight_decay >= 0, "--weight-decay must be 0 or more")
     _need(optim.vision_lr is None or optim.vision_lr > 0, "--vision-lr must be positive")

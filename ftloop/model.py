@@ -49,6 +49,41 @@ def build_meta_model(config: PretrainedConfig, args: ModelArgs) -> PreTrainedMod
     return model
 
 
+def frozen_modules(model: PreTrainedModel, args: ModelArgs) -> list[nn.Module]:
+    """The modules the freeze flags name (the model is not changed)."""
+    visual, language = model.model.visual, model.model.language_model
+    frozen: list[nn.Module] = []
+    top_vision, top_llm = args.unfreeze_topk_vision, args.unfreeze_topk_llm
+    for flag, k, blocks in (("--unfreeze-topk-vision", top_vision, visual.blocks),
+                            ("--unfreeze-topk-llm", top_llm, language.layers)):
+        if k > len(blocks):
+            raise ConfigError(f"{flag} {k}: the model has {len(blocks)}; give at most that")
+    if args.freeze_vision_tower or top_vision:
+        frozen += [visual.patch_embed, *visual.blocks[:len(visual.blocks) - top_vision]]
+    if args.freeze_merger:
+        frozen.append(visual.merger)
+    if args.freeze_llm or top_llm:
+        rest = [m for name, m in language.named_children() if name != "layers"]  # embeddings, final norm
+        frozen += [*rest, *language.layers[:len(language.layers) - top_llm], model.lm_head]
+    return frozen
+
+
+def separate_units(model: PreTrainedModel, frozen: list[nn.Module]) -> set[nn.Module]:
+    """The modules that need FSDP units of their own once anything is frozen, so that no unit mixes frozen and
+    trainable tensors (FSDP1 flattens a unit into one parameter, which has one requires_grad): the patch
+    embedding and the merger, which otherwise share the root unit with the language model's embeddings.
+    Empty when nothing is frozen (the usual units)."""
+    return {model.model.visual.patch_embed, model.model.visual.merger} if frozen else set()
+
+
+def freeze_parts(model: PreTrainedModel, args: ModelArgs) -> set[nn.Module]:
+    """Turn off requires_grad on what the freeze flags name; returns `separate_units`."""
+    frozen = frozen_modules(model, args)
+    for module in frozen:
+        module.requires_grad_(False)
+    return separate_units(model, frozen)
+
+
 def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
     """Decoder-layer and vision-block classes, found from the model rather than hard-coded by name."""
     names = set(getattr(model, "_no_split_modules", None) or [])

@@ -50,7 +50,7 @@ from ftloop.config import Config, validate
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import shard_group_size
-from ftloop.model import DTYPES, build_meta_model, load_config, wrapped_layer_classes
+from ftloop.model import DTYPES, build_meta_model, frozen_modules, load_config, separate_units, wrapped_layer_classes
 
 GIB = 2**30
 RESERVE_BYTES = 2 * GIB
@@ -63,34 +63,43 @@ class UnitSize:
     numel: int
     matrix_stats: int  # row + column statistics Adafactor keeps for its >= 2-D parameters (full, on every rank)
     vector_numel: int  # elements of its 0-/1-D parameters (per-element second moment, sliced)
+    trainable: int  # elements that train (a unit is all frozen or all trainable); the optimizer counts only these
 
 
-def fsdp_units(hf_model: PreTrainedModel) -> list[UnitSize]:
-    """The units ftloop's auto-wrap policy makes, the root last; tied parameters counted once (in the root)."""
+def fsdp_units(hf_model: PreTrainedModel, frozen: list[nn.Module] = ()) -> list[UnitSize]:
+    """The units ftloop's auto-wrap policy makes for a model whose `frozen` modules do not train
+    (ftloop.model.frozen_modules; freezing wraps some modules apart), the root last; tied parameters counted
+    once (in the root)."""
     classes = tuple(wrapped_layer_classes(hf_model))
+    own_units = separate_units(hf_model, list(frozen))
+    frozen_ids = {id(p) for module in frozen for p in module.parameters()}
     seen: set[int] = set()
     units, in_units = [], set()
     for name, module in hf_model.named_modules():
-        if isinstance(module, classes) and not any(name.startswith(f"{u}.") for u in in_units):
+        wrapped = isinstance(module, classes) or module in own_units
+        if wrapped and not any(name.startswith(f"{u}.") for u in in_units):
             in_units.add(name)
-            units.append(_unit_size(name, module, seen))
-    units.append(_unit_size("root", hf_model, seen))  # whatever no unit took
+            units.append(_unit_size(name, module, seen, frozen_ids))
+    units.append(_unit_size("root", hf_model, seen, frozen_ids))  # whatever no unit took
     return units
 
 
-def _unit_size(name: str, module: nn.Module, seen: set[int]) -> UnitSize:
-    numel = stats = vectors = 0
+def _unit_size(name: str, module: nn.Module, seen: set[int], frozen_ids: set[int]) -> UnitSize:
+    numel = stats = vectors = trainable = 0
     for param in module.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
         numel += param.numel()
+        if id(param) in frozen_ids:  # no gradient, no optimizer statistics
+            continue
+        trainable += param.numel()
         if param.dim() >= 2:
             rows = param.numel() // param.shape[-1]
             stats += rows + (rows // param.shape[-2]) * param.shape[-1]
         else:
             vectors += param.numel()
-    return UnitSize(name, numel, stats, vectors)
+    return UnitSize(name, numel, stats, vectors, trainable)
 
 
 def decoder_layer_activation_bytes(text_config, compute_bytes: int) -> int:
@@ -144,15 +153,16 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     pb = DTYPES[m.param_dtype].itemsize
     cb = 2 if f.bf16 else pb
     rb = DTYPES[f.reduce_dtype].itemsize if f.bf16 else pb
-    units = fsdp_units(hf_model)
+    units = fsdp_units(hf_model, frozen_modules(hf_model, m))
     root, layers = units[-1], units[:-1]
     local = sum(math.ceil(u.numel / shards) for u in units)  # FSDP pads each flat parameter to the shard count
+    local_trainable = sum(math.ceil(u.trainable / shards) for u in units)  # gradients and optimizer state
     offloaded = f.cpu_offload  # shards, gradients and the optimizer live in host memory
     terms, details = {}, {}
     terms["sharded parameters"] = 0 if offloaded else local * pb
-    terms["gradients"] = 0 if offloaded else local * pb
+    terms["gradients"] = 0 if offloaded else local_trainable * pb
     if offloaded and t.gradient_accumulation_steps > 1:  # no_sync: unsharded on the GPU until the last micro-batch
-        terms["gradients"] = sum(u.numel for u in units) * cb
+        terms["gradients"] = sum(u.trainable for u in units) * cb
     where = " (on the host)" if offloaded else ""
     details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}"
     details["gradients"] = f"the same: FSDP reduces into the master dtype{where}"
@@ -165,14 +175,14 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
             " + bf16 Kahan buffer" if kahan else "")
         state = stats + kahan
     else:
-        state = 2 * local * pb
+        state = 2 * local_trainable * pb
         details["optimizer state"] = "AdamW: two moments per local element"
     terms["optimizer state"] = 0 if offloaded else state
 
     gathered = cb if (f.bf16 or shards > 1) else 0  # bytes per element of a gathered copy
     biggest = max(layers, key=lambda u: u.numel, default=root)
     reduce_copy = rb if rb != cb else 0
-    unit_grad = biggest.numel * (cb + reduce_copy) + math.ceil(biggest.numel / shards) * rb
+    unit_grad = biggest.trainable * (cb + reduce_copy) + math.ceil(biggest.trainable / shards) * rb
     if strategy == "SHARD_GRAD_OP":  # no reshard after forward: every unit stays gathered until its backward
         unit_params = sum(u.numel for u in layers) * gathered
         details["largest unit"] = "every unit gathered from forward to backward (SHARD_GRAD_OP) + gradient"
@@ -181,7 +191,7 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
         details["largest unit"] = (f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B + gradient "
                                    f"{cb} B" + (f" + reduce copy {reduce_copy} B" if reduce_copy else ""))
     terms["largest unit"] = unit_params + unit_grad
-    terms["root unit"] = root.numel * (gathered + cb)
+    terms["root unit"] = root.numel * gathered + root.trainable * cb
     details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B + gradient {cb} B"
 
     tokens = t.per_device_train_batch_size * data.sequence_tokens
@@ -214,7 +224,7 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     details["reserve"] = "CUDA context, NCCL buffers, fragmentation"
     middle = (terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
               + terms.get("packed mask", 0))
-    root_reduce = root.numel * (cb + reduce_copy) + math.ceil(root.numel / shards) * rb
+    root_reduce = root.trainable * (cb + reduce_copy) + math.ceil(root.trainable / shards) * rb
     evaluation = root.numel * gathered + 2 * biggest.numel * gathered + terms["eval logits"]
     persistent = terms["sharded parameters"] + terms["gradients"] + terms["optimizer state"]
     plan = MemoryPlan(terms, details, activations(not m.gradient_checkpointing),

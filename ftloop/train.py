@@ -46,7 +46,7 @@ from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import local_folder, save_model_files
 from ftloop.metrics import MetricsLogger, StepWindow, finish_reporting
-from ftloop.model import VisionLanguageSFT, build_meta_model, load_config, wrapped_layer_classes
+from ftloop.model import VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
 from ftloop.plan import check_fits
@@ -78,6 +78,7 @@ def prepare(cfg: Config, world: World) -> Setup:
     # The skeleton and the checkpoint's tensor names (safetensors headers only): a checkpoint that does not match
     # the model stops every rank now; and on GPUs a run that cannot fit stops before anything is loaded.
     hf_model = build_meta_model(hf_config, cfg.model)
+    own_units = freeze_parts(hf_model, cfg.model)  # frozen and trainable tensors never share an FSDP unit
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
     weights = open_weights(lambda: local_folder(src), hf_model, "--model-name-or-path", every_rank_reads)
     if world.device.type == "cuda" and args.memory_check:
@@ -103,7 +104,7 @@ def prepare(cfg: Config, world: World) -> Setup:
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
     materialize = UnitMaterializer(hf_model, weights, world.device, every_rank_reads)
     model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, world.device,
-                      world.local_world_size)
+                      world.local_world_size, own_units)
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,

@@ -41,6 +41,9 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
 BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.config.validate makes
     (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
     (["--max-eval-samples", "-1"], "--max-eval-samples must be 0 (all) or positive"),
+    (["--unfreeze-topk-llm", "-1"], "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive"),
+    (["--freeze-vision-tower", "--freeze-merger", "--freeze-llm"],
+     "--freeze-vision-tower, --freeze-merger and --freeze-llm together leave nothing to train"),
     (["--length-group-steps", "0"], "--length-group-steps must be 1 or more"),
     (["--max-tokens-per-batch", "4096"], "--max-tokens-per-batch is the size of a packed sequence; pass --packing"),
     (["--packing", "--max-tokens-per-batch", "1024"], "--max-tokens-per-batch 1024 is below --max-seq-length 2048"),

@@ -114,3 +114,28 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
+
+
+LR_WORKER = os.path.join(REPO, "tests", "lr_worker.py")
+
+
+@pytest.mark.parametrize("optim", ["adafactor", "adamw"])
+def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
+    """One step of the FSDP model from a gradient of 0.5 everywhere (2 processes, flat shards; AdamW on original
+    parameters, as it needs for per-part rates): every element of the vision tower moves by --vision-lr, of
+    the merger by --merger-lr (its rule wins over the tower's), of the language model and lm_head by
+    --learning-rate."""
+    out = tmp_path / "moved.pt"
+    extra = ["--use-orig-params"] if optim == "adamw" else []
+    check(torchrun(2, [LR_WORKER, str(out), "--", *train_flags(
+        tiny_bundle, tmp_path / "run", "--optim", optim, "--learning-rate", "1e-3", "--vision-lr", "2e-4",
+        "--merger-lr", "5e-3", "--no-bf16", *extra)]))
+    moved = torch.load(out)
+    expected = {"model.visual.merger.": 5e-3, "model.visual.": 2e-4, "model.language_model.": 1e-3, "lm_head.": 1e-3}
+    seen = set()
+    for name, delta in moved.items():
+        part = next(prefix for prefix in expected if name.startswith(prefix))
+        seen.add(part)
+        # atol: the fp32 rounding of a weight near 1 (a norm's) after the step, 6e-8 at most; rates differ by 2.5x+.
+        torch.testing.assert_close(delta, torch.full_like(delta, expected[part]), rtol=0, atol=1e-7, msg=name)
+    assert seen == set(expected) - ({"lm_head."} if "lm_head.weight" not in moved else set())

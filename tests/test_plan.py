@@ -162,6 +162,16 @@ def test_the_plan_follows_the_flags():
     offload = plan_memory(model, run_config(fsdp={"cpu_offload": True}), 8, 8)
     assert offload.persistent_bytes == 0
     assert plan_memory(model, run_config(), 16, 8).terms["sharded parameters"] < base.terms["sharded parameters"]
+    # Frozen parts: no gradients, no optimizer state (the model itself is left as it is).
+    want = by_hand("7b")
+    vision = 32 * want["block"] + VISION["hidden_size"] * 3 * 2 * 14 * 14  # blocks and patch embedding
+    frozen_tower = plan_memory(model, run_config(model={"freeze_vision_tower": True}), 8, 8)
+    assert base.terms["gradients"] - frozen_tower.terms["gradients"] == pytest.approx(vision * 4 / 8, rel=1e-5)
+    assert frozen_tower.terms["optimizer state"] < base.terms["optimizer state"]
+    llm_only_top = plan_memory(model, run_config(model={"freeze_vision_tower": True, "freeze_merger": True,
+                                                        "unfreeze_topk_llm": 1}), 8, 8)
+    assert llm_only_top.terms["gradients"] == pytest.approx(want["layer"] * 4 / 8, rel=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
     # --packing: sequences of --max-tokens-per-batch tokens, and sdpa's dense mask over each one.
     packed = plan_memory(model, run_config(data={"packing": True, "max_tokens_per_batch": 8192}), 8, 8)
     assert packed.terms["activations"] == 4 * base.terms["activations"]  # 8192 tokens against 2048

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import (
     MixedPrecision,
     ShardingStrategy,
 )
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
 from ftloop.config import FSDPArgs
 from ftloop.errors import ConfigError
@@ -69,10 +69,15 @@ def check_node_sizes(node_sizes: list[int]) -> None:
 
 
 def wrap_fsdp(module: nn.Module, layer_classes: set[type[nn.Module]], args: FSDPArgs,
-              param_init_fn: Callable[[nn.Module], None], device: torch.device, node_size: int = 1) -> FSDP:
+              param_init_fn: Callable[[nn.Module], None], device: torch.device, node_size: int = 1,
+              own_units: set[nn.Module] = frozenset()) -> FSDP:
     """FSDP1 with transformer auto-wrap on the decoder layers and vision blocks of a meta `module`, which
-    `param_init_fn` materialises unit by unit. `node_size`: processes per node, for HYBRID_SHARD."""
+    `param_init_fn` materialises unit by unit; `own_units`: more modules wrapped as units of their own (what
+    freezing keeps apart). `node_size`: processes per node, for HYBRID_SHARD."""
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(layer_classes))
+    if own_units:
+        policy = functools.partial(_or_policy, policies=[
+            policy, functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in own_units)])
     hybrid = args.sharding_strategy == "HYBRID_SHARD"
     return FSDP(
         module,
