@@ -2,6 +2,7 @@
 trainable tensors apart, and a 2-process run with a frozen vision tower and text-only ranks."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,3 +89,25 @@ def test_a_frozen_part_stays_put_without_gradients_or_optimizer_state_and_text_o
     optimizer = state(out / "checkpoint-2")["optimizer"]
     assert optimizer and not [k for k in optimizer if any(f in k for f in frozen)]  # no state for frozen parts
     assert any("language_model.layers" in k for k in optimizer)
+
+
+def test_a_frozen_run_resumes_exactly(tiny_bundle, tmp_path):
+    """The checkpoint of step 2 of a run with a frozen vision tower and the top LLM layer only: the optimizer
+    state of the trainable units alone, loaded into the same units, continues bit for bit."""
+    flags = ["--freeze-vision-tower", "--unfreeze-topk-llm", "1", "--max-steps", "4", "--logging-steps", "1",
+             "--learning-rate", "1e-2", "--no-bf16", "--save-dtype", "fp32", "--gradient-accumulation-steps", "2"]
+    reference = tmp_path / "reference"
+    check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, reference, *flags, "--save-steps", "2")]))
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *flags,
+                                                                   "--resume-from-checkpoint", "auto")]))
+    assert "at step 2" in result.stdout
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r}
+
+    assert losses(out) == {s: v for s, v in losses(reference).items() if s > 2}
+    expected, got = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
