@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--every-rank", action="store_true",
                         help="also load with --load-weights-on every-rank and compare the load times")
     parser.add_argument("--code", default=REPO, help="the ftloop checkout to run (default: this one)")
+    parser.add_argument("--train-flags", default="", help="more ftloop.train flags for every run, as one string "
+                        "(e.g. '--freeze-llm --unfreeze-topk-llm 1'); the plan gets them too")
     parser.add_argument("--worker", metavar="PREFIX", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.worker:
@@ -160,6 +163,7 @@ def main() -> None:
             for world in args.worlds:
                 for accumulation in args.accumulation:
                     flags = run_flags(folder, bundle, os.path.join(tmp, "run"), accumulation, args.steps)
+                    flags += shlex.split(args.train_flags)
                     result = measure(code, world, flags, tmp)
                     shutil.rmtree(os.path.join(tmp, "run"), ignore_errors=True)
                     rows.append((params, world, accumulation, result, plan_for(flags, world)))
