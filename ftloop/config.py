@@ -52,6 +52,27 @@ class ModelArgs:
     readable on every node)."""
 
 
+LORA_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraArgs:
+    lora_rank: int = 0
+    """Train rank-R LoRA adapters (peft: `pip install 'ftloop[lora]'`) beside a frozen base, which is held in
+    bf16 under --bf16 (the adapters in --param-dtype); 0: no adapters, the chosen parts train whole."""
+    lora_alpha: float = 16.0
+    """The adapters' scale: each adds (alpha / rank) x B A to its projection."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    lora_target_modules: tuple[str, ...] = LORA_LLM_TARGETS
+    """Projections of every decoder layer that get an adapter (names inside the layer)."""
+    lora_vision_target_modules: tuple[str, ...] = ()
+    """Projections of every vision block that get one (Qwen2.5-VL: qkv proj gate_proj up_proj down_proj);
+    none by default: the vision tower stays as it is."""
+    merge_lora: bool = True
+    """Export `final` as whole merged weights beside `final/adapter`; --no-merge-lora: `final/adapter` only."""
+
+
 @dataclass
 class DataArgs:
     train_data: str = ""
@@ -226,6 +247,7 @@ class TrainArgs:
 @dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     fsdp: FSDPArgs = field(default_factory=FSDPArgs)
@@ -311,6 +333,25 @@ def trains_something(model: ModelArgs) -> bool:
     return vision or llm or not model.freeze_merger
 
 
+def check_lora_args(lora: LoraArgs, model: ModelArgs) -> None:
+    if not lora.lora_rank:  # LoRA flags without adapters would be silently ignored
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(LoraArgs)
+                 if getattr(lora, f.name) != f.default and f.name != "lora_rank"]
+        _need(not given, f"{', '.join(given)} set without --lora-rank; give the adapters' rank, or drop them")
+        return
+    _need(lora.lora_rank > 0, "--lora-rank must be 0 (off) or positive")
+    _need(lora.lora_alpha > 0, "--lora-alpha must be positive")
+    _need(0 <= lora.lora_dropout < 1, "--lora-dropout must be in [0, 1)")
+    _need(bool(lora.lora_target_modules or lora.lora_vision_target_modules),
+          "--lora-rank with no --lora-target-modules or --lora-vision-target-modules: name the projections")
+    freezing = [flag for flag, on in (("--freeze-vision-tower", model.freeze_vision_tower),
+                                      ("--freeze-merger", model.freeze_merger), ("--freeze-llm", model.freeze_llm),
+                                      ("--unfreeze-topk-llm", model.unfreeze_topk_llm),
+                                      ("--unfreeze-topk-vision", model.unfreeze_topk_vision)) if on]
+    _need(not freezing, f"--lora-rank trains the adapters alone (every base weight is frozen), so "
+          f"{(freezing or [''])[0]} means nothing with it; drop it")
+
+
 def validate(cfg: Config, need_data: bool = True) -> None:
     """Check every flag that can be checked before any process group or model exists (`need_data=False`: all
     but the data flags, for the memory plan). ftloop.train also runs ftloop.data.sources.check_sources."""
@@ -319,7 +360,8 @@ def validate(cfg: Config, need_data: bool = True) -> None:
     check_data_args(cfg.data, need_data)
     _need(model.unfreeze_topk_llm >= 0 and model.unfreeze_topk_vision >= 0,
           "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive")
-    _need(trains_something(model), "--freeze-vision-tower, --freeze-merger and --freeze-llm together leave nothing "
+    check_lora_args(cfg.lora, model)
+    _need(trains_something(model) or cfg.lora.lora_rank, "--freeze-vision-tower, --freeze-merger and --freeze-llm together leave nothing "
           "to train; drop one, or unfreeze the last blocks with --unfreeze-topk-llm / --unfreeze-topk-vision")
     _need(optim.learning_rate > 0, "--learning-rate must be positive")
     _need(optim.weight_decay >= 0, "--weight-decay must be 0 or more")

@@ -33,11 +33,12 @@ def load_config(args: ModelArgs) -> PretrainedConfig:
         ) from None
 
 
-def build_meta_model(config: PretrainedConfig, args: ModelArgs) -> PreTrainedModel:
-    """The model's structure without storage: costs no memory, identical on every rank."""
+def build_meta_model(config: PretrainedConfig, args: ModelArgs, dtype: str | None = None) -> PreTrainedModel:
+    """The model's structure without storage, in `dtype` (default: --param-dtype): costs no memory, identical
+    on every rank."""
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(
-            config, dtype=DTYPES[args.param_dtype], attn_implementation=args.attn_implementation
+            config, dtype=DTYPES[dtype or args.param_dtype], attn_implementation=args.attn_implementation
         )
     model.config.use_cache = False  # a KV cache is useless in training and breaks checkpointing
     if args.gradient_checkpointing:
@@ -94,8 +95,9 @@ def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
 
 
 WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with this; HF names do not
-# What FSDP, activation checkpointing and torch.compile put into module names; `clean_name` takes them out.
-WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# What FSDP, activation checkpointing, torch.compile and a LoRA layer (ftloop.lora) put into module names;
+# `clean_name` takes them out.
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "base_layer.")
 
 
 def clean_name(name: str) -> str:

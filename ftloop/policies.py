@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import Config, TrainArgs
@@ -24,6 +25,7 @@ from ftloop.errors import TrainingError
 from ftloop.fsdp.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from ftloop.fsdp.load import load_weights_into, open_weights
 from ftloop.hf_folder import local_folder, meta_skeleton
+from ftloop.lora import ADAPTER_DIR, AdapterWeights, is_adapter
 from ftloop.metrics import MetricsLogger
 from ftloop.model import DTYPES, WRAPPER_PREFIX
 from ftloop.state import TrainState
@@ -72,6 +74,7 @@ class Evaluator:
         self.model, self.loader, self.state, self.cfg, self.logger = model, loader, state, cfg, logger
         self.export, self.hf_config, self.device = export, hf_config, device
         self.best_dir = os.path.join(cfg.train.output_dir, "best")
+        self.lora = bool(cfg.lora.lora_rank)  # `best` then holds the adapters alone: all else is frozen
 
     def due(self, total_steps: int) -> bool:
         return self.state.step % self.cfg.train.eval_steps == 0 or self.state.step == total_steps
@@ -85,7 +88,7 @@ class Evaluator:
         improved = eval_loss < best.eval_loss
         if improved:  # the weights stay on disk, read back at the end: no copy in memory
             best.eval_loss, best.step = eval_loss, step
-            if step > 0:  # step 0's weights are the folder the run started from
+            if step > 0 or self.lora:  # step 0's weights are the folder the run started from (not its adapters)
                 self.export(self.best_dir)
         self.logger.log(step, {"eval_loss": eval_loss, "best_eval_loss": best.eval_loss, "best_step": best.step})
         print0(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
@@ -96,6 +99,13 @@ class Evaluator:
         `best` export (in --save-dtype, which `final` is written in too), or for step 0 the starting folder."""
         best, cfg = self.state.best, self.cfg
         if not cfg.train.load_best_model_at_end or best.step is None or best.step == self.state.step:
+            return
+        if self.lora:
+            rank0 = not dist.is_initialized() or dist.get_rank() == 0  # which wrote them; it broadcasts them
+            adapters = AdapterWeights(os.path.join(self.best_dir, ADAPTER_DIR)) if rank0 else None
+            load_weights_into(self.model, adapters, prefix=WRAPPER_PREFIX, only=is_adapter)
+            print0(f"loaded the best adapters back (step {best.step}, eval_loss {best.eval_loss:.4f}) from "
+                   f"{self.best_dir}")
             return
         source = self.best_dir if best.step > 0 else cfg.model.model_name_or_path
         weights = open_weights(lambda: source if best.step > 0 else local_folder(source),

@@ -45,8 +45,9 @@ from ftloop.fsdp.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import local_folder, save_model_files
+from ftloop.lora import add_adapters, base_dtype, initial_adapter
 from ftloop.metrics import MetricsLogger, StepWindow, finish_reporting
-from ftloop.model import VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
+from ftloop.model import DTYPES, VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
 from ftloop.plan import check_fits
@@ -77,10 +78,12 @@ def prepare(cfg: Config, world: World) -> Setup:
     hf_config = load_config(cfg.model)
     # The skeleton and the checkpoint's tensor names (safetensors headers only): a checkpoint that does not match
     # the model stops every rank now; and on GPUs a run that cannot fit stops before anything is loaded.
-    hf_model = build_meta_model(hf_config, cfg.model)
+    hf_model = build_meta_model(hf_config, cfg.model, base_dtype(cfg))
     own_units = freeze_parts(hf_model, cfg.model)  # frozen and trainable tensors never share an FSDP unit
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
     weights = open_weights(lambda: local_folder(src), hf_model, "--model-name-or-path", every_rank_reads)
+    if cfg.lora.lora_rank:  # after the folder's names are matched: adapters are not in it
+        own_units |= add_adapters(hf_model, cfg.lora, DTYPES[cfg.model.param_dtype])
     if world.device.type == "cuda" and args.memory_check:
         check_fits(hf_model, cfg, world.world_size, world.local_world_size,
                    torch.cuda.get_device_properties(world.device).total_memory)
@@ -102,7 +105,8 @@ def prepare(cfg: Config, world: World) -> Setup:
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
-    materialize = UnitMaterializer(hf_model, weights, world.device, every_rank_reads)
+    materialize = UnitMaterializer(hf_model, weights, world.device, every_rank_reads,
+                                   functools.partial(initial_adapter, seed=args.seed) if cfg.lora.lora_rank else None)
     model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, world.device,
                       world.local_world_size, own_units)
     if weights is not None:
@@ -127,11 +131,13 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
     state.wandb_run_id = logger.wandb_id  # the run continued, or a new one when wandb could not resume it
     model_files = dict(hf_config=setup.hf_config, tokenizer=setup.tokenizer, image_processor=setup.image_processor,
                        source_dir=local_source_dir(cfg))
+    lora = cfg.lora if cfg.lora.lora_rank else None  # with adapters, `best` holds them alone
     export = functools.partial(export_model, model, save_dtype=args.save_dtype, max_shard_size=args.max_shard_size,
-                               **model_files)
+                               lora=lora, base_model_name_or_path=cfg.model.model_name_or_path, **model_files)
     saver = Saver(model, optimizer, state, cfg, logger, functools.partial(save_model_files, **model_files),
                   faults.after_shards_written, world.is_main, resumed=bool(setup.resume_from))
-    evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, export, setup.hf_config, world.device)
+    evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, functools.partial(export, merge=lora is None),
+                          setup.hf_config, world.device)
     if args.eval_on_start and state.step == 0:
         evaluator()
 
@@ -188,7 +194,7 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
 
     evaluator.restore_best()
     final = os.path.join(args.output_dir, "final")
-    export(final)
+    export(final, merge=cfg.lora.merge_lora)
     print0(f"exported {final}")
     logger.close()
     return {"steps": state.step, "best_eval_loss": state.best.eval_loss, "best_step": state.best.step}

@@ -45,6 +45,13 @@ BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop
     (["--freeze-vision-tower", "--freeze-merger", "--freeze-llm"],
      "--freeze-vision-tower, --freeze-merger and --freeze-llm together leave nothing to train"),
     (["--length-group-steps", "0"], "--length-group-steps must be 1 or more"),
+    (["--lora-alpha", "32", "--no-merge-lora"], "--lora-alpha, --merge-lora set without --lora-rank"),
+    (["--lora-rank", "-4"], "--lora-rank must be 0 (off) or positive"),
+    (["--lora-rank", "8", "--lora-alpha", "0"], "--lora-alpha must be positive"),
+    (["--lora-rank", "8", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+    (["--lora-rank", "8", "--lora-target-modules"], "--lora-rank with no --lora-target-modules or"),
+    (["--lora-rank", "8", "--unfreeze-topk-llm", "1"], "--lora-rank trains the adapters alone (every base weight is "
+     "frozen), so --unfreeze-topk-llm means nothing with it"),
     (["--max-tokens-per-batch", "4096"], "--max-tokens-per-batch is the size of a packed sequence; pass --packing"),
     (["--packing", "--max-tokens-per-batch", "1024"], "--max-tokens-per-batch 1024 is below --max-seq-length 2048"),
     (["--per-device-eval-batch-size", "-1"], "--per-device-eval-batch-size must be positive"),

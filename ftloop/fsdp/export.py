@@ -10,6 +10,7 @@ looks finished.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
 
+from ftloop.config import LoraArgs
 from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, publish, save_model_files, save_size,
                               saved_names, temporary_folder)
+from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
 from ftloop.model import DTYPES, WRAPPER_PREFIX, clean_name
 
 
@@ -67,14 +70,51 @@ def unit_parameters(model: FSDP) -> list[tuple[FSDP, list[tuple[str, nn.Module, 
     return units
 
 
+def gather_adapters(units, rank0: bool) -> dict[str, torch.Tensor]:
+    """Every LoRA adapter matrix gathered onto rank 0's host, in its master dtype (empty elsewhere); small: each
+    is rank x a projection's side. Collective."""
+    adapters = {}
+    for unit, entries in units:
+        if not any(is_adapter(name) for name, _, _ in entries):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=False):
+            if rank0:
+                adapters.update({name.removeprefix(WRAPPER_PREFIX): getattr(module, attribute).detach().cpu().clone()
+                                 for name, module, attribute in entries})
+    return adapters
+
+
 def export_model(model: FSDP, out_dir: str, hf_config, tokenizer, image_processor, save_dtype: str,
-                 max_shard_size: str, source_dir: str | None = None) -> ExportStats | None:
-    """Collective: every rank must call it; rank 0 writes (and returns its ExportStats; None elsewhere)."""
+                 max_shard_size: str, source_dir: str | None = None, lora: LoraArgs | None = None,
+                 base_model_name_or_path: str = "", merge: bool = True) -> ExportStats | None:
+    """Collective: every rank must call it; rank 0 writes (and returns its ExportStats; None elsewhere or when
+    no weights are written). With `lora`: the adapters go to `out_dir/adapter` (what
+    `PeftModel.from_pretrained(base, ...)` loads) and, unless `merge` is False, `out_dir` holds the whole model
+    with them merged into its weights (W + alpha / rank x B A)."""
     rank0 = dist.get_rank() == 0
-    dtype = DTYPES[save_dtype]
     units = unit_parameters(model)
+    adapters = gather_adapters(units, rank0) if lora else {}
     if rank0:
         tmp = temporary_folder(out_dir)
+        if lora:
+            write_adapter_folder(os.path.join(tmp, ADAPTER_DIR), adapters, lora, base_model_name_or_path)
+    stats = None
+    if merge or not lora:
+        weight_units = [(unit, [e for e in entries if not is_adapter(e[0])]) for unit, entries in units]
+        stats = _write_weights([(u, e) for u, e in weight_units if e], tmp if rank0 else "", hf_config, tokenizer,
+                               image_processor, save_dtype, max_shard_size, source_dir, adapters, lora)
+    if rank0:
+        publish(tmp, out_dir)
+    dist.barrier()
+    return stats
+
+
+def _write_weights(units, tmp: str, hf_config, tokenizer, image_processor, save_dtype: str, max_shard_size: str,
+                   source_dir: str | None, adapters: dict[str, torch.Tensor], lora: LoraArgs | None):
+    """The HF folder's files into `tmp` on rank 0, one gathered unit at a time (collective)."""
+    rank0 = dist.get_rank() == 0
+    dtype = DTYPES[save_dtype]
+    if rank0:
         save_model_files(tmp, hf_config, tokenizer, image_processor, source_dir, save_dtype=dtype)
         skeleton = meta_skeleton(hf_config, dtype)
         names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
@@ -94,13 +134,12 @@ def export_model(model: FSDP, out_dir: str, hf_config, tokenizer, image_processo
                 name = name.removeprefix(WRAPPER_PREFIX)
                 if name in saved:
                     tensor = getattr(module, attribute)
+                    if lora:
+                        tensor = merged(name, tensor, adapters, lora)
                     writer.add(saved[name], tensor)
                     unit_bytes += save_size(tensor.dtype, tensor.numel(), dtype)
             largest_unit = max(largest_unit, unit_bytes)
-    stats = None
-    if rank0:
-        files = writer.close()
-        publish(tmp, out_dir)
-        stats = ExportStats(files, writer.total_bytes, writer.peak_bytes, largest_unit)
-    dist.barrier()
-    return stats
+    if not rank0:
+        return None
+    files = writer.close()
+    return ExportStats(files, writer.total_bytes, writer.peak_bytes, largest_unit)

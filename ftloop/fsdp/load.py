@@ -29,6 +29,7 @@ from transformers import initialization as hf_init
 from ftloop.errors import ConfigError
 from ftloop.fsdp.export import unit_parameters
 from ftloop.hf_folder import FolderWeights
+from ftloop.model import clean_name
 
 
 class UnitMaterializer:
@@ -40,14 +41,19 @@ class UnitMaterializer:
     """
 
     def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights | None, device: torch.device,
-                 every_rank_reads: bool = False):
-        """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's.
-        `weights`: the folder on the ranks that read it (`open_weights`), None on the others."""
+                 every_rank_reads: bool = False,
+                 new_parameter: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+        """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's (once
+        `clean_name` has taken LoRA's `base_layer.` out). `weights`: the folder on the ranks that read it
+        (`open_weights`), None on the others. `new_parameter(name, meta)`: the value of a parameter the folder
+        does not hold (LoRA adapters: ftloop.lora.initial_adapter), the same on every rank; None for the others."""
         self.hf_model = hf_model
         self.names = {module: name for name, module in hf_model.named_modules(remove_duplicate=False)}
         # What the checkpoint holds, known on every rank: FolderWeights has checked that it is exactly the
-        # skeleton's parameters and persistent buffers. The rest (non-persistent buffers) is computed.
-        self.in_checkpoint = set(hf_model.state_dict(keep_vars=True))
+        # skeleton's parameters and persistent buffers (before any adapters were added). The rest (non-persistent
+        # buffers) is computed.
+        self.in_checkpoint = {clean_name(name) for name in hf_model.state_dict(keep_vars=True)}
+        self.new_parameter = new_parameter
         self.weights, self.device = weights, device
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.broadcast = world > 1 and not every_rank_reads
@@ -74,11 +80,12 @@ class UnitMaterializer:
                                          "flattened already; ftloop cannot wrap this tie")
                     slots[key] = real
                     continue
-                name = f"{path}.{key}" if path else key
+                name = clean_name(f"{path}.{key}" if path else key)
                 if not is_param and name not in self.in_checkpoint:
                     computed.append((key, meta))
                     continue
-                real = self._receive(name, meta)
+                real = self.new_parameter(name, meta) if is_param and self.new_parameter else None
+                real = self._receive(name, meta) if real is None else real.to(self.device)
                 if is_param:
                     real = nn.Parameter(real, requires_grad=meta.requires_grad)
                 self.done[id(meta)] = (meta, weakref.ref(real))
@@ -146,14 +153,20 @@ def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: 
 
 
 @torch.no_grad()
-def load_weights_into(model: FSDP, weights: FolderWeights | None, prefix: str = "") -> None:
+def load_weights_into(model: FSDP, weights: FolderWeights | None, prefix: str = "",
+                      only: Callable[[str], bool] | None = None) -> None:
     """Overwrite a wrapped model's parameters with a folder's, one FSDP unit at a time, on every rank (e.g. the
-    `best` export back into the model at the end). Collective; `weights` is needed on rank 0 only. Each unit is
-    gathered, rank 0 reads its tensors into the gathered parameters and broadcasts them, and every rank writes
-    its shard back: no rank holds more than one unit beyond its shards."""
+    `best` export back into the model at the end). Collective; `weights` (anything with `read(name, dtype)`) is
+    needed on rank 0 only. Each unit is gathered, rank 0 reads its tensors into the gathered parameters and
+    broadcasts them, and every rank writes its shard back: no rank holds more than one unit beyond its shards.
+    `only(name)`: the parameters to overwrite (units holding none of them are left alone); default all."""
     rank0 = dist.get_rank() == 0
     broadcast = dist.get_world_size() > 1
     for unit, entries in unit_parameters(model):
+        if only is not None:
+            entries = [entry for entry in entries if only(entry[0].removeprefix(prefix))]
+            if not entries:
+                continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=True):
             for name, module, attribute in entries:
                 tensor = getattr(module, attribute)
