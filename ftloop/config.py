@@ -247,11 +247,11 @@ class TrainArgs:
 @dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
-    lora: LoraArgs = field(default_factory=LoraArgs)
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     fsdp: FSDPArgs = field(default_factory=FSDPArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

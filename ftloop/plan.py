@@ -25,6 +25,9 @@ embedding and merger). Per GPU, in bytes:
   eval logits  the same for a micro-batch of --per-device-eval-batch-size rows (evaluation keeps no gradients)
   reserve      RESERVE_BYTES for the CUDA context, NCCL buffers and allocator fragmentation (set aside, not derived)
 
+Frozen units (freeze flags, a LoRA base) have no gradients and no optimizer state; a LoRA base is held in bf16
+under --bf16, its adapter matrices (units of their own) in the master dtype.
+
 The peak is the persistent part plus the larger of two moments: mid-backward (root unit + largest unit +
 activations + logits) and the root's own post-backward (its unsharded gradient, the copy in --reduce-dtype and
 the reduced shard), plus the reserve; or evaluation's peak (the root and two units gathered, the logits of
@@ -50,6 +53,7 @@ from ftloop.config import Config, validate
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import shard_group_size
+from ftloop.lora import add_adapters, base_dtype, is_adapter
 from ftloop.model import DTYPES, build_meta_model, frozen_modules, load_config, separate_units, wrapped_layer_classes
 
 GIB = 2**30
@@ -68,15 +72,21 @@ class UnitSize:
 
 def fsdp_units(hf_model: PreTrainedModel, frozen: list[nn.Module] = ()) -> list[UnitSize]:
     """The units ftloop's auto-wrap policy makes for a model whose `frozen` modules do not train
-    (ftloop.model.frozen_modules; freezing wraps some modules apart), the root last; tied parameters counted
-    once (in the root)."""
+    (ftloop.model.frozen_modules; freezing wraps some modules apart), nor its parameters without requires_grad
+    (a LoRA base), the root last; tied parameters counted once (in the root)."""
     classes = tuple(wrapped_layer_classes(hf_model))
-    own_units = separate_units(hf_model, list(frozen))
+    # LoRA's adapter matrices are units of their own, beside a base that does not train (ftloop.lora).
+    adapters = {module for name, module in hf_model.named_modules() if is_adapter(f"{name}.")}
+    own_units = separate_units(hf_model, list(frozen)) | adapters
     frozen_ids = {id(p) for module in frozen for p in module.parameters()}
+    frozen_ids |= {id(p) for p in hf_model.parameters() if not p.requires_grad}
     seen: set[int] = set()
-    units, in_units = [], set()
+    # Adapters first: FSDP nests their units inside their decoder layer's, which holds the rest of the layer.
+    units = [_unit_size(name, module, seen, frozen_ids) for name, module in hf_model.named_modules()
+             if module in adapters]
+    in_units = set()
     for name, module in hf_model.named_modules():
-        wrapped = isinstance(module, classes) or module in own_units
+        wrapped = isinstance(module, classes) or (module in own_units and module not in adapters)
         if wrapped and not any(name.startswith(f"{u}.") for u in in_units):
             in_units.add(name)
             units.append(_unit_size(name, module, seen, frozen_ids))
@@ -151,26 +161,31 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     strategy = "NO_SHARD" if world_size == 1 else f.sharding_strategy  # FSDP itself does this at world size 1
     shards = shard_group_size(strategy, world_size, gpus_per_node)
     pb = DTYPES[m.param_dtype].itemsize
+    fb = DTYPES[base_dtype(cfg)].itemsize  # a frozen element (a LoRA base is held in bf16)
     cb = 2 if f.bf16 else pb
     rb = DTYPES[f.reduce_dtype].itemsize if f.bf16 else pb
     units = fsdp_units(hf_model, frozen_modules(hf_model, m))
     root, layers = units[-1], units[:-1]
-    local = sum(math.ceil(u.numel / shards) for u in units)  # FSDP pads each flat parameter to the shard count
-    local_trainable = sum(math.ceil(u.trainable / shards) for u in units)  # gradients and optimizer state
+    # FSDP pads each flat parameter to the shard count; a unit is all trainable (gradients, optimizer state) or
+    # all frozen.
+    local_trainable = sum(math.ceil(u.trainable / shards) for u in units)
+    local_frozen = sum(math.ceil((u.numel - u.trainable) / shards) for u in units)
+    local = local_trainable + local_frozen
     offloaded = f.cpu_offload  # shards, gradients and the optimizer live in host memory
     terms, details = {}, {}
-    terms["sharded parameters"] = 0 if offloaded else local * pb
+    terms["sharded parameters"] = 0 if offloaded else local_trainable * pb + local_frozen * fb
     terms["gradients"] = 0 if offloaded else local_trainable * pb
     if offloaded and t.gradient_accumulation_steps > 1:  # no_sync: unsharded on the GPU until the last micro-batch
         terms["gradients"] = sum(u.trainable for u in units) * cb
     where = " (on the host)" if offloaded else ""
-    details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}"
+    details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}" if fb == pb else (
+        f"{local_trainable / 1e9:.3f}B trainable x {pb} B + {local_frozen / 1e9:.2f}B frozen x {fb} B{where}")
     details["gradients"] = f"the same: FSDP reduces into the master dtype{where}"
     if terms["gradients"] and offloaded:
         details["gradients"] = "unsharded on the GPU across micro-batches (no_sync: FSDP1 cannot accumulate offloaded)"
     if o.optim == "adafactor":
         stats = sum(u.matrix_stats for u in units) * 4 + sum(math.ceil(u.vector_numel / shards) for u in units) * 4
-        kahan = local * 2 if m.param_dtype == "bf16" and o.bf16_master_rounding == "kahan" else 0
+        kahan = local_trainable * 2 if m.param_dtype == "bf16" and o.bf16_master_rounding == "kahan" else 0
         details["optimizer state"] = "Adafactor row/column statistics + sliced vector moments" + (
             " + bf16 Kahan buffer" if kahan else "")
         state = stats + kahan
@@ -188,11 +203,13 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
         details["largest unit"] = "every unit gathered from forward to backward (SHARD_GRAD_OP) + gradient"
     else:
         unit_params = 2 * biggest.numel * gathered
-        details["largest unit"] = (f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B + gradient "
-                                   f"{cb} B" + (f" + reduce copy {reduce_copy} B" if reduce_copy else ""))
+        gradient = (f" + gradient {cb} B" + (f" + reduce copy {reduce_copy} B" if reduce_copy else "")
+                    if biggest.trainable else " (frozen: no gradient)")
+        details["largest unit"] = f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B" + gradient
     terms["largest unit"] = unit_params + unit_grad
     terms["root unit"] = root.numel * gathered + root.trainable * cb
-    details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B + gradient {cb} B"
+    details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B" + (
+        f" + gradient {cb} B" if root.trainable else " (frozen: no gradient)")
 
     tokens = t.per_device_train_batch_size * data.sequence_tokens
     text, vision = hf_model.config.text_config, hf_model.config.vision_config
@@ -338,12 +355,20 @@ def parse(argv: list[str] | None) -> PlanCommand:
                     description=__doc__.split("\n\n")[0])
 
 
+def planned_model(cfg: Config) -> PreTrainedModel:
+    """The meta model a run of `cfg` wraps: in its base dtype, with its LoRA adapters."""
+    hf_model = build_meta_model(load_config(cfg.model), cfg.model, base_dtype(cfg))
+    if cfg.lora.lora_rank:
+        add_adapters(hf_model, cfg.lora, DTYPES[cfg.model.param_dtype])
+    return hf_model
+
+
 def plan_from_flags(argv: list[str]) -> MemoryPlan:
     """The plan for ftloop.train flags plus --nproc-per-node / --nnodes / --gpu-memory-gib."""
     command = parse(argv)
     validate(command.run, need_data=False)
     world = command.gpus.nproc_per_node * command.gpus.nnodes
-    hf_model = build_meta_model(load_config(command.run.model), command.run.model)
+    hf_model = planned_model(command.run)
     return plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
                        int(command.gpus.gpu_memory_gib * GIB))
 
@@ -356,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
             raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
         world = command.gpus.nproc_per_node * command.gpus.nnodes
-        hf_model = build_meta_model(load_config(command.run.model), command.run.model)
+        hf_model = planned_model(command.run)
     except ConfigError as err:
         print(f"ftloop: error: {err}", file=sys.stderr)
         return 2

@@ -217,8 +217,10 @@ def describe(cfg: Config, world: World, setup: Setup, warmup: int) -> str:
     """The run in one line, said before the first step."""
     shards = shard_group_size(cfg.fsdp.sharding_strategy, world.world_size, world.local_world_size)
     parameters = sum(p.numel() for p in setup.model.parameters()) * shards
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad) * shards
+    trains = f" ({trainable / 1e6:.2f}M trainable)" if trainable < parameters else ""
     return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), "
-            f"~{parameters / 1e6:.1f}M parameters, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
+            f"~{parameters / 1e6:.1f}M parameters{trains}, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
             f"{setup.sampler.global_batch} {'packed ' if cfg.data.packing else ''}sequences, warmup {warmup}")
 
 

@@ -249,3 +249,26 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_f
         check_fits(model, run_config(model={"gradient_checkpointing": False}), 8, 8, 80 * GIB)
     with pytest.raises(ConfigError, match="no flag makes it fit"):
         check_fits(model, run_config(), 2, 2, 80 * GIB)
+
+
+def test_a_lora_run_holds_the_base_in_bf16_and_trains_the_adapters_alone():
+    """Qwen2.5-VL-7B with rank-64 adapters on every decoder projection: the frozen base in bf16 (2 B), the
+    adapters' fp32 masters, gradients and Adafactor statistics for the adapters alone."""
+    from ftloop.config import LoraArgs
+    from ftloop.lora import add_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(Qwen2_5_VLConfig(**config_dict("7b")), dtype=torch.bfloat16)
+    add_adapters(model, LoraArgs(lora_rank=64), torch.float32)
+    d, i, kv = 3584, 18944, 512
+    per_layer = 64 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + i) + (i + d))  # q, k, v, o, gate, up, down
+    adapters = 28 * per_layer
+    assert adapters == 161_480_704  # the well-known 161M of a rank-64 LoRA of Qwen2.5-VL-7B's language model
+    plan = plan_memory(model, run_config(lora={"lora_rank": 64}), 8, 8)
+    base = by_hand("7b")["total"]
+    assert plan.terms["sharded parameters"] == pytest.approx((base * 2 + adapters * 4) / 8, rel=1e-5)
+    assert plan.terms["gradients"] == pytest.approx(adapters * 4 / 8, rel=1e-5)
+    stats = 28 * sum(64 + n for n in (d, d, d, kv, d, kv, d, d, d, i, d, i, i, d))  # rows + columns of A and B
+    assert plan.terms["optimizer state"] == stats * 4
+    full = plan_memory(meta_model("7b", torch.float32), run_config(), 8, 8)
+    assert plan.persistent_bytes < 0.3 * full.persistent_bytes  # 2.2 GB against 8.3 GB per GPU
