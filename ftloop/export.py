@@ -6,13 +6,15 @@ runs in one process, without GPUs or a process group, at any size: it reads the 
 the output shards from the tensor sizes alone, then loads the tensors of one output shard at a time (DCP reads
 just their byte ranges from every rank's files), casts them to --save-dtype and writes the shard. Memory stays
 about one shard (in the dtype the checkpoint holds, fp32 masters by default) whatever the model's size. The
-result is what ftloop.train exports at the end of a run, written to a temporary folder and renamed when done.
+result is what ftloop.train exports at the end of a run, written to a temporary folder and renamed when done:
+for a LoRA run, the merged model with its adapters in `adapter/`.
 Errors are one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import warnings
@@ -23,12 +25,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from ftloop.config import parse_size
+from ftloop.config import LoraArgs, parse_size
 from ftloop.errors import ConfigError, fail
-from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, is_complete
+from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, RUN_CONFIG, is_complete
 from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, plan_shards, publish, save_model_files,
                               save_size, saved_names, temporary_folder)
-from ftloop.model import DTYPES, WRAPPER_PREFIX
+from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
+from ftloop.model import DTYPES, WRAPPER_PREFIX, clean_name
 
 MODEL_KEY = "model."  # the checkpoint's state is {"model": ..., "optimizer": ...}; DCP joins keys with dots
 
@@ -65,7 +68,16 @@ def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_sha
     """Write the HF folder of checkpoint `path` at out_dir; returns the safetensors file names."""
     dtype = DTYPES[save_dtype]
     tensors = model_tensors(path)
-    names = {key: key.removeprefix(MODEL_KEY + WRAPPER_PREFIX) for key in tensors}
+    names = {key: clean_name(key.removeprefix(MODEL_KEY + WRAPPER_PREFIX)) for key in tensors}
+    lora, adapters = None, {}
+    if any(is_adapter(name) for name in names.values()):  # a LoRA run's: merge its adapters, and write them too
+        with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
+            run_config = json.load(f)
+        lora, base_model = LoraArgs(**run_config["lora"]), run_config["model"]["model_name_or_path"]
+        adapters = _load(path, {key: tensors[key] for key, name in names.items() if is_adapter(name)})
+        adapters = {names[key]: tensor for key, tensor in adapters.items()}
+        tensors = {key: meta for key, meta in tensors.items() if not is_adapter(names[key])}
+        names = {key: names[key] for key in tensors}
     hf_dir = os.path.join(path, MODEL_FILES)
     hf_config = AutoConfig.from_pretrained(hf_dir)
     skeleton = meta_skeleton(hf_config, dtype)
@@ -80,20 +92,30 @@ def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_sha
                          AutoImageProcessor.from_pretrained(hf_dir), source_dir=hf_dir, save_dtype=dtype)
         writer = ShardWriter(tmp, max_shard_size, dtype)
         for shard in plan_shards(sizes, writer.max_bytes):
-            # Plain tensors as targets: DCP assembles each from the pieces every rank saved.
-            state = {key: torch.empty(tensors[key].size, dtype=tensors[key].properties.dtype) for key in shard}
-            with warnings.catch_warnings():  # "torch.distributed is disabled...": one process is the intent
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
+            state = _load(path, {key: tensors[key] for key in shard})
             for key in shard:
-                writer.add(saved[names[key]], state.pop(key), owned=True)
+                tensor = state.pop(key)
+                writer.add(saved[names[key]], merged(names[key], tensor, adapters, lora) if lora else tensor,
+                           owned=True)
             writer.flush()
         files = writer.close()
+        if lora:
+            write_adapter_folder(os.path.join(tmp, ADAPTER_DIR), adapters, lora, base_model)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish(tmp, out_dir)
     return files
+
+
+def _load(path: str, tensors: dict[str, TensorStorageMetadata]) -> dict[str, torch.Tensor]:
+    """These tensors of the checkpoint, whole: plain tensors as targets, which DCP assembles from the pieces
+    every rank saved."""
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in tensors.items()}
+    with warnings.catch_warnings():  # "torch.distributed is disabled...": one process is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
+    return state
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from ftloop.config import LoraArgs, ModelArgs
 from ftloop.errors import ConfigError
+from ftloop.export import export_checkpoint
 from ftloop.lora import add_adapters, initial_adapter, merged
 from ftloop.model import build_meta_model, clean_name, load_config
 from launch import check, python_m, torchrun, train_flags
@@ -123,6 +124,15 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
     # Adafactor's state for the adapters alone, factored: a row and a column statistic of each matrix.
     assert {k.rsplit(".", 1)[0] for k in optimizer} == adapters
     assert all(f"{k}.exp_avg_sq_row" in optimizer and f"{k}.exp_avg_sq_col" in optimizer for k in adapters)
+    # `python -m ftloop.export` merges a LoRA checkpoint's adapters too: W + alpha / rank x B A (16 / 4).
+    export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "offline"))
+    q = "model.language_model.layers.1.self_attn.q_proj"
+    by_hand = model_state[f"{q}.base_layer.weight"].float() + 4.0 * (
+        model_state[f"{q}.lora_B.default.weight"] @ model_state[f"{q}.lora_A.default.weight"])
+    assert torch.equal(load_file(tmp_path / "offline" / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"],
+                       by_hand.bfloat16())
+    offline = load_file(tmp_path / "offline" / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(offline[f"base_model.model.{q}.lora_A.weight"], model_state[f"{q}.lora_A.default.weight"])
 
     # final/adapter loads into the base with peft; final/ is the merged model, in the usual layout.
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
