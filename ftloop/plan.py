@@ -49,7 +49,8 @@ import tyro
 from torch import nn
 from transformers import PreTrainedModel
 
-from ftloop.config import Config, validate
+from ftloop.checks import validate
+from ftloop.config import Config
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import shard_group_size

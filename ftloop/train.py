@@ -6,7 +6,8 @@ micro-batches per rank, normalised so that the gradient does not depend on how t
 (ftloop.steps).
 
 Where each concern lives:
-- flags, their docs and checks: ftloop.config (data sources: ftloop.data.sources); user errors: ftloop.errors
+- flags and their docs: ftloop.config; their checks: ftloop.checks (data sources: ftloop.data.sources); user
+  errors: ftloop.errors; LoRA adapters: ftloop.lora
 - rows, the check before training, loaders and the order of rows: ftloop.data (build_loaders)
 - the model and its loss: ftloop.model; weights read into FSDP units: ftloop.fsdp.load; wrapping:
   ftloop.fsdp.wrap; the memory plan: ftloop.plan
@@ -33,7 +34,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm import tqdm
 
-from ftloop.config import Config, parse_args, validate
+from ftloop.checks import validate
+from ftloop.config import Config, parse_args
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sources import check_sources

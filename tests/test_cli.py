@@ -10,7 +10,8 @@ import traceback
 
 import pytest
 
-from ftloop.config import Config, parse_args, parse_size, validate
+from ftloop.checks import validate
+from ftloop.config import Config, parse_args, parse_size
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.train import main as train_main
@@ -38,7 +39,7 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     validate(config_for(tiny_bundle, "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding", "nearest"))
 
 
-BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.config.validate makes
+BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.checks.validate makes
     (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
     (["--max-eval-samples", "-1"], "--max-eval-samples must be 0 (all) or positive"),
     (["--unfreeze-topk-llm", "-1"], "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive"),
@@ -110,12 +111,12 @@ def test_bad_values_name_the_flag(tiny_bundle, tmp_path, flags, message):
 
 
 def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
-    """A `_need` check added to ftloop/config.py without a case in BAD_FLAGS fails here: each case is traced to
+    """A `_need` check added to ftloop/checks.py without a case in BAD_FLAGS fails here: each case is traced to
     the `_need` call that refused it, and every one must be reached (checks raised otherwise, parse_size's,
     have tests of their own)."""
-    import ftloop.config
+    import ftloop.checks
 
-    source = inspect.getsource(ftloop.config)
+    source = inspect.getsource(ftloop.checks)
     calls = {node.lineno for node in ast.walk(ast.parse(source))
              if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_need"}
     reached = set()
@@ -123,7 +124,7 @@ def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
         try:
             validate(bad_config(tiny_bundle, tmp_path, flags))
         except ConfigError as err:
-            frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == ftloop.config.__file__]
+            frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == ftloop.checks.__file__]
             reached.add(frames[-2].lineno if frames[-1].name == "_need" else frames[-1].lineno)
     assert calls and calls <= reached, f"config.py lines with a _need and no case: {sorted(calls - reached)}"
 

@@ -116,6 +116,20 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
 
 
+@pytest.mark.parametrize("flags, trains", [
+    (["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or unit.endswith("merger")),
+    (["--lora-rank", "4"], lambda unit: ".lora_" in unit),
+], ids=["frozen vision tower", "lora"])
+def test_frozen_units_get_no_gradient(tiny_bundle, tmp_path, flags, trains):
+    """After a real step's backward (2 processes, flat parameters), exactly the trainable units hold a gradient:
+    FSDP allocates and reduce-scatters none for a frozen unit."""
+    step = step_gradients(tiny_bundle, tmp_path, 2, 2, 1, *flags, flat=True)
+    units = step["unit_grads"]
+    assert any(not trains(unit) for unit in units) and any(trains(unit) for unit in units)
+    for unit, (requires_grad, has_grad) in units.items():
+        assert requires_grad == has_grad == trains(unit.removeprefix("hf.")), unit
+
+
 LR_WORKER = os.path.join(REPO, "tests", "lr_worker.py")
 
 

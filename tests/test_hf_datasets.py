@@ -13,7 +13,8 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from datautil import one_line_error, write_json
-from ftloop.config import parse_args, validate
+from ftloop.checks import validate
+from ftloop.config import parse_args
 from ftloop.data.formats import load_rows
 from ftloop.errors import ConfigError, DataError
 from ftloop.data.image_ref import ImageRef

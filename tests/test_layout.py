@@ -104,6 +104,7 @@ def test_errors_import_nothing_of_ours_and_config_nothing_of_data():
     graph = imports()
     assert graph["ftloop.errors"] == []
     assert [t for t, _ in graph["ftloop.config"]] == ["ftloop.errors"]
+    assert {t for t, _ in graph["ftloop.checks"]} == {"ftloop.config", "ftloop.errors"}
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoImageProcessor
 
 from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
-from ftloop.config import validate
+from ftloop.checks import validate
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
 from ftloop.data.preflight import Measuring, check_file

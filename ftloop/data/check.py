@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import tyro
 
-from ftloop.config import DataArgs, check_data_args, check_model_path
+from ftloop.checks import check_data_args, check_model_path
+from ftloop.config import DataArgs
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.preflight import Measuring, check_file, make_pool
 from ftloop.data.sources import check_sources

@@ -27,13 +27,13 @@ DEMO_FLAGS = [
 ]
 
 
-def train_command(bundle: dict, output_dir: str, nproc: int) -> list[str]:
+def train_command(bundle: dict, output_dir: str, nproc: int, extra: list[str] = ()) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
         os.environ.get("MASTER_PORT", "29511"), "-m", "ftloop.train",
         "--model-name-or-path", bundle["model_dir"], "--train-data", bundle["train_json"],
         "--eval-data", bundle["eval_json"], "--image-folder", bundle["image_folder"],
-        "--output-dir", output_dir, *DEMO_FLAGS,
+        "--output-dir", output_dir, *DEMO_FLAGS, *extra,
     ]
 
 
@@ -41,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_run", help="where the bundle and the run are written")
     parser.add_argument("--nproc-per-node", type=int, default=2, help="training processes")
+    parser.add_argument("train_flags", nargs="*", metavar="-- FLAG",
+                        help="more ftloop.train flags after --, e.g. -- --lora-rank 16 --learning-rate 5e-3")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -51,7 +53,7 @@ def main() -> None:
     bundle = build_demo_bundle(bundle_dir, shape_share=0.0)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time: metrics.jsonl is appended to
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    command = train_command(bundle, output_dir, args.nproc_per_node)
+    command = train_command(bundle, output_dir, args.nproc_per_node, args.train_flags)
     print("demo: " + " ".join(command[1:]), flush=True)
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit("demo: training failed (see above)")
