@@ -6,7 +6,8 @@ and "grad_norm" holds the norm it returned, from before clipping.
 Rank 0 saves {"grads": {name: full fp32 gradient}, "loss": step mean loss, "dtypes": {...},
 "micro_batch_targets": [supervised tokens of each micro-batch, this rank], "unsharded_grad_between_micro_batches":
 whether any FSDP unit held a gradient of its unsharded size when a later micro-batch started, "unit_grads":
-{unit: (its flat parameter's requires_grad, whether it holds a gradient)}} to OUT.pt.
+{unit: (its flat parameter's requires_grad, whether it holds a gradient)}, "images_per_rank": [whether each rank's
+micro-batches held an image]} to OUT.pt.
 Gradients are gathered from the flat shards (or the original parameters with --use-orig-params).
 """
 
@@ -75,6 +76,8 @@ def main() -> None:
     # Which units got a gradient (FSDP allocates and reduce-scatters one only for a flat parameter that trains).
     unit_grads = {clean_name(paths[u]): (u._handle.flat_param.requires_grad, u._handle.flat_param.grad is not None)
                   for u in units}
+    images_per_rank = [None] * d.world_size  # whether each rank's micro-batches held an image
+    dist.all_gather_object(images_per_rank, any(b.get("pixel_values") is not None for b in micro_batches))
     grads = gathered_gradients(model, units, d) if not cfg.fsdp.use_orig_params else None
     if grads is None:
         with FSDP.summon_full_params(model, with_grads=True, rank0_only=False, writeback=False):
@@ -82,6 +85,7 @@ def main() -> None:
                      for name, p in model.named_parameters() if p.grad is not None}
     if d.rank == 0:
         torch.save({"grads": grads, "loss": loss, "dtypes": facts, "grad_norm": grad_norm, "unit_grads": unit_grads,
+                    "images_per_rank": images_per_rank,
                     "micro_batch_targets": [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches],
                     "unsharded_grad_between_micro_batches": any(unsharded_between[1:])}, out)
     dist.barrier()

@@ -120,10 +120,16 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     (["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or unit.endswith("merger")),
     (["--lora-rank", "4"], lambda unit: ".lora_" in unit),
 ], ids=["frozen vision tower", "lora"])
-def test_frozen_units_get_no_gradient(tiny_bundle, tmp_path, flags, trains):
+def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(tiny_bundle, tmp_path, flags, trains):
     """After a real step's backward (2 processes, flat parameters), exactly the trainable units hold a gradient:
-    FSDP allocates and reduce-scatters none for a frozen unit."""
-    step = step_gradients(tiny_bundle, tmp_path, 2, 2, 1, *flags, flat=True)
+    FSDP allocates and reduce-scatters none for a frozen unit. One row with an image and one without, one per
+    rank: the text-only rank runs the frozen tower on the blank image, and the trainable merger's gradient
+    there is zero, yet reduce-scattered with the other rank's."""
+    rows = json.loads(open(tiny_bundle["train_json"]).read())
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))
+    step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--train-data", str(data), *flags, flat=True)
+    assert sorted(step["images_per_rank"]) == [False, True]
     units = step["unit_grads"]
     assert any(not trains(unit) for unit in units) and any(trains(unit) for unit in units)
     for unit, (requires_grad, has_grad) in units.items():
