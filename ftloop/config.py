@@ -34,10 +34,10 @@ class ModelArgs:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     freeze_vision_tower: bool = False
-    """Keep the vision tower's patch embedding and blocks fixed (the merger still trains unless
-    --freeze-merger). Frozen parts get no gradients and no optimizer state."""
+    """Keep the vision tower's patch embedding (and Qwen3-VL's position embedding) and blocks fixed (the merger
+    still trains unless --freeze-merger). Frozen parts get no gradients and no optimizer state."""
     freeze_merger: bool = False
-    """Keep the vision-to-language merger fixed."""
+    """Keep the vision-to-language merger fixed (and Qwen3-VL's DeepStack mergers)."""
     freeze_llm: bool = False
     """Keep the language model fixed: its embeddings, decoder layers, final norm and lm_head (tied or not)."""
     unfreeze_topk_llm: int = 0
@@ -113,8 +113,9 @@ class DataArgs:
     max_tokens_per_batch: int = 0
     """With --packing: most tokens in one packed sequence (0: --max-seq-length). At least --max-seq-length, so
     every row fits: a longer row is dropped or cut first, as --truncation says."""
-    system_prompt: str = "You are a helpful assistant."
-    """System prompt used when a conversation has none (Qwen's default)."""
+    system_prompt: str | None = None
+    """System prompt of a conversation that has none (default: the family's, as its chat template inserts it:
+    "You are a helpful assistant." for Qwen2-VL and Qwen2.5-VL, none for Qwen3-VL; "" for none)."""
     min_pixels: int | None = None
     """Smallest area (pixels) an image or video frame is resized to (default: the checkpoint's preprocessor
     config). Exported with the image processor."""
@@ -144,7 +145,8 @@ class OptimArgs:
     vision_lr: float | None = None
     """Learning rate of the vision tower's blocks and patch embedding (default: --learning-rate)."""
     merger_lr: float | None = None
-    """Learning rate of the vision-to-language merger (default: --learning-rate)."""
+    """Learning rate of the vision-to-language merger, Qwen3-VL's DeepStack mergers too (default:
+    --learning-rate)."""
     weight_decay: float = 0.0
     """Decoupled weight decay on weight matrices (never on biases and norm weights)."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"

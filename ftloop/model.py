@@ -18,19 +18,23 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ftloop.config import ModelArgs
 from ftloop.data.chat import IGNORE_INDEX
 from ftloop.errors import ConfigError
+from ftloop.family import check_supported
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def load_config(args: ModelArgs) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(args.model_name_or_path)
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
             f"--model-name-or-path {args.model_name_or_path}: cannot load its config ({first_line}); "
-            "give a local Qwen2.5-VL folder, or a hub id with network access or a filled HF cache"
+            "give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder, or a hub id with network access or a filled HF "
+            "cache"
         ) from None
+    check_supported(config.model_type, f"--model-name-or-path {args.model_name_or_path}")
+    return config
 
 
 def build_meta_model(config: PretrainedConfig, args: ModelArgs, dtype: str | None = None) -> PreTrainedModel:
@@ -54,27 +58,37 @@ def frozen_modules(model: PreTrainedModel, args: ModelArgs) -> list[nn.Module]:
     """The modules the freeze flags name (the model is not changed)."""
     visual, language = model.model.visual, model.model.language_model
     frozen: list[nn.Module] = []
+    tower, mergers = vision_parts(visual)
     top_vision, top_llm = args.unfreeze_topk_vision, args.unfreeze_topk_llm
     for flag, k, blocks in (("--unfreeze-topk-vision", top_vision, visual.blocks),
                             ("--unfreeze-topk-llm", top_llm, language.layers)):
         if k > len(blocks):
             raise ConfigError(f"{flag} {k}: the model has {len(blocks)}; give at most that")
     if args.freeze_vision_tower or top_vision:
-        frozen += [visual.patch_embed, *visual.blocks[:len(visual.blocks) - top_vision]]
+        frozen += [*tower, *visual.blocks[:len(visual.blocks) - top_vision]]
     if args.freeze_merger:
-        frozen.append(visual.merger)
+        frozen += mergers
     if args.freeze_llm or top_llm:
         rest = [m for name, m in language.named_children() if name != "layers"]  # embeddings, final norm
         frozen += [*rest, *language.layers[:len(language.layers) - top_llm], model.lm_head]
     return frozen
 
 
+def vision_parts(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(the tower's modules besides its blocks: the patch embedding, and Qwen3-VL's learned position
+    embedding; the mergers: the merger, and Qwen3-VL's DeepStack mergers of intermediate blocks' features)."""
+    tower = [visual.patch_embed, *([visual.pos_embed] if hasattr(visual, "pos_embed") else [])]
+    return tower, [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+
+
 def separate_units(model: PreTrainedModel, frozen: list[nn.Module]) -> set[nn.Module]:
     """The modules that need FSDP units of their own once anything is frozen, so that no unit mixes frozen and
-    trainable tensors (FSDP1 flattens a unit into one parameter, which has one requires_grad): the patch
-    embedding and the merger, which otherwise share the root unit with the language model's embeddings.
-    Empty when nothing is frozen (the usual units)."""
-    return {model.model.visual.patch_embed, model.model.visual.merger} if frozen else set()
+    trainable tensors (FSDP1 flattens a unit into one parameter, which has one requires_grad): the tower's
+    modules besides its blocks and the mergers (`vision_parts`), which otherwise share the root unit with the
+    language model's embeddings. Each runs through its own forward, which is where FSDP gathers a unit. Empty
+    when nothing is frozen (the usual units)."""
+    tower, mergers = vision_parts(model.model.visual)
+    return {*tower, *mergers} if frozen else set()
 
 
 def freeze_parts(model: PreTrainedModel, args: ModelArgs) -> set[nn.Module]:
@@ -163,7 +177,7 @@ class VisionLanguageSFT(nn.Module):
         logits = self.hf.lm_head(hidden[:, :-1][keep])
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         if dummy is not None:
-            loss_sum = loss_sum + 0.0 * dummy.float().sum()
+            loss_sum = loss_sum + 0.0 * dummy
         return loss_sum, keep.sum()
 
     def _packed_positions(self, input_ids, mm_token_type_ids, segment_lengths, image_grid_thw, video_grid_thw,
@@ -192,7 +206,8 @@ class VisionLanguageSFT(nn.Module):
         and not at all for text, which differs from rank to rank. So the tower runs here exactly once per
         micro-batch on every rank: on the image patches and video patches together (attention never crosses
         from one image or frame group to another, so this equals two passes), split back afterwards; without
-        either, on one tiny blank image whose output counts zero times in the loss.
+        either, on one tiny blank image whose output counts zero times in the loss (all of it: Qwen3-VL's DeepStack
+        features too, so that every merger gets its gradient, zero, on every rank).
         """
         visual = self.hf.model.visual
         dtype = visual.patch_embed.proj.weight.dtype  # the compute dtype under mixed precision
@@ -202,17 +217,29 @@ class VisionLanguageSFT(nn.Module):
         if not parts:
             grid = torch.tensor([[1, self.merge, self.merge]], device=device)
             pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
-            return None, self._pooled(visual(pixels, grid_thw=grid))
+            features, deepstack, _ = self._features(visual(pixels, grid_thw=grid))
+            return None, sum(f.float().sum() for f in [features, *(deepstack or [])])
         pixels = torch.cat([pixels for _, pixels, _ in parts]).to(dtype)
-        features = self._pooled(visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts])))
+        features, deepstack, output_type = self._features(
+            visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts])))
         outputs, offset = {}, 0
         for name, _, grid in parts:  # tokens per image / video, in the order the HF model scatters them
             sizes = (grid.prod(-1) // self.merge**2).tolist()
-            outputs[name] = BaseModelOutputWithPooling(
-                pooler_output=torch.split(features[offset:offset + sum(sizes)], sizes))
+            mine = slice(offset, offset + sum(sizes))
+            fields = {"pooler_output": torch.split(features[mine], sizes)}
+            if deepstack is not None:  # Qwen3-VL: split per image (video) too, for each block feeding the decoder
+                fields["deepstack_features"] = [torch.split(f[mine], sizes) for f in deepstack]
+            outputs[name] = output_type(**fields)
             offset += sum(sizes)
         return outputs, None
 
     @staticmethod
-    def _pooled(out) -> torch.Tensor:
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+    def _features(out) -> tuple[torch.Tensor, list[torch.Tensor] | None, type]:
+        """(merged features, Qwen3-VL's DeepStack features (the merged features of intermediate blocks, which
+        its decoder adds at the vision tokens of its first layers; None for the other families), the output
+        class the model's forward reads them from)."""
+        if not hasattr(out, "pooler_output"):
+            return out, None, BaseModelOutputWithPooling
+        if not hasattr(out, "deepstack_features"):
+            return out.pooler_output, None, BaseModelOutputWithPooling
+        return out.pooler_output, list(out.deepstack_features or []), type(out)

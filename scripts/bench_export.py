@@ -78,7 +78,8 @@ def build_folder(folder: str, layers: int, hidden: int, dtype: torch.dtype = tor
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from ftloop.demo.bundle import build_config, build_image_processor, build_tokenizer, save_image_processor, widen
+    from ftloop.demo.bundle import build_tokenizer
+    from ftloop.demo.models import build_config, build_image_processor, save_image_processor, widen
 
     hf_logging.disable_progress_bar()
     tok = build_tokenizer()

@@ -18,6 +18,14 @@ def tiny_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_bundle(tmp_path_factory):
+    """The same bundle with a tiny random Qwen3-VL (DeepStack, 16-pixel patches, interleaved mRoPE)."""
+    out = tmp_path_factory.mktemp("qwen3_bundle")
+    return build_demo_bundle(out, num_train=16, num_eval=8, image_size=56, seed=0, model_size="test",
+                             family="qwen3-vl")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_bundle):
     """The tiny bundle's tokenizer (Qwen's special tokens, the official chat template)."""
     return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])

@@ -5,7 +5,9 @@ import json
 import numpy as np
 from PIL import Image
 
-SYSTEM = "You are a helpful assistant."
+from ftloop.data.chat import ChatFormat
+
+SYSTEM = ChatFormat("You are a helpful assistant.")  # Qwen2.5-VL's format
 
 
 def turns(*pairs):

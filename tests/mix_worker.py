@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
+from ftloop.data.chat import chat_format
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.model import clean_name
@@ -39,7 +40,7 @@ def main() -> None:
         micro_batches = []
         for rows in mine:
             dataset = SFTDataset(rows, s.tokenizer, s.image_processor, cfg.data.max_seq_length,
-                                 cfg.data.system_prompt, name)
+                                 chat_format(cfg.data.system_prompt, s.hf_config.model_type), name)
             micro_batches.append(collate([dataset[i] for i in range(len(rows))]))
         model.zero_grad(set_to_none=True)
         targets = count_step_tokens(micro_batches, d)[0]

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from datautil import write_json
+from ftloop.data.chat import ChatFormat
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
 from ftloop.data.preflight import Measuring, check_file
@@ -17,7 +18,7 @@ from ftloop.errors import DataError
 from launch import python_m
 from test_cli import one_error_line
 
-SYSTEM = "You are a helpful assistant."
+SYSTEM = ChatFormat("You are a helpful assistant.")
 
 
 def bundle_rows(bundle):

@@ -116,15 +116,19 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
 
 
-@pytest.mark.parametrize("flags, trains", [
-    (["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or unit.endswith("merger")),
-    (["--lora-rank", "4"], lambda unit: ".lora_" in unit),
-], ids=["frozen vision tower", "lora"])
-def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(tiny_bundle, tmp_path, flags, trains):
+@pytest.mark.parametrize("bundle_name, flags, trains", [
+    ("tiny_bundle", ["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or "merger" in unit),
+    ("qwen3_bundle", ["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or "merger" in unit),
+    ("tiny_bundle", ["--lora-rank", "4"], lambda unit: ".lora_" in unit),
+], ids=["frozen vision tower", "qwen3-vl, frozen vision tower", "lora"])
+def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, tmp_path, bundle_name, flags,
+                                                                     trains):
     """After a real step's backward (2 processes, flat parameters), exactly the trainable units hold a gradient:
     FSDP allocates and reduce-scatters none for a frozen unit. One row with an image and one without, one per
     rank: the text-only rank runs the frozen tower on the blank image, and the trainable merger's gradient
-    there is zero, yet reduce-scattered with the other rank's."""
+    there is zero, yet reduce-scattered with the other rank's. Qwen3-VL's DeepStack mergers are units of their
+    own here: the blank image's DeepStack features must reach the loss too, or that rank never reduces them."""
+    tiny_bundle = request.getfixturevalue(bundle_name)
     rows = json.loads(open(tiny_bundle["train_json"]).read())
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
+from ftloop.data.chat import ChatFormat
 from ftloop.data.formats import load_rows
 from ftloop.errors import DataError
 
@@ -238,7 +239,7 @@ def test_video_fps_is_a_row_field_of_both_layouts(data_dir, tokenizer, image_pro
     # ... and it reaches the model: second_per_grid_ts = temporal_patch_size / fps (2.0 by default).
     from ftloop.data.dataset import SFTDataset
 
-    dataset = SFTDataset(a, tokenizer, image_processor, 4096, "")
+    dataset = SFTDataset(a, tokenizer, image_processor, 4096, ChatFormat(""))
     assert [dataset[i]["second_per_grid_ts"].tolist() for i in range(3)] == [[0.5, 0.5], [2.0, 1.0], [1.0, 1.0]]
 
 
@@ -260,5 +261,5 @@ def test_bad_video_fps_is_one_line_before_training(data_dir, tokenizer, image_pr
     path = write_json(data_dir / "fps.json", [row])
     with pytest.raises(DataError) as excinfo:
         for read in load_rows(path):  # reading, or the check before training that measures every row
-            measure_row(read, tokenizer, image_processor, "", source=path)
+            measure_row(read, tokenizer, image_processor, ChatFormat(""), source=path)
     one_line_error(excinfo, f"{path}: row 1", needle)

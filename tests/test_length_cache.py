@@ -11,6 +11,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from ftloop.data import length_cache, validate
+from ftloop.data.chat import ChatFormat
 from ftloop.data.formats import load_rows
 from ftloop.data.length_cache import CacheEntry, cache_folder, source_fingerprint
 from ftloop.data.loaders import hold_out
@@ -45,7 +46,7 @@ def measured(monkeypatch):
 def check(data, tokenizer, image_processor, /, **changes):
     """checked_rows on `data` with the run's cache, the defaults of ftloop.train unless `changes` says."""
     args = dict(path=data["path"], image_folder=data["images"], tokenizer=tokenizer, image_processor=image_processor,
-                system_prompt=SYSTEM, max_seq_length=2048, truncation="drop", skip_bad_rows=False,
+                chat=SYSTEM, max_seq_length=2048, truncation="drop", skip_bad_rows=False,
                 output_dir=data["out"])
     return validate.checked_rows(**{**args, **changes})
 
@@ -114,7 +115,8 @@ CHANGES = {
     "fewer rows": _fewer_rows,
     "tokenizer": _other_tokenizer,
     "min and max pixels": lambda d, t, p: {"image_processor": load_image_processor(t.name_or_path, 28 * 28, 28 * 28)},
-    "system prompt": lambda d, t, p: {"system_prompt": "Answer in one word."},
+    "system prompt": lambda d, t, p: {"chat": ChatFormat("Answer in one word.")},
+    "timestamped videos": lambda d, t, p: {"chat": ChatFormat(SYSTEM.system_prompt, timestamped_videos=True)},
     "max images": lambda d, t, p: {"max_images": 1},
     "truncation": lambda d, t, p: {"truncation": "right"},
 }

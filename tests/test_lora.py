@@ -172,14 +172,14 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
 
 
 def test_best_adapters_come_back_and_no_merge_lora_writes_the_adapter_alone(tiny_bundle, tmp_path):
-    """AdamW (flat shards) at an lr that makes every step worse: the best eval is step 0's, whose adapters
+    """AdamW (flat shards) at an lr that makes the step worse: the best eval is step 0's, whose adapters
     (B = 0, the base itself) are what `final/adapter` holds at the end."""
     out = tmp_path / "run"
     result = check(python_m("ftloop.train", train_flags(
-        tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--eval-on-start", "--max-steps", "2",
+        tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--eval-on-start", "--max-steps", "1",
         "--eval-steps", "1", "--learning-rate", "1.0", "--lora-rank", "4", "--no-merge-lora", "--optim", "adamw")))
     evals = [r["eval_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r]
-    assert len(evals) == 3 and min(evals[1:]) > evals[0]  # the adapters trained, for the worse
+    assert len(evals) == 2 and evals[1] > evals[0]  # the adapters trained, for the worse
     assert "loaded the best adapters back (step 0" in result.stdout
     assert sorted(p.name for p in (out / "final").iterdir()) == ["adapter"]
     assert sorted(p.name for p in (out / "final" / "adapter").iterdir()) == ["adapter_config.json",

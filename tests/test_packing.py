@@ -1,5 +1,5 @@
-"""--packing: a packed micro-batch gives the loss and the gradients of the same rows unpacked (Qwen2.5-VL and
-Qwen2-VL; images, videos, text-only and multi-turn rows), and packs hold every row once within the budget."""
+"""--packing: a packed micro-batch gives the loss and the gradients of the same rows unpacked (Qwen2.5-VL,
+Qwen2-VL and Qwen3-VL; images, videos, text-only and multi-turn rows), and packs hold every row once within the budget."""
 
 import random
 
@@ -8,30 +8,40 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from datautil import SYSTEM, noise_frames, vl_row
-from ftloop.data.chat import IGNORE_INDEX
+from ftloop.data.chat import IGNORE_INDEX, ChatFormat
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.data.packing import make_packed_collate, pack_rows
+from ftloop.data.vision import load_image_processor
 from ftloop.model import VisionLanguageSFT
 from test_vision_forward import qwen2_vl
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
-def model(request, tiny_bundle):
-    qwen25 = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"], dtype=torch.float32,
-                                                         attn_implementation="sdpa")
-    chosen = qwen25 if request.param == "qwen2_5_vl" else qwen2_vl(qwen25.config)
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family, tiny_bundle, qwen3_bundle):
+    folder = (qwen3_bundle if family == "qwen3_vl" else tiny_bundle)["model_dir"]
+    loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    chosen = qwen2_vl(loaded.config) if family == "qwen2_vl" else loaded
     chosen.config._attn_implementation = "sdpa"
     return VisionLanguageSFT(chosen.train())
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory, tokenizer, image_processor):
+def samples(family, tmp_path_factory, tokenizer, image_processor, qwen3_bundle):
     frames = noise_frames(tmp_path_factory.mktemp("packing_frames"))
     row = vl_row
     rows = [row([frames[0], frames[7]], [frames[1:4]]), row(videos=[frames[2:7]], reply="it moves left"),
             row(reply="nine"), row([frames[6]], reply="blue", turns=3), row(reply="a longer answer here", turns=2),
             row([frames[5]], [frames[3:5]], reply="both")]
-    dataset = SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM)
+    if family == "qwen3_vl":  # its own patch grid, and timestamped video frame groups
+        image_processor, chat = load_image_processor(qwen3_bundle["model_dir"]), ChatFormat("", True)
+    else:
+        chat = SYSTEM
+    dataset = SFTDataset(rows, tokenizer, image_processor, 4096, chat)
     return [dataset[i] for i in range(len(rows))]
 
 

@@ -66,10 +66,13 @@ def test_frames_of_another_size_take_the_first_frames_size(tmp_path, image_proce
 
 def test_video_inputs_grids_and_seconds(tmp_path, image_processor):
     frames = [noise_frame(tmp_path / f"{k}.png", k) for k in range(5)]
-    out = video_inputs([frames[:3], frames], image_processor, "row 1", fps=[None, 4.0])
+    out, times = video_inputs([frames[:3], frames], image_processor, "row 1", fps=[None, 4.0])
     assert out["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 4]]
     assert out["pixel_values_videos"].shape[0] == 2 * 16 + 3 * 16
     assert out["second_per_grid_ts"].tolist() == [2 / DEFAULT_FPS, 2 / 4.0]  # temporal_patch_size / fps
+    # Qwen3-VL's timestamps: each group's first and last frame averaged (the last frame repeated to fill a group),
+    # as transformers' Qwen3VLProcessor._calculate_timestamps computes them.
+    assert times == [[0.25, 1.0], [0.125, 0.625, 1.0]]
 
 
 def test_video_errors_name_the_row(tmp_path, image_processor):

@@ -1,12 +1,15 @@
 """VisionLanguageSFT's single vision pass gives the loss of a plain Hugging Face forward (which runs the
-vision tower once for images and once more for videos), for Qwen2.5-VL and Qwen2-VL."""
+vision tower once for images and once more for videos), for Qwen2.5-VL, Qwen2-VL and Qwen3-VL (whose DeepStack
+features the one pass carries too)."""
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from datautil import SYSTEM, noise_frames, vl_row
+from ftloop.data.chat import ChatFormat
 from ftloop.data.dataset import SFTDataset, make_collate
+from ftloop.data.vision import load_image_processor
 from ftloop.model import VisionLanguageSFT
 
 
@@ -30,21 +33,33 @@ def qwen25(tiny_bundle):
     return AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"], dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
-def model(request, qwen25):
-    return qwen25 if request.param == "qwen2_5_vl" else qwen2_vl(qwen25.config)
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory, tokenizer, image_processor):
-    frames = noise_frames(tmp_path_factory.mktemp("forward_frames"))
+def make_samples(folder, tokenizer, image_processor, chat) -> dict:
+    frames = noise_frames(folder)
     row = vl_row
     rows = {"images+videos": row([frames[0], frames[7]], [frames[1:4], frames[4:6]]),
             "videos": row(videos=[frames[2:7]], reply="it moves left"),
             "images": row([frames[6]], reply="blue"),
             "text": row(reply="nine")}
-    dataset = SFTDataset(list(rows.values()), tokenizer, image_processor, 4096, SYSTEM)
+    dataset = SFTDataset(list(rows.values()), tokenizer, image_processor, 4096, chat)
     return {name: dataset[i] for i, name in enumerate(rows)}
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory, tokenizer, image_processor):
+    return make_samples(tmp_path_factory.mktemp("forward_frames"), tokenizer, image_processor, SYSTEM)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def case(request, qwen25, samples, tokenizer, qwen3_bundle, tmp_path_factory):
+    """(model, its samples, tokenizer): Qwen2-VL shares Qwen2.5-VL's processor; Qwen3-VL has its own, and
+    writes each video as timestamped frame groups."""
+    if request.param == "qwen3_vl":
+        folder = qwen3_bundle["model_dir"]
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        chat = ChatFormat("", timestamped_videos=True)
+        own = make_samples(tmp_path_factory.mktemp("qwen3_frames"), tokenizer, load_image_processor(folder), chat)
+        return model, own, tokenizer
+    return (qwen25 if request.param == "qwen2_5_vl" else qwen2_vl(qwen25.config)), samples, tokenizer
 
 
 BATCHES = {"images+videos": ["images+videos", "text", "images"], "images only": ["images", "text"],
@@ -52,7 +67,8 @@ BATCHES = {"images+videos": ["images+videos", "text", "images"], "images only": 
 
 
 @pytest.mark.parametrize("batch_name", sorted(BATCHES))
-def test_one_vision_pass_gives_the_hf_loss(model, samples, tokenizer, batch_name):
+def test_one_vision_pass_gives_the_hf_loss(case, batch_name):
+    model, samples, tokenizer = case
     collate = make_collate(tokenizer.pad_token_id, model.config.image_token_id, model.config.video_token_id)
     batch = collate([samples[name] for name in BATCHES[batch_name]])
     calls = []
@@ -63,7 +79,7 @@ def test_one_vision_pass_gives_the_hf_loss(model, samples, tokenizer, batch_name
             ours = float(loss_sum / count)
             ours_calls = len(calls)
             hf_batch = dict(batch) if model.config.model_type == "qwen2_5_vl" else \
-                {k: v for k, v in batch.items() if k != "second_per_grid_ts"}  # Qwen2-VL has no such input
+                {k: v for k, v in batch.items() if k != "second_per_grid_ts"}  # Qwen2.5-VL's input alone
             reference = float(model(**hf_batch).loss)
     finally:
         hook.remove()
@@ -71,6 +87,28 @@ def test_one_vision_pass_gives_the_hf_loss(model, samples, tokenizer, batch_name
     hf_calls = len(calls) - ours_calls  # ...where the HF model runs one per modality present
     assert hf_calls == ("pixel_values" in batch) + ("pixel_values_videos" in batch)
     assert ours == pytest.approx(reference, rel=1e-6, abs=1e-6)
+
+
+def test_qwen3_vl_deepstack_features_and_video_timestamps_count(case, tokenizer):
+    """The DeepStack features change the loss (so dropping them from the one vision pass would be seen), and so
+    does the timestamped layout of a video's frame groups, which Qwen3-VL's rope needs."""
+    model, samples, _ = case
+    if model.config.model_type != "qwen3_vl":
+        pytest.skip("Qwen3-VL only")
+    collate = make_collate(tokenizer.pad_token_id, model.config.image_token_id, model.config.video_token_id)
+    batch = collate([samples["images+videos"]])
+    text = tokenizer.decode(batch["input_ids"][0])
+    assert text.count(" seconds>") == 2 + 1  # videos of 3 and 2 frames: 2 groups, then 1
+    scorer = VisionLanguageSFT(model)
+    with torch.no_grad():
+        loss = float(scorer(**batch)[0])
+        indexes = model.model.visual.deepstack_visual_indexes
+        model.model.visual.deepstack_visual_indexes = []  # no DeepStack features
+        try:
+            without = float(scorer(**batch)[0])
+        finally:
+            model.model.visual.deepstack_visual_indexes = indexes
+    assert abs(loss - without) > 1e-4
 
 
 def test_video_time_positions_reach_the_model(qwen25, samples, tokenizer):

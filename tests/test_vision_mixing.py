@@ -43,15 +43,21 @@ def step(bundle, tmp_path, scenarios, nproc: int) -> dict:
     return torch.load(out)
 
 
-def test_mixed_vision_inputs_across_ranks_match_one_process(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("bundle_name", ["tiny_bundle", "qwen3_bundle"], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_mixed_vision_inputs_across_ranks_match_one_process(request, tmp_path, bundle_name):
+    """Qwen3-VL's DeepStack features go through the one vision pass too (its mergers get gradients, and the
+    blank image of a text-only rank gives them zero)."""
+    bundle = request.getfixturevalue(bundle_name)
     scenarios = tmp_path / "scenarios.json"
     scenarios.write_text(json.dumps(rows_for(tmp_path)))
-    one, two = step(tiny_bundle, tmp_path, scenarios, 1), step(tiny_bundle, tmp_path, scenarios, 2)
+    one, two = step(bundle, tmp_path, scenarios, 1), step(bundle, tmp_path, scenarios, 2)
     assert one.keys() == two.keys() == set(json.loads(scenarios.read_text()))
     for name in one:
         assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-6), name
         assert max_relative_difference(two[name]["grads"], one[name]["grads"]) < 1e-5, name
-        visual = [k for k in one[name]["grads"] if ".visual.blocks." in k]
-        assert visual and any(one[name]["grads"][k].abs().sum() > 0 for k in visual), name
+        parts = [".visual.blocks."] + [".visual.deepstack_merger_list."] * (bundle_name == "qwen3_bundle")
+        for part in parts:
+            visual = [k for k in one[name]["grads"] if part in k]
+            assert visual and any(one[name]["grads"][k].abs().sum() > 0 for k in visual), (name, part)
     # The scenarios differ (the comparison is not of one step three times).
     assert len({round(r["loss"], 6) for r in one.values()}) == 3

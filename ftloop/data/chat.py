@@ -1,6 +1,7 @@
 """Qwen ChatML rendering and tokenisation with supervision only on assistant replies.
 
-The conversation is rendered to one string exactly as Qwen2.5-VL's chat template does, each `<image>`
+The conversation is rendered to one string exactly as Qwen2.5-VL's chat template does (Qwen3-VL's differs in
+its default system prompt and its videos' layout: ChatFormat), each `<image>`
 replaced by `<|vision_start|>` + one `<|image_pad|>` per merged vision patch + `<|vision_end|>` (each
 `<video>` likewise with `<|video_pad|>`: t*h*w / merge^2 of them, as Qwen's processor expands it), and
 tokenised once. Labels come from character spans: a token is supervised when it starts inside an
@@ -11,8 +12,10 @@ ids are the ones the model sees at inference.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from ftloop.family import QWEN_SYSTEM_PROMPT, default_system_prompt, timestamped_videos
 
 IGNORE_INDEX = -100  # the label of a position that is not supervised (cross-entropy's ignore_index)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -21,29 +24,60 @@ VIDEO_PAD = "<|video_pad|>"
 PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
-def expand_vision(text: str, image_counts: list[int], video_counts: list[int] = ()) -> str:
-    """Replace each `<image>` and `<video>`, in order, by its vision block of `count` pad tokens."""
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a model family renders a conversation (ftloop.family): the system prompt of a conversation that has
+    none ("" for none), and whether each video is one block per frame group after its timestamp (Qwen3-VL)."""
+    system_prompt: str = QWEN_SYSTEM_PROMPT
+    timestamped_videos: bool = False
+
+
+def chat_format(system_prompt: str | None, model_type: str) -> ChatFormat:
+    """The format of this family, with --system-prompt (None: the family's default)."""
+    prompt = default_system_prompt(model_type) if system_prompt is None else system_prompt
+    return ChatFormat(prompt, timestamped_videos(model_type))
+
+
+def video_block(count: int, times: list[float] | None) -> str:
+    """A video's `count` pad tokens: one block, or (with its frame groups' times) one block per group, each after
+    its `<t seconds>`, as Qwen3-VL's processor writes them (the layout of transformers 4.57, which the released
+    models were trained with; 5.x keeps an extra start/end pair around them)."""
+    if times is None:
+        return VISION_START + VIDEO_PAD * count + VISION_END
+    per_group = count // len(times)
+    return "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD * per_group}{VISION_END}" for t in times)
+
+
+def expand_vision(text: str, image_counts: list[int], video_counts: list[int] = (),
+                  video_times: list[list[float]] | None = None) -> str:
+    """Replace each `<image>` and `<video>`, in order, by its vision block of `count` pad tokens (a video's, with
+    `video_times`, split over its frame groups)."""
     pieces = PLACEHOLDERS.split(text)  # text, placeholder, text, placeholder, ..., text
     images, videos = iter(image_counts), iter(video_counts)
+    times = iter(video_times) if video_times is not None else None
     out = [pieces[0]]
     for placeholder, piece in zip(pieces[1::2], pieces[2::2]):
-        count, pad = (next(images), IMAGE_PAD) if placeholder == IMAGE_PLACEHOLDER else (next(videos), VIDEO_PAD)
-        out.append(VISION_START + pad * count + VISION_END + piece)
+        if placeholder == IMAGE_PLACEHOLDER:
+            out.append(VISION_START + IMAGE_PAD * next(images) + VISION_END + piece)
+        else:
+            out.append(video_block(next(videos), next(times) if times is not None else None) + piece)
     assert next(images, None) is None and next(videos, None) is None, "placeholder counts were validated when reading"
     return "".join(out)
 
 
 def render_chat(messages: list[dict], image_token_counts: list[int], system_prompt: str,
-                video_token_counts: list[int] = ()):
-    """The ChatML string and the [start, end) character spans to supervise."""
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
+    """The ChatML string and the [start, end) character spans to supervise. `video_times`: each video's frame
+    group times, for a family that writes them (ChatFormat.timestamped_videos); None: one block a video."""
     if messages[0]["role"] != "system" and system_prompt:
         messages = [{"role": "system", "content": system_prompt}] + messages
     text, spans, images_used, videos_used = "", [], 0, 0
     for message in messages:
         content = message["content"]
         n_images, n_videos = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
+        times = video_times[videos_used:videos_used + n_videos] if video_times is not None else None
         content = expand_vision(content, image_token_counts[images_used:images_used + n_images],
-                                video_token_counts[videos_used:videos_used + n_videos])
+                                video_token_counts[videos_used:videos_used + n_videos], times)
         images_used, videos_used = images_used + n_images, videos_used + n_videos
         text += f"{IM_START}{message['role']}\n"
         if message["role"] == "assistant":
@@ -53,9 +87,9 @@ def render_chat(messages: list[dict], image_token_counts: list[int], system_prom
 
 
 def encode_chat(messages: list[dict], image_token_counts: list[int], tokenizer, system_prompt: str,
-                video_token_counts: list[int] = ()):
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
     """(input_ids, labels) as python lists of equal length."""
-    text, spans = render_chat(messages, image_token_counts, system_prompt, video_token_counts)
+    text, spans = render_chat(messages, image_token_counts, system_prompt, video_token_counts, video_times)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)

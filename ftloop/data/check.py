@@ -19,7 +19,8 @@ import tyro
 
 from ftloop.checks import check_data_args, check_model_path
 from ftloop.config import DataArgs
-from ftloop.data.encode import load_tokenizer_and_processor
+from ftloop.data.chat import chat_format
+from ftloop.data.encode import load_model_type, load_tokenizer_and_processor
 from ftloop.data.preflight import Measuring, check_file, make_pool
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError, fail
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         fail(str(err))
     try:
+        model_type = load_model_type(model)
         load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)  # fail once, here, not per worker
     except ConfigError as err:  # --min-pixels / --max-pixels against the checkpoint's
         fail(str(err))
@@ -55,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--model-name-or-path {model}: cannot load the tokenizer and image processor ({message})")
 
     files = [(path, split) for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path]
-    settings = Measuring(model, data.system_prompt, data.max_seq_length, data.min_pixels, data.max_pixels,
-                         data.max_images_per_sample)
+    settings = Measuring(model, chat_format(data.system_prompt, model_type), data.max_seq_length, data.min_pixels,
+                         data.max_pixels, data.max_images_per_sample)
     pool = make_pool(args.workers, settings) if args.workers > 1 else None
     try:
         reports = [check_file(path, settings, data.image_folder, pool, data.data_format, split)

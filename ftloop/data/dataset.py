@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from ftloop.data.chat import IGNORE_INDEX
+from ftloop.data.chat import IGNORE_INDEX, ChatFormat
 from ftloop.data.encode import cut_to_length, encode_row
 from ftloop.data.rows import where as row_where
 
@@ -14,10 +14,10 @@ class SFTDataset(Dataset):
     """Supervised fine-tuning rows: images and video frames through the model's image processor (videos laid
     out for its video path by ftloop.data.video), ChatML token ids, labels."""
 
-    def __init__(self, rows: list[dict], tokenizer, image_processor, max_seq_length: int, system_prompt: str,
+    def __init__(self, rows: list[dict], tokenizer, image_processor, max_seq_length: int, chat: ChatFormat,
                  source: str = "data"):
         self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
-        self.max_seq_length, self.system_prompt, self.source = max_seq_length, system_prompt, source
+        self.max_seq_length, self.chat, self.source = max_seq_length, chat, source
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -25,7 +25,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         where = row_where(self.source, row.get("row", index + 1))
-        sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.system_prompt, where)
+        sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.chat, where)
         if len(input_ids) > self.max_seq_length:
             input_ids, labels = cut_to_length(input_ids, labels, self.max_seq_length, self.tokenizer, where)
         sample["input_ids"] = torch.tensor(input_ids)

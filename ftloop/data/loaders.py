@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
+from ftloop.data.chat import ChatFormat, chat_format
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
 from ftloop.data.formats import load_rows
 from ftloop.data.packing import PackedRows, make_packed_collate
@@ -74,11 +75,11 @@ def _read(cfg: Config, path: str, split: str) -> SourceRows:
     return SourceRows(load_rows(path, cfg.data.image_folder, errors, cfg.data.data_format, split), errors)
 
 
-def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor) -> CheckedRows:
+def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor, chat: ChatFormat) -> CheckedRows:
     """Every row read from `path` measured across the ranks (or read back from the cache in --output-dir, as on
     a resume with the same data and flags); what was dropped is said once."""
     data = cfg.data
-    checked = checked_rows(path, data.image_folder, tokenizer, image_processor, data.system_prompt,
+    checked = checked_rows(path, data.image_folder, tokenizer, image_processor, chat,
                            data.max_seq_length, data.truncation, data.skip_bad_rows, data.max_images_per_sample,
                            loaded=read, output_dir=cfg.train.output_dir)
     if checked.skipped_bad or checked.dropped_long:
@@ -92,13 +93,13 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size
     """(training loader, its sampler, evaluation loader or None), every row checked first."""
     data, train = cfg.data, cfg.train
     train_read, eval_read = read_sources(cfg)
-    checked = check(cfg, data.train_data, train_read, tokenizer, image_processor)
+    chat = chat_format(data.system_prompt, hf_config.model_type)
+    checked = check(cfg, data.train_data, train_read, tokenizer, image_processor, chat)
     if not checked.rows and checked.dropped_long:
         raise ConfigError(f"--train-data {data.train_data}: all {checked.dropped_long} readable rows are longer than "
                           f"--max-seq-length {data.max_seq_length}; raise it, or pass --truncation right to cut their "
                           "text after the last image")
-    dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
-                         data.train_data)
+    dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, chat, data.train_data)
     sampler = StepBatchSampler(len(checked.rows), world_size, rank, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps, train.seed, lengths=checked.lengths,
                                group_by_length=data.group_by_length, mega_steps=data.length_group_steps,
@@ -121,7 +122,8 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
             return None
         read = _read(cfg, data.eval_data, "eval")
     path = data.eval_data or data.train_data  # held-out rows keep their row numbers in --train-data
-    rows = check(cfg, path, read, tokenizer, image_processor).rows
+    chat = chat_format(data.system_prompt, hf_config.model_type)
+    rows = check(cfg, path, read, tokenizer, image_processor, chat).rows
     if data.max_eval_samples and len(rows) > data.max_eval_samples:
         print0(f"{path}: evaluating on the first {data.max_eval_samples} of {len(rows)} held-out rows "
                "(--max-eval-samples)")
@@ -129,8 +131,7 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
     if not rows:
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None
-    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, data.system_prompt,
-                                     path))
+    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, chat, path))
     batches = eval_batches(len(rows), world_size, rank, cfg.train.per_device_eval_batch_size)
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from ftloop.config import DataArgs
-from ftloop.data.chat import vision_past_limit
+from ftloop.data.chat import ChatFormat, vision_past_limit
 from ftloop.data.encode import load_tokenizer_and_processor, measure
 from ftloop.data.formats import load_rows
 from ftloop.data.rows import row_number, where
@@ -57,7 +57,7 @@ class Report:
 class Measuring:
     """What measuring a row needs besides the row: sent to each worker once."""
     model: str
-    system_prompt: str = DataArgs.system_prompt
+    chat: ChatFormat = ChatFormat()  # the family's (chat_format)
     max_seq_length: int = DataArgs.max_seq_length
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -86,7 +86,7 @@ def _measure_chunk(chunk: list[tuple[str, dict]]) -> list[tuple[int | None, str 
         row_at = where(path, row["row"])
         try:
             length, vision_end = measure(row, _TOOLS["tokenizer"], _TOOLS["image_processor"],
-                                         settings.system_prompt, row_at, settings.max_images)
+                                         settings.chat, row_at, settings.max_images)
         except DataError as err:
             out.append((None, str(err)))
             continue

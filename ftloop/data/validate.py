@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ftloop.data.chat import ChatFormat
 from ftloop.data.encode import measure_row
 from ftloop.data.formats import load_rows
 from ftloop.data.length_cache import Found, cache_folder, cached_found
@@ -24,7 +25,7 @@ class CheckedRows:
     dropped_long: int  # rows dropped for being longer than --max-seq-length
 
 
-def checked_rows(path: str, image_folder: str, tokenizer, image_processor, system_prompt: str,
+def checked_rows(path: str, image_folder: str, tokenizer, image_processor, chat: ChatFormat,
                  max_seq_length: int, truncation: str, skip_bad_rows: bool, max_images: int = 0,
                  loaded: tuple[list[dict], list[str]] | None = None, output_dir: str | None = None) -> CheckedRows:
     """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
@@ -42,10 +43,11 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, syste
     limit = max_seq_length if truncation == "right" else None
     found, entry = None, None
     if output_dir is not None:
-        flags = {"system_prompt": system_prompt, "limit": limit, "max_images": max_images}
+        flags = {"system_prompt": chat.system_prompt, "timestamped_videos": chat.timestamped_videos, "limit": limit,
+                 "max_images": max_images}
         found, entry = cached_found(cache_folder(output_dir), path, rows, tokenizer, image_processor, flags)
     if found is None:
-        found = _measured(rows, path, tokenizer, image_processor, system_prompt, limit, max_images)
+        found = _measured(rows, path, tokenizer, image_processor, chat, limit, max_images)
         if entry is not None:  # before any bad row stops the run: a rerun with --skip-bad-rows reuses it
             entry.save(found)
     errors += [found[i] for i in sorted(found) if isinstance(found[i], str)]
@@ -66,14 +68,14 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, syste
     return CheckedRows(kept, lengths, len(errors), dropped_long)
 
 
-def _measured(rows: list[dict], path: str, tokenizer, image_processor, system_prompt: str, limit: int | None,
+def _measured(rows: list[dict], path: str, tokenizer, image_processor, chat: ChatFormat, limit: int | None,
               max_images: int) -> Found:
     """Each row's token length or one-line error, every world-size-th row on each rank, gathered on all."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     found = {}
     for index in range(rank, len(rows), world):
         try:
-            found[index] = measure_row(rows[index], tokenizer, image_processor, system_prompt, limit, path,
+            found[index] = measure_row(rows[index], tokenizer, image_processor, chat, limit, path,
                                        max_images)
         except DataError as err:
             found[index] = str(err)

@@ -1,4 +1,4 @@
-"""Video rows through Qwen2-VL / Qwen2.5-VL's video path, without transformers' video processor.
+"""Video rows through Qwen2-VL / Qwen2.5-VL / Qwen3-VL's video path, without transformers' video processor.
 
 transformers' `Qwen2VLVideoProcessor` needs torchvision, which ftloop does not require. It is not needed:
 a video is a list of frames, and Qwen's video processor treats each frame exactly as its image processor
@@ -16,7 +16,10 @@ patch size, merge size, pixel limits, mean and std), and only the temporal layou
 
 A video of `temporal_patch_size` copies of one frame therefore gives exactly the pixel values that frame
 gives as an image (tested). `second_per_grid_ts` = temporal_patch_size / fps places the groups in time in
-Qwen2.5-VL's 3D rope (Qwen2-VL ignores it); fps is Qwen's default 2.0 unless the row says otherwise.
+Qwen2.5-VL's 3D rope (Qwen2-VL and Qwen3-VL ignore it); fps is Qwen's default 2.0 unless the row says
+otherwise. Qwen3-VL instead writes each frame group's time into the text (`group_times`, ftloop.data.chat).
+(Qwen3-VL's own video processor sizes frames by a pixel budget over the whole clip; here every frame gets the
+image processor's per-image limits, --min-pixels / --max-pixels, as with the other families.)
 """
 
 from __future__ import annotations
@@ -61,14 +64,22 @@ def video_patches(frames: list, image_processor, where: str) -> tuple[torch.Tens
     return pixels.reshape(t * h * w, channels * temporal * patch * patch), [t, h, w]
 
 
-def video_inputs(videos: list[list], image_processor, where: str, fps: list | None = None) -> dict:
-    """`pixel_values_videos`, `video_grid_thw` and `second_per_grid_ts` of a row's videos (in order).
+def group_times(frames: int, temporal: int, fps: float) -> list[float]:
+    """Seconds of each group of `temporal` frames (the last padded by repeating its last frame): the mean time of
+    its first and last frame, as Qwen3-VL's processor computes the timestamps it writes before each group."""
+    index = [min(i, frames - 1) for i in range(-(-frames // temporal) * temporal)]
+    return [(index[g] + index[g + temporal - 1]) / 2 / fps for g in range(0, len(index), temporal)]
+
+
+def video_inputs(videos: list[list], image_processor, where: str, fps: list | None = None) -> tuple[dict, list]:
+    """(`pixel_values_videos`, `video_grid_thw` and `second_per_grid_ts` of a row's videos, in order; each video's
+    frame group times (`group_times`)).
 
     `fps`, when given, holds one frames-per-second value (or None for the default) per video."""
     fps = list(fps) if fps else [None] * len(videos)
     if len(fps) != len(videos):
         raise DataError(f"{where}: {len(fps)} fps values for {len(videos)} videos")
-    patches, grids, seconds = [], [], []
+    patches, grids, seconds, times = [], [], [], []
     for frames, rate in zip(videos, fps):
         rate = DEFAULT_FPS if rate is None else rate
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
@@ -77,5 +88,6 @@ def video_inputs(videos: list[list], image_processor, where: str, fps: list | No
         patches.append(pixels)
         grids.append(grid)
         seconds.append(image_processor.temporal_patch_size / rate)
+        times.append(group_times(len(frames), image_processor.temporal_patch_size, rate))
     return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids),
-            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}
+            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}, times

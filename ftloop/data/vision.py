@@ -32,13 +32,13 @@ def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: i
     return processor
 
 
-def row_vision_inputs(row: dict, image_processor, where: str) -> tuple[dict, list[int], list[int]]:
-    """(tensors, image token counts, video token counts) of one normalised row.
+def row_vision_inputs(row: dict, image_processor, where: str) -> tuple[dict, list[int], list[int], list]:
+    """(tensors, image token counts, video token counts, video frame group times) of one normalised row.
 
     tensors holds `pixel_values` and `image_grid_thw` when the row has images, and `pixel_values_videos`,
     `video_grid_thw` and `second_per_grid_ts` when it has videos; each image or video becomes
     grid t*h*w / merge^2 pad tokens. Unreadable images and processor failures are one DataError line."""
-    tensors, image_counts, video_counts = {}, [], []
+    tensors, image_counts, video_counts, video_times = {}, [], [], []
     merged = image_processor.merge_size ** 2
     if row["images"]:
         images = [open_rgb(source, where) for source in row["images"]]
@@ -46,6 +46,7 @@ def row_vision_inputs(row: dict, image_processor, where: str) -> tuple[dict, lis
         tensors["pixel_values"], tensors["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
         image_counts = (vision["image_grid_thw"].prod(-1) // merged).tolist()
     if row.get("videos"):
-        tensors.update(video_inputs(row["videos"], image_processor, where, row.get("video_fps")))
+        videos, video_times = video_inputs(row["videos"], image_processor, where, row.get("video_fps"))
+        tensors.update(videos)
         video_counts = (tensors["video_grid_thw"].prod(-1) // merged).tolist()
-    return tensors, image_counts, video_counts
+    return tensors, image_counts, video_counts, video_times

@@ -1,26 +1,26 @@
-"""Build a self-contained demo bundle: a tiny random Qwen2.5-VL checkpoint plus a toy VQA data set.
+"""Build a self-contained demo bundle: a tiny random Qwen2.5-VL (or Qwen3-VL) checkpoint plus a toy VQA data set.
 
 Everything is made locally (tokenizer trained with `tokenizers`, weights random, images drawn with pillow), so
 the training loop can be exercised end to end with no network access. The checkpoint folder uses the same
-Hugging Face layout as a real Qwen2.5-VL-Instruct release, so code that works on the bundle works on the real
-model too: `Qwen2_5_VLForConditionalGeneration.from_pretrained`, `AutoTokenizer`, `AutoImageProcessor`.
+Hugging Face layout as a real Qwen2.5-VL-Instruct (Qwen3-VL-Instruct) release, so code that works on the bundle
+works on the real model too: `AutoModelForImageTextToText.from_pretrained`, `AutoTokenizer`, `AutoImageProcessor`
+(the models: ftloop.demo.models).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ftloop.config import DataArgs
+from ftloop.demo.models import (FAMILIES, MODEL_SIZES, build_config, build_image_processor, build_model,
+                                save_image_processor, special_token_ids)
+from ftloop.family import QWEN_SYSTEM_PROMPT
 
 # Qwen2.5-VL's special tokens, in Qwen's own id order (151643.. in the real vocab). Here they follow the
 # learned BPE vocab, so their ids are len(bpe_vocab) + index in this list.
@@ -31,7 +31,7 @@ SPECIAL_TOKENS = [
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
 BPE_VOCAB_SIZE = 498  # + 14 special tokens = 512 ids (fewer if the corpus runs out of merges)
-DEFAULT_SYSTEM_PROMPT = DataArgs.system_prompt  # Qwen's, which its chat template below inserts too
+DEFAULT_SYSTEM_PROMPT = QWEN_SYSTEM_PROMPT  # Qwen2.5-VL's, which its chat template below inserts too
 
 # Qwen2.5-VL's official chat template (chat_template.json of Qwen2.5-VL-*-Instruct), verbatim.
 CHAT_TEMPLATE = (
@@ -48,6 +48,17 @@ CHAT_TEMPLATE = (
     "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL's chat template, reduced to what the demo's rows use (the real one also renders tools and reasoning):
+# the same ChatML and vision blocks, and no default system prompt.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Clearly distinct colours, so that "what colour" is learnable from a 4-token image embedding.
@@ -69,14 +80,6 @@ CAPTION_SENTENCES = [
 ]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-# Model sizes. "demo" is small enough to train in minutes on 2 CPU processes; "test" builds and runs in
-# well under a second for the test suite. Text head_dim = hidden / heads; mrope_section sums to head_dim / 2.
-MODEL_SIZES = {
-    "demo": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=256, mrope=[4, 6, 6],
-                 v_hidden=64, v_heads=2, v_inter=128),
-    "test": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, mrope=[2, 3, 3],
-                 v_hidden=32, v_heads=2, v_inter=64),
-}  # fmt: skip
 
 
 # A little general English so that the BPE fills its vocab (and out-of-demo text tokenizes sensibly).
@@ -140,86 +143,6 @@ def build_tokenizer() -> Qwen2Tokenizer:
     return tok
 
 
-def special_token_ids(tok) -> dict[str, int]:
-    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-
-
-def build_config(tok, model_size: str = "demo") -> Qwen2_5_VLConfig:
-    s = MODEL_SIZES[model_size]
-    ids = special_token_ids(tok)
-    vocab_size = math.ceil(len(tok) / 64) * 64  # pad the embedding like Qwen does (rows past len(tok) unused)
-    text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=s["hidden"],
-        intermediate_size=s["inter"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": s["mrope"]},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    vision_config = dict(
-        depth=2,
-        hidden_size=s["v_hidden"],
-        intermediate_size=s["v_inter"],
-        num_heads=s["v_heads"],
-        out_hidden_size=s["hidden"],
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[1],
-        tokens_per_second=2,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        # Untied (like Qwen2.5-VL-7B): lm_head is its own parameter, which keeps FSDP sharding simple.
-        tie_word_embeddings=False,
-    )
-
-
-def widen(config: Qwen2_5_VLConfig, hidden: int, layers: int) -> Qwen2_5_VLConfig:
-    """The same model with `layers` decoder layers of width `hidden` (heads of 64, 2 KV heads, an MLP of 3x),
-    in place: the sizes the memory tests and benchmarks measure at, beyond what the demo needs."""
-    text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 3 * hidden, layers
-    text.num_attention_heads, text.num_key_value_heads = hidden // 64, 2
-    text.layer_types = ["full_attention"] * layers
-    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64 -> 32 rotary pairs
-    config.vision_config.out_hidden_size = hidden
-    return config
-
-
-def build_image_processor(image_size: int = 56) -> Qwen2VLImageProcessorPil:
-    # smart_resize rounds each side to a multiple of patch*merge = 28 and clamps the area to [min, max]:
-    # min = 56*56 keeps a 56x56 image at a 4x4 patch grid (= 2x2 merged = 4 image tokens); max allows the
-    # requested image size (rounded up to 28) and nothing larger, so token counts stay tiny.
-    side = max(56, math.ceil(image_size / 28) * 28)
-    return Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=side * side, patch_size=14, temporal_patch_size=2, merge_size=2
-    )
-
-
-def save_image_processor(processor, model_dir: Path) -> None:
-    processor.save_pretrained(model_dir)
-    # Name the class as the real checkpoints do; AutoImageProcessor then picks the torchvision backend
-    # when torchvision is installed and falls back to the PIL one otherwise.
-    path = model_dir / "preprocessor_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["image_processor_type"] = "Qwen2VLImageProcessor"
-    cfg.update(min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
 def draw_image(rng: random.Random, image_size: int, color: str, shape: str) -> Image.Image:
     bg = tuple(rng.randint(225, 255) for _ in range(3))  # light, so every shape colour stands out
     img = Image.new("RGB", (image_size, image_size), bg)
@@ -262,14 +185,6 @@ def make_rows(rng: random.Random, n: int, split: str, image_dir: Path, image_siz
     return rows
 
 
-def build_model(config: Qwen2_5_VLConfig, seed: int) -> Qwen2_5_VLForConditionalGeneration:
-    # fork_rng: deterministic weights for a given seed without disturbing the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.float().eval()
-
-
 def build_demo_bundle(
     out_dir,
     num_train: int = 400,
@@ -279,20 +194,26 @@ def build_demo_bundle(
     model_size: str = "demo",
     shape_share: float = 0.25,
     caption_share: float = 0.0,
+    family: str = "qwen2.5-vl",
 ) -> dict:
     """Write model/, images/, train.json and eval.json under out_dir; return their paths.
 
     `shape_share` of the image rows ask for the shape, the others for the colour; with `caption_share`, that
-    share of them ask for a caption of one to six sentences instead (a set of mixed lengths)."""
+    share of them ask for a caption of one to six sentences instead (a set of mixed lengths). `family`: the
+    model's (ftloop.demo.models.FAMILIES)."""
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     out = Path(out_dir)
     model_dir, image_dir = out / "model", out / "images"
     for d in (model_dir, image_dir / "train", image_dir / "eval"):
         d.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
-    config = build_config(tok, model_size)
+    if family == "qwen3-vl":
+        tok.chat_template = QWEN3_CHAT_TEMPLATE
+    config = build_config(tok, model_size, family)
     model = build_model(config, seed)
     ids = special_token_ids(tok)
     # Greedy by default so evaluation is deterministic; stop on <|im_end|> (or <|endoftext|>) like Qwen.
@@ -304,7 +225,7 @@ def build_demo_bundle(
     )
     model.save_pretrained(model_dir)  # safetensors by default
     tok.save_pretrained(model_dir)
-    save_image_processor(build_image_processor(image_size), model_dir)
+    save_image_processor(build_image_processor(image_size, family), model_dir)
 
     # Separate RNG streams per split: eval images never coincide with train ones, and changing num_train
     # does not change the eval set.
@@ -334,7 +255,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-size", default="demo", choices=sorted(MODEL_SIZES))
     p.add_argument("--caption-share", type=float, default=0.0, help="image rows asking for a caption (mixed set)")
+    p.add_argument("--family", default="qwen2.5-vl", choices=FAMILIES)
     a = p.parse_args()
     paths = build_demo_bundle(a.out_dir, a.num_train, a.num_eval, a.image_size, a.seed, a.model_size,
-                              caption_share=a.caption_share)
+                              caption_share=a.caption_share, family=a.family)
     print(json.dumps(paths, indent=2))

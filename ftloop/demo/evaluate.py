@@ -1,4 +1,4 @@
-"""Evaluate an exported Qwen2.5-VL folder on LLaVA-format VQA rows with plain transformers.
+"""Evaluate an exported Qwen2.5-VL or Qwen3-VL folder on LLaVA-format VQA rows with plain transformers.
 
 Deliberately independent of the training code: it loads the export exactly as a user would
 (`from_pretrained` on the folder), so it checks that what ftloop writes is a usable Hugging Face checkpoint.
@@ -20,7 +20,7 @@ import os
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's marker in the human turn
 IMAGE_PAD = "<|image_pad|>"
@@ -85,7 +85,7 @@ def evaluate_export(
     Text-only rows are scored too and printed separately, but do not count towards the returned accuracy
     (the demo task is about whether the model learned to look at the image).
     """
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     image_token_id = model.config.image_token_id
@@ -129,7 +129,7 @@ def evaluate_export(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Exact-match VQA accuracy of an exported Qwen2.5-VL folder.")
+    p = argparse.ArgumentParser(description="Exact-match VQA accuracy of an exported Qwen2.5-VL or Qwen3-VL folder.")
     p.add_argument("model_dir")
     p.add_argument("eval_json")
     p.add_argument("image_folder")

@@ -13,12 +13,12 @@ from ftloop.optim.sharded_adafactor import ShardedAdafactor
 
 
 def part_settings(args: OptimArgs):
-    """(lr_scale, decay) for an original parameter, by name: vision tower, merger or language model;
-    weight decay on matrices only, never on biases and norm weights."""
+    """(lr_scale, decay) for an original parameter, by name: vision tower, merger (Qwen3-VL's DeepStack mergers
+    too) or language model; weight decay on matrices only, never on biases and norm weights."""
 
     def settings(name: str, shape: tuple) -> tuple[float, bool]:
         lr = args.learning_rate
-        if ".visual.merger." in f".{name}":
+        if ".visual.merger." in f".{name}" or ".visual.deepstack_merger_list." in f".{name}":
             lr = args.merger_lr or lr
         elif ".visual." in f".{name}":
             lr = args.vision_lr or lr

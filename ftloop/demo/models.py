@@ -1,0 +1,120 @@
+"""The demo's tiny random models of each family, and their image processors: the configs a real checkpoint of
+that family has (its layer layout, rope, patch grid, processor settings), at a few thousandth of its width.
+
+`family` is "qwen2.5-vl" (the default, what `make demo` trains) or "qwen3-vl" (dense; DeepStack features from
+an intermediate vision block, a learned position embedding, 16-pixel patches, interleaved mRoPE, QK norm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+
+# Model sizes. "demo" is small enough to train in minutes on 2 CPU processes; "test" builds and runs in
+# well under a second for the test suite. Text head_dim = hidden / heads; mrope sections sum to head_dim / 2
+# (Qwen2.5-VL's [t, h, w] in blocks; Qwen3-VL's interleaved, as its real [24, 20, 20] for head_dim 128).
+MODEL_SIZES = {
+    "demo": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=256, mrope=[4, 6, 6], mrope3=[6, 5, 5],
+                 v_hidden=64, v_heads=2, v_inter=128),
+    "test": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, mrope=[2, 3, 3], mrope3=[4, 2, 2],
+                 v_hidden=32, v_heads=2, v_inter=64),
+}  # fmt: skip
+PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16}  # pixels per patch side; a merged token covers 2 x 2 patches
+
+
+def special_token_ids(tok) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+
+
+def build_config(tok, model_size: str = "demo", family: str = "qwen2.5-vl") -> PretrainedConfig:
+    s = MODEL_SIZES[model_size]
+    ids = special_token_ids(tok)
+    vocab_size = math.ceil(len(tok) / 64) * 64  # pad the embedding like Qwen does (rows past len(tok) unused)
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": s["mrope"]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=s["v_hidden"],
+        intermediate_size=s["v_inter"],
+        num_heads=s["v_heads"],
+        out_hidden_size=s["hidden"],
+        patch_size=PATCH[family],
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen3-vl":
+        # head_dim given: Qwen3's default is 128 whatever the width. The first block's features also reach the
+        # decoder's first layer (DeepStack; the real models take blocks 8, 16 and 24 of 27).
+        text_config.update(head_dim=s["hidden"] // s["heads"], rope_parameters={
+            "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": s["mrope3"], "mrope_interleaved": True})
+        vision_config.update(in_channels=3, num_position_embeddings=64, deepstack_visual_indexes=[0],
+                             hidden_act="gelu_pytorch_tanh")
+        return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **tokens)
+    vision_config.update(window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
+    # Untied (like Qwen2.5-VL-7B): lm_head is its own parameter, which keeps FSDP sharding simple.
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **tokens)
+
+
+def widen(config: Qwen2_5_VLConfig, hidden: int, layers: int) -> Qwen2_5_VLConfig:
+    """The same model with `layers` decoder layers of width `hidden` (heads of 64, 2 KV heads, an MLP of 3x),
+    in place: the sizes the memory tests and benchmarks measure at, beyond what the demo needs."""
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 3 * hidden, layers
+    text.num_attention_heads, text.num_key_value_heads = hidden // 64, 2
+    text.layer_types = ["full_attention"] * layers
+    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64 -> 32 rotary pairs
+    config.vision_config.out_hidden_size = hidden
+    return config
+
+
+def build_image_processor(image_size: int = 56, family: str = "qwen2.5-vl") -> Qwen2VLImageProcessorPil:
+    # smart_resize rounds each side to a multiple of patch*merge (28; 32 for Qwen3-VL) and clamps the area to
+    # [min, max]: min keeps a small image at a 4x4 patch grid (= 2x2 merged = 4 image tokens); max allows the
+    # requested image size (rounded up) and nothing larger, so token counts stay tiny.
+    unit = 2 * PATCH[family]
+    side = max(2 * unit, math.ceil(image_size / unit) * unit)
+    # Qwen3-VL normalises with mean and std 0.5 (Qwen2.5-VL with CLIP's).
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3-vl" else {}
+    return Qwen2VLImageProcessorPil(min_pixels=(2 * unit) ** 2, max_pixels=side * side, patch_size=PATCH[family],
+                                    temporal_patch_size=2, merge_size=2, **norm)
+
+
+def save_image_processor(processor, model_dir: Path) -> None:
+    processor.save_pretrained(model_dir)
+    # Name the class as the real checkpoints do; AutoImageProcessor then picks the torchvision backend
+    # when torchvision is installed and falls back to the PIL one otherwise.
+    path = model_dir / "preprocessor_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["image_processor_type"] = "Qwen2VLImageProcessor"
+    cfg.update(min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_model(config: PretrainedConfig, seed: int):
+    # fork_rng: deterministic weights for a given seed without disturbing the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.float().eval()

@@ -1,0 +1,36 @@
+"""The Qwen vision-language families ftloop trains, told apart by config.json's `model_type`, and what differs
+between them outside the model code (which transformers supplies): how a conversation is rendered.
+
+- Qwen2-VL and Qwen2.5-VL: a default system prompt ("You are a helpful assistant.", which their chat
+  templates insert), and each video one block of `<|video_pad|>` tokens.
+- Qwen3-VL (dense): no default system prompt (its chat template inserts none), and each video one block per
+  group of `temporal_patch_size` frames, after a `<t seconds>` timestamp, as its processor lays videos out
+  (the model's 3D rope takes each group's block as one frame of the grid).
+"""
+
+from __future__ import annotations
+
+from ftloop.errors import ConfigError
+
+FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat templates' default
+LATER = {"qwen3_vl_moe": "Qwen3-VL-MoE"}  # known, not yet trained: refused rather than trained wrongly
+
+
+def check_supported(model_type: str, where: str) -> None:
+    """One ConfigError line unless ftloop trains this family."""
+    if model_type in FAMILIES:
+        return
+    trains = ", ".join(FAMILIES.values())
+    if model_type in LATER:
+        raise ConfigError(f"{where}: a {LATER[model_type]} model ({model_type}), which ftloop does not train yet "
+                          f"(its experts need their own FSDP wrapping and export); it trains {trains} (dense)")
+    raise ConfigError(f"{where}: model_type {model_type!r} is not a family ftloop trains ({trains})")
+
+
+def default_system_prompt(model_type: str) -> str:
+    return "" if model_type == "qwen3_vl" else QWEN_SYSTEM_PROMPT
+
+
+def timestamped_videos(model_type: str) -> bool:
+    return model_type == "qwen3_vl"

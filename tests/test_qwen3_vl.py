@@ -1,0 +1,95 @@
+"""Qwen3-VL (dense) through the same loop: 2-process training of the tiny random Qwen3-VL bundle that resumes
+bit for bit, one process giving the same weights as two (sharded Adafactor), exports that `from_pretrained`
+loads in the checkpoint's own key layout with the trained model's logits, and Qwen3-VL-MoE refused in one line.
+(The one vision pass with DeepStack features against transformers' forward: test_vision_forward; packing:
+test_packing; mixed ranks: test_vision_mixing; a frozen tower: test_distributed.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
+
+from ftloop.config import ModelArgs
+from ftloop.data.check import main as check_main
+from ftloop.data.vision import load_image_processor
+from ftloop.errors import ConfigError
+from ftloop.export import export_checkpoint
+from ftloop.model import load_config
+from launch import check, python_m, torchrun, train_flags
+
+
+def losses(folder) -> dict:
+    return {r["step"]: r["loss"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "loss" in r}
+
+
+def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bundle, tmp_path):
+    run = ["--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3", "--no-bf16", "--save-dtype", "fp32",
+           "--eval-data", qwen3_bundle["eval_json"], "--eval-steps", "3", "--no-load-best-model-at-end"]
+    two = ["--per-device-train-batch-size", "2"]
+    out = tmp_path / "run"
+    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, out, *run, *two, "--save-steps",
+                                                                   "2")]))
+    assert "eval_loss" in result.stdout
+    final = load_file(out / "final" / "model.safetensors")
+    source = load_file(f"{qwen3_bundle['model_dir']}/model.safetensors")
+    assert final.keys() == source.keys()  # the hub checkpoints' key layout (model.visual.*, model.language_model.*)
+    assert any(".deepstack_merger_list." in k for k in final)
+    changed = [k for k in source if not torch.equal(final[k], source[k])]
+    assert any(".deepstack_merger_list." in k for k in changed) and any(".pos_embed." in k for k in changed)
+
+    # The checkpoint's weights, exported offline, load with from_pretrained and give the trained model's logits.
+    export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "exported"), save_dtype="fp32")
+    dcp_to_torch_save(str(out / "checkpoint-2"), str(tmp_path / "state.pt"))
+    state = {k.removeprefix("hf."): v for k, v in torch.load(tmp_path / "state.pt")["model"].items()}
+    trained = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(qwen3_bundle["model_dir"]))
+    assert not trained.load_state_dict(state, strict=False).missing_keys
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    assert reloaded.config.model_type == "qwen3_vl"
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+    # Resumed from step 2 at the same world size: the same step 3, bit for bit.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    check(torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, resumed, *run, *two,
+                                                          "--resume-from-checkpoint", "auto")]))
+    assert losses(resumed) == {3: losses(out)[3]}
+    again = load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    # One process, the same global batch of 4 rows in two micro-batches: the same weights (Adafactor on other
+    # shards, its factored statistics of whole matrices).
+    alone = tmp_path / "alone"
+    check(python_m("ftloop.train", train_flags(qwen3_bundle, alone, *run, "--per-device-train-batch-size", "2",
+                                               "--gradient-accumulation-steps", "2")))
+    one = load_file(alone / "final" / "model.safetensors")
+    for name, tensor in final.items():  # atol: 1% of one update at lr 1e-3 (sums in another order differ so)
+        assert torch.allclose(one[name], tensor, rtol=1e-5, atol=1e-5), (name, (one[name] - tensor).abs().max())
+
+
+def test_a_qwen3_vl_moe_folder_is_refused_in_one_line(tmp_path):
+    Qwen3VLMoeConfig().save_pretrained(tmp_path / "moe")
+    with pytest.raises(ConfigError, match=r"a Qwen3-VL-MoE model \(qwen3_vl_moe\), which ftloop does not train yet"):
+        load_config(ModelArgs(model_name_or_path=str(tmp_path / "moe")))
+    result = python_m("ftloop.plan", ["--model-name-or-path", str(tmp_path / "moe")])
+    assert result.returncode == 2 and "does not train yet" in result.stderr.strip().splitlines()[-1]
+
+
+def test_qwen3_vl_pixels_and_the_data_check_use_its_own_processor(qwen3_bundle, capsys):
+    """Its patch grid is 16 pixels (32 per merged token): --min/--max-pixels bound the area in its processor's
+    own settings, and the check before training measures rows the way training encodes them."""
+    processor = load_image_processor(qwen3_bundle["model_dir"], 64 * 64, 96 * 96)
+    assert processor.size == {"shortest_edge": 64 * 64, "longest_edge": 96 * 96} and processor.patch_size == 16
+    with pytest.raises(ConfigError, match=r"--max-pixels 900 is below 1024 = \(patch_size 16 x merge_size 2\)\^2"):
+        load_image_processor(qwen3_bundle["model_dir"], 800, 900)
+    flags = ["--train-data", qwen3_bundle["train_json"], "--image-folder", qwen3_bundle["image_folder"],
+             "--model-name-or-path", qwen3_bundle["model_dir"], "--workers", "1"]
+    assert check_main(flags) == 0
+    assert "0 errors" in capsys.readouterr().out
