@@ -1,7 +1,8 @@
 """`python -m ftloop.demo`: build the demo bundle, fine-tune it with torchrun, check what it learned.
 
-The bundle is a tiny random-weight Qwen2.5-VL with a locally trained tokenizer and a few hundred drawn
-shapes; the question asks for the shape's colour, so the answer needs the image. Nothing is downloaded.
+The bundle is a tiny random-weight Qwen2.5-VL (`--family qwen3-vl`: Qwen3-VL) with a locally trained tokenizer
+and a few hundred drawn shapes; the question asks for the shape's colour, so the answer needs the image. Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 
 from ftloop.demo.bundle import build_demo_bundle
+from ftloop.demo.models import FAMILIES
 from ftloop.demo.evaluate import evaluate_export
 
 # The demo's training flags. fp32 compute (--no-bf16): CPUs without bf16 matrix units run bf16 matmuls
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_run", help="where the bundle and the run are written")
     parser.add_argument("--nproc-per-node", type=int, default=2, help="training processes")
+    parser.add_argument("--family", default="qwen2.5-vl", choices=FAMILIES, help="the tiny model's family")
     parser.add_argument("train_flags", nargs="*", metavar="-- FLAG",
                         help="more ftloop.train flags after --, e.g. -- --lora-rank 16 --learning-rate 5e-3")
     args = parser.parse_args()
@@ -50,7 +53,7 @@ def main() -> None:
     print(f"demo: building the bundle in {bundle_dir}", flush=True)
     # Colour questions only: a 4-token image from a random vision tower learns colour within the demo's
     # minutes; shapes need more (the test bundle keeps asking both).
-    bundle = build_demo_bundle(bundle_dir, shape_share=0.0)
+    bundle = build_demo_bundle(bundle_dir, shape_share=0.0, family=args.family)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time: metrics.jsonl is appended to
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     command = train_command(bundle, output_dir, args.nproc_per_node, args.train_flags)
