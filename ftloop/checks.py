@@ -19,7 +19,7 @@ def _need(ok: bool, message: str) -> None:
 
 def check_model_path(path: str) -> None:
     """--model-name-or-path: required, and a folder with a config.json unless it reads as a hub id."""
-    _need(bool(path), "--model-name-or-path is required: a Qwen2.5-VL folder or hub id")
+    _need(bool(path), "--model-name-or-path is required: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder or hub id")
     # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is meant as a folder.
     looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
     if looks_local or os.path.exists(path):

@@ -26,7 +26,7 @@ Dtype = Literal["bf16", "fp32"]
 @dataclass
 class ModelArgs:
     model_name_or_path: str = ""
-    """Qwen2.5-VL (or Qwen2-VL) folder in Hugging Face layout, or a hub id (needs network or the HF cache)."""
+    """Qwen2.5-VL, Qwen2-VL or Qwen3-VL folder in Hugging Face layout, or a hub id (needs network or the HF cache)."""
     param_dtype: Dtype = "fp32"
     """dtype of the master weights the optimizer updates. fp32 keeps small updates from vanishing."""
     gradient_checkpointing: bool = True
@@ -286,5 +286,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         args=argv,
         config=(tyro.conf.OmitArgPrefixes,),
         prog="python -m ftloop.train",
-        description="Fine-tune a Qwen2.5-VL model with FSDP. Run under torchrun for several processes.",
+        description="Fine-tune a Qwen2.5-VL, Qwen2-VL or Qwen3-VL model with FSDP. Run under torchrun for several "
+                    "processes.",
     )

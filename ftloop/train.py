@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen2.5-VL model with FSDP: `torchrun --nproc_per_node N -m ftloop.train [flags]`.
+"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with FSDP: `torchrun --nproc_per_node N -m ftloop.train`.
 
 Read top to bottom: `prepare` builds everything in the order that fails fastest on bad input, `run` is the
 loop, `main` turns user errors into one line. Each optimizer step takes `gradient_accumulation_steps`

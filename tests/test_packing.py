@@ -1,5 +1,6 @@
 """--packing: a packed micro-batch gives the loss and the gradients of the same rows unpacked (Qwen2.5-VL,
-Qwen2-VL and Qwen3-VL; images, videos, text-only and multi-turn rows), and packs hold every row once within the budget."""
+Qwen2-VL and Qwen3-VL; images, videos, text-only and multi-turn rows), and packs hold every row once within the
+budget."""
 
 import random
 

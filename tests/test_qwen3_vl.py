@@ -13,12 +13,15 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
 
-from ftloop.config import ModelArgs
+from ftloop.config import LoraArgs, ModelArgs
 from ftloop.data.check import main as check_main
 from ftloop.data.vision import load_image_processor
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
-from ftloop.model import load_config
+from ftloop.lora import add_adapters
+from ftloop.model import build_meta_model, load_config
+from ftloop.plan import fsdp_units
+from ftloop.plan import main as plan_main
 from launch import check, python_m, torchrun, train_flags
 
 
@@ -93,3 +96,18 @@ def test_qwen3_vl_pixels_and_the_data_check_use_its_own_processor(qwen3_bundle, 
              "--model-name-or-path", qwen3_bundle["model_dir"], "--workers", "1"]
     assert check_main(flags) == 0
     assert "0 errors" in capsys.readouterr().out
+
+
+def test_lora_and_the_memory_plan_take_a_qwen3_vl_model(qwen3_bundle):
+    """LoRA finds its decoder projections under the same names; the plan counts its units (the DeepStack
+    mergers and the position embedding with the root) and its vision blocks' activations."""
+    args = ModelArgs(model_name_or_path=qwen3_bundle["model_dir"])
+    model = build_meta_model(load_config(args), args, "bf16")
+    add_adapters(model, LoraArgs(lora_rank=4, lora_vision_target_modules=("qkv",)), torch.float32)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 + 2 * 2 and all(".lora_" in n for n in trainable)
+    assert plan_main(["--model-name-or-path", qwen3_bundle["model_dir"], "--nproc-per-node", "2"]) == 0
+    units = fsdp_units(build_meta_model(load_config(args), args))
+    assert sum(u.numel for u in units) == sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(
+        qwen3_bundle["model_dir"]).parameters())
+    assert len(units) == 2 + 2 + 1  # decoder layers, vision blocks, the root

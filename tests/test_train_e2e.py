@@ -156,9 +156,9 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
         shutil.copy(os.path.join(tiny_bundle["model_dir"], name), folder)
     out = tmp_path / "out"
-    check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+    check(python_m("ftloop.train", train_flags(
         tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"],
-        "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2")]))
+        "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2")))
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(out / "final")
     assert reloaded.config.model_type == "qwen2_vl"
 

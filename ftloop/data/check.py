@@ -29,7 +29,7 @@ from ftloop.errors import ConfigError, fail
 @dataclass
 class CheckCommand:
     model_name_or_path: str = ""
-    """Qwen2.5-VL (or Qwen2-VL) folder, or a hub id: its tokenizer and image processor measure the rows."""
+    """Qwen2.5-VL, Qwen2-VL or Qwen3-VL folder, or a hub id: its tokenizer and image processor measure the rows."""
     data: DataArgs = field(default_factory=DataArgs)
     workers: int = os.cpu_count() or 1
     """Worker processes that measure rows (default: the CPU count); 1 measures in this process."""
