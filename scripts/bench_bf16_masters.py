@@ -39,6 +39,19 @@ def train(model: str, bundle: dict, out: str, nproc: int, flags: list[str]) -> l
         return [json.loads(line) for line in f]
 
 
+def colours_then_shapes(tmp: str, nproc: int, pretrain_steps: int) -> tuple[str, dict]:
+    """(the demo model trained on colour questions (fp32, lr 1e-3) and exported in bf16, like a hub checkpoint;
+    the bundle of shape questions it is then fine-tuned on)."""
+    from ftloop.demo.bundle import build_demo_bundle
+
+    colours = build_demo_bundle(os.path.join(tmp, "colours"), shape_share=0.0)
+    shapes = build_demo_bundle(os.path.join(tmp, "shapes"), shape_share=1.0, seed=1)
+    train(colours["model_dir"], colours, os.path.join(tmp, "pretrain"), nproc,
+          ["--max-steps", str(pretrain_steps), "--learning-rate", "1e-3", "--no-bf16", "--eval-steps",
+           str(pretrain_steps), "--no-gradient-checkpointing", "--no-load-best-model-at-end"])
+    return os.path.join(tmp, "pretrain", "final"), shapes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=150)
@@ -48,15 +61,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="the fine-tunes' --seed (data order, rounding noise)")
     args = parser.parse_args()
     sys.path.insert(0, REPO)
-    from ftloop.demo.bundle import build_demo_bundle
-
     with tempfile.TemporaryDirectory() as tmp:
-        colours = build_demo_bundle(os.path.join(tmp, "colours"), shape_share=0.0)
-        shapes = build_demo_bundle(os.path.join(tmp, "shapes"), shape_share=1.0, seed=1)
-        train(colours["model_dir"], colours, os.path.join(tmp, "pretrain"), args.nproc,
-              ["--max-steps", str(args.pretrain_steps), "--learning-rate", "1e-3", "--no-bf16", "--eval-steps",
-               str(args.pretrain_steps), "--no-gradient-checkpointing", "--no-load-best-model-at-end"])
-        pretrained = os.path.join(tmp, "pretrain", "final")  # bf16, like a hub checkpoint
+        pretrained, shapes = colours_then_shapes(tmp, args.nproc, args.pretrain_steps)
         results = {}
         for name, flags in VARIANTS.items():
             records = train(pretrained, shapes, os.path.join(tmp, name.replace(" ", "").replace(",", "-")),

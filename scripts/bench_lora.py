@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 
-from bench_bf16_masters import REPO, train
+from bench_bf16_masters import REPO, colours_then_shapes, train
 
 
 def main() -> None:
@@ -30,19 +30,13 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, REPO)
-    from ftloop.demo.bundle import build_demo_bundle
     from ftloop.demo.evaluate import evaluate_export
 
     runs = {"whole model": ["--learning-rate", str(args.full_learning_rate)],
             f"LoRA rank {args.lora_rank}": ["--learning-rate", str(args.lora_learning_rate), "--lora-rank",
                                             str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank)]}
     with tempfile.TemporaryDirectory() as tmp:
-        colours = build_demo_bundle(os.path.join(tmp, "colours"), shape_share=0.0)
-        shapes = build_demo_bundle(os.path.join(tmp, "shapes"), shape_share=1.0, seed=1)
-        train(colours["model_dir"], colours, os.path.join(tmp, "pretrain"), args.nproc,
-              ["--max-steps", str(args.pretrain_steps), "--learning-rate", "1e-3", "--no-bf16", "--eval-steps",
-               str(args.pretrain_steps), "--no-gradient-checkpointing", "--no-load-best-model-at-end"])
-        pretrained = os.path.join(tmp, "pretrain", "final")  # bf16, like a hub checkpoint
+        pretrained, shapes = colours_then_shapes(tmp, args.nproc, args.pretrain_steps)
         before = evaluate_export(pretrained, shapes["eval_json"], shapes["image_folder"], show=0)
         print(f"pretrained on colours: shape accuracy {before:.1%}", flush=True)
         results = {}
@@ -53,7 +47,8 @@ def main() -> None:
                              "--logging-steps", "10", "--no-gradient-checkpointing", "--warmup-ratio", "0.05",
                              *flags])
             evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-            speed = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first window warms up
+            speed = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+            speed = speed[1:] or speed  # the first window warms up
             peak = max(r.get("peak_mem_gib", 0) for r in records)
             accuracy = evaluate_export(os.path.join(out, "final"), shapes["eval_json"], shapes["image_folder"], show=0)
             results[name] = (evals[0], evals[-1], accuracy, sum(speed) / len(speed), peak)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,4 +67,21 @@ def train_flags(bundle: dict, output_dir, *extra: str) -> list[str]:
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-12000:]}"
+    return result
+
+
+def logged_losses(out) -> dict:
+    """{step: loss} of a run's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r}
+
+
+def resume_a_copy(bundle, out, resumed, flags: list[str], step: int) -> subprocess.CompletedProcess:
+    """Continue a copy of `out`'s checkpoint-<step> in the new folder `resumed` (2 processes, `flags` as the first
+    run had them), as a preempted run continues elsewhere: it must log the first run's losses after `step`."""
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(out, f"checkpoint-{step}"), os.path.join(resumed, f"checkpoint-{step}"))
+    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(bundle, resumed, *flags,
+                                                                   "--resume-from-checkpoint", "auto")]))
+    assert f"at step {step}" in result.stdout
+    assert logged_losses(resumed) == {k: v for k, v in logged_losses(out).items() if k > step}
     return result

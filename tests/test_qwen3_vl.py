@@ -4,8 +4,6 @@ loads in the checkpoint's own key layout with the trained model's logits, and Qw
 (The one vision pass with DeepStack features against transformers' forward: test_vision_forward; packing:
 test_packing; mixed ranks: test_vision_mixing; a frozen tower: test_distributed.)"""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -22,11 +20,7 @@ from ftloop.lora import add_adapters
 from ftloop.model import build_meta_model, load_config
 from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
-from launch import check, python_m, torchrun, train_flags
-
-
-def losses(folder) -> dict:
-    return {r["step"]: r["loss"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "loss" in r}
+from launch import check, python_m, resume_a_copy, torchrun, train_flags
 
 
 def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bundle, tmp_path):
@@ -59,11 +53,7 @@ def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bun
 
     # Resumed from step 2 at the same world size: the same step 3, bit for bit.
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
-    check(torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, resumed, *run, *two,
-                                                          "--resume-from-checkpoint", "auto")]))
-    assert losses(resumed) == {3: losses(out)[3]}
+    resume_a_copy(qwen3_bundle, out, resumed, [*run, *two], step=2)
     again = load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
 
