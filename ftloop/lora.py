@@ -12,7 +12,6 @@ when adapters are asked for: it is an optional dependency (`pip install 'ftloop[
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -138,15 +137,20 @@ def write_adapter_folder(folder: str, adapters: dict[str, torch.Tensor], args: L
 
 
 class AdapterWeights:
-    """An adapter folder's tensors by the model's parameter names (what `load_weights_into` reads)."""
+    """An adapter folder's tensors by the model's parameter names (what `load_weights_into` reads); a folder
+    without the tensors of every name in `expected` is one ConfigError."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, expected: list[str]):
         from safetensors.torch import load_file
 
         path = os.path.join(folder, ADAPTER_WEIGHTS)
         if not os.path.isfile(path):
-            raise ConfigError(f"{folder}: no {ADAPTER_WEIGHTS}")
+            raise ConfigError(f"{folder}: no {ADAPTER_WEIGHTS} (was the run's output folder moved?)")
         self.tensors = load_file(path)
+        missing = [name for name in expected if adapter_key(name) not in self.tensors]
+        if missing:
+            raise ConfigError(f"{path}: holds no {adapter_key(missing[0])} (and {len(missing) - 1} more): not the "
+                              "adapters of this run's --lora-rank and targets")
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return self.tensors[adapter_key(name)].to(dtype)
@@ -155,6 +159,3 @@ class AdapterWeights:
         self.tensors = {}
 
 
-def adapter_settings(folder: str) -> dict:
-    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-        return json.load(f)

@@ -77,7 +77,8 @@ def fsdp_units(hf_model: PreTrainedModel, frozen: list[nn.Module] = ()) -> list[
     (a LoRA base), the root last; tied parameters counted once (in the root)."""
     classes = tuple(wrapped_layer_classes(hf_model))
     # LoRA's adapter matrices are units of their own, beside a base that does not train (ftloop.lora).
-    adapters = {module for name, module in hf_model.named_modules() if is_adapter(f"{name}.")}
+    adapters = {module for name, module in hf_model.named_modules()
+                if isinstance(module, nn.Linear) and is_adapter(f"{name}.")}
     own_units = separate_units(hf_model, list(frozen)) | adapters
     frozen_ids = {id(p) for module in frozen for p in module.parameters()}
     frozen_ids |= {id(p) for p in hf_model.parameters() if not p.requires_grad}

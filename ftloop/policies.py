@@ -16,16 +16,15 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import Config, TrainArgs
 from ftloop.distributed import print0
 from ftloop.errors import TrainingError
 from ftloop.fsdp.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
-from ftloop.fsdp.load import load_weights_into, open_weights
+from ftloop.fsdp.load import load_weights_into, open_adapters, open_weights
 from ftloop.hf_folder import local_folder, meta_skeleton
-from ftloop.lora import ADAPTER_DIR, AdapterWeights, is_adapter
+from ftloop.lora import ADAPTER_DIR, is_adapter
 from ftloop.metrics import MetricsLogger
 from ftloop.model import DTYPES, WRAPPER_PREFIX
 from ftloop.state import TrainState
@@ -100,9 +99,8 @@ class Evaluator:
         best, cfg = self.state.best, self.cfg
         if not cfg.train.load_best_model_at_end or best.step is None or best.step == self.state.step:
             return
-        if self.lora:
-            rank0 = not dist.is_initialized() or dist.get_rank() == 0  # which wrote them; it broadcasts them
-            adapters = AdapterWeights(os.path.join(self.best_dir, ADAPTER_DIR)) if rank0 else None
+        if self.lora:  # the rest is frozen: read by rank 0, which wrote them, and broadcast
+            adapters = open_adapters(os.path.join(self.best_dir, ADAPTER_DIR), self.model, WRAPPER_PREFIX)
             load_weights_into(self.model, adapters, prefix=WRAPPER_PREFIX, only=is_adapter)
             print0(f"loaded the best adapters back (step {best.step}, eval_loss {best.eval_loss:.4f}) from "
                    f"{self.best_dir}")

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ftloop.config import LoraArgs, ModelArgs
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
+from ftloop.fsdp.checkpoint import check_resumable, read_trainer_state
 from ftloop.lora import add_adapters, initial_adapter, merged
 from ftloop.model import build_meta_model, clean_name, load_config
 from launch import check, python_m, resume_a_copy, torchrun, train_flags
@@ -155,6 +156,17 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
         targeted = name.endswith("_proj.weight") and name.startswith("model.layers.")
         assert torch.equal(end[name], tensor.bfloat16()) != targeted, name
 
+    # A resume with other adapters is refused before anything loads (the same ones are taken).
+    checkpoint, saved_config = str(out / "checkpoint-2"), json.load(open(out / "checkpoint-2" / "run_config.json"))
+    hf_config, order = AutoConfig.from_pretrained(tiny_bundle["model_dir"]), read_trainer_state(checkpoint)["sampler"]
+    check_resumable(checkpoint, hf_config, order, saved_config)
+    with pytest.raises(ConfigError, match=r"it was saved with --lora-rank 4 --lora-alpha 16.0 --lora-dropout 0.05 "
+                                          r"--lora-target-modules q_proj .*, this run has --lora-rank 4 --lora-alpha "
+                                          r"32.0 .*; resume with the LoRA flags it was saved with"):
+        check_resumable(checkpoint, hf_config, order, dict(saved_config, lora=dict(saved_config["lora"],
+                                                                                   lora_alpha=32.0)))
+    with pytest.raises(ConfigError, match=r"this run has no LoRA"):
+        check_resumable(checkpoint, hf_config, order, dict(saved_config, lora={}))
     resumed = tmp_path / "resumed"
     resume_a_copy(tiny_bundle, out, resumed, run, step=2)
     again = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")

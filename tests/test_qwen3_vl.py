@@ -4,15 +4,19 @@ loads in the checkpoint's own key layout with the trained model's logits, and Qw
 (The one vision pass with DeepStack features against transformers' forward: test_vision_forward; packing:
 test_packing; mixed ranks: test_vision_mixing; a frozen tower: test_distributed.)"""
 
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from ftloop.config import LoraArgs, ModelArgs
+from ftloop.data.chat import video_block
 from ftloop.data.check import main as check_main
+from ftloop.data.video import group_times
 from ftloop.data.vision import load_image_processor
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
@@ -20,7 +24,10 @@ from ftloop.lora import add_adapters
 from ftloop.model import build_meta_model, load_config
 from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
+from ftloop.data.dataset import make_collate
+from ftloop.model import VisionLanguageSFT
 from launch import check, python_m, resume_a_copy, torchrun, train_flags
+from test_vision_forward import qwen3_case
 
 
 def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bundle, tmp_path):
@@ -101,3 +108,39 @@ def test_lora_and_the_memory_plan_take_a_qwen3_vl_model(qwen3_bundle):
     assert sum(u.numel for u in units) == sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(
         qwen3_bundle["model_dir"]).parameters())
     assert len(units) == 2 + 2 + 1  # decoder layers, vision blocks, the root
+
+
+@pytest.mark.parametrize("frames, fps", [(3, 2.0), (5, 4.0), (2, 1.0)])
+def test_a_qwen3_vl_video_is_written_as_its_processor_writes_its_frame_groups(frames, fps):
+    """transformers' Qwen3VLProcessor.replace_video_token (its tokenizer and torchvision video processor left
+    out: it reads only the token strings, the merge and temporal patch sizes and the frames' metadata)."""
+    processor = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
+    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+    processor.video_token = "<|video_pad|>"
+    processor.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
+    groups = -(-frames // 2)
+    inputs = {"video_grid_thw": torch.tensor([[groups, 4, 6]]),
+              "video_metadata": [SimpleNamespace(fps=fps, frames_indices=list(range(frames)))]}
+    expected = processor.replace_video_token(inputs, video_idx=0)
+    assert video_block(groups * 4 * 6 // 4, group_times(frames, 2, fps)) == expected
+    assert expected.count("<|vision_start|>") == groups
+
+
+def test_qwen3_vl_deepstack_features_count_and_videos_carry_timestamps(qwen3_bundle, tokenizer, tmp_path):
+    """The DeepStack features change the loss (so dropping them from the one vision pass would be seen); each
+    video's frame groups come with their timestamps."""
+    model, samples, _ = qwen3_case(qwen3_bundle, tokenizer, tmp_path)
+    collate = make_collate(tokenizer.pad_token_id, model.config.image_token_id, model.config.video_token_id)
+    batch = collate([samples["images+videos"]])
+    text = tokenizer.decode(batch["input_ids"][0])
+    assert text.count(" seconds>") == 2 + 1  # videos of 3 and 2 frames: 2 groups, then 1
+    scorer = VisionLanguageSFT(model)
+    with torch.no_grad():
+        loss = float(scorer(**batch)[0])
+        indexes = model.model.visual.deepstack_visual_indexes
+        model.model.visual.deepstack_visual_indexes = []  # no DeepStack features
+        try:
+            without = float(scorer(**batch)[0])
+        finally:
+            model.model.visual.deepstack_visual_indexes = indexes
+    assert abs(loss - without) > 1e-4

@@ -44,6 +44,13 @@ def make_samples(folder, tokenizer, image_processor, chat) -> dict:
     return {name: dataset[i] for i, name in enumerate(rows)}
 
 
+def qwen3_case(bundle, tokenizer, folder) -> tuple:
+    """The tiny Qwen3-VL and its samples: its own processor, and each video as timestamped frame groups."""
+    model = AutoModelForImageTextToText.from_pretrained(bundle["model_dir"], dtype=torch.float32).eval()
+    chat = ChatFormat("", timestamped_videos=True)
+    return model, make_samples(folder, tokenizer, load_image_processor(bundle["model_dir"]), chat), tokenizer
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory, tokenizer, image_processor):
     return make_samples(tmp_path_factory.mktemp("forward_frames"), tokenizer, image_processor, SYSTEM)
@@ -54,11 +61,7 @@ def case(request, qwen25, samples, tokenizer, qwen3_bundle, tmp_path_factory):
     """(model, its samples, tokenizer): Qwen2-VL shares Qwen2.5-VL's processor; Qwen3-VL has its own, and
     writes each video as timestamped frame groups."""
     if request.param == "qwen3_vl":
-        folder = qwen3_bundle["model_dir"]
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-        chat = ChatFormat("", timestamped_videos=True)
-        own = make_samples(tmp_path_factory.mktemp("qwen3_frames"), tokenizer, load_image_processor(folder), chat)
-        return model, own, tokenizer
+        return qwen3_case(qwen3_bundle, tokenizer, tmp_path_factory.mktemp("qwen3_frames"))
     return (qwen25 if request.param == "qwen2_5_vl" else qwen2_vl(qwen25.config)), samples, tokenizer
 
 
@@ -87,28 +90,6 @@ def test_one_vision_pass_gives_the_hf_loss(case, batch_name):
     hf_calls = len(calls) - ours_calls  # ...where the HF model runs one per modality present
     assert hf_calls == ("pixel_values" in batch) + ("pixel_values_videos" in batch)
     assert ours == pytest.approx(reference, rel=1e-6, abs=1e-6)
-
-
-def test_qwen3_vl_deepstack_features_and_video_timestamps_count(case, tokenizer):
-    """The DeepStack features change the loss (so dropping them from the one vision pass would be seen), and so
-    does the timestamped layout of a video's frame groups, which Qwen3-VL's rope needs."""
-    model, samples, _ = case
-    if model.config.model_type != "qwen3_vl":
-        pytest.skip("Qwen3-VL only")
-    collate = make_collate(tokenizer.pad_token_id, model.config.image_token_id, model.config.video_token_id)
-    batch = collate([samples["images+videos"]])
-    text = tokenizer.decode(batch["input_ids"][0])
-    assert text.count(" seconds>") == 2 + 1  # videos of 3 and 2 frames: 2 groups, then 1
-    scorer = VisionLanguageSFT(model)
-    with torch.no_grad():
-        loss = float(scorer(**batch)[0])
-        indexes = model.model.visual.deepstack_visual_indexes
-        model.model.visual.deepstack_visual_indexes = []  # no DeepStack features
-        try:
-            without = float(scorer(**batch)[0])
-        finally:
-            model.model.visual.deepstack_visual_indexes = indexes
-    assert abs(loss - without) > 1e-4
 
 
 def test_video_time_positions_reach_the_model(qwen25, samples, tokenizer):

@@ -237,6 +237,7 @@ def check_resumable(path: str, hf_config, order_settings: dict, run_config: dict
                           f"{'with' if kahan_then else 'without'} the Kahan buffer of --bf16-master-rounding kahan, "
                           f"and this run {'keeps none' if kahan_then else 'keeps one'}; resume with --param-dtype "
                           f"{then['model']['param_dtype']} --bf16-master-rounding {rounding}, as it was saved")
+    _check_lora(path, then.get("lora", {}), run_config.get("lora", {}))
     check_model_config(path, hf_config)
     sampler = saved["sampler"]
     if sampler["num_rows"] != order_settings["num_rows"] or sampler["seed"] != order_settings["seed"]:
@@ -263,6 +264,25 @@ def check_resumable(path: str, hf_config, order_settings: dict, run_config: dict
                           f"{said(order_settings)} now), so the data order cannot continue; resume with the flags "
                           "it was saved with, or start afresh")
     return saved
+
+
+def _check_lora(path: str, then: dict, now: dict) -> None:
+    """The adapters a checkpoint holds are the ones this run trains: the same rank and targets (else its tensors
+    do not fit), alpha and dropout (else the resumed run would not continue the saved one). --merge-lora only
+    shapes the export."""
+    def said(lora: dict) -> str:
+        if not lora.get("lora_rank"):
+            return "no LoRA"
+        flags = []
+        for key, value in lora.items():
+            if key != "merge_lora":
+                value = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                flags.append(f"--{key.replace('_', '-')} {value}")
+        return " ".join(flags)
+
+    if said(then) != said(now):
+        raise ConfigError(f"--resume-from-checkpoint {path}: it was saved with {said(then)}, this run has "
+                          f"{said(now)}; resume with the LoRA flags it was saved with")
 
 
 def _check_dtypes(path: str, saved: dict, live: dict, allow: bool) -> None:

@@ -29,6 +29,7 @@ from transformers import initialization as hf_init
 from ftloop.errors import ConfigError
 from ftloop.fsdp.export import unit_parameters
 from ftloop.hf_folder import FolderWeights
+from ftloop.lora import AdapterWeights, is_adapter
 from ftloop.model import clean_name
 
 
@@ -150,6 +151,26 @@ def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: 
             weights.close()
         raise ConfigError(found)
     return weights
+
+
+def open_adapters(folder: str, model: FSDP, prefix: str) -> AdapterWeights | None:
+    """A LoRA run's `best` adapters (ftloop.lora), opened on rank 0, which reads them; None on the others.
+    Collective: a missing file or adapter stops every rank with the same one-line ConfigError, instead of
+    leaving the others waiting for rank 0's broadcast."""
+    expected = [name.removeprefix(prefix) for _, entries in unit_parameters(model) for name, _, _ in entries
+                if is_adapter(name)]
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    adapters, problem = None, [None]
+    if rank0:
+        try:
+            adapters = AdapterWeights(folder, expected)
+        except ConfigError as err:
+            problem = [str(err)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+    return adapters
 
 
 @torch.no_grad()
