@@ -155,7 +155,4 @@ class AdapterWeights:
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return self.tensors[adapter_key(name)].to(dtype)
 
-    def close(self) -> None:
-        self.tensors = {}
-
 
