@@ -1,6 +1,8 @@
-"""Typed run configuration.
+"""Typed run configuration and its checks.
 
-Each group is a dataclass whose attribute docstrings are the `--help` text (tyro reads them). Flags keep
+Each group is a dataclass whose attribute docstrings are the `--help` text (tyro reads them) and whose `check()`
+refuses its own bad values in one line naming the flag; `Config.check()` runs them all, then the checks across
+groups, before any process group or model exists. Flags keep
 the Hugging Face TrainingArguments names without a group prefix (`--learning-rate`, not
 `--optim.learning-rate`), so a command line written for the HF Trainer mostly carries over. Defaults are
 the ones of the guide this project grew from: Adafactor without relative steps or parameter scaling,
@@ -16,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import tyro
 
 from ftloop.errors import ConfigError
@@ -50,6 +53,22 @@ class ModelArgs:
     which broadcasts each tensor to the others, or every rank for itself (no broadcast; the files must be
     readable on every node)."""
 
+    def check(self) -> None:
+        check_model_path(self.model_name_or_path)
+        _need(self.unfreeze_topk_llm >= 0 and self.unfreeze_topk_vision >= 0,
+              "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive")
+
+    def freezes(self) -> list[str]:
+        """The freeze flags given, as the user wrote them."""
+        return [f"--{name.replace('_', '-')}" for name in ("freeze_vision_tower", "freeze_merger", "freeze_llm",
+                                                          "unfreeze_topk_llm", "unfreeze_topk_vision")
+                if getattr(self, name)]
+
+    def trains_something(self) -> bool:
+        vision = not self.freeze_vision_tower or self.unfreeze_topk_vision > 0
+        llm = not self.freeze_llm or self.unfreeze_topk_llm > 0
+        return vision or llm or not self.freeze_merger
+
 
 LORA_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,6 +89,18 @@ class LoraArgs:
     none by default: the vision tower stays as it is."""
     merge_lora: bool = True
     """Export `final` as whole merged weights beside `final/adapter`; --no-merge-lora: `final/adapter` only."""
+
+    def check(self) -> None:
+        if not self.lora_rank:  # LoRA flags without adapters would be silently ignored
+            given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(LoraArgs)
+                     if getattr(self, f.name) != f.default and f.name != "lora_rank"]
+            _need(not given, f"{', '.join(given)} set without --lora-rank; give the adapters' rank, or drop them")
+            return
+        _need(self.lora_rank > 0, "--lora-rank must be 0 (off) or positive")
+        _need(self.lora_alpha > 0, "--lora-alpha must be positive")
+        _need(0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)")
+        _need(bool(self.lora_target_modules or self.lora_vision_target_modules),
+              "--lora-rank with no --lora-target-modules or --lora-vision-target-modules: name the projections")
 
 
 @dataclass
@@ -135,6 +166,34 @@ class DataArgs:
         """The most tokens in one sequence of a micro-batch: a packed sequence or a row."""
         return (self.max_tokens_per_batch or self.max_seq_length) if self.packing else self.max_seq_length
 
+    def check(self, need_data: bool = True) -> None:
+        """The data flags on their own. Whether --train-data / --eval-data can be read is the data package's
+        check (ftloop.data.sources.check_sources), and the pixel limits against the checkpoint's are checked
+        where the image processor is loaded (ftloop.data.media)."""
+        _need(bool(self.train_data) or not need_data,
+              "--train-data is required: a .json/.jsonl file, a dataset folder or a hub name")
+        _need(0 <= self.eval_ratio < 1, "--eval-ratio must be in [0, 1)")
+        _need(not (self.eval_ratio > 0 and self.eval_data),
+              "--eval-ratio holds out training rows instead of --eval-data; give one of the two")
+        _need(not self.image_folder or os.path.isdir(self.image_folder),
+              f"--image-folder {self.image_folder}: folder not found")
+        _need(self.max_seq_length > 0, "--max-seq-length must be positive")
+        _need(self.dataloader_num_workers >= 0, "--dataloader-num-workers must be 0 or more")
+        _need(self.max_eval_samples >= 0, "--max-eval-samples must be 0 (all) or positive")
+        _need(self.length_group_steps >= 1, "--length-group-steps must be 1 or more")
+        _need(self.max_tokens_per_batch == 0 or self.packing,
+              "--max-tokens-per-batch is the size of a packed sequence; pass --packing with it")
+        _need(self.max_tokens_per_batch == 0 or self.max_tokens_per_batch >= self.max_seq_length,
+              f"--max-tokens-per-batch {self.max_tokens_per_batch} is below --max-seq-length {self.max_seq_length}: "
+              "a row that long could not be packed; raise it, or lower --max-seq-length (longer rows are then "
+              "dropped or cut as --truncation says)")
+        _need(self.min_pixels is None or self.min_pixels > 0, "--min-pixels must be positive")
+        _need(self.max_pixels is None or self.max_pixels > 0, "--max-pixels must be positive")
+        _need(self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+              f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}; give --min-pixels <= "
+              "--max-pixels")
+        _need(self.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
+
 
 @dataclass
 class OptimArgs:
@@ -161,6 +220,14 @@ class OptimArgs:
     `stochastic` rounds up or down with the probabilities that make the expected weight exact (no extra memory);
     `kahan` keeps the rounding error in a bf16 compensation buffer (2 bytes per parameter) and adds it back."""
 
+    def check(self) -> None:
+        _need(self.learning_rate > 0, "--learning-rate must be positive")
+        _need(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        _need(self.vision_lr is None or self.vision_lr > 0, "--vision-lr must be positive")
+        _need(self.merger_lr is None or self.merger_lr > 0, "--merger-lr must be positive")
+        _need(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+        _need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or positive")
+
 
 @dataclass
 class FSDPArgs:
@@ -182,6 +249,12 @@ class FSDPArgs:
     """Rate-limit all-gathers so memory does not spike when the CPU runs ahead of the GPU."""
     forward_prefetch: bool = False
     """Issue the next all-gather before the current forward computation."""
+
+    def check(self) -> None:
+        _need(not (self.cpu_offload and self.sharding_strategy == "NO_SHARD"),
+              "--cpu-offload needs a sharded --sharding-strategy")
+        _need(not self.cpu_offload or torch.cuda.is_available(),
+              "--cpu-offload moves GPU shards to host memory, and there is no GPU here; drop the flag")
 
 
 @dataclass
@@ -244,6 +317,32 @@ class TrainArgs:
     """Seconds a collective (all-gather, all-reduce, barrier) may wait for the other ranks before the run fails
     instead of hanging."""
 
+    def check(self) -> None:
+        _need(self.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive")
+        _need(self.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive")
+        _need(self.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive")
+        _need(self.max_steps > 0 or self.max_steps == -1,
+              "--max-steps must be positive, or -1 to use --num-train-epochs")
+        _need(self.max_steps > 0 or self.num_train_epochs > 0,
+              "--num-train-epochs must be positive when --max-steps is -1")
+        _need(self.logging_steps > 0, "--logging-steps must be positive")
+        _need(self.eval_steps > 0, "--eval-steps must be positive")
+        _need(self.save_steps >= 0, "--save-steps must be 0 (off) or positive")
+        _need(self.save_grace_s > 0, "--save-grace-s must be positive (seconds)")
+        _need(self.save_total_limit >= 0, "--save-total-limit must be 0 (keep all) or positive")
+        _need(self.max_bad_steps > 0, "--max-bad-steps must be positive")
+        _need(self.ddp_timeout > 0, "--ddp-timeout must be positive (seconds)")
+        resume = self.resume_from_checkpoint
+        _need(resume in ("", "auto") or os.path.isdir(resume),
+              f"--resume-from-checkpoint {resume}: folder not found; give a checkpoint-<step> folder or `auto`")
+        _need(bool(self.output_dir), "--output-dir is required")
+        _need(not os.path.isfile(self.output_dir), f"--output-dir {self.output_dir}: is a file; give a folder")
+        earlier = previous_run(self.output_dir)
+        _need(not earlier or resume or self.overwrite_output_dir,
+              f"--output-dir {self.output_dir}: holds a run already ({', '.join(earlier[:3])}); continue it with "
+              "--resume-from-checkpoint auto, give a new --output-dir, or pass --overwrite-output-dir to replace it")
+        parse_size(self.max_shard_size)
+
 
 @dataclass
 class Config:
@@ -257,6 +356,27 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self, need_data: bool = True) -> None:
+        """Every flag that can be checked before any process group or model exists, each refusal one line naming
+        the flag and what to do: each group's own, then those across groups. `need_data=False`: the data flags
+        may be left out (the memory plan). ftloop.train also runs ftloop.data.sources.check_sources."""
+        model, optim, lora = self.model, self.optim, self.lora
+        model.check()
+        self.data.check(need_data)
+        lora.check()
+        optim.check()
+        self.fsdp.check()
+        self.train.check()
+        _need(not (lora.lora_rank and model.freezes()), "--lora-rank trains the adapters alone (every base weight "
+              f"is frozen), so {(model.freezes() or [''])[0]} means nothing with it; drop it")
+        _need(model.trains_something() or lora.lora_rank, "--freeze-vision-tower, --freeze-merger and --freeze-llm "
+              "together leave nothing to train; drop one, or unfreeze the last blocks with --unfreeze-topk-llm / "
+              "--unfreeze-topk-vision")
+        _need(not (model.param_dtype == "bf16" and optim.optim == "adamw" and optim.bf16_master_rounding != "nearest"),
+              "--param-dtype bf16 with --optim adamw rounds every update to the nearest bf16 (torch's AdamW has no "
+              "compensated updates, and most fine-tuning updates vanish): use --optim adafactor, --param-dtype fp32, "
+              "or pass --bf16-master-rounding nearest to accept it")
+
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5 * 10**9 bytes (decimal units, as transformers' max_shard_size); 'MiB' style is binary."""
@@ -267,6 +387,21 @@ def parse_size(text: str) -> int:
     base = 1024 if "I" in unit else 1000
     power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
     return int(number * base**power)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_model_path(path: str) -> None:
+    """--model-name-or-path: required, and a folder with a config.json unless it reads as a hub id."""
+    _need(bool(path), "--model-name-or-path is required: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder or hub id")
+    # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is meant as a folder.
+    looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
+    if looks_local or os.path.exists(path):
+        _need(os.path.isfile(os.path.join(path, "config.json")),
+              f"--model-name-or-path {path}: no config.json there; give a Hugging Face model folder")
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "final", "best")  # with checkpoint-*: what a run leaves in --output-dir

@@ -1,25 +1,27 @@
 """The errors a user sees, in one place: every ftloop module imports them from here, and this module imports
 nothing of ftloop's.
 
-Each is raised with one line that names the flag, file or row and says what to do; `ftloop.train.main` turns
-them into that line on stderr and a non-zero exit, never a traceback.
+Each is raised with one line that names the flag, file or row and says what to do, and carries the exit code the
+process leaves with; `ftloop.cli.run_command` turns them into that line on stderr, never a traceback.
+`one_line` is how a library's exception becomes part of such a line.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import re
 import signal
-import sys
-import time
+
+WORKER_TRACEBACK = "Traceback (most recent call last)"  # a DataLoader worker's error carries the worker's traceback
 
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the flag and what to do."""
+    exit_code = 2
 
 
 class DataError(ValueError):
     """A problem with the user's data; the message names file and row."""
+    exit_code = 2
 
 
 class DataErrors(DataError):
@@ -48,32 +50,34 @@ class RowFailedMidRun(DataError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
+    exit_code = 1
 
 
 class Stopped(Exception):
-    """Raised after the checkpoint is saved; main exits with 128 + the signal number, so that a torchrun with
-    --max-restarts starts the job again (and --resume-from-checkpoint auto continues it)."""
+    """A stop signal reached a rank (every rank raises it at the same step, ftloop.data.loaders.StepBatches); the
+    loop saves `checkpoint` and lets it through. The process exits with 128 + the signal number, so that a
+    torchrun with --max-restarts starts the job again (and --resume-from-checkpoint auto continues it)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.step, self.checkpoint = signum, None, None
         self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint {checkpoint} saved; "
-                         "continue with --resume-from-checkpoint auto")
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        return (f"stopped by {name} after step {self.step}; checkpoint {self.checkpoint} saved; "
+                "continue with --resume-from-checkpoint auto")
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr and a non-zero exit, no traceback: for user errors found before training."""
-    print(f"ftloop: error: {message}", file=sys.stderr, flush=True)
-    tell_launcher(f"ftloop: error: {message}")
-    raise SystemExit(code)
-
-
-def tell_launcher(line: str) -> None:
-    """Under torchrun, leave `line` in the worker's error file (torch.distributed.elastic's), so that the
-    launcher's closing failure summary says what went wrong instead of `error_file: <N/A>`."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    with open(path, "w") as f:
-        json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                              "timestamp": str(int(time.time()))}}}, f)
+def one_line(err: BaseException, with_type: bool = False) -> str:
+    """The one line of a library's exception that a user's line quotes: its type when it says nothing, the original
+    error (the last line) when it arrives wrapped in a DataLoader worker's traceback, else its first line;
+    `with_type`: after its type's name, for errors whose message alone does not say what went wrong."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    if WORKER_TRACEBACK in text:  # its last line is "<module>.<Type>: <message>"
+        line = re.sub(r"^[A-Za-z_][\w.]*: ", "", text.splitlines()[-1])
+    else:
+        line = text.splitlines()[0]
+    return f"{type(err).__name__}: {line}" if with_type else line

@@ -8,7 +8,7 @@ just their byte ranges from every rank's files), casts them to --save-dtype and 
 about one shard (in the dtype the checkpoint holds, fp32 masters by default) whatever the model's size. The
 result is what ftloop.train exports at the end of a run, written to a temporary folder and renamed when done:
 for a LoRA run, the merged model with its adapters in `adapter/`.
-Errors are one line on stderr, exit 2.
+Errors are one line on stderr, exit 2 (ftloop.cli).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from ftloop.config import LoraArgs, parse_size
-from ftloop.errors import ConfigError, fail
+from ftloop.cli import run_command
+from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, RUN_CONFIG, is_complete
 from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, plan_shards, publish, save_model_files,
                               save_size, saved_names, temporary_folder)
@@ -127,24 +128,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     path, out = args.checkpoint_dir.rstrip(os.sep) or os.sep, args.out_dir
-    try:
-        parse_size(args.max_shard_size)
-        check_checkpoint(path)
-        real_path, real_out = os.path.realpath(path), os.path.realpath(out)
-        if os.path.commonpath([real_path, real_out]) == real_out:
-            raise ConfigError(f"{out}: would replace the checkpoint it is exported from; give another OUT_DIR")
-        if os.path.isfile(out):
-            raise ConfigError(f"{out}: is a file; give a folder")
-        files = export_checkpoint(path, out, args.save_dtype, args.max_shard_size)
-    except ConfigError as err:
-        fail(str(err))
+    parse_size(args.max_shard_size)
+    check_checkpoint(path)
+    real_path, real_out = os.path.realpath(path), os.path.realpath(out)
+    if os.path.commonpath([real_path, real_out]) == real_out:
+        raise ConfigError(f"{out}: would replace the checkpoint it is exported from; give another OUT_DIR")
+    if os.path.isfile(out):
+        raise ConfigError(f"{out}: is a file; give a folder")
+    files = export_checkpoint(path, out, args.save_dtype, args.max_shard_size)
     print(f"exported {path} to {out} ({len(files)} safetensors file{'s' if len(files) > 1 else ''}, "
           f"{args.save_dtype})")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

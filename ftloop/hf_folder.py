@@ -31,7 +31,7 @@ from transformers.core_model_loading import (WeightConverter, WeightRenaming, re
                                              revert_weight_conversion)
 
 from ftloop.config import parse_size
-from ftloop.errors import ConfigError
+from ftloop.errors import ConfigError, one_line
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -218,8 +218,7 @@ def local_folder(name_or_path: str, flag: str = "--model-name-or-path") -> str:
     try:
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     except Exception as err:  # offline, unknown repository, no access: say which and stop
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"{flag} {name_or_path}: cannot fetch its weights ({first_line}); give a local folder, "
+        raise ConfigError(f"{flag} {name_or_path}: cannot fetch its weights ({one_line(err)}); give a local folder, "
                           "or a hub id with network access or a filled HF cache") from None
 
 

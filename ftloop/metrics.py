@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ftloop.data.loaders import Step
 from ftloop.distributed import World, all_gather_rows, print0
 
 
@@ -19,14 +20,6 @@ def _have_wandb_credentials() -> bool:
         return True
     netrc = os.path.expanduser("~/.netrc")
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read()
-
-
-def finish_reporting(exit_code: int) -> None:
-    """Close a wandb run still open (a run that failed), with its exit code: the process leaves with os._exit
-    (ftloop.distributed.leave), so wandb's own exit hook does not run."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
 
 
 class MetricsLogger:
@@ -99,12 +92,12 @@ class StepWindow:
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, loss_share: torch.Tensor, step_tokens: torch.Tensor, rank_balance: torch.Tensor,
-            data_wait: float) -> None:
+    def add(self, loss_share: torch.Tensor, step: Step) -> None:
+        """A step that was applied, with this rank's share of its mean loss."""
         self.loss += loss_share
-        self.tokens += step_tokens
-        self.rank_balance += rank_balance
-        self.data_wait += data_wait
+        self.tokens += step.tokens
+        self.rank_balance += step.rank_balance
+        self.data_wait += step.data_wait
         self.steps += 1
 
     def log(self, logger: MetricsLogger, progress, step: int, lr: float, grad_norm: float, epoch: int,

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import ModelArgs
 from ftloop.data.chat import IGNORE_INDEX
-from ftloop.errors import ConfigError
+from ftloop.errors import ConfigError, one_line
 from ftloop.family import check_supported
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -27,9 +27,8 @@ def load_config(args: ModelArgs) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"--model-name-or-path {args.model_name_or_path}: cannot load its config ({first_line}); "
+            f"--model-name-or-path {args.model_name_or_path}: cannot load its config ({one_line(err)}); "
             "give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder, or a hub id with network access or a filled HF "
             "cache"
         ) from None

@@ -42,14 +42,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import tyro
 from torch import nn
 from transformers import PreTrainedModel
 
-from ftloop.checks import validate
+from ftloop.cli import run_command
 from ftloop.config import Config
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
@@ -368,7 +367,7 @@ def planned_model(cfg: Config) -> PreTrainedModel:
 def plan_from_flags(argv: list[str]) -> MemoryPlan:
     """The plan for ftloop.train flags plus --nproc-per-node / --nnodes / --gpu-memory-gib."""
     command = parse(argv)
-    validate(command.run, need_data=False)
+    command.run.check(need_data=False)
     world = command.gpus.nproc_per_node * command.gpus.nnodes
     hf_model = planned_model(command.run)
     return plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
@@ -376,17 +375,14 @@ def plan_from_flags(argv: list[str]) -> MemoryPlan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the plan; 0 when it fits, 2 when it does not (ftloop.cli.run_command leaves with it)."""
     command = parse(argv)
-    try:
-        validate(command.run, need_data=False)
-        check_sources(command.run.data)  # data flags are not needed, but given ones must exist, as for ftloop.train
-        if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
-            raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
-        world = command.gpus.nproc_per_node * command.gpus.nnodes
-        hf_model = planned_model(command.run)
-    except ConfigError as err:
-        print(f"ftloop: error: {err}", file=sys.stderr)
-        return 2
+    command.run.check(need_data=False)
+    check_sources(command.run.data)  # data flags are not needed, but given ones must exist, as for ftloop.train
+    if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
+        raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
+    world = command.gpus.nproc_per_node * command.gpus.nnodes
+    hf_model = planned_model(command.run)
     plan = plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
                        int(command.gpus.gpu_memory_gib * GIB))
     print(f"{command.run.model.model_name_or_path}: per GPU, {world} GPU(s) of {command.gpus.gpu_memory_gib:g} GiB")
@@ -397,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())
+    run_command(main)

@@ -33,10 +33,9 @@ from ftloop.steps import evaluate
 
 class Saver:
     def __init__(self, model: FSDP, optimizer, state: TrainState, cfg: Config, logger: MetricsLogger,
-                 write_model_files: Callable[[str], None], after_shards_written: Callable[[], None],
-                 is_main: bool, resumed: bool):
+                 write_model_files: Callable[[str], None], is_main: bool, resumed: bool):
         self.model, self.optimizer, self.state, self.cfg, self.logger = model, optimizer, state, cfg, logger
-        self.write_model_files, self.after_shards_written = write_model_files, after_shards_written
+        self.write_model_files = write_model_files
         self.is_main = is_main
         self.last_saved = state.step if resumed else None  # the checkpoint resumed from is this step's
         self.last_save_s = 0.0
@@ -57,7 +56,7 @@ class Saver:
                    "and torchrun a longer grace (README: Preemption)")
         started = time.perf_counter()
         save_checkpoint(self.model, self.optimizer, path, self.state.state_dict(), self.cfg.to_dict(),
-                        self.write_model_files, self.after_shards_written)
+                        self.write_model_files)
         if self.is_main and args.save_total_limit:
             prune_checkpoints(args.output_dir, args.save_total_limit, protected_step=self.state.best.step)
         self.last_save_s = time.perf_counter() - started

@@ -43,10 +43,6 @@ class StopRequest:
             if signum != self.signum or time.monotonic() - self._first_at > SAME_DELIVERY_S:
                 raise KeyboardInterrupt
 
-    @property
-    def requested(self) -> bool:
-        return self.signum != 0
-
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -9,51 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-from typing import NamedTuple
 
 import torch
 from torch.distributed.fsdp import ShardingStrategy
 
-from ftloop.data.chat import IGNORE_INDEX
-from ftloop.distributed import World, all_gather_rows, all_reduce_sum
+from ftloop.distributed import World, all_reduce_sum
 from ftloop.errors import DataError, RowFailedMidRun
 from ftloop.signals import stop_signals_held
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def supervised_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-class StepCounts(NamedTuple):
-    targets: torch.Tensor  # supervised tokens of the step on all ranks (at least 1): the loss denominator
-    tokens: torch.Tensor  # [real tokens, positions (with padding)] on all ranks
-    votes: torch.Tensor  # [ranks signalled with SIGTERM, with SIGINT, ranks whose row failed]
-    rank_balance: torch.Tensor  # how much longer the step took than if ranks shared the work evenly (1: even)
-
-
-def count_step_tokens(micro_batches: list[dict], world: World, stop_signum: int = 0,
-                      row_failed: bool = False, rounds: int | None = None) -> StepCounts:
-    """What one optimizer step holds on every rank, in one collective. The votes let every rank leave
-    together, with the same signal, when one rank was signalled (`stop_signum`) or could not read a row.
-
-    The rank balance: FSDP's collectives make every rank wait for the slowest in each of the step's `rounds`
-    (micro-batches per rank), and a micro-batch's work grows with its positions, padding included; so it is
-    the sum over rounds of the most positions any rank had, over the sum of the mean over ranks."""
-    positions = [float(b["attention_mask"].numel()) for b in micro_batches]
-    positions += [0.0] * ((rounds or len(micro_batches)) - len(positions))  # a rank whose row failed
-    ranks = all_gather_rows([sum(supervised_tokens(b) for b in micro_batches),
-                             sum(int(b["attention_mask"].sum()) for b in micro_batches), sum(positions),
-                             float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
-                             float(row_failed), *positions], world.device)
-    counts = ranks[:, :6].sum(0)
-    per_round = ranks[:, 6:]
-    balance = per_round.max(0).values.sum() / per_round.mean(0).sum().clamp(min=1)
-    return StepCounts(counts[0].clamp(min=1).float(), counts[1:3], counts[3:6], balance)
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, world: World) -> torch.Tensor:

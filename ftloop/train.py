@@ -1,20 +1,21 @@
 """Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with FSDP: `torchrun --nproc_per_node N -m ftloop.train`.
 
 Read top to bottom: `prepare` builds everything in the order that fails fastest on bad input, `run` is the
-loop, `main` turns user errors into one line. Each optimizer step takes `gradient_accumulation_steps`
-micro-batches per rank, normalised so that the gradient does not depend on how the global batch is split
-(ftloop.steps).
+loop, `main` checks the flags and starts the process group. Each optimizer step takes
+`gradient_accumulation_steps` micro-batches per rank, normalised so that the gradient does not depend on how the
+global batch is split (ftloop.steps).
 
 Where each concern lives:
-- flags and their docs: ftloop.config; their checks: ftloop.checks (data sources: ftloop.data.sources); user
-  errors: ftloop.errors; LoRA adapters: ftloop.lora
-- rows, the check before training, loaders and the order of rows: ftloop.data (build_loaders)
+- flags, their docs and their checks: ftloop.config (data sources: ftloop.data.sources); user errors:
+  ftloop.errors; how every command ends (one line, the exit code): ftloop.cli; LoRA adapters: ftloop.lora
+- rows, the check before training, loaders, the order of rows, and each step's micro-batches counted across the
+  ranks (with their votes to stop): ftloop.data
 - the model and its loss: ftloop.model; weights read into FSDP units: ftloop.fsdp.load; wrapping:
   ftloop.fsdp.wrap; the memory plan: ftloop.plan
 - one step's arithmetic and the eval pass: ftloop.steps; the optimizer and schedule: ftloop.optim
 - the run's state (what a checkpoint brings back): ftloop.state; when to save, evaluate, keep the best and
-  give up: ftloop.policies; checkpoints and exports on disk: ftloop.fsdp.checkpoint, ftloop.fsdp.export
-- metrics: ftloop.metrics; preemption: ftloop.signals; faults the tests inject: ftloop.faults
+  give up: ftloop.policies; checkpoints on disk: ftloop.fsdp.checkpoint; exports: ftloop.export
+- metrics: ftloop.metrics; preemption: ftloop.signals
 """
 
 from __future__ import annotations
@@ -22,33 +23,27 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
-import sys
 import time
-import traceback
-from typing import NoReturn
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm import tqdm
 
-from ftloop.checks import validate
+from ftloop.cli import run_command
 from ftloop.config import Config, parse_args
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sources import check_sources
-from ftloop.distributed import World, init_distributed, leave, print0
-from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped, TrainingError, fail, tell_launcher
-from ftloop.faults import NO_FAULTS, Faults
+from ftloop.distributed import World, init_distributed, print0
+from ftloop.errors import ConfigError, RowFailedMidRun, Stopped
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.fsdp.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import local_folder, save_model_files
 from ftloop.lora import add_adapters, base_dtype, initial_adapter
-from ftloop.metrics import MetricsLogger, StepWindow, finish_reporting
+from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import DTYPES, VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
 from ftloop.optim.build import build_optimizer
 from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
@@ -56,7 +51,7 @@ from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
 from ftloop.signals import StopRequest
 from ftloop.state import TrainState
-from ftloop.steps import accumulate_gradients, clip_gradients, count_step_tokens
+from ftloop.steps import accumulate_gradients, clip_gradients
 
 
 @dataclass
@@ -117,7 +112,7 @@ def prepare(cfg: Config, world: World) -> Setup:
                  resume_from, saved)
 
 
-def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
+def run(cfg: Config, world: World) -> dict:
     args = cfg.train
     stop = StopRequest()  # from the start: a preemption while loading still ends in a clean save
     setup = prepare(cfg, world)
@@ -137,60 +132,46 @@ def run(cfg: Config, world: World, faults: Faults = NO_FAULTS) -> dict:
     export = functools.partial(export_model, model, save_dtype=args.save_dtype, max_shard_size=args.max_shard_size,
                                lora=lora, base_model_name_or_path=cfg.model.model_name_or_path, **model_files)
     saver = Saver(model, optimizer, state, cfg, logger, functools.partial(save_model_files, **model_files),
-                  faults.after_shards_written, world.is_main, resumed=bool(setup.resume_from))
+                  world.is_main, resumed=bool(setup.resume_from))
     evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, functools.partial(export, merge=lora is None),
                           setup.hf_config, world.device)
     if args.eval_on_start and state.step == 0:
         evaluator()
 
-    steps_data = StepBatches(setup.train_loader, sampler, args.gradient_accumulation_steps)
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc="train", dynamic_ncols=True)
+    batches = StepBatches(setup.train_loader, sampler, args.gradient_accumulation_steps, world, stop)
     window = StepWindow(world, cfg.data.dataloader_num_workers)
-    while state.step < total_steps:
-        micro_batches, failed = [], None
-        waiting_since = time.perf_counter()
-        try:
-            micro_batches = steps_data.next_step()
-        except RowFailedMidRun as err:  # said in the vote below, so that the other ranks do not wait for us
-            failed = err
-        data_wait = time.perf_counter() - waiting_since  # the loader's workers did not keep up
-        counts = count_step_tokens(micro_batches, world, stop.signum, failed is not None,
-                                   args.gradient_accumulation_steps)
-        step_targets, step_tokens, votes = counts.targets, counts.tokens, counts.votes
-        # Reading the votes waits for the last step to end on the device: one small stall per step, the price
-        # of every rank leaving together, right after the step in which a rank was signalled or failed.
-        sigterm_votes, sigint_votes, failed_ranks = votes.tolist()
-        if failed_ranks:
-            raise failed or RowFailedMidRun.elsewhere(int(failed_ranks))
-        if sigterm_votes or sigint_votes:  # every rank exits with the same signal's code
-            progress.close()
-            path = saver.save()
-            logger.close()
-            raise Stopped(signal.SIGINT if sigint_votes else signal.SIGTERM, state.step, path)  # batches unread
-        loss_sum = accumulate_gradients(model, micro_batches, step_targets, world)
-        faults.after_backward(model, state.step + 1)
-        # The global norm (logged) decides whether to update, so the decision is the same on every rank.
-        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
-        finite = math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.finish_step(step_tokens, finite)
-        progress.update(1)
-        if finite:
-            window.add(loss_sum / step_targets, step_tokens, counts.rank_balance, data_wait)  # loss: this rank's share
-        else:
-            skip_nonfinite_step(state, grad_norm, logger, args)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc="train", dynamic_ncols=True)
+    model.train()
+    try:
+        while state.step < total_steps:
+            step = batches.next_step()  # raises Stopped on every rank when any was signalled
+            loss_sum = accumulate_gradients(model, step.micro_batches, step.targets, world)
+            # The global norm (logged) decides whether to update, so the decision is the same on every rank.
+            grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+            finite = math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.finish_step(step.tokens, finite)
+            progress.update(1)
+            if finite:
+                window.add(loss_sum / step.targets, step)  # the loss: this rank's share of the step's mean
+            else:
+                skip_nonfinite_step(state, grad_norm, logger, args)
 
-        if (state.step % args.logging_steps == 0 or state.step == total_steps) and window.steps:
-            window.log(logger, progress, state.step, scheduler.get_last_lr()[0], grad_norm, sampler.epoch,
-                       int(state.tokens_seen[0]))
-        if evaluator.due(total_steps):
-            evaluator()
-        if saver.due(total_steps):
-            saver.save()
+            if (state.step % args.logging_steps == 0 or state.step == total_steps) and window.steps:
+                window.log(logger, progress, state.step, scheduler.get_last_lr()[0], grad_norm, sampler.epoch,
+                           int(state.tokens_seen[0]))
+            if evaluator.due(total_steps):
+                evaluator()
+            if saver.due(total_steps):
+                saver.save()
+    except Stopped as stopped:  # the step before it is complete on every rank: save it, and leave with the signal
+        progress.close()
+        stopped.step, stopped.checkpoint = state.step, saver.save()
+        logger.close()
+        raise
     progress.close()
     stop.restore()
 
@@ -233,54 +214,14 @@ def local_source_dir(cfg: Config) -> str | None:
     return src if os.path.isdir(src) else None
 
 
-def main(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Check the flags (no process group yet), start the process group, train. Every way out (user errors as one
+    line, the exit codes, leaving the process) is ftloop.cli.run_command's."""
     cfg = parse_args(argv)
-    try:
-        validate(cfg)
-        check_sources(cfg.data)
-    except ConfigError as err:
-        fail(str(err))
-    world = init_distributed(cfg.train.ddp_timeout)
-    try:
-        run(cfg, world, faults)
-    except (Stopped, TrainingError) as err:
-        line = f"ftloop: {'' if isinstance(err, Stopped) else 'error: '}{err}"
-        print0(f"\n{line}", file=sys.stderr)
-        tell_launcher(line)
-        dist.destroy_process_group()
-        raise SystemExit(getattr(err, "exit_code", 1)) from None
-    except (ConfigError, DataError) as err:
-        # Every rank reads the same files and flags, so every rank stops here with the same message, said
-        # once; but a row that fails mid-run fails on one rank, which says it. An error raised in a data-loader
-        # worker arrives wrapped in the worker's traceback: keep its last line.
-        on_this_rank = getattr(err, "on_this_rank", False)
-        lines = getattr(err, "lines", None) or [
-            str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")]
-        where = f"[rank {world.rank}] " if on_this_rank else ""
-        if world.is_main or on_this_rank:
-            print("\n" + "\n".join(f"ftloop: error: {where}{line}" for line in lines), file=sys.stderr, flush=True)
-        tell_launcher(f"ftloop: error: {where}{lines[-1]}")  # one line, or the bad rows' count and what to do
-        dist.destroy_process_group()
-        raise SystemExit(2) from None
-    dist.destroy_process_group()
-
-
-def cli(argv: list[str] | None = None, faults: Faults = NO_FAULTS) -> NoReturn:
-    """`python -m ftloop.train`: `main`, then `leave` with its exit code; anything unexpected (a lost peer, a
-    bug, a second Ctrl-C) with its traceback, exit 1 (130 for Ctrl-C)."""
-    code = 0
-    try:
-        main(argv, faults)
-    except SystemExit as err:  # ftloop's own exits (the line is said), tyro's --help and usage errors
-        if isinstance(err.code, str):
-            print(err.code, file=sys.stderr)
-        code = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
-    except BaseException as err:
-        traceback.print_exc()
-        code = 130 if isinstance(err, KeyboardInterrupt) else 1
-    finish_reporting(code)
-    leave(code)
+    cfg.check()
+    check_sources(cfg.data)
+    run(cfg, init_distributed(cfg.train.ddp_timeout))
 
 
 if __name__ == "__main__":
-    cli()
+    run_command(main)

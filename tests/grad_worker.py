@@ -21,7 +21,8 @@ from ftloop.config import parse_args
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.model import clean_name
 from ftloop.steps import clip_gradients
-from ftloop.train import accumulate_gradients, count_step_tokens, prepare
+from ftloop.data.loaders import count_step
+from ftloop.train import accumulate_gradients, prepare
 
 
 def gathered_gradients(model, units, d) -> dict:
@@ -62,7 +63,7 @@ def main() -> None:
     model.register_forward_pre_hook(before_forward, with_kwargs=True)
     batches = iter(s.train_loader)
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-    targets, *_ = count_step_tokens(micro_batches, d)
+    targets = count_step(micro_batches, d, len(micro_batches))[0].targets
     loss_sum = accumulate_gradients(model, micro_batches, targets, d)
     loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / float(targets)
     grad_norm = clip_gradients(model, cfg.optim.max_grad_norm) if "--clip" in sys.argv[2:sys.argv.index("--")] else None

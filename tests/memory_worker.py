@@ -17,7 +17,8 @@ from ftloop.config import parse_args
 from ftloop.distributed import init_distributed, leave
 from ftloop.optim.build import build_optimizer
 from ftloop.plan import plan_memory
-from ftloop.steps import accumulate_gradients, count_step_tokens
+from ftloop.data.loaders import count_step
+from ftloop.steps import accumulate_gradients
 from ftloop.model import build_meta_model, load_config
 import ftloop.train as train
 from ftloop.fsdp.wrap import wrap_fsdp
@@ -48,7 +49,7 @@ def main() -> None:
     optimizer = build_optimizer(setup.model, cfg.optim, d.device)
     batches = iter(setup.train_loader)
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-    targets, *_ = count_step_tokens(micro_batches, d)
+    targets = count_step(micro_batches, d, len(micro_batches))[0].targets
     accumulate_gradients(setup.model, micro_batches, targets, d)
     optimizer.step()
     after_step = status_mib("VmRSS") - measured["before"]

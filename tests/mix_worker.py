@@ -20,7 +20,8 @@ from ftloop.data.chat import chat_format
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.model import clean_name
-from ftloop.steps import accumulate_gradients, count_step_tokens
+from ftloop.data.loaders import count_step
+from ftloop.steps import accumulate_gradients
 from ftloop.train import prepare
 
 
@@ -43,7 +44,7 @@ def main() -> None:
                                  chat_format(cfg.data.system_prompt, s.hf_config.model_type), name)
             micro_batches.append(collate([dataset[i] for i in range(len(rows))]))
         model.zero_grad(set_to_none=True)
-        targets = count_step_tokens(micro_batches, d)[0]
+        targets = count_step(micro_batches, d, len(micro_batches))[0].targets
         loss_sum = accumulate_gradients(model, micro_batches, targets, d)
         loss = float(all_reduce_sum(loss_sum.view(1), d.device)) / float(targets)
         with FSDP.summon_full_params(model, with_grads=True, rank0_only=False, writeback=False):

@@ -10,7 +10,6 @@ import traceback
 
 import pytest
 
-from ftloop.checks import validate
 from ftloop.config import Config, parse_args, parse_size
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
@@ -35,11 +34,11 @@ def test_hf_names_without_group_prefixes_and_seed_defaults(tiny_bundle):
     assert default.train.load_best_model_at_end and default.train.save_dtype == "bf16"
     assert default.model.param_dtype == "fp32" and default.train.report_to == "wandb"
     assert default.fsdp.reduce_dtype == "fp32" and default.optim.bf16_master_rounding == "stochastic"
-    validate(default)
-    validate(config_for(tiny_bundle, "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding", "nearest"))
+    default.check()
+    config_for(tiny_bundle, "--optim", "adamw", "--param-dtype", "bf16", "--bf16-master-rounding", "nearest").check()
 
 
-BAD_FLAGS = [  # (flags, the start of the one line they get): every check ftloop.checks.validate makes
+BAD_FLAGS = [  # (flags, the start of the one line they get): every check Config.check makes
     (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
     (["--max-eval-samples", "-1"], "--max-eval-samples must be 0 (all) or positive"),
     (["--unfreeze-topk-llm", "-1"], "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive"),
@@ -111,20 +110,20 @@ def test_bad_values_name_the_flag(tiny_bundle, tmp_path, flags, message):
 
 
 def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
-    """A `_need` check added to ftloop/checks.py without a case in BAD_FLAGS fails here: each case is traced to
+    """A `_need` check added to ftloop/config.py without a case in BAD_FLAGS fails here: each case is traced to
     the `_need` call that refused it, and every one must be reached (checks raised otherwise, parse_size's,
     have tests of their own)."""
-    import ftloop.checks
+    import ftloop.config
 
-    source = inspect.getsource(ftloop.checks)
+    source = inspect.getsource(ftloop.config)
     calls = {node.lineno for node in ast.walk(ast.parse(source))
              if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_need"}
     reached = set()
     for flags, _ in BAD_FLAGS:
         try:
-            validate(bad_config(tiny_bundle, tmp_path, flags))
+            bad_config(tiny_bundle, tmp_path, flags).check()
         except ConfigError as err:
-            frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == ftloop.checks.__file__]
+            frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == ftloop.config.__file__]
             reached.add(frames[-2].lineno if frames[-1].name == "_need" else frames[-1].lineno)
     assert calls and calls <= reached, f"config.py lines with a _need and no case: {sorted(calls - reached)}"
 
@@ -132,15 +131,15 @@ def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
 
 def check_flags(cfg: Config) -> None:
     """What ftloop.train.main checks before it starts a process group (tested there too)."""
-    validate(cfg)
+    cfg.check()
     check_sources(cfg.data)
 
 
 def test_required_flags():
     with pytest.raises(ConfigError, match="--model-name-or-path is required"):
-        validate(parse_args([]))
+        parse_args([]).check()
     with pytest.raises(ConfigError, match="--train-data is required"):
-        validate(parse_args(["--model-name-or-path", "some/hub-id"]))
+        parse_args(["--model-name-or-path", "some/hub-id"]).check()
 
 
 def test_parse_size():
@@ -169,12 +168,11 @@ def bad_row_lines(result, data, rows: int) -> list[str]:
     return lines[:-1]
 
 
-def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path, capsys):
-    # ftloop.train's entry point runs validate() first (BAD_FLAGS has every check), before any process group.
-    with pytest.raises(SystemExit) as exited:
+def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path, monkeypatch):
+    # ftloop.train's entry point checks every flag first (BAD_FLAGS has every check), before any process group.
+    monkeypatch.setattr("ftloop.train.init_distributed", lambda *_: pytest.fail("a process group was started"))
+    with pytest.raises(ConfigError, match="--per-device-train-batch-size must be positive"):
         train_main(train_flags(tiny_bundle, tmp_path, "--per-device-train-batch-size", "0"))
-    assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == "ftloop: error: --per-device-train-batch-size must be positive"
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--eval-data", str(tmp_path / "no.json")))
     assert f"--eval-data {tmp_path / 'no.json'}: file not found" in one_error_line(result)  # ftloop.data's check
 
@@ -246,13 +244,13 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(ti
     (out / "notes.txt").write_text("the user's own")
     flags = train_flags(tiny_bundle, out)
     with pytest.raises(ConfigError) as excinfo:
-        validate(parse_args(flags))
+        parse_args(flags).check()
     assert str(excinfo.value) == (
         f"--output-dir {out}: holds a run already (checkpoint-4, final, metrics.jsonl); continue it with "
         "--resume-from-checkpoint auto, give a new --output-dir, or pass --overwrite-output-dir to replace it")
-    validate(parse_args(flags + ["--resume-from-checkpoint", "auto"]))
-    validate(parse_args(flags + ["--overwrite-output-dir"]))
-    validate(parse_args(train_flags(tiny_bundle, tmp_path)))  # a folder holding other things is no run
+    parse_args(flags + ["--resume-from-checkpoint", "auto"]).check()
+    parse_args(flags + ["--overwrite-output-dir"]).check()
+    parse_args(train_flags(tiny_bundle, tmp_path)).check()  # a folder holding other things is no run
     assert clear_previous_run(str(out)) == [str(out / n) for n in ("checkpoint-4", "final", "metrics.jsonl")]
     assert os.listdir(out) == ["notes.txt"]
 

@@ -13,7 +13,6 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from datautil import one_line_error, write_json
-from ftloop.checks import validate
 from ftloop.config import parse_args
 from ftloop.data.formats import load_rows
 from ftloop.errors import ConfigError, DataError
@@ -220,7 +219,7 @@ def test_eval_ratio_reads_and_validates(tiny_bundle, tmp_path):
         return parse_args(train_flags(tiny_bundle, tmp_path / "out", *flags))
 
     cfg = config("--eval-ratio", "0.25", "--seed", "7")
-    validate(cfg)
+    cfg.check()
     (train, train_errors), (held, held_errors) = read_sources(cfg)
     _, (again, _) = read_sources(cfg)  # read afresh: the same rows
     assert (len(train), len(held)) == (12, 4) and train_errors == held_errors == []
@@ -230,7 +229,7 @@ def test_eval_ratio_reads_and_validates(tiny_bundle, tmp_path):
                            (("--eval-ratio", "-0.1"), "--eval-ratio must be in"),
                            (("--eval-ratio", "0.1", "--eval-data", tiny_bundle["eval_json"]), "give one of the two")):
         with pytest.raises(ConfigError, match=message):
-            validate(config(*flags))
+            config(*flags).check()
 
 
 def bundle_dataset(bundle) -> Dataset:

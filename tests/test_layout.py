@@ -104,15 +104,69 @@ def test_errors_import_nothing_of_ours_and_config_nothing_of_data():
     graph = imports()
     assert graph["ftloop.errors"] == []
     assert [t for t, _ in graph["ftloop.config"]] == ["ftloop.errors"]
-    assert {t for t, _ in graph["ftloop.checks"]} == {"ftloop.config", "ftloop.errors"}
 
 
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
 
 
-def test_production_code_reads_no_test_hooks_and_stays_small():
+# What ftloop may read from the environment: the launcher's and the libraries' own variables. A test hook read
+# from the environment (the old FTLOOP_TEST_*) would be a name outside this list.
+ENVIRONMENT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE",
+               "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS"}
+TEST_WORDS = {"fault", "faults", "hook", "hooks", "inject", "test", "tests", "testing"}  # parts of a snake_case name
+
+
+def environment_names(tree: ast.AST) -> set[str]:
+    """The variable names a module reads or sets through os.environ / os.getenv; "?" for a name not written out."""
+    def is_environ(node) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+    def name(node) -> str:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "?"
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_environ(node.value):
+            names.add(name(node.slice))
+        elif isinstance(node, ast.Compare) and any(is_environ(c) for c in node.comparators):
+            names.add(name(node.left))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if is_environ(node.func.value) and node.func.attr in ("get", "setdefault", "pop"):
+                names.add(name(node.args[0]))
+            elif is_environ(node.func.value) and node.func.attr == "update":
+                names |= {k.arg or "?" for k in node.keywords} | ({"?"} if node.args else set())
+            elif node.func.attr == "getenv":
+                names.add(name(node.args[0]))
+    return names
+
+
+def test_production_code_reads_no_test_hooks():
+    """No test hooks in production: ftloop reads no environment variable of its own, and no module, function or
+    parameter of it is named for faults or hooks (tests patch functions from outside: tests/faulty_train.py)."""
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert environment_names(tree) <= ENVIRONMENT, (path, environment_names(tree) - ENVIRONMENT)
+        names = [path.stem] + [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        names += [a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                  for a in n.args.args + n.args.kwonlyargs]
+        assert not [n for n in names if TEST_WORDS & set(n.lower().split("_"))], path
+
+
+def test_the_hook_finder_finds_hooks():
+    tree = ast.parse("import os\nx = os.environ.get('FTLOOP_TEST_PAUSE')\n'A' in os.environ\nos.getenv(k)\n"
+                     "os.environ.update(RANK='0')\ny = os.environ['MASTER_PORT']")
+    assert environment_names(tree) == {"FTLOOP_TEST_PAUSE", "A", "?", "RANK", "MASTER_PORT"}
+
+
+LONG = 500  # lines; a module past it says why in its docstring
+
+
+def test_long_modules_say_why():
+    """A guide, not a cap: one concern per module, and a module longer than LONG lines explains in its docstring
+    why it is one module ("This file is long because ...")."""
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
-        assert "FTLOOP_TEST" not in text, path
-        assert len(text.splitlines()) <= 400, f"{path}: {len(text.splitlines())} lines"
+        if len(text.splitlines()) > LONG:
+            assert "This file is long because" in (ast.get_docstring(ast.parse(text)) or ""), path

@@ -6,7 +6,6 @@ import pytest
 from transformers import AutoImageProcessor
 
 from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
-from ftloop.checks import validate
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
 from ftloop.data.preflight import Measuring, check_file
@@ -32,7 +31,7 @@ def image_row(paths):
 ])
 def test_flag_values_are_validated_before_anything_runs(tiny_bundle, flags, message):
     with pytest.raises(ConfigError, match=message):
-        validate(config_for(tiny_bundle, *flags))
+        config_for(tiny_bundle, *flags).check()
 
 
 def test_default_keeps_the_checkpoints_limits(tiny_bundle):
@@ -82,14 +81,12 @@ def test_check_cli_takes_the_limits(tiny_bundle, tmp_path, capsys):
     assert all(finer.lengths[i] == stock.lengths[i] + 12 for i in image_rows)  # 16 image tokens instead of 4
     assert main(flags + ["--max-pixels", "12544", "--min-pixels", "12544"]) == 0
     assert f"max {max(finer.lengths)}" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(ConfigError, match="--max-pixels 100 is below 784"):  # one line, exit 2 (ftloop.cli)
         main(flags + ["--max-pixels", "100", "--min-pixels", "50"])
-    assert excinfo.value.code == 2
-    assert "ftloop: error: --max-pixels 100 is below 784" in capsys.readouterr().err
 
 
 def test_train_loads_the_processor_with_the_limits(tiny_bundle, tmp_path):
-    # Valid on its own (validate passes), wrong against the checkpoint's min_pixels: found where train loads it.
+    # Valid on its own (Config.check passes), wrong against the checkpoint's min_pixels: found where train loads it.
     result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--max-pixels", "1000"))
     assert "the checkpoint's min_pixels 3136 is above --max-pixels 1000" in one_error_line(result)
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
 from ftloop.config import Config, DataArgs, FSDPArgs, ModelArgs, OptimArgs, TrainArgs
+from ftloop.errors import ConfigError
 from ftloop.plan import (GIB, RESERVE_BYTES, decoder_layer_activation_bytes, fsdp_units, plan_memory,
                          vision_block_activation_bytes)
 from ftloop.plan import main as plan_main
@@ -127,8 +128,8 @@ def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path
     assert plan_main([*args, "--param-dtype", "bf16"]) == 0
     assert "fits" in capsys.readouterr().out.strip().splitlines()[-1]
     # Data flags are not needed, but a given one that cannot be read is refused, as ftloop.train refuses it.
-    assert plan_main([*args, "--param-dtype", "bf16", "--train-data", str(tmp_path / "no.json")]) == 2
-    assert f"--train-data {tmp_path / 'no.json'}: file not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"--train-data {tmp_path / 'no.json'}: file not found"):
+        plan_main([*args, "--param-dtype", "bf16", "--train-data", str(tmp_path / "no.json")])
 
 
 def test_7b_with_accumulation_4_fits_with_fp32_masters():
@@ -234,7 +235,6 @@ def test_decoder_layer_activation_formula_matches_autograd(dtype):
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_flag():
     """What ftloop.train runs on GPUs before it loads anything."""
-    from ftloop.errors import ConfigError
     from ftloop.plan import check_fits
 
     model = meta_model("72b")

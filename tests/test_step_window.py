@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ftloop.data.loaders import Step
 from ftloop.distributed import World
 from ftloop.metrics import MetricsLogger, StepWindow
 
@@ -17,8 +18,8 @@ class Bar:
 
 def window_of(window: StepWindow, steps: int, step_time: float, data_wait: float, balance: float = 1.0):
     for _ in range(steps):
-        window.add(torch.tensor(0.5), torch.tensor([90.0, 100.0], dtype=torch.float64),
-                   torch.tensor(balance, dtype=torch.float64), data_wait)
+        window.add(torch.tensor(0.5), Step([], torch.tensor(10.0), torch.tensor([90.0, 100.0], dtype=torch.float64),
+                                         torch.tensor(balance, dtype=torch.float64), data_wait))
     window.started -= steps * step_time  # as if the steps had taken that long
 
 
@@ -49,7 +50,7 @@ def test_data_wait_is_logged_and_a_slow_data_path_is_warned_once(tmp_path, capsy
 def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatch):
     """Two ranks, two micro-batches each: positions 8 and 2 here, 4 and 6 on the other rank. The rounds take
     max(8, 4) + max(2, 6) = 14 against means 6 + 4 = 10: 1.4 (a step-total view would say 10/10 = 1)."""
-    import ftloop.steps
+    import ftloop.data.loaders
 
     def batch(rows, length, real):
         mask = torch.zeros(rows, length, dtype=torch.long)
@@ -57,9 +58,10 @@ def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatc
         return {"attention_mask": mask, "labels": torch.where(mask.bool(), 5, -100)}
 
     other_rank = [3.0, 7.0, 10.0, 0.0, 0.0, 0.0, 4.0, 6.0]
-    monkeypatch.setattr(ftloop.steps, "all_gather_rows",
+    monkeypatch.setattr(ftloop.data.loaders, "all_gather_rows",
                         lambda values, device: torch.tensor([values, other_rank], dtype=torch.float64))
     world = World(0, 0, 2, torch.device("cpu"), "gloo", 2)
-    counts = ftloop.steps.count_step_tokens([batch(2, 4, 7), batch(1, 2, 2)], world, rounds=2)
+    counts, votes = ftloop.data.loaders.count_step([batch(2, 4, 7), batch(1, 2, 2)], world, rounds=2)
+    assert votes == [0.0, 0.0, 0.0]
     assert float(counts.rank_balance) == pytest.approx(1.4)
     assert counts.tokens.tolist() == [16.0, 20.0] and float(counts.targets) == 3 + (3 + 2) + 1  # labels shifted

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import tyro
 
-from ftloop.checks import check_data_args, check_model_path
-from ftloop.config import DataArgs
+from ftloop.cli import run_command
+from ftloop.config import DataArgs, check_model_path
 from ftloop.data.chat import chat_format
 from ftloop.data.encode import load_model_type, load_tokenizer_and_processor
 from ftloop.data.preflight import Measuring, check_file, make_pool
 from ftloop.data.sources import check_sources
-from ftloop.errors import ConfigError, fail
+from ftloop.errors import ConfigError, one_line
 
 
 @dataclass
@@ -36,25 +36,23 @@ class CheckCommand:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print every file's report and every problem; 2 when there is any (ftloop.cli.run_command leaves with it)."""
     args = tyro.cli(CheckCommand, args=argv, config=(tyro.conf.OmitArgPrefixes,), prog="python -m ftloop.data.check",
                     description=__doc__.split("\n\n")[0])
     data, model = args.data, args.model_name_or_path
-    try:
-        check_model_path(model)
-        check_data_args(data)
-        check_sources(data)
-        if args.workers <= 0:
-            raise ConfigError("--workers must be positive")
-    except ConfigError as err:
-        fail(str(err))
-    try:
+    check_model_path(model)
+    data.check()
+    check_sources(data)
+    if args.workers <= 0:
+        raise ConfigError("--workers must be positive")
+    try:  # fail once, here, not per worker
         model_type = load_model_type(model)
-        load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)  # fail once, here, not per worker
-    except ConfigError as err:  # --min-pixels / --max-pixels against the checkpoint's
-        fail(str(err))
+        load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)
+    except ConfigError:  # an unknown family; --min-pixels / --max-pixels against the checkpoint's
+        raise
     except Exception as err:  # noqa: BLE001 - offline hub id, broken tokenizer files, ...
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(f"--model-name-or-path {model}: cannot load the tokenizer and image processor ({message})")
+        raise ConfigError(f"--model-name-or-path {model}: cannot load the tokenizer and image processor "
+                          f"({one_line(err)})") from None
 
     files = [(path, split) for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path]
     settings = Measuring(model, chat_format(data.system_prompt, model_type), data.max_seq_length, data.min_pixels,
@@ -80,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

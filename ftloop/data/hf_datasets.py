@@ -19,16 +19,11 @@ import os
 
 from ftloop.data.image_ref import ImageRef, ImageSource
 from ftloop.data.sources import DATASET_SUFFIXES, looks_like_hub_id
-from ftloop.errors import DataError
+from ftloop.errors import DataError, one_line
 
 COLUMNS = ("conversations", "messages", "image", "images", "video", "videos", "video_fps")  # what the layouts read
 EVAL_SPLITS = ("validation", "test")
 BATCH = 1024  # rows per Arrow batch while reading
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def pick_split(path: str, splits: dict, split: str):
@@ -67,7 +62,7 @@ def load_dataset_split(path: str, split: str = "train"):
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - offline hub name, foreign folder, corrupt file, ...
-        raise DataError(f"{path}: cannot load as a Hugging Face dataset ({_one_line(err)})") from None
+        raise DataError(f"{path}: cannot load as a Hugging Face dataset ({one_line(err, with_type=True)})") from None
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         loaded = pick_split(path, loaded, split)
     if not isinstance(loaded, datasets.Dataset):

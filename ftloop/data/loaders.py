@@ -1,23 +1,27 @@
-"""DataLoaders for training and evaluation on one rank, and the held-out split of --eval-ratio."""
+"""DataLoaders for training and evaluation on one rank, the held-out split of --eval-ratio, and each optimizer step's
+micro-batches counted across the ranks (`StepBatches`)."""
 
 from __future__ import annotations
 
 import random
+import signal
+import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
-from ftloop.data.chat import ChatFormat, chat_format
+from ftloop.data.chat import IGNORE_INDEX, ChatFormat, chat_format
 from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
 from ftloop.data.formats import load_rows
 from ftloop.data.packing import PackedRows, make_packed_collate
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.validate import CheckedRows, checked_rows
-from ftloop.distributed import print0
-from ftloop.errors import ConfigError, DataError, RowFailedMidRun
-from ftloop.signals import ignore_stop_signals, stop_signals_held
+from ftloop.distributed import World, all_gather_rows, print0
+from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped
+from ftloop.signals import StopRequest, ignore_stop_signals, stop_signals_held
 
 
 def _collate_for(tokenizer, hf_config, make=make_collate):
@@ -136,19 +140,74 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
 
 
+def supervised_tokens(batch: dict) -> int:
+    """Positions whose next token is trained on (a host sync: the batch is still on the host here)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Step:
+    """One optimizer step's micro-batches on this rank, and what the step holds on every rank (one collective)."""
+    micro_batches: list[dict]
+    targets: torch.Tensor  # supervised tokens of the step on all ranks (at least 1): the loss denominator
+    tokens: torch.Tensor  # [real tokens, positions (with padding)] on all ranks
+    rank_balance: torch.Tensor  # how much longer the step took than if ranks shared the work evenly (1: even)
+    data_wait: float  # seconds this rank waited for its micro-batches (the loader's workers did not keep up)
+
+
+def count_step(micro_batches: list[dict], world: World, rounds: int, stop_signum: int = 0, row_failed: bool = False,
+               data_wait: float = 0.0) -> tuple[Step, list[float]]:
+    """What one optimizer step of `rounds` micro-batches per rank holds on every rank, and the ranks' votes
+    ([ranks signalled with SIGTERM, with SIGINT, ranks whose row failed]), in one collective. Reading the votes
+    waits for the last step to end on the device: one small stall per step, the price of every rank leaving
+    together.
+
+    The rank balance: FSDP's collectives make every rank wait for the slowest in each round, and a micro-batch's
+    work grows with its positions, padding included; so it is the sum over rounds of the most positions any rank
+    had, over the sum of the mean over ranks."""
+    positions = [float(b["attention_mask"].numel()) for b in micro_batches]
+    positions += [0.0] * (rounds - len(positions))  # a rank whose row failed
+    ranks = all_gather_rows([sum(supervised_tokens(b) for b in micro_batches),
+                             sum(int(b["attention_mask"].sum()) for b in micro_batches), sum(positions),
+                             float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
+                             float(row_failed), *positions], world.device)
+    counts = ranks[:, :6].sum(0)
+    per_round = ranks[:, 6:]
+    balance = per_round.max(0).values.sum() / per_round.mean(0).sum().clamp(min=1)
+    return Step(micro_batches, counts[0].clamp(min=1).float(), counts[1:3], balance, data_wait), counts[3:].tolist()
+
+
 class StepBatches:
     """The micro-batches of each optimizer step on this rank, epoch after epoch (each a new seeded permutation
-    of the rows). The loader is first iterated at the first step, after a resume has set the sampler."""
+    of the rows), counted across the ranks in one collective. The loader is first iterated at the first step,
+    after a resume has set the sampler.
 
-    def __init__(self, loader: DataLoader, sampler: StepBatchSampler, accumulation: int):
+    The same collective carries every rank's vote to stop, so that the ranks leave together, after the same
+    step, instead of one waiting for the others in FSDP's next all-gather: a stop signal on any rank
+    (`stop`, ftloop.signals) raises `Stopped` on every rank (with the signal: SIGINT wins), a row that failed
+    to load on any rank raises `RowFailedMidRun` on every rank (the failing rank's names the row)."""
+
+    def __init__(self, loader: DataLoader, sampler: StepBatchSampler, accumulation: int, world: World,
+                 stop: StopRequest):
         self.loader, self.sampler, self.accumulation = loader, sampler, accumulation
+        self.world, self.stop = world, stop
         self.batches = None
 
-    def next_step(self) -> list[dict]:
+    def next_step(self) -> Step:
+        waiting_since = time.perf_counter()
+        micro_batches, failed = [], None
         try:
-            return [self._next_micro_batch() for _ in range(self.accumulation)]
-        except DataError as err:
-            raise RowFailedMidRun(str(err)) from None
+            micro_batches = [self._next_micro_batch() for _ in range(self.accumulation)]
+        except DataError as err:  # said in the vote below, so that the other ranks do not wait for this one
+            failed = RowFailedMidRun(str(err))
+        data_wait = time.perf_counter() - waiting_since
+        step, (sigterm_votes, sigint_votes, failed_ranks) = count_step(micro_batches, self.world, self.accumulation,
+                                                                       self.stop.signum, failed is not None, data_wait)
+        if failed_ranks:
+            raise failed or RowFailedMidRun.elsewhere(int(failed_ranks))
+        if sigterm_votes or sigint_votes:  # every rank exits with the same signal's code
+            raise Stopped(signal.SIGINT if sigint_votes else signal.SIGTERM)
+        return step
 
     def _next_micro_batch(self) -> dict:
         if self.batches is None:

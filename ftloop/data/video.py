@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ftloop.data.images import open_rgb
-from ftloop.errors import DataError
+from ftloop.errors import DataError, one_line
 
 DEFAULT_FPS = 2.0  # frames per second of the sampled frames, Qwen2.5-VL's default (qwen-vl-utils FPS)
 
@@ -38,7 +38,7 @@ def run_image_processor(image_processor, images: list, where: str) -> dict:
     try:
         return image_processor(images=images, return_tensors="pt")
     except Exception as err:  # noqa: BLE001 - the processor's own complaint, on one line
-        raise DataError(f"{where}: image processor failed ({str(err).strip().splitlines()[-1]})") from None
+        raise DataError(f"{where}: image processor failed ({one_line(err)})") from None
 
 
 def video_patches(frames: list, image_processor, where: str) -> tuple[torch.Tensor, list[int]]:

@@ -5,17 +5,21 @@ Every row is encoded through `row_vision_inputs` (ftloop.data.encode), in traini
 
 from __future__ import annotations
 
-from ftloop.checks import pixels_out_of_order
 from ftloop.data.images import open_rgb
 from ftloop.data.video import run_image_processor, video_inputs
 from ftloop.errors import ConfigError
+
+
+def pixels_out_of_order(low: str, high: str) -> str:
+    """The line for a smallest image area above the largest (each named by its flag or the checkpoint)."""
+    return f"{low} is above {high}; give --min-pixels <= --max-pixels"
 
 
 def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The checkpoint's image processor; `--min-pixels` / `--max-pixels` (None: the checkpoint's) replace its
     limits on the resized image area. They bound every image and every video frame, and being the processor's
     own settings, they are written with it when the model is exported. The flags on their own are checked
-    with the others (ftloop.checks.check_data_args); here, against the checkpoint's limits and patch grid."""
+    with the others (ftloop.config.DataArgs.check); here, against the checkpoint's limits and patch grid."""
     from transformers import AutoImageProcessor
 
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}

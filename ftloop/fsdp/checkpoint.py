@@ -146,23 +146,15 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_config: dict,
-                    write_model_files: Callable[[str], None],
-                    after_shards_written: Callable[[], None] = lambda: None) -> None:
+                    write_model_files: Callable[[str], None]) -> None:
     """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
-    the config, tokenizer and image processor on rank 0; `after_shards_written` runs on every rank once its
-    own shards are on disk (ftloop.faults)."""
+    the config, tokenizer and image processor on rank 0."""
     rank, tmp = dist.get_rank(), path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
-    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
-        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=False)}
-    dcp.save(state, checkpoint_id=tmp)
-    device = next(model.parameters()).device
-    torch.save(_rng_state(device), os.path.join(tmp, "rng", f"rank-{rank}.pt"))
-    after_shards_written()
-    dtypes = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
+    dtypes = write_rank_files(model, optimizer, tmp, rank)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         record = dict(trainer_state, dtypes=dtypes, world_size=dist.get_world_size())
@@ -177,6 +169,17 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
             os.fsync(f.fileno())
         publish(tmp, path)
     dist.barrier()
+
+
+def write_rank_files(model: FSDP, optimizer, folder: str, rank: int) -> dict[str, list[str]]:
+    """This rank's part of a checkpoint: its model and optimizer shards (DCP, collective) and its generators;
+    returns the dtypes they were saved in."""
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=False)}
+    dcp.save(state, checkpoint_id=folder)
+    device = next(model.parameters()).device
+    torch.save(_rng_state(device), os.path.join(folder, "rng", f"rank-{rank}.pt"))
+    return {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
 
 
 def read_trainer_state(path: str) -> dict:
