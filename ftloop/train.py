@@ -45,8 +45,7 @@ from ftloop.hf_folder import local_folder, save_model_files
 from ftloop.lora import add_adapters, base_dtype, initial_adapter
 from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import DTYPES, VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
-from ftloop.optim.build import build_optimizer
-from ftloop.optim.schedule import build_lr_scheduler, warmup_steps_from_ratio
+from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
 from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
 from ftloop.signals import StopRequest

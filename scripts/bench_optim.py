@@ -43,7 +43,7 @@ def make_optimizer(kind: str, model: nn.Module):
     from transformers.optimization import Adafactor as HFAdafactor
 
     from ftloop.optim.segments import describe_fsdp, describe_plain
-    from ftloop.optim.sharded_adafactor import ShardedAdafactor
+    from ftloop.optim.adafactor import ShardedAdafactor
 
     if kind == "hf":
         return HFAdafactor(model.parameters(), **HF_KWARGS)

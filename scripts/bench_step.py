@@ -32,9 +32,9 @@ from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.demo.bundle import build_demo_bundle
 from ftloop.model import VisionLanguageSFT, load_config
-from ftloop.optim.adafactor import Adafactor
+from transformers.optimization import Adafactor
 from ftloop.optim.segments import describe_plain
-from ftloop.optim.sharded_adafactor import ShardedAdafactor
+from ftloop.optim.adafactor import ShardedAdafactor
 from ftloop.steps import supervised_tokens
 
 

@@ -16,10 +16,11 @@ from torch import nn
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from ftloop.optim.adafactor import Adafactor
-from ftloop.optim.segments import describe_fsdp
+from transformers.optimization import Adafactor as HFAdafactor
+
 from ftloop.distributed import leave
-from ftloop.optim.sharded_adafactor import ShardedAdafactor
+from ftloop.optim.adafactor import ShardedAdafactor
+from ftloop.optim.segments import describe_fsdp
 
 STEPS, GLOBAL_BATCH, DIM = 6, 8, 12
 CASES = {
@@ -27,7 +28,7 @@ CASES = {
     "hf_trainer_beta1_wd": dict(lr=1e-2, scale_parameter=False, relative_step=False, beta1=0.9, weight_decay=0.1),
     "paper": dict(),
     "paper_beta1_wd": dict(beta1=0.9, weight_decay=0.1),
-    # The control: what every other stack does, a plain Adafactor stepping FSDP's flat shards.
+    # The control: what every other stack does, transformers' Adafactor stepping FSDP's flat shards.
     "plain_on_flat_shards": dict(lr=1e-2, scale_parameter=False, relative_step=False),
 }
 
@@ -168,7 +169,7 @@ def train_every_case(wrap) -> dict:
     for case, kwargs in CASES.items():
         model = wrap(toy_model())
         if case == "plain_on_flat_shards":
-            optimizer = Adafactor(model.parameters(), **kwargs)
+            optimizer = HFAdafactor(model.parameters(), **kwargs)
         else:
             optimizer = ShardedAdafactor(describe_fsdp(model, settings_for(case)), **kwargs)
         train_steps(model, optimizer, batches())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ftloop.optim.segments import Segment, SteppedTensor
-from ftloop.optim.sharded_adafactor import ShardedAdafactor
+from ftloop.optim.adafactor import ShardedAdafactor
 from launch import REPO, env
 
 

@@ -6,19 +6,10 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from ftloop.optim.segments import Segment, SteppedTensor
-from ftloop.optim.sharded_adafactor import ShardedAdafactor
 from launch import REPO, check, torchrun
-from test_adafactor import CONFIGS, _run
+from test_adafactor import CONFIGS, _run, plain_layout
 
 WORKER = os.path.join(REPO, "tests", "adafactor_worker.py")
-
-
-def plain_layout(params, **kwargs):
-    """ShardedAdafactor over whole tensors (no process group), decaying every parameter like transformers."""
-    layout = [SteppedTensor(p, [Segment(f"p{i}", tuple(p.shape), 0, p.numel(), 0)], None)
-              for i, p in enumerate(params)]
-    return ShardedAdafactor(layout, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
