@@ -1,14 +1,21 @@
-"""Turn a training checkpoint into a Hugging Face folder: `python -m ftloop.export CHECKPOINT_DIR OUT_DIR`.
+"""Hugging Face folders out of ftloop: one writer (`write_folder`) fed by two streams of tensors.
 
-A `checkpoint-<step>` folder holds the model as FSDP's sharded state dict, written by every rank with
-torch.distributed.checkpoint (DCP), plus `hf/` (config, tokenizer, image processor, generation config). This
-runs in one process, without GPUs or a process group, at any size: it reads the checkpoint's metadata, plans
-the output shards from the tensor sizes alone, then loads the tensors of one output shard at a time (DCP reads
-just their byte ranges from every rank's files), casts them to --save-dtype and writes the shard. Memory stays
-about one shard (in the dtype the checkpoint holds, fp32 masters by default) whatever the model's size. The
-result is what ftloop.train exports at the end of a run, written to a temporary folder and renamed when done:
-for a LoRA run, the merged model with its adapters in `adapter/`.
-Errors are one line on stderr, exit 2 (ftloop.cli).
+- The live model (`export_model`: the `best` and `final` exports at the end of a run). Collective: the FSDP units
+  are gathered one at a time, in the same order on every rank, onto rank 0 only, which writes.
+- A checkpoint (`export_checkpoint`, `python -m ftloop.export CHECKPOINT_DIR OUT_DIR`: one process, no GPU, no
+  torchrun). A `checkpoint-<step>` folder holds the model as FSDP's sharded state dict, written by every rank with
+  torch.distributed.checkpoint (DCP), and `hf/` (config, tokenizer, image processor, generation config); the
+  tensors of one output shard are loaded at a time (DCP reads just their byte ranges from every rank's files).
+
+`save_pretrained` needs the whole state dict in memory at once; for a model that fills several GPUs that is more
+host memory than a node may have. Here the shards are planned from the tensor sizes before anything is read
+(`plan_shards`, at most --max-shard-size each; a larger tensor alone), each tensor is cast to the save dtype as
+it arrives, and a shard is written as soon as its last tensor has: so the writer holds one shard, plus the one
+unit it is fed from (`python scripts/bench_export.py` measures it). The folder is what `save_pretrained` writes:
+the same tensor names (transformers' renaming back to the checkpoint layout, a tied lm_head left out), config,
+generation config, index, tokenizer, chat template and image processor; for a LoRA run the adapters in
+`adapter/` (what `PeftModel.from_pretrained(base, ...)` loads) beside the merged weights (W + alpha/rank x B A).
+It is written whole or not at all (ftloop.atomic).
 """
 
 from __future__ import annotations
@@ -18,23 +25,250 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
 
-from ftloop.config import LoraArgs, parse_size
+from ftloop.atomic import publish, temporary_folder
 from ftloop.cli import run_command
+from ftloop.config import LoraArgs, parse_size
 from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, RUN_CONFIG, is_complete
-from ftloop.hf_folder import (ShardWriter, check_names, meta_skeleton, plan_shards, publish, save_model_files,
-                              save_size, saved_names, temporary_folder)
+from ftloop.fsdp.internals import clean_name, unit_parameters
+from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, meta_skeleton
 from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
-from ftloop.model import DTYPES, WRAPPER_PREFIX, clean_name
+from ftloop.model import DTYPES, WRAPPER_PREFIX
 
-MODEL_KEY = "model."  # the checkpoint's state is {"model": ..., "optimizer": ...}; DCP joins keys with dots
+MODEL_KEY = "model."  # a checkpoint's state is {"model": ..., "optimizer": ...}; DCP joins keys with dots
+Tensors = Callable[[list[list[str]]], Iterable[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class ExportStats:
+    """What the writer wrote, and the most tensor data it held at once (its host-memory bound is that plus the
+    unit or shard it is fed from)."""
+    files: list[str]
+    total_bytes: int
+    peak_shard_bytes: int
+
+
+def write_folder(out_dir: str, files: ModelFiles, names: list[str], tensors: Tensors, save_dtype: str,
+                 max_shard_size: str, lora: LoraArgs | None = None, adapters: dict[str, torch.Tensor] | None = None,
+                 base_model: str = "", merge: bool = True) -> ExportStats:
+    """Write the folder `out_dir`. `names`: the model's parameter names, in the order `tensors` yields them (checked
+    against the model before anything is written); `tensors(shards)` yields (name, tensor) pairs, and may use the
+    planned output shards (lists of names) to read one shard at a time. With `lora`: `adapters` (by parameter
+    name) go to `adapter/`, and unless `merge` is False the weights carry them merged (else `tensors` is never
+    called)."""
+    dtype = DTYPES[save_dtype]
+    tmp = temporary_folder(out_dir)
+    try:
+        if lora:
+            write_adapter_folder(os.path.join(tmp, ADAPTER_DIR), adapters or {}, lora, base_model)
+        written, total, peak = [], 0, 0
+        if merge or not lora:
+            files.save(tmp, dtype)
+            skeleton = meta_skeleton(files.hf_config, dtype)
+            check_names(skeleton, names)
+            saved = saved_names(skeleton, names)
+            shapes = skeleton.state_dict(keep_vars=True)  # the tensors as the writer holds them: cast, on the host
+            plan = plan_shards([(name, shapes[name].numel() * shapes[name].dtype.itemsize) for name in names
+                                if name in saved], parse_size(max_shard_size))
+            writer = ShardWriter(tmp, dtype, plan)
+            for name, tensor in tensors(plan):
+                if name in saved:
+                    writer.add(name, saved[name], merged(name, tensor, adapters or {}, lora) if lora else tensor)
+            written, total, peak = writer.close(), writer.total_bytes, writer.peak_bytes
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out_dir)
+    return ExportStats(written, total, peak)
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """The output shards of tensors of these byte sizes written in this order: a new shard whenever the next
+    tensor would take the current one past `max_bytes` (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = []
+    held = 0
+    for name, nbytes in sizes:
+        if not shards or (shards[-1] and held + nbytes > max_bytes):
+            shards.append([])
+            held = 0
+        shards[-1].append(name)
+        held += nbytes
+    return shards
+
+
+class ShardWriter:
+    """Writes the planned shards: collects host copies of their tensors, cast to the save dtype, and writes each
+    shard as soon as its last tensor has arrived. Shard names carry the shard count, so `close()` renames them
+    and writes the index when there are several; `peak_bytes` is the most tensor data it ever held at once."""
+
+    def __init__(self, folder: str, save_dtype: torch.dtype, shards: list[list[str]]):
+        self.folder, self.save_dtype, self.shards = folder, save_dtype, shards
+        self.last_of_shard = {shard[-1]: index for index, shard in enumerate(shards)}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.peak_bytes = self.total_bytes = self.total_numel = 0
+        self.files: list[tuple[str, list[str]]] = []  # (temporary file name, saved tensor names)
+
+    def add(self, name: str, saved_name: str, tensor: torch.Tensor) -> None:
+        """Queue a copy of the tensor the model calls `name`, saved as `saved_name`."""
+        dtype = self.save_dtype if tensor.is_floating_point() else tensor.dtype
+        self.pending[saved_name] = tensor.detach().to("cpu", dtype, copy=True).contiguous()
+        nbytes = tensor.numel() * dtype.itemsize
+        self.pending_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.pending_bytes)
+        self.total_bytes += nbytes
+        self.total_numel += tensor.numel()
+        if name in self.last_of_shard:
+            self._write()
+
+    def _write(self) -> None:
+        tmp_name = f"shard-{len(self.files):05d}.tmp.safetensors"
+        save_file(self.pending, os.path.join(self.folder, tmp_name), metadata={"format": "pt"})
+        self.files.append((tmp_name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Give the shards their final names, write the index when there are several; returns them."""
+        if self.pending or len(self.files) != len(self.shards) or not self.files:
+            raise ValueError(f"the tensors written do not follow the plan of {len(self.shards)} shards")
+        count = len(self.files)
+        names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                 for i in range(count)]
+        for (tmp_name, _), final in zip(self.files, names):
+            os.replace(os.path.join(self.folder, tmp_name), os.path.join(self.folder, final))
+        if count > 1:
+            index = {"metadata": {"total_parameters": self.total_numel, "total_size": self.total_bytes},
+                     "weight_map": {t: final for (_, tensors), final in zip(self.files, names) for t in tensors}}
+            with open(os.path.join(self.folder, INDEX_FILE), "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return names
+
+
+def saved_names(skeleton: PreTrainedModel, names: list[str]) -> dict[str, str]:
+    """Model parameter name -> the name save_pretrained gives it in the safetensors files.
+
+    Names save_pretrained leaves out are absent: a tied weight (lm_head.weight under tie_word_embeddings)
+    whose source is also among `names`. The rest go through transformers' reverse weight conversion (for
+    Qwen2.5-VL: `model.language_model.*` -> `model.*`, `model.visual.*` -> `visual.*`), one name at a time,
+    which holds only while the conversion renames; a model whose conversion merges or splits tensors would
+    need whole shards converted together, and is refused.
+    """
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    present = set(names)
+    out = {}
+    for name in names:
+        if name in tied and tied[name] in present:
+            continue
+        renamed = list(revert_weight_conversion(skeleton, {name: torch.empty(0, device="meta")}))
+        if len(renamed) != 1:
+            raise NotImplementedError(f"{type(skeleton).__name__}: saving {name} converts it into {renamed}; "
+                                      "streamed export supports renaming conversions only")
+        out[name] = renamed[0]
+    return out
+
+
+def check_names(skeleton: PreTrainedModel, names: list[str]) -> None:
+    """Refuse to export a model whose parameter names are not the skeleton's state dict: a missing name would
+    be a tensor save_pretrained writes (a persistent buffer, say) and the export leaves out."""
+    expected = set(skeleton.state_dict(keep_vars=True))
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    present = set(names)
+    missing = sorted(n for n in expected - present if not (n in tied and tied[n] in present))
+    unexpected = sorted(present - expected)
+    if missing or unexpected:
+        raise ValueError(f"the weights do not match {type(skeleton).__name__}'s: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+# ---- the live model's stream --------------------------------------------------------------------------------
+
+
+def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, max_shard_size: str,
+                 lora: LoraArgs | None = None, base_model: str = "", merge: bool = True) -> ExportStats | None:
+    """`write_folder` from the wrapped model (collective: every rank calls it; rank 0 writes and returns the
+    stats, None elsewhere)."""
+    rank0 = dist.get_rank() == 0
+    units = unit_parameters(model)
+    adapters = _gather_adapters(units, rank0) if lora else {}
+    units = [(unit, [e for e in entries if not is_adapter(e[0])]) for unit, entries in units]
+    units = [(unit, entries) for unit, entries in units if entries]
+    gathering = merge or not lora
+    stats = None
+    if rank0:
+        names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
+        stats = write_folder(out_dir, files, names, lambda _: _unit_tensors(units, rank0), save_dtype,
+                             max_shard_size, lora, adapters, base_model, merge)
+    elif gathering:
+        for _ in _unit_tensors(units, rank0):  # the gathers are collective
+            pass
+    dist.barrier()
+    return stats
+
+
+def _unit_tensors(units, rank0: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each unit gathered in turn onto rank 0 (every rank iterates: the gather is collective), its parameters
+    yielded there. No offload_to_cpu: on a GPU the unit is gathered on rank 0's GPU, as in a forward pass, and
+    each tensor reaches the host already cast; so the host holds the pending shard only (and FSDP refuses
+    offload_to_cpu for NO_SHARD anyway)."""
+    for unit, entries in units:
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=False):
+            if rank0:
+                for name, module, attribute in entries:
+                    yield name.removeprefix(WRAPPER_PREFIX), getattr(module, attribute)
+
+
+def _gather_adapters(units, rank0: bool) -> dict[str, torch.Tensor]:
+    """Every LoRA adapter matrix gathered onto rank 0's host, in its master dtype (empty elsewhere); small: each
+    is rank x a projection's side. Collective."""
+    adapters = {}
+    for unit, entries in units:
+        if not any(is_adapter(name) for name, _, _ in entries):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=False):
+            if rank0:
+                adapters.update({name.removeprefix(WRAPPER_PREFIX): getattr(module, attribute).detach().cpu().clone()
+                                 for name, module, attribute in entries})
+    return adapters
+
+
+# ---- a checkpoint's stream ----------------------------------------------------------------------------------
+
+
+def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_shard_size: str = "5GB") -> list[str]:
+    """`write_folder` from checkpoint `path` (one process); returns the safetensors file names."""
+    tensors = model_tensors(path)
+    names = {key: clean_name(key.removeprefix(MODEL_KEY + WRAPPER_PREFIX)) for key in tensors}
+    keys = {name: key for key, name in names.items()}
+    lora, base_model, adapters = None, "", {}
+    if any(is_adapter(name) for name in names.values()):  # a LoRA run's: merge its adapters, and write them too
+        with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
+            run_config = json.load(f)
+        lora, base_model = LoraArgs(**run_config["lora"]), run_config["model"]["model_name_or_path"]
+        loaded = _load(path, {key: meta for key, meta in tensors.items() if is_adapter(names[key])})
+        adapters = {names[key]: tensor for key, tensor in loaded.items()}
+
+    def shard_by_shard(shards: list[list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for shard in shards:
+            state = _load(path, {keys[name]: tensors[keys[name]] for name in shard})
+            for name in shard:
+                yield name, state.pop(keys[name])
+
+    files = ModelFiles.load(os.path.join(path, MODEL_FILES))
+    weights = [name for name in names.values() if not is_adapter(name)]
+    return write_folder(out_dir, files, weights, shard_by_shard, save_dtype, max_shard_size, lora, adapters,
+                        base_model).files
 
 
 def check_checkpoint(path: str) -> None:
@@ -65,50 +299,6 @@ def model_tensors(path: str) -> dict[str, TensorStorageMetadata]:
     return tensors
 
 
-def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_shard_size: str = "5GB") -> list[str]:
-    """Write the HF folder of checkpoint `path` at out_dir; returns the safetensors file names."""
-    dtype = DTYPES[save_dtype]
-    tensors = model_tensors(path)
-    names = {key: clean_name(key.removeprefix(MODEL_KEY + WRAPPER_PREFIX)) for key in tensors}
-    lora, adapters = None, {}
-    if any(is_adapter(name) for name in names.values()):  # a LoRA run's: merge its adapters, and write them too
-        with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
-            run_config = json.load(f)
-        lora, base_model = LoraArgs(**run_config["lora"]), run_config["model"]["model_name_or_path"]
-        adapters = _load(path, {key: tensors[key] for key, name in names.items() if is_adapter(name)})
-        adapters = {names[key]: tensor for key, tensor in adapters.items()}
-        tensors = {key: meta for key, meta in tensors.items() if not is_adapter(names[key])}
-        names = {key: names[key] for key in tensors}
-    hf_dir = os.path.join(path, MODEL_FILES)
-    hf_config = AutoConfig.from_pretrained(hf_dir)
-    skeleton = meta_skeleton(hf_config, dtype)
-    check_names(skeleton, list(names.values()))
-    saved = saved_names(skeleton, list(names.values()))
-    keys = [key for key in tensors if names[key] in saved]
-    sizes = [(key, save_size(tensors[key].properties.dtype, tensors[key].size.numel(), dtype)) for key in keys]
-
-    tmp = temporary_folder(out_dir)
-    try:
-        save_model_files(tmp, hf_config, AutoTokenizer.from_pretrained(hf_dir),
-                         AutoImageProcessor.from_pretrained(hf_dir), source_dir=hf_dir, save_dtype=dtype)
-        writer = ShardWriter(tmp, max_shard_size, dtype)
-        for shard in plan_shards(sizes, writer.max_bytes):
-            state = _load(path, {key: tensors[key] for key in shard})
-            for key in shard:
-                tensor = state.pop(key)
-                writer.add(saved[names[key]], merged(names[key], tensor, adapters, lora) if lora else tensor,
-                           owned=True)
-            writer.flush()
-        files = writer.close()
-        if lora:
-            write_adapter_folder(os.path.join(tmp, ADAPTER_DIR), adapters, lora, base_model)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish(tmp, out_dir)
-    return files
-
-
 def _load(path: str, tensors: dict[str, TensorStorageMetadata]) -> dict[str, torch.Tensor]:
     """These tensors of the checkpoint, whole: plain tensors as targets, which DCP assembles from the pieces
     every rank saved."""
@@ -120,7 +310,8 @@ def _load(path: str, tensors: dict[str, TensorStorageMetadata]) -> dict[str, tor
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ftloop.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ftloop.export",
+                                     description="Turn a training checkpoint into a Hugging Face folder.")
     parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="a checkpoint-<step> folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face folder to write (replaced if present)")
     parser.add_argument("--save-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the safetensors")
@@ -129,6 +320,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m ftloop.export`: refusals are one line (ConfigError: ftloop.cli says it, exit 2)."""
     args = parse(argv)
     path, out = args.checkpoint_dir.rstrip(os.sep) or os.sep, args.out_dir
     parse_size(args.max_shard_size)

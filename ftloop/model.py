@@ -108,16 +108,6 @@ def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
 
 
 WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with this; HF names do not
-# What FSDP, activation checkpointing, torch.compile and a LoRA layer (ftloop.lora) put into module names;
-# `clean_name` takes them out.
-WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "base_layer.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter's name in the model as built, whatever wrappers hold it now."""
-    for part in WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 class VisionLanguageSFT(nn.Module):

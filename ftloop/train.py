@@ -38,10 +38,10 @@ from ftloop.data.sources import check_sources
 from ftloop.distributed import World, init_distributed, print0
 from ftloop.errors import ConfigError, RowFailedMidRun, Stopped
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
-from ftloop.fsdp.export import export_model
+from ftloop.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
-from ftloop.hf_folder import local_folder, save_model_files
+from ftloop.hf_folder import ModelFiles, local_folder
 from ftloop.lora import add_adapters, base_dtype, initial_adapter
 from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import DTYPES, VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
@@ -125,13 +125,11 @@ def run(cfg: Config, world: World) -> dict:
     print0(describe(cfg, world, setup, warmup))
     resume(setup, model, optimizer, state, args.allow_dtype_change)
     state.wandb_run_id = logger.wandb_id  # the run continued, or a new one when wandb could not resume it
-    model_files = dict(hf_config=setup.hf_config, tokenizer=setup.tokenizer, image_processor=setup.image_processor,
-                       source_dir=local_source_dir(cfg))
+    files = ModelFiles(setup.hf_config, setup.tokenizer, setup.image_processor, local_source_dir(cfg))
     lora = cfg.lora if cfg.lora.lora_rank else None  # with adapters, `best` holds them alone
-    export = functools.partial(export_model, model, save_dtype=args.save_dtype, max_shard_size=args.max_shard_size,
-                               lora=lora, base_model_name_or_path=cfg.model.model_name_or_path, **model_files)
-    saver = Saver(model, optimizer, state, cfg, logger, functools.partial(save_model_files, **model_files),
-                  world.is_main, resumed=bool(setup.resume_from))
+    export = functools.partial(export_model, model, files=files, save_dtype=args.save_dtype,
+                               max_shard_size=args.max_shard_size, lora=lora, base_model=cfg.model.model_name_or_path)
+    saver = Saver(model, optimizer, state, cfg, logger, files.save, world.is_main, resumed=bool(setup.resume_from))
     evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, functools.partial(export, merge=lora is None),
                           setup.hf_config, world.device)
     if args.eval_on_start and state.step == 0:

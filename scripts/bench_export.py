@@ -79,7 +79,8 @@ def build_folder(folder: str, layers: int, hidden: int, dtype: torch.dtype = tor
     from transformers.utils import logging as hf_logging
 
     from ftloop.demo.bundle import build_tokenizer
-    from ftloop.demo.models import build_config, build_image_processor, save_image_processor, widen
+    from ftloop.demo.models import build_config, build_image_processor, save_image_processor
+    from scripts.support import widen
 
     hf_logging.disable_progress_bar()
     tok = build_tokenizer()
@@ -98,31 +99,30 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     from ftloop.config import FSDPArgs, ModelArgs
     from ftloop.distributed import init_distributed
     from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES
-    from ftloop.fsdp.export import export_model, full_state_dict
+    from ftloop.export import export_model
+    from ftloop.fsdp.internals import unit_parameters
     from ftloop.fsdp.load import UnitMaterializer
     from ftloop.fsdp.wrap import wrap_fsdp
-    from ftloop.hf_folder import FolderWeights, meta_skeleton, save_model_files
+    from ftloop.hf_folder import FolderWeights, ModelFiles, meta_skeleton
     from ftloop.model import VisionLanguageSFT, build_meta_model, wrapped_layer_classes
+    from scripts.support import full_state_dict
 
     d = init_distributed()
     args = ModelArgs(model_name_or_path=folder)
-    hf_config = AutoConfig.from_pretrained(folder)
-    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    files = ModelFiles.load(folder)
+    hf_config = files.hf_config
     meta = build_meta_model(hf_config, args)
     materialize = UnitMaterializer(meta, FolderWeights(folder, meta), d.device)
     model = wrap_fsdp(VisionLanguageSFT(meta), wrapped_layer_classes(meta), FSDPArgs(), materialize, d.device)
 
     # Once unmeasured: the first export imports and caches what any export needs (tokenizer saving, ...).
-    export_model(model, os.path.join(out, "warmup"), hf_config, tokenizer, image_processor, "bf16", max_shard_size,
-                 folder)
+    export_model(model, os.path.join(out, "warmup"), files, "bf16", max_shard_size)
     with PeakRSS() as streamed:
-        stats = export_model(model, os.path.join(out, "streamed"), hf_config, tokenizer, image_processor, "bf16",
-                             max_shard_size, folder)
+        stats = export_model(model, os.path.join(out, "streamed"), files, "bf16", max_shard_size)
     with PeakRSS() as full:
         state = full_state_dict(model)
         if d.is_main:
@@ -135,12 +135,16 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
         dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint)
     if d.is_main:
-        save_model_files(os.path.join(checkpoint, MODEL_FILES), hf_config, tokenizer, image_processor, folder)
+        files.save(os.path.join(checkpoint, MODEL_FILES))
         open(os.path.join(checkpoint, COMPLETE_MARKER), "w").close()
     dist.barrier()
+    # The largest unit the streamed export gathered, in the save dtype (bf16): the other half of its bound.
+    shapes = meta_skeleton(hf_config, torch.bfloat16).state_dict()
+    largest_unit = max(sum(shapes[name.removeprefix("hf.")].numel() * 2 for name, _, _ in entries
+                           if name.removeprefix("hf.") in shapes) for _, entries in unit_parameters(model))
     if d.is_main:
         print("RESULT " + json.dumps({"streamed_mib": streamed.growth_mib, "full_mib": full.growth_mib,
-                                      "files": len(stats.files), "largest_unit_mb": stats.largest_unit_bytes / 1e6,
+                                      "files": len(stats.files), "largest_unit_mb": largest_unit / 1e6,
                                       "peak_shard_mb": stats.peak_shard_bytes / 1e6}), flush=True)
     dist.destroy_process_group()
 

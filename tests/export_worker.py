@@ -6,7 +6,7 @@ its own shard), then writes under OUT:
   reference-<dtype>/  the previous export: FSDP FULL_STATE_DICT on rank 0, save_pretrained on a skeleton
   streamed-<dtype>/   export_model (max shard size SHARD), and stats-<dtype>.json with its ExportStats
   single/             export_model in bf16 with the default 5GB: one model.safetensors
-  checkpoint/         save_checkpoint of the same weights (hf/ written by save_model_files)
+  checkpoint/         save_checkpoint of the same weights (hf/ written by ModelFiles.save)
 """
 
 import copy
@@ -22,11 +22,12 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from ftloop.config import parse_args
 from ftloop.distributed import init_distributed, leave
 from ftloop.fsdp.checkpoint import save_checkpoint
-from ftloop.fsdp.export import export_model, full_state_dict
-from ftloop.hf_folder import save_model_files
+from ftloop.export import export_model
+from ftloop.hf_folder import ModelFiles
 from ftloop.model import DTYPES
 from ftloop.optim.build import build_optimizer
 from ftloop.train import prepare
+from scripts.support import full_state_dict
 
 SHARD = "100KB"
 
@@ -53,6 +54,7 @@ def main() -> None:
     d = init_distributed()
     s = prepare(cfg, d)
     model, source = s.model, cfg.model.model_name_or_path
+    files = ModelFiles(s.hf_config, s.tokenizer, s.image_processor, source)
     generator = torch.Generator().manual_seed(1000 + d.rank)
     with torch.no_grad():  # trained weights differ from the checkpoint's, differently on each rank's shard
         for param in model.parameters():
@@ -64,19 +66,17 @@ def main() -> None:
             reference_export(state, os.path.join(out, f"reference-{save_dtype}"), s.hf_config, s.tokenizer,
                              s.image_processor, save_dtype, SHARD, source)
         del state
-        stats = export_model(model, os.path.join(out, f"streamed-{save_dtype}"), s.hf_config, s.tokenizer,
-                             s.image_processor, save_dtype, SHARD, source)
+        stats = export_model(model, os.path.join(out, f"streamed-{save_dtype}"), files, save_dtype, SHARD)
         if d.rank == 0:
             with open(os.path.join(out, f"stats-{save_dtype}.json"), "w") as f:
                 json.dump(dataclasses.asdict(stats), f)
         else:
             assert stats is None
-    export_model(model, os.path.join(out, "single"), s.hf_config, s.tokenizer, s.image_processor, "bf16", "5GB",
-                 source)
+    export_model(model, os.path.join(out, "single"), files, "bf16", "5GB")
 
     optimizer = build_optimizer(model, cfg.optim, d.device)
     save_checkpoint(model, optimizer, os.path.join(out, "checkpoint"), {"step": 1}, cfg.to_dict(),
-                    lambda folder: save_model_files(folder, s.hf_config, s.tokenizer, s.image_processor, source))
+                    files.save)
     dist.barrier()
     dist.destroy_process_group()
 

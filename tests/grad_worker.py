@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
-from ftloop.model import clean_name
+from ftloop.fsdp.internals import clean_name
 from ftloop.steps import clip_gradients
 from ftloop.data.loaders import count_step
 from ftloop.train import accumulate_gradients, prepare

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from ftloop.config import parse_args
 from ftloop.distributed import init_distributed, leave
-from ftloop.fsdp.export import full_state_dict
 from ftloop.train import prepare
+from scripts.support import full_state_dict
 
 
 def rss_mib() -> float:

@@ -14,7 +14,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
 from ftloop.distributed import init_distributed, leave
-from ftloop.model import WRAPPER_PREFIX, clean_name
+from ftloop.fsdp.internals import clean_name
+from ftloop.model import WRAPPER_PREFIX
 from ftloop.optim.build import build_optimizer
 from ftloop.train import prepare
 

@@ -19,7 +19,7 @@ from ftloop.config import parse_args
 from ftloop.data.chat import chat_format
 from ftloop.data.dataset import SFTDataset, make_collate
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
-from ftloop.model import clean_name
+from ftloop.fsdp.internals import clean_name
 from ftloop.data.loaders import count_step
 from ftloop.steps import accumulate_gradients
 from ftloop.train import prepare

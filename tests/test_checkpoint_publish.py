@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 import ftloop.fsdp.checkpoint as checkpoint
-from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint, publish, recover_interrupted_saves
+from ftloop.atomic import publish
+from ftloop.fsdp.checkpoint import COMPLETE_MARKER, latest_checkpoint, recover_interrupted_saves
 
 
 def write_checkpoint(path, content: str, complete: bool = True) -> None:
@@ -70,3 +71,21 @@ def test_leftovers_of_saves_that_never_finished_are_removed_or_put_back(tmp_path
                     f"restored {tmp_path}/checkpoint-6: a save that was replacing it never finished",
                     f"removed {tmp_path}/checkpoint-8: its save never finished"]
     assert checkpoint.recover_interrupted_saves(str(tmp_path)) == []  # idempotent
+
+
+@pytest.mark.parametrize("calls", range(5))
+def test_an_export_interrupted_anywhere_leaves_the_previous_one_or_the_new_one(tmp_path, monkeypatch, calls):
+    """`best` and `final` go through the same publish; a `.tmp` of an export is never known to be whole (it is
+    not resumed from), so where the new one is not in place yet, the previous one comes back."""
+    write_checkpoint(tmp_path / "best", "step 2's weights", complete=False)  # exports carry no marker
+    write_checkpoint(tmp_path / "best.tmp", "step 4's weights", complete=False)
+    with monkeypatch.context() as patch:
+        killed_after(calls, patch)
+        try:
+            publish(str(tmp_path / "best.tmp"), str(tmp_path / "best"))
+        except Killed:
+            pass
+    said = recover_interrupted_saves(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["best"], said
+    moved = calls >= 3  # the third call renames the new export into place
+    assert (tmp_path / "best" / "weights").read_text() == ("step 4's weights" if moved else "step 2's weights")

@@ -144,7 +144,6 @@ def test_rank0_holds_at_most_one_shard_plus_one_unit(run, save_dtype):
     written = tensors(out / f"streamed-{save_dtype}")
     max_bytes, largest_tensor = parse_size(SHARD), max(t.nbytes for t in written.values())
     assert stats["total_bytes"] == sum(t.nbytes for t in written.values())
-    assert stats["peak_shard_bytes"] <= max_bytes + stats["largest_unit_bytes"]
     assert stats["peak_shard_bytes"] <= max(max_bytes, largest_tensor)  # one shard, or one tensor alone
     assert stats["peak_shard_bytes"] < stats["total_bytes"] / 2  # it never gathered the model
 

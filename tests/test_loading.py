@@ -12,7 +12,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from safetensors.torch import load_file
 
-from ftloop.demo.models import widen
+from scripts.support import widen
 
 from launch import REPO, check, python_m, torchrun, train_flags
 

@@ -15,7 +15,8 @@ from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
 from ftloop.fsdp.checkpoint import check_resumable, read_trainer_state
 from ftloop.lora import add_adapters, initial_adapter, merged
-from ftloop.model import build_meta_model, clean_name, load_config
+from ftloop.fsdp.internals import clean_name
+from ftloop.model import build_meta_model, load_config
 from launch import check, python_m, resume_a_copy, torchrun, train_flags
 from test_freezing import state
 

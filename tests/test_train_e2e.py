@@ -77,7 +77,7 @@ def test_export_is_a_sharded_hf_folder(fp32_run):
     assert sum(n.endswith(".safetensors") for n in names) > 1  # --max-shard-size 200KB split it
     assert exported_dtypes(final) == {"F32"}
     assert (fp32_run[0] / "best" / "config.json").is_file()
-    assert not [n for n in os.listdir(fp32_run[0]) if ".tmp-" in n]  # no half-written folders left
+    assert not [n for n in os.listdir(fp32_run[0]) if n.endswith((".tmp", ".old"))]  # no half-written folders left
 
 
 def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle, tmp_path):

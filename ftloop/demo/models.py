@@ -77,18 +77,6 @@ def build_config(tok, model_size: str = "demo", family: str = "qwen2.5-vl") -> P
     return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **tokens)
 
 
-def widen(config: Qwen2_5_VLConfig, hidden: int, layers: int) -> Qwen2_5_VLConfig:
-    """The same model with `layers` decoder layers of width `hidden` (heads of 64, 2 KV heads, an MLP of 3x),
-    in place: the sizes the memory tests and benchmarks measure at, beyond what the demo needs."""
-    text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 3 * hidden, layers
-    text.num_attention_heads, text.num_key_value_heads = hidden // 64, 2
-    text.layer_types = ["full_attention"] * layers
-    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head_dim 64 -> 32 rotary pairs
-    config.vision_config.out_hidden_size = hidden
-    return config
-
-
 def build_image_processor(image_size: int = 56, family: str = "qwen2.5-vl") -> Qwen2VLImageProcessorPil:
     # smart_resize rounds each side to a multiple of patch*merge (28; 32 for Qwen3-VL) and clamps the area to
     # [min, max]: min keeps a small image at a 4x4 patch grid (= 2x2 merged = 4 image tokens); max allows the

@@ -11,9 +11,10 @@ state dicts, so that every rank writes its own shards and nobody gathers the mod
   - `hf/`: the model config, tokenizer and image processor (enough for `python -m ftloop.export`).
 
 Atomic: everything is written under `checkpoint-<step>.tmp`; when every rank has finished, rank 0 writes the
-`.complete` marker last and renames the folder (`publish`). A kill at any moment leaves the previous
-checkpoints untouched and at most one interrupted save, which `recover_interrupted_saves` (run before resuming)
-finishes when it was complete, and deletes when it was not; resume never picks a folder without the marker.
+`.complete` marker last and puts the folder in place (ftloop.atomic.publish). A kill at any moment leaves the
+previous checkpoints untouched and at most one interrupted save, which `recover_interrupted_saves` (run before
+resuming) finishes when it was complete, and deletes when it was not; resume never picks a folder without the
+marker.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
 
+from ftloop.atomic import OLD, TMP, publish, recover, temporary_folder
 from ftloop.config import previous_run
 from ftloop.errors import ConfigError
 
@@ -62,53 +64,26 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def publish(tmp: str, path: str) -> None:
-    """Put the complete checkpoint `tmp` at `path`. An older run's checkpoint of the same step is moved aside
-    first and deleted last, so that a kill between any two of these calls leaves a state that
-    `recover_interrupted_saves` completes: the new checkpoint (`.tmp` with its marker) or the old one."""
-    old = path + ".old"
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)  # the leftover of an earlier interrupted save, if any
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def recover_interrupted_saves(output_dir: str) -> list[str]:
     """Finish or undo the saves a kill interrupted (rank 0, before training starts); one line for each.
 
-    A `checkpoint-N.tmp` with its marker was complete and only not yet renamed: it is published (it is newer
-    than any `checkpoint-N`). Without the marker it never finished: deleted. A `checkpoint-N.old` is the
-    checkpoint a save was replacing: deleted once `checkpoint-N` is complete, else put back. A `checkpoint-N`
-    without its marker is deleted."""
+    Each checkpoint's interrupted publish (ftloop.atomic.recover: a `.tmp` is published when it holds its marker,
+    deleted when it does not; a `.old` comes back unless the new one is complete), then any `checkpoint-N` without
+    its marker (it never finished) is deleted. The `best` and `final` exports likewise, where a `.tmp` is never
+    known to be whole: the previous export comes back (an export is written again from a checkpoint)."""
     said = []
     if not os.path.isdir(output_dir):
         return said
-    for name in sorted(os.listdir(output_dir)):
-        leftover = os.path.join(output_dir, name)
-        if name.startswith("checkpoint-") and name.endswith(".tmp"):
-            if is_complete(leftover):
-                publish(leftover, leftover.removesuffix(".tmp"))
-                said.append(f"completed {leftover.removesuffix('.tmp')}: its save was interrupted after it was written")
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
-                said.append(f"removed {leftover}: its save never finished")
-    for name in sorted(os.listdir(output_dir)):
-        leftover, path = os.path.join(output_dir, name), os.path.join(output_dir, name.removesuffix(".old"))
-        if name.startswith("checkpoint-") and name.endswith(".old"):
-            if is_complete(path):
-                shutil.rmtree(leftover, ignore_errors=True)
-                said.append(f"removed {leftover}: {path} replaced it")
-            elif is_complete(leftover):
-                shutil.rmtree(path, ignore_errors=True)
-                os.rename(leftover, path)
-                said.append(f"restored {path}: a save that was replacing it never finished")
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
-                said.append(f"removed {leftover}: its save never finished")
-        elif CHECKPOINT_NAME.match(name) and not is_complete(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
-            said.append(f"removed {leftover}: its save never finished")
+    steps = {int(m.group(1)) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(rf"checkpoint-(\d+)(?:{re.escape(TMP)}|{re.escape(OLD)})?", name))}
+    for step in sorted(steps):
+        path = os.path.join(output_dir, f"checkpoint-{step}")
+        said += recover(path, is_complete)
+        if os.path.isdir(path) and not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            said.append(f"removed {path}: its save never finished")
+    for export in ("best", "final"):
+        said += recover(os.path.join(output_dir, export), lambda folder: not folder.endswith(TMP))
     return said
 
 
@@ -149,10 +124,9 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
                     write_model_files: Callable[[str], None]) -> None:
     """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
     the config, tokenizer and image processor on rank 0."""
-    rank, tmp = dist.get_rank(), path + ".tmp"
+    rank, tmp = dist.get_rank(), path + TMP
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(os.path.join(temporary_folder(path), "rng"))
     dist.barrier()
     dtypes = write_rank_files(model, optimizer, tmp, rank)
     dist.barrier()  # every rank's shards are on disk

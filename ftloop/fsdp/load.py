@@ -27,10 +27,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
 from ftloop.errors import ConfigError
-from ftloop.fsdp.export import unit_parameters
+from ftloop.fsdp.internals import unit_parameters
 from ftloop.hf_folder import FolderWeights
 from ftloop.lora import AdapterWeights, is_adapter
-from ftloop.model import clean_name
+from ftloop.fsdp.internals import clean_name
 
 
 class UnitMaterializer:

@@ -25,8 +25,8 @@ import math
 
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
+from ftloop.fsdp.internals import local_slice, sharded_tensor
 from ftloop.optim.segments import Segment, SteppedTensor, row_pieces
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -106,8 +106,8 @@ class _StepWork:
 class ShardedAdafactor(torch.optim.Optimizer):
     """Adafactor over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
 
-    Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (or `describe_plain`); every rank
-    must pass the same layout order. Keyword arguments are Adafactor's. To save memory, `step` turns fp32
+    Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (one segment per whole tensor without
+    FSDP); every rank must pass the same layout order. The other arguments are transformers' Adafactor's. To save memory, `step` turns fp32
     gradients into the update in place: read gradients before stepping, clear them after.
 
     Memory: with fp32 parameters and gradients nothing parameter-sized is allocated. With bf16 ones the fp32
@@ -337,7 +337,8 @@ class ShardedAdafactor(torch.optim.Optimizer):
                 for key in self._state_keys(segment, entry.tensor):
                     value = state[f"{segment.name}.{key}"]
                     sliced = key in self.SLICED and entry.group is not None
-                    out[f"{segment.name}.{key}"] = self._shard(value, segment, entry.group) if sliced else value
+                    out[f"{segment.name}.{key}"] = (sharded_tensor(value, segment.first, segment.full_numel, entry.group)
+                                                    if sliced else value)
         return out
 
     def load_sharded_state_dict(self, loaded: dict) -> None:
@@ -350,9 +351,9 @@ class ShardedAdafactor(torch.optim.Optimizer):
             for segment in entry.segments:
                 for key in self._state_keys(segment, entry.tensor):
                     value = loaded[f"{segment.name}.{key}"]
-                    if isinstance(value, ShardedTensor):  # saved sharded: this rank's slice
-                        shards = value.local_shards()
-                        value = shards[0].tensor if shards else state[f"{segment.name}.{key}"]
+                    mine = local_slice(value)
+                    if mine is not value:  # saved sharded: this rank's slice (none held: the fresh zeros stay)
+                        value = state[f"{segment.name}.{key}"] if mine is None else mine
                     elif key in self.SLICED:  # saved unsharded, loaded into a slice
                         value = value[segment.first:segment.first + segment.numel]
                     state[f"{segment.name}.{key}"].copy_(value.view_as(state[f"{segment.name}.{key}"]))
@@ -364,14 +365,6 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if self._compensated(p):
             keys.append("compensation")
         return keys + ["RMS"]
-
-    @staticmethod
-    def _shard(local: Tensor, segment: Segment, pg):
-        shards = []
-        if segment.numel:
-            placement = f"rank:{dist.get_rank()}/{local.device}"  # a global rank, also in a subgroup (HYBRID_SHARD)
-            shards.append(Shard(local, ShardMetadata([segment.first], [segment.numel], placement)))
-        return ShardedTensor._init_from_local_shards(shards, [segment.full_numel], process_group=pg)
 
     def _all_reduce_by_group(self, works: list[_StepWork], parts_of) -> None:
         """All-reduce `parts_of(work)` of every stepped tensor: one collective per process group."""

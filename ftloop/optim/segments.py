@@ -10,16 +10,16 @@ optimizer needs to compute statistics of the full parameter from local slices pl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ftloop.model import clean_name
+from ftloop.fsdp.internals import flat_shards
 
 
 @dataclass(frozen=True)
@@ -63,44 +63,17 @@ def describe_fsdp(model: FSDP, settings: Callable[[str, tuple], tuple[float, boo
                   strip_prefix: str = "") -> list[SteppedTensor]:
     """The optimizer-visible tensors of an FSDP1 model, each with its segments, in a rank-independent order."""
     out = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, FSDP) or module._handle is None:
-            continue
-        flat = module._handle.flat_param
-        prefix = clean_name(module_name + ".") if module_name else ""
-        sharded = module._handle.uses_sharded_strategy and dist.get_world_size(module.process_group) > 1
-        group = module.process_group if sharded else None
+    for shard in flat_shards(model):
         segments = []
-        for i, info in enumerate(flat._shard_param_infos):
-            name = clean_name(prefix + flat._fqns[i]).removeprefix(strip_prefix)
-            shape = tuple(flat._shapes[i])
-            lr_scale, decay = settings(name, shape)
-            if info.in_shard:
-                segment = Segment(name, shape, info.offset_in_shard, info.numel_in_shard,
-                                  info.intra_param_start_idx, lr_scale, decay)
-            else:
-                segment = Segment(name, shape, 0, 0, 0, lr_scale, decay)
-            segments.append(segment)
-        if flat._params is None:  # use_orig_params=False: the optimizer steps the flat shard
-            out.append(SteppedTensor(flat, segments, group))
+        for piece in shard.slices:
+            name = piece.name.removeprefix(strip_prefix)
+            segments.append(Segment(name, piece.shape, piece.offset, piece.numel, piece.first,
+                                    *settings(name, piece.shape)))
+        if shard.originals is None:  # use_orig_params=False: the optimizer steps the flat shard
+            out.append(SteppedTensor(shard.flat, segments, shard.group))
         else:  # use_orig_params=True: each original parameter is its own 1-D slice
-            for param, segment in zip(flat._params, segments):
-                out.append(SteppedTensor(param, [_at_zero(segment)], group))
-    return out
-
-
-def _at_zero(segment: Segment) -> Segment:
-    return Segment(segment.name, segment.shape, 0, segment.numel, segment.first, segment.lr_scale, segment.decay)
-
-
-def describe_plain(model: nn.Module, settings: Callable[[str, tuple], tuple[float, bool]] = default_settings,
-                   ) -> list[SteppedTensor]:
-    """The same description for an unwrapped model: each parameter whole, nothing to reduce."""
-    out = []
-    for name, param in model.named_parameters():
-        lr_scale, decay = settings(name, tuple(param.shape))
-        segment = Segment(name, tuple(param.shape), 0, param.numel(), 0, lr_scale, decay)
-        out.append(SteppedTensor(param, [segment], None))
+            for param, segment in zip(shard.originals, segments):
+                out.append(SteppedTensor(param, [dataclasses.replace(segment, offset=0)], shard.group))
     return out
 
 
