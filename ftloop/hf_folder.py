@@ -95,14 +95,17 @@ def local_folder(name_or_path: str, flag: str = "--model-name-or-path") -> str:
 class FolderWeights:
     """The tensors of a Hugging Face folder's safetensors files, by the model's parameter names, read one at a
     time. Building it reads only the files' headers, and checks that every parameter and persistent buffer of
-    `model` (a meta skeleton will do) has exactly one tensor in the folder: a missing or unexpected name is one
-    ConfigError naming the folder and the first few names."""
+    `model` (a meta skeleton will do; `expected`, by name, when some of its tensors are not the folder's, such as
+    LoRA adapters) has exactly one tensor in the folder: a missing or unexpected name is one ConfigError naming
+    the folder and the first few names."""
 
-    def __init__(self, folder: str, model: PreTrainedModel, flag: str = "--model-name-or-path"):
+    def __init__(self, folder: str, model: PreTrainedModel, flag: str = "--model-name-or-path",
+                 expected: dict[str, torch.Tensor] | None = None):
         self.folder = folder
         files = self._files(folder, flag)
         renamings, converters = _conversions(model)
-        expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers, tied names included
+        if expected is None:  # parameters and persistent buffers, tied names included
+            expected = model.state_dict(keep_vars=True)
         ignored = [re.compile(p) for p in [*(model._keys_to_ignore_on_load_unexpected or []), r"rotary_emb\.inv_freq"]]
         self.location: dict[str, tuple[str, str]] = {}  # model name -> (file, key in that file)
         unexpected = []

@@ -8,6 +8,7 @@ full copy, and the path is the same on CPU (where FSDP refuses `sync_module_stat
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ftloop.config import ModelArgs
+from ftloop.config import Config, ModelArgs
 from ftloop.data.chat import IGNORE_INDEX
 from ftloop.errors import ConfigError, one_line
 from ftloop.family import check_supported
+from ftloop.lora import add_adapters, base_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -105,6 +107,31 @@ def wrapped_layer_classes(model: PreTrainedModel) -> set[type[nn.Module]]:
     if not classes:
         raise ConfigError(f"{type(model).__name__} declares no transformer layer classes to wrap with FSDP")
     return classes
+
+
+@dataclass
+class Skeleton:
+    """The model a run wraps, on the meta device (no memory, identical on every rank): in its base dtype, with
+    gradient checkpointing, the freeze flags' parts frozen and LoRA's adapters on; and the modules that become
+    FSDP units. ftloop.train wraps it and ftloop.plan counts it: one builder, so the plan cannot drift from the run."""
+    model: PreTrainedModel
+    units: set[nn.Module]
+    """Every module wrapped as an FSDP unit of its own (nested ones too); the rest goes to the root unit."""
+
+
+def build_skeleton(cfg: Config, hf_config: PretrainedConfig) -> Skeleton:
+    model = build_meta_model(hf_config, cfg.model, base_dtype(cfg))
+    own_units = freeze_parts(model, cfg.model)  # frozen and trainable tensors never share an FSDP unit
+    if cfg.lora.lora_rank:
+        own_units |= add_adapters(model, cfg.lora, DTYPES[cfg.model.param_dtype])
+    return Skeleton(model, unit_roots(model, own_units))
+
+
+def unit_roots(model: PreTrainedModel, own_units: set[nn.Module] = frozenset()) -> set[nn.Module]:
+    """The modules FSDP wraps as units (its auto-wrap policy is membership in this set): every decoder layer and
+    vision block, and `own_units` (what freezing keeps apart, LoRA's adapter matrices)."""
+    classes = tuple(wrapped_layer_classes(model))
+    return {m for m in model.modules() if isinstance(m, classes)} | set(own_units)
 
 
 WRAPPER_PREFIX = "hf."  # parameter names under VisionLanguageSFT start with this; HF names do not

@@ -46,15 +46,14 @@ from dataclasses import dataclass, field
 
 import tyro
 from torch import nn
-from transformers import PreTrainedModel
 
 from ftloop.cli import run_command
 from ftloop.config import Config
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import shard_group_size
-from ftloop.lora import add_adapters, base_dtype, is_adapter
-from ftloop.model import DTYPES, build_meta_model, frozen_modules, load_config, separate_units, wrapped_layer_classes
+from ftloop.lora import base_dtype
+from ftloop.model import DTYPES, Skeleton, build_skeleton, load_config
 
 GIB = 2**30
 RESERVE_BYTES = 2 * GIB
@@ -70,39 +69,26 @@ class UnitSize:
     trainable: int  # elements that train (a unit is all frozen or all trainable); the optimizer counts only these
 
 
-def fsdp_units(hf_model: PreTrainedModel, frozen: list[nn.Module] = ()) -> list[UnitSize]:
-    """The units ftloop's auto-wrap policy makes for a model whose `frozen` modules do not train
-    (ftloop.model.frozen_modules; freezing wraps some modules apart), nor its parameters without requires_grad
-    (a LoRA base), the root last; tied parameters counted once (in the root)."""
-    classes = tuple(wrapped_layer_classes(hf_model))
-    # LoRA's adapter matrices are units of their own, beside a base that does not train (ftloop.lora).
-    adapters = {module for name, module in hf_model.named_modules()
-                if isinstance(module, nn.Linear) and is_adapter(f"{name}.")}
-    own_units = separate_units(hf_model, list(frozen)) | adapters
-    frozen_ids = {id(p) for module in frozen for p in module.parameters()}
-    frozen_ids |= {id(p) for p in hf_model.parameters() if not p.requires_grad}
+def fsdp_units(skeleton: Skeleton) -> list[UnitSize]:
+    """The units FSDP makes of `skeleton` (its auto-wrap policy is `skeleton.units`), outer ones in module order,
+    the root last. As FSDP wraps, children come first: a unit holds its parameters that no unit inside it holds
+    (LoRA's adapter matrices sit inside their decoder layer's unit), the root whatever no unit took; tied
+    parameters count once (in the root). Parameters without requires_grad (frozen parts, a LoRA base) get no
+    gradient or optimizer statistics."""
+    modules = list(skeleton.model.named_modules())
     seen: set[int] = set()
-    # Adapters first: FSDP nests their units inside their decoder layer's, which holds the rest of the layer.
-    units = [_unit_size(name, module, seen, frozen_ids) for name, module in hf_model.named_modules()
-             if module in adapters]
-    in_units = set()
-    for name, module in hf_model.named_modules():
-        wrapped = isinstance(module, classes) or (module in own_units and module not in adapters)
-        if wrapped and not any(name.startswith(f"{u}.") for u in in_units):
-            in_units.add(name)
-            units.append(_unit_size(name, module, seen, frozen_ids))
-    units.append(_unit_size("root", hf_model, seen, frozen_ids))  # whatever no unit took
-    return units
+    sizes = {name: _unit_size(name, module, seen) for name, module in reversed(modules) if module in skeleton.units}
+    return [sizes[name] for name, _ in modules if name in sizes] + [_unit_size("root", skeleton.model, seen)]
 
 
-def _unit_size(name: str, module: nn.Module, seen: set[int], frozen_ids: set[int]) -> UnitSize:
+def _unit_size(name: str, module: nn.Module, seen: set[int]) -> UnitSize:
     numel = stats = vectors = trainable = 0
     for param in module.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
         numel += param.numel()
-        if id(param) in frozen_ids:  # no gradient, no optimizer statistics
+        if not param.requires_grad:  # no gradient, no optimizer statistics
             continue
         trainable += param.numel()
         if param.dim() >= 2:
@@ -136,10 +122,25 @@ def vision_block_activation_bytes(vision_config, compute_bytes: int) -> int:
 
 
 @dataclass
+class Term:
+    """One term of the plan: bytes per GPU, and how they come about."""
+    nbytes: int
+    detail: str = ""
+
+
+@dataclass
 class MemoryPlan:
     """Per-GPU bytes of each term (see the module docstring) and the peak against the GPU's memory."""
-    terms: dict[str, int]
-    details: dict[str, str]
+    sharded_parameters: Term
+    gradients: Term
+    optimizer_state: Term
+    largest_unit: Term
+    root_unit: Term
+    activations: Term
+    packed_mask: Term | None  # sdpa's dense mask over packed sequences; None without packing or with flash-attention
+    logits: Term
+    eval_logits: Term
+    reserve: Term
     activations_other: int  # activations with gradient checkpointing switched the other way
     peak_bytes: int
     gpu_bytes: int | None = None
@@ -147,17 +148,19 @@ class MemoryPlan:
     parameters: int = 0
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def persistent_bytes(self) -> int:
-        return self.terms["sharded parameters"] + self.terms["gradients"] + self.terms["optimizer state"]
+    def terms(self) -> list[tuple[str, Term]]:
+        """(name, term) of every term there is, in the order the report prints them."""
+        return [(f.name.replace("_", " "), getattr(self, f.name)) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), Term)]
 
     def fits(self) -> bool:
         return self.gpu_bytes is None or self.peak_bytes <= self.gpu_bytes
 
 
-def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int,
+def plan_memory(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int,
                 gpu_bytes: int | None = None) -> MemoryPlan:
-    """The plan for `cfg` on `world_size` GPUs, `gpus_per_node` to a node, for a meta `hf_model`."""
+    """The plan for `cfg` on `world_size` GPUs, `gpus_per_node` to a node, for the skeleton `cfg` builds
+    (ftloop.model.build_skeleton)."""
     f, o, m, t, data = cfg.fsdp, cfg.optim, cfg.model, cfg.train, cfg.data
     strategy = "NO_SHARD" if world_size == 1 else f.sharding_strategy  # FSDP itself does this at world size 1
     shards = shard_group_size(strategy, world_size, gpus_per_node)
@@ -165,7 +168,7 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     fb = DTYPES[base_dtype(cfg)].itemsize  # a frozen element (a LoRA base is held in bf16)
     cb = 2 if f.bf16 else pb
     rb = DTYPES[f.reduce_dtype].itemsize if f.bf16 else pb
-    units = fsdp_units(hf_model, frozen_modules(hf_model, m))
+    units = fsdp_units(skeleton)
     root, layers = units[-1], units[:-1]
     # FSDP pads each flat parameter to the shard count; a unit is all trainable (gradients, optimizer state) or
     # all frozen.
@@ -173,47 +176,43 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
     local_frozen = sum(math.ceil((u.numel - u.trainable) / shards) for u in units)
     local = local_trainable + local_frozen
     offloaded = f.cpu_offload  # shards, gradients and the optimizer live in host memory
-    terms, details = {}, {}
-    terms["sharded parameters"] = 0 if offloaded else local_trainable * pb + local_frozen * fb
-    terms["gradients"] = 0 if offloaded else local_trainable * pb
-    if offloaded and t.gradient_accumulation_steps > 1:  # no_sync: unsharded on the GPU until the last micro-batch
-        terms["gradients"] = sum(u.trainable for u in units) * cb
     where = " (on the host)" if offloaded else ""
-    details["sharded parameters"] = f"{local / 1e9:.2f}B local elements x {pb} B{where}" if fb == pb else (
-        f"{local_trainable / 1e9:.3f}B trainable x {pb} B + {local_frozen / 1e9:.2f}B frozen x {fb} B{where}")
-    details["gradients"] = f"the same: FSDP reduces into the master dtype{where}"
-    if terms["gradients"] and offloaded:
-        details["gradients"] = "unsharded on the GPU across micro-batches (no_sync: FSDP1 cannot accumulate offloaded)"
+    parameters = Term(0 if offloaded else local_trainable * pb + local_frozen * fb,
+                      f"{local / 1e9:.2f}B local elements x {pb} B{where}" if fb == pb else
+                      f"{local_trainable / 1e9:.3f}B trainable x {pb} B + {local_frozen / 1e9:.2f}B frozen x {fb} B"
+                      f"{where}")
+    gradients = Term(0 if offloaded else local_trainable * pb, f"the same: FSDP reduces into the master dtype{where}")
+    if offloaded and t.gradient_accumulation_steps > 1:  # no_sync: unsharded on the GPU until the last micro-batch
+        gradients = Term(sum(u.trainable for u in units) * cb,
+                         "unsharded on the GPU across micro-batches (no_sync: FSDP1 cannot accumulate offloaded)")
     if o.optim == "adafactor":
         stats = sum(u.matrix_stats for u in units) * 4 + sum(math.ceil(u.vector_numel / shards) for u in units) * 4
         kahan = local_trainable * 2 if m.param_dtype == "bf16" and o.bf16_master_rounding == "kahan" else 0
-        details["optimizer state"] = "Adafactor row/column statistics + sliced vector moments" + (
-            " + bf16 Kahan buffer" if kahan else "")
-        state = stats + kahan
+        state = Term(stats + kahan, "Adafactor row/column statistics + sliced vector moments" +
+                     (" + bf16 Kahan buffer" if kahan else ""))
     else:
-        state = 2 * local_trainable * pb
-        details["optimizer state"] = "AdamW: two moments per local element"
-    terms["optimizer state"] = 0 if offloaded else state
+        state = Term(2 * local_trainable * pb, "AdamW: two moments per local element")
+    if offloaded:
+        state.nbytes = 0
 
     gathered = cb if (f.bf16 or shards > 1) else 0  # bytes per element of a gathered copy
     biggest = max(layers, key=lambda u: u.numel, default=root)
     reduce_copy = rb if rb != cb else 0
     unit_grad = biggest.trainable * (cb + reduce_copy) + math.ceil(biggest.trainable / shards) * rb
     if strategy == "SHARD_GRAD_OP":  # no reshard after forward: every unit stays gathered until its backward
-        unit_params = sum(u.numel for u in layers) * gathered
-        details["largest unit"] = "every unit gathered from forward to backward (SHARD_GRAD_OP) + gradient"
+        largest = Term(sum(u.numel for u in layers) * gathered + unit_grad,
+                       "every unit gathered from forward to backward (SHARD_GRAD_OP) + gradient")
     else:
-        unit_params = 2 * biggest.numel * gathered
         gradient = (f" + gradient {cb} B" + (f" + reduce copy {reduce_copy} B" if reduce_copy else "")
                     if biggest.trainable else " (frozen: no gradient)")
-        details["largest unit"] = f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B" + gradient
-    terms["largest unit"] = unit_params + unit_grad
-    terms["root unit"] = root.numel * gathered + root.trainable * cb
-    details["root unit"] = f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B" + (
-        f" + gradient {cb} B" if root.trainable else " (frozen: no gradient)")
+        largest = Term(2 * biggest.numel * gathered + unit_grad,
+                       f"{biggest.numel / 1e6:.0f}M parameters: 2 gathered x {gathered} B" + gradient)
+    root_unit = Term(root.numel * gathered + root.trainable * cb,
+                     f"{root.numel / 1e6:.0f}M parameters: gathered {gathered} B" +
+                     (f" + gradient {cb} B" if root.trainable else " (frozen: no gradient)"))
 
     tokens = t.per_device_train_batch_size * data.sequence_tokens
-    text, vision = hf_model.config.text_config, hf_model.config.vision_config
+    text, vision = skeleton.model.config.text_config, skeleton.model.config.vision_config
     per_layer = decoder_layer_activation_bytes(text, cb) * tokens
     patches = tokens * vision.spatial_merge_size**2
     per_block = vision_block_activation_bytes(vision, cb) * patches
@@ -225,27 +224,25 @@ def plan_memory(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_pe
                     + vision.depth * patches * vision.hidden_size * cb + 2 * per_block + around)
         return (text.num_hidden_layers + 1) * per_layer + (vision.depth + 1) * per_block + around
 
+    packed_mask = None
     if data.packing and m.attn_implementation != "flash_attention_2":
         # sdpa attends by a dense mask built from the packed positions: one byte per (query, key) pair.
-        mask = t.per_device_train_batch_size * data.sequence_tokens**2
-        terms["packed mask"] = mask
-        details["packed mask"] = f"{t.per_device_train_batch_size} x {data.sequence_tokens}^2 B (sdpa)"
-    terms["activations"] = activations(m.gradient_checkpointing)
-    details["activations"] = (f"{tokens} tokens, {patches} patches at most, gradient checkpointing "
-                              f"{'on' if m.gradient_checkpointing else 'off'}")
-    terms["logits"] = tokens * text.vocab_size * (cb + 8)
-    details["logits"] = f"{tokens} positions x {text.vocab_size} x ({cb} + 4 + 4) B"
+        packed_mask = Term(t.per_device_train_batch_size * data.sequence_tokens**2,
+                           f"{t.per_device_train_batch_size} x {data.sequence_tokens}^2 B (sdpa)")
+    acts = Term(activations(m.gradient_checkpointing), f"{tokens} tokens, {patches} patches at most, gradient "
+                f"checkpointing {'on' if m.gradient_checkpointing else 'off'}")
+    logits = Term(tokens * text.vocab_size * (cb + 8), f"{tokens} positions x {text.vocab_size} x ({cb} + 4 + 4) B")
     eval_tokens = t.per_device_eval_batch_size * data.max_seq_length
-    terms["eval logits"] = eval_tokens * text.vocab_size * (cb + 8)
-    details["eval logits"] = f"{eval_tokens} positions of --per-device-eval-batch-size rows (no gradients)"
-    terms["reserve"] = RESERVE_BYTES
-    details["reserve"] = "CUDA context, NCCL buffers, fragmentation"
-    middle = (terms["root unit"] + terms["largest unit"] + terms["activations"] + terms["logits"]
-              + terms.get("packed mask", 0))
+    eval_logits = Term(eval_tokens * text.vocab_size * (cb + 8),
+                       f"{eval_tokens} positions of --per-device-eval-batch-size rows (no gradients)")
+    reserve = Term(RESERVE_BYTES, "CUDA context, NCCL buffers, fragmentation")
+    middle = (root_unit.nbytes + largest.nbytes + acts.nbytes + logits.nbytes
+              + (packed_mask.nbytes if packed_mask else 0))
     root_reduce = root.trainable * (cb + reduce_copy) + math.ceil(root.trainable / shards) * rb
-    evaluation = root.numel * gathered + 2 * biggest.numel * gathered + terms["eval logits"]
-    persistent = terms["sharded parameters"] + terms["gradients"] + terms["optimizer state"]
-    plan = MemoryPlan(terms, details, activations(not m.gradient_checkpointing),
+    evaluation = root.numel * gathered + 2 * biggest.numel * gathered + eval_logits.nbytes
+    persistent = parameters.nbytes + gradients.nbytes + state.nbytes
+    plan = MemoryPlan(parameters, gradients, state, largest, root_unit, acts, packed_mask, logits, eval_logits,
+                      reserve, activations(not m.gradient_checkpointing),
                       persistent + max(middle, root_reduce, evaluation) + RESERVE_BYTES, gpu_bytes, shards,
                       sum(u.numel for u in units))
     if strategy != f.sharding_strategy:
@@ -277,45 +274,44 @@ def _changes(cfg: Config) -> list[tuple[str, Config]]:
     return changes
 
 
-def fitting_change(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int,
+def fitting_change(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int,
                    gpu_bytes: int) -> tuple[str, MemoryPlan] | None:
     """The first single change of flags whose plan fits; failing that, the fewest of them applied one after
-    the other; None when even all of them do not fit."""
+    the other; None when even all of them do not fit. (None of the changes changes which units there are, so the
+    skeleton serves them all.)"""
     for flags, changed in _changes(cfg):
-        plan = plan_memory(hf_model, changed, world_size, gpus_per_node, gpu_bytes)
+        plan = plan_memory(skeleton, changed, world_size, gpus_per_node, gpu_bytes)
         if plan.fits():
             return flags, plan
     applied, current = [], cfg
     while changes := _changes(current):
         flags, current = changes[0]
         applied.append(flags)
-        plan = plan_memory(hf_model, current, world_size, gpus_per_node, gpu_bytes)
+        plan = plan_memory(skeleton, current, world_size, gpus_per_node, gpu_bytes)
         if plan.fits():
             return " ".join(applied), plan
     return None
 
 
-def verdict(hf_model: PreTrainedModel, plan: MemoryPlan, cfg: Config, world_size: int, gpus_per_node: int) -> str:
+def verdict(skeleton: Skeleton, plan: MemoryPlan, cfg: Config, world_size: int, gpus_per_node: int) -> str:
     """One line: the peak against the GPU, and when it does not fit, what would."""
     line = f"memory plan: {gib(plan.peak_bytes)} per GPU of {gib(plan.gpu_bytes)} on {world_size} GPU(s)"
     if plan.fits():
         return line + f": fits, {gib(plan.gpu_bytes - plan.peak_bytes)} to spare"
-    line += (f": does not fit (sharded parameters {gib(plan.terms['sharded parameters'])}, gradients "
-             f"{gib(plan.terms['gradients'])}, optimizer state {gib(plan.terms['optimizer state'])}, root unit "
-             f"{gib(plan.terms['root unit'])}, largest unit {gib(plan.terms['largest unit'])}, activations "
-             f"{gib(plan.terms['activations'])}, logits {gib(plan.terms['logits'])})")
-    found = fitting_change(hf_model, cfg, world_size, gpus_per_node, plan.gpu_bytes)
+    shown = [(name, term) for name, term in plan.terms() if name not in ("eval logits", "reserve", "packed mask")]
+    line += f": does not fit ({', '.join(f'{name} {gib(term.nbytes)}' for name, term in shown)})"
+    found = fitting_change(skeleton, cfg, world_size, gpus_per_node, plan.gpu_bytes)
     if found:
         flags, better = found
         return line + f"; {flags} brings it to {gib(better.peak_bytes)}"
     return line + "; no flag makes it fit: use more GPUs (--nnodes) or a smaller --max-seq-length"
 
 
-def check_fits(hf_model: PreTrainedModel, cfg: Config, world_size: int, gpus_per_node: int, gpu_bytes: int) -> None:
+def check_fits(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int, gpu_bytes: int) -> None:
     """Raise ConfigError (one line, the figures and the flag to change) when the run cannot fit its GPUs."""
-    plan = plan_memory(hf_model, cfg, world_size, gpus_per_node, gpu_bytes)
+    plan = plan_memory(skeleton, cfg, world_size, gpus_per_node, gpu_bytes)
     if not plan.fits():
-        raise ConfigError(verdict(hf_model, plan, cfg, world_size, gpus_per_node))
+        raise ConfigError(verdict(skeleton, plan, cfg, world_size, gpus_per_node))
 
 
 def gib(nbytes: int | None) -> str:
@@ -325,9 +321,9 @@ def gib(nbytes: int | None) -> str:
 def report(plan: MemoryPlan) -> str:
     """The per-GPU table `python -m ftloop.plan` prints."""
     rows = [f"{'sharded over':<20} {plan.shards} GPU(s), {plan.parameters / 1e9:.2f}B parameters"]
-    for name, nbytes in plan.terms.items():
-        rows.append(f"{name:<20} {gib(nbytes):>10}   {plan.details.get(name, '')}")
-    other = "off" if plan.details["activations"].endswith("on") else "on"
+    for name, term in plan.terms():
+        rows.append(f"{name:<20} {gib(term.nbytes):>10}   {term.detail}")
+    other = "off" if plan.activations.detail.endswith("on") else "on"
     rows.append(f"{'  checkpointing ' + other:<20} {gib(plan.activations_other):>10}   the activations with "
                 f"gradient checkpointing {other}")
     rows.append(f"{'peak':<20} {gib(plan.peak_bytes):>10}   persistent + max(mid-backward, root reduce, evaluation)"
@@ -350,44 +346,39 @@ class PlanCommand:
     gpus: GPUArgs = field(default_factory=GPUArgs)
     run: Config = field(default_factory=Config)
 
+    def check(self) -> None:
+        """The run's flags as ftloop.train checks them (data flags are not needed, but given ones must exist), and
+        the GPUs'."""
+        self.run.check(need_data=False)
+        check_sources(self.run.data)
+        if self.gpus.nproc_per_node < 1 or self.gpus.nnodes < 1 or self.gpus.gpu_memory_gib <= 0:
+            raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus.nproc_per_node * self.gpus.nnodes
+
+    def plan(self) -> tuple[Skeleton, MemoryPlan]:
+        """The skeleton the run would wrap (from its config.json alone), and its plan."""
+        skeleton = build_skeleton(self.run, load_config(self.run.model))
+        return skeleton, plan_memory(skeleton, self.run, self.world_size, self.gpus.nproc_per_node,
+                                     int(self.gpus.gpu_memory_gib * GIB))
+
 
 def parse(argv: list[str] | None) -> PlanCommand:
     return tyro.cli(PlanCommand, args=argv, config=(tyro.conf.OmitArgPrefixes,), prog="python -m ftloop.plan",
                     description=__doc__.split("\n\n")[0])
 
 
-def planned_model(cfg: Config) -> PreTrainedModel:
-    """The meta model a run of `cfg` wraps: in its base dtype, with its LoRA adapters."""
-    hf_model = build_meta_model(load_config(cfg.model), cfg.model, base_dtype(cfg))
-    if cfg.lora.lora_rank:
-        add_adapters(hf_model, cfg.lora, DTYPES[cfg.model.param_dtype])
-    return hf_model
-
-
-def plan_from_flags(argv: list[str]) -> MemoryPlan:
-    """The plan for ftloop.train flags plus --nproc-per-node / --nnodes / --gpu-memory-gib."""
-    command = parse(argv)
-    command.run.check(need_data=False)
-    world = command.gpus.nproc_per_node * command.gpus.nnodes
-    hf_model = planned_model(command.run)
-    return plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
-                       int(command.gpus.gpu_memory_gib * GIB))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Print the plan; 0 when it fits, 2 when it does not (ftloop.cli.run_command leaves with it)."""
     command = parse(argv)
-    command.run.check(need_data=False)
-    check_sources(command.run.data)  # data flags are not needed, but given ones must exist, as for ftloop.train
-    if command.gpus.nproc_per_node < 1 or command.gpus.nnodes < 1 or command.gpus.gpu_memory_gib <= 0:
-        raise ConfigError("--nproc-per-node and --nnodes must be positive, --gpu-memory-gib above 0")
-    world = command.gpus.nproc_per_node * command.gpus.nnodes
-    hf_model = planned_model(command.run)
-    plan = plan_memory(hf_model, command.run, world, command.gpus.nproc_per_node,
-                       int(command.gpus.gpu_memory_gib * GIB))
-    print(f"{command.run.model.model_name_or_path}: per GPU, {world} GPU(s) of {command.gpus.gpu_memory_gib:g} GiB")
+    command.check()
+    skeleton, plan = command.plan()
+    print(f"{command.run.model.model_name_or_path}: per GPU, {command.world_size} GPU(s) of "
+          f"{command.gpus.gpu_memory_gib:g} GiB")
     print(report(plan))
-    print(verdict(hf_model, plan, command.run, world, command.gpus.nproc_per_node))
+    print(verdict(skeleton, plan, command.run, command.world_size, command.gpus.nproc_per_node))
     return 0 if plan.fits() else 2
 
 

@@ -28,12 +28,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedTokenizerBase
 
 from ftloop.cli import run_command
 from ftloop.config import Config, parse_args
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
+from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.sources import check_sources
 from ftloop.distributed import World, init_distributed, print0
 from ftloop.errors import ConfigError, RowFailedMidRun, Stopped
@@ -42,9 +45,9 @@ from ftloop.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import ModelFiles, local_folder
-from ftloop.lora import add_adapters, base_dtype, initial_adapter
+from ftloop.lora import initial_adapter
 from ftloop.metrics import MetricsLogger, StepWindow
-from ftloop.model import DTYPES, VisionLanguageSFT, build_meta_model, freeze_parts, load_config, wrapped_layer_classes
+from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
 from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
@@ -56,12 +59,12 @@ from ftloop.steps import accumulate_gradients, clip_gradients
 @dataclass
 class Setup:
     """Everything the loop needs, built in the order that fails fastest on bad input."""
-    hf_config: object
-    tokenizer: object
-    image_processor: object
-    train_loader: object
-    sampler: object
-    eval_loader: object
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: BaseImageProcessor
+    train_loader: DataLoader
+    sampler: StepBatchSampler
+    eval_loader: DataLoader | None
     model: FSDP
     total_steps: int
     resume_from: str | None  # the checkpoint to continue from, checked against the model and data
@@ -72,16 +75,14 @@ def prepare(cfg: Config, world: World) -> Setup:
     args, src = cfg.train, cfg.model.model_name_or_path
     torch.manual_seed(args.seed)
     hf_config = load_config(cfg.model)
-    # The skeleton and the checkpoint's tensor names (safetensors headers only): a checkpoint that does not match
-    # the model stops every rank now; and on GPUs a run that cannot fit stops before anything is loaded.
-    hf_model = build_meta_model(hf_config, cfg.model, base_dtype(cfg))
-    own_units = freeze_parts(hf_model, cfg.model)  # frozen and trainable tensors never share an FSDP unit
+    # The skeleton (what ftloop.plan counts too) and the checkpoint's tensor names (safetensors headers only): a
+    # checkpoint that does not match the model stops every rank now; on GPUs a run that cannot fit stops before
+    # anything is loaded.
+    skeleton = build_skeleton(cfg, hf_config)
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
-    weights = open_weights(lambda: local_folder(src), hf_model, "--model-name-or-path", every_rank_reads)
-    if cfg.lora.lora_rank:  # after the folder's names are matched: adapters are not in it
-        own_units |= add_adapters(hf_model, cfg.lora, DTYPES[cfg.model.param_dtype])
+    weights = open_weights(lambda: local_folder(src), skeleton.model, "--model-name-or-path", every_rank_reads)
     if world.device.type == "cuda" and args.memory_check:
-        check_fits(hf_model, cfg, world.world_size, world.local_world_size,
+        check_fits(skeleton, cfg, world.world_size, world.local_world_size,
                    torch.cuda.get_device_properties(world.device).total_memory)
     tokenizer, image_processor = load_tokenizer_and_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)
 
@@ -101,10 +102,10 @@ def prepare(cfg: Config, world: World) -> Setup:
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
-    materialize = UnitMaterializer(hf_model, weights, world.device, every_rank_reads,
+    materialize = UnitMaterializer(skeleton.model, weights, world.device, every_rank_reads,
                                    functools.partial(initial_adapter, seed=args.seed) if cfg.lora.lora_rank else None)
-    model = wrap_fsdp(VisionLanguageSFT(hf_model), wrapped_layer_classes(hf_model), cfg.fsdp, materialize, world.device,
-                      world.local_world_size, own_units)
+    model = wrap_fsdp(VisionLanguageSFT(skeleton.model), skeleton.units, cfg.fsdp, materialize, world.device,
+                      world.local_world_size)
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,

@@ -108,7 +108,7 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     from ftloop.fsdp.load import UnitMaterializer
     from ftloop.fsdp.wrap import wrap_fsdp
     from ftloop.hf_folder import FolderWeights, ModelFiles, meta_skeleton
-    from ftloop.model import VisionLanguageSFT, build_meta_model, wrapped_layer_classes
+    from ftloop.model import VisionLanguageSFT, build_meta_model, unit_roots
     from scripts.support import full_state_dict
 
     d = init_distributed()
@@ -117,7 +117,7 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     hf_config = files.hf_config
     meta = build_meta_model(hf_config, args)
     materialize = UnitMaterializer(meta, FolderWeights(folder, meta), d.device)
-    model = wrap_fsdp(VisionLanguageSFT(meta), wrapped_layer_classes(meta), FSDPArgs(), materialize, d.device)
+    model = wrap_fsdp(VisionLanguageSFT(meta), unit_roots(meta), FSDPArgs(), materialize, d.device)
 
     # Once unmeasured: the first export imports and caches what any export needs (tokenizer saving, ...).
     export_model(model, os.path.join(out, "warmup"), files, "bf16", max_shard_size)

@@ -119,12 +119,13 @@ def plan_for(flags: list[str], world: int) -> dict | None:
     """The plan's per-rank figures (MiB) for the same flags, from this checkout's ftloop.plan."""
     sys.path.insert(0, REPO)
     try:
-            from ftloop.plan import RESERVE_BYTES, plan_from_flags
+        from ftloop.plan import RESERVE_BYTES, parse
     except ImportError:
         return None
-    plan = plan_from_flags(flags + ["--nproc-per-node", str(world)])
+    _, plan = parse(flags + ["--nproc-per-node", str(world)]).plan()
+    persistent = plan.sharded_parameters.nbytes + plan.gradients.nbytes + plan.optimizer_state.nbytes
     # The CUDA reserve means nothing on a CPU run: the peak without it.
-    return {"persistent_mib": plan.persistent_bytes / 2**20, "total_mib": (plan.peak_bytes - RESERVE_BYTES) / 2**20}
+    return {"persistent_mib": persistent / 2**20, "total_mib": (plan.peak_bytes - RESERVE_BYTES) / 2**20}
 
 
 def main() -> None:

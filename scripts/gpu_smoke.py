@@ -73,7 +73,7 @@ def main() -> None:
             build_3b_folder(bundle["model_dir"], model_dir)
     import torch
 
-    from ftloop.plan import GIB, RESERVE_BYTES, plan_from_flags
+    from ftloop.plan import GIB, RESERVE_BYTES, parse
 
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
     for accumulation in args.accumulation:
@@ -88,7 +88,7 @@ def main() -> None:
                    str(args.nproc), "-m", "ftloop.train", *flags]
         if subprocess.run(command).returncode != 0:
             raise SystemExit(f"gpu_smoke: training failed (accumulation {accumulation})")
-        plan = plan_from_flags([*flags, "--nproc-per-node", str(args.nproc), "--gpu-memory-gib", str(gpu_gib)])
+        _, plan = parse([*flags, "--nproc-per-node", str(args.nproc), "--gpu-memory-gib", str(gpu_gib)]).plan()
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
         steady = records[1:] or records  # the first window holds warm-up and compilation
         step_time = sum(r["step_time_s"] for r in steady) / len(steady)

@@ -22,6 +22,8 @@ from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.fsdp.internals import clean_name
 from ftloop.steps import clip_gradients
 from ftloop.data.loaders import count_step
+from ftloop.model import build_skeleton
+from ftloop.plan import fsdp_units
 from ftloop.train import accumulate_gradients, prepare
 
 
@@ -77,6 +79,9 @@ def main() -> None:
     # Which units got a gradient (FSDP allocates and reduce-scatters one only for a flat parameter that trains).
     unit_grads = {clean_name(paths[u]): (u._handle.flat_param.requires_grad, u._handle.flat_param.grad is not None)
                   for u in units}
+    # The units the memory plan counts for these flags, and the ones FSDP made: the same sizes.
+    planned = sorted(u.numel for u in fsdp_units(build_skeleton(cfg, s.hf_config)))
+    wrapped = sorted(u._handle.flat_param._unpadded_unsharded_size.numel() for u in units)
     images_per_rank = [None] * d.world_size  # whether each rank's micro-batches held an image
     dist.all_gather_object(images_per_rank, any(b.get("pixel_values") is not None for b in micro_batches))
     grads = gathered_gradients(model, units, d) if not cfg.fsdp.use_orig_params else None
@@ -86,7 +91,7 @@ def main() -> None:
                      for name, p in model.named_parameters() if p.grad is not None}
     if d.rank == 0:
         torch.save({"grads": grads, "loss": loss, "dtypes": facts, "grad_norm": grad_norm, "unit_grads": unit_grads,
-                    "images_per_rank": images_per_rank,
+                    "images_per_rank": images_per_rank, "planned_units": planned, "wrapped_units": wrapped,
                     "micro_batch_targets": [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches],
                     "unsharded_grad_between_micro_batches": any(unsharded_between[1:])}, out)
     dist.barrier()

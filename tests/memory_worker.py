@@ -19,7 +19,7 @@ from ftloop.optim.build import build_optimizer
 from ftloop.plan import plan_memory
 from ftloop.data.loaders import count_step
 from ftloop.steps import accumulate_gradients
-from ftloop.model import build_meta_model, load_config
+from ftloop.model import build_skeleton, load_config
 import ftloop.train as train
 from ftloop.fsdp.wrap import wrap_fsdp
 
@@ -53,10 +53,11 @@ def main() -> None:
     accumulate_gradients(setup.model, micro_batches, targets, d)
     optimizer.step()
     after_step = status_mib("VmRSS") - measured["before"]
-    plan = plan_memory(build_meta_model(load_config(cfg.model), cfg.model), cfg, d.world_size, d.world_size)
+    plan = plan_memory(build_skeleton(cfg, load_config(cfg.model)), cfg, d.world_size, d.world_size)
     with open(f"{prefix}.rank{d.rank}.json", "w") as f:
         json.dump({"load_peak_mib": measured["load_peak"], "after_step_mib": after_step,
-                   "plan_persistent_mib": plan.persistent_bytes / 2**20}, f)
+                   "plan_persistent_mib": (plan.sharded_parameters.nbytes + plan.gradients.nbytes
+                                           + plan.optimizer_state.nbytes) / 2**20}, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -125,13 +125,15 @@ def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, t
     rank: the text-only rank runs the frozen tower on the blank image, and the trainable merger's gradient
     there is zero, yet reduce-scattered with the other rank's. The frozen tower on Qwen3-VL, whose DeepStack
     mergers are units of their own here too: the blank image's DeepStack features must reach the loss, or that
-    rank never reduces them (a hang); LoRA (on Qwen2.5-VL) freezes the whole visual part."""
+    rank never reduces them (a hang); LoRA (on Qwen2.5-VL) freezes the whole visual part. The memory plan counts
+    the same units, of the same sizes (its adapters nested in their layers), as FSDP made."""
     tiny_bundle = request.getfixturevalue(bundle_name)
     rows = json.loads(open(tiny_bundle["train_json"]).read())
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))
     step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--train-data", str(data), *flags, flat=True)
     assert sorted(step["images_per_rank"]) == [False, True]
+    assert step["planned_units"] == step["wrapped_units"]  # the memory plan counts the units FSDP made
     units = step["unit_grads"]
     assert any(not trains(unit) for unit in units) and any(trains(unit) for unit in units)
     for unit, (requires_grad, has_grad) in units.items():

@@ -1,5 +1,7 @@
-"""The memory plan at the real Qwen2.5-VL sizes (meta device), every term derived here by hand; the
-activation formula against what autograd really saves; the CLI's exit codes and advice."""
+"""The memory plan at the real Qwen2.5-VL sizes (meta device), checked against what is known outside it: the
+published parameter counts, the bytes each dtype and optimizer keeps per parameter, a rank-64 LoRA's published
+size, what autograd really saves (the activation formula), and how each flag moves the peak; the CLI's exit codes
+and advice. (Per-rank memory measured on real CPU runs against the plan: test_loading.)"""
 
 import dataclasses
 import functools
@@ -9,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
-from ftloop.config import Config, DataArgs, FSDPArgs, ModelArgs, OptimArgs, TrainArgs
+from ftloop.config import Config, DataArgs, FSDPArgs, LoraArgs, ModelArgs, OptimArgs, TrainArgs
 from ftloop.errors import ConfigError
-from ftloop.plan import (GIB, RESERVE_BYTES, decoder_layer_activation_bytes, fsdp_units, plan_memory,
+from ftloop.model import build_skeleton
+from ftloop.plan import (GIB, decoder_layer_activation_bytes, fsdp_units, plan_memory,
                          vision_block_activation_bytes)
 from ftloop.plan import main as plan_main
 from launch import python_m
@@ -45,10 +48,22 @@ def config_dict(size: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def meta_model(size: str, dtype=torch.bfloat16):
-    """The model on the meta device (built once per size: the plan only reads it)."""
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(Qwen2_5_VLConfig(**config_dict(size)), dtype=dtype)
+def _skeleton(size: str, freezes: tuple, lora_rank: int):
+    model = dict(zip(("freeze_vision_tower", "freeze_merger", "freeze_llm", "unfreeze_topk_llm"), freezes))
+    cfg = run_config(model=model, lora={"lora_rank": lora_rank})
+    return build_skeleton(cfg, Qwen2_5_VLConfig(**config_dict(size)))
+
+
+def skeleton_for(size: str, cfg: Config):
+    """The skeleton a run of `cfg` wraps (what ftloop.plan and ftloop.train both build), built once per size and
+    set of flags that change it: the meta model is built anew only when freezing or LoRA differ."""
+    m = cfg.model
+    return _skeleton(size, (m.freeze_vision_tower, m.freeze_merger, m.freeze_llm, m.unfreeze_topk_llm),
+                     cfg.lora.lora_rank)
+
+
+def plan_for(size: str, cfg: Config, world: int, node: int, gpu_bytes: int | None = None):
+    return plan_memory(skeleton_for(size, cfg), cfg, world, node, gpu_bytes)
 
 
 def by_hand(size: str) -> dict:
@@ -68,7 +83,7 @@ def by_hand(size: str) -> dict:
 
 def run_config(**changes) -> Config:
     cfg = Config(ModelArgs(model_name_or_path="x"), DataArgs(max_seq_length=2048), OptimArgs(), FSDPArgs(),
-                 TrainArgs(per_device_train_batch_size=1))
+                 TrainArgs(per_device_train_batch_size=1), LoraArgs())
     for group, values in changes.items():
         cfg = dataclasses.replace(cfg, **{group: dataclasses.replace(getattr(cfg, group), **values)})
     return cfg
@@ -76,7 +91,7 @@ def run_config(**changes) -> Config:
 
 @pytest.mark.parametrize("size", ["3b", "7b", "72b"])
 def test_units_and_parameters_are_the_published_sizes(size):
-    units, want = fsdp_units(meta_model(size)), by_hand(size)
+    units, want = fsdp_units(skeleton_for(size, run_config())), by_hand(size)
     assert sum(u.numel for u in units) == want["total"]
     assert round(want["total"] / 1e9, 2) == PUBLISHED[size]
     assert units[-1].name == "root" and units[-1].numel == want["root"]
@@ -84,35 +99,26 @@ def test_units_and_parameters_are_the_published_sizes(size):
     assert len(units) == want["layers"] + VISION["depth"] + 1
 
 
-def test_72b_on_8_gpus_of_80_gib_with_bf16_masters_fits_and_every_term_is_derived():
+def local_elements(size: str) -> int:
+    """Elements each of 8 GPUs holds: every unit's flat parameter padded to a multiple of 8, as FSDP pads it."""
+    hand = by_hand(size)
+    return hand["layers"] * -(-hand["layer"] // 8) + VISION["depth"] * -(-hand["block"] // 8) + -(-hand["root"] // 8)
+
+
+def test_72b_on_8_gpus_of_80_gib_with_bf16_masters_fits():
     hand = by_hand("72b")
-    layer, root, total = hand["layer"], hand["root"], hand["total"]
-    assert layer == 877_684_736 and root == 2_561_102_080 and total == 73_410_777_344
-    plan = plan_memory(meta_model("72b"), run_config(model={"param_dtype": "bf16"}), 8, 8, 80 * GIB)
-    local = 80 * -(-layer // 8) + 32 * -(-hand["block"] // 8) + -(-root // 8)  # ceil: FSDP pads to 8 shards
-    assert plan.terms["sharded parameters"] == local * 2 == 18_352_694_336  # ~18 GB of bf16 weights per GPU
-    assert plan.terms["gradients"] == local * 2
-    assert plan.terms["optimizer state"] < 0.2 * GIB  # factored: rows + columns, not a float per element
-    # two layers gathered in bf16 (~1.8 GB each), the running one's bf16 gradient, its fp32 reduce copy, the shard
-    assert plan.terms["largest unit"] == layer * (2 * 2 + 2 + 4) + (layer // 8) * 4
-    assert plan.terms["root unit"] == root * (2 + 2)  # ~5 GB gathered plus its gradient
-    assert plan.terms["logits"] == 2048 * 152064 * (2 + 4 + 4)
-    text = meta_model("72b").config.text_config
-    vision = meta_model("72b").config.vision_config
-    per_layer, per_block = decoder_layer_activation_bytes(text, 2), vision_block_activation_bytes(vision, 2)
-    checkpointed = (80 * 2048 * 8192 * 2 + 2 * per_layer * 2048 + 32 * 8192 * 1280 * 2 + 2 * per_block * 8192
-                    + 2048 * (4 * 8192 + 6 * 8192))
-    assert plan.terms["activations"] == checkpointed and checkpointed < 7 * GIB
-    assert plan.activations_other == 81 * per_layer * 2048 + 33 * per_block * 8192 + 2048 * 10 * 8192
-    persistent = 2 * local * 2 + plan.terms["optimizer state"]
-    middle = plan.terms["root unit"] + plan.terms["largest unit"] + checkpointed + plan.terms["logits"]
-    assert plan.peak_bytes == persistent + middle + RESERVE_BYTES
+    assert hand["layer"] == 877_684_736 and hand["root"] == 2_561_102_080 and hand["total"] == 73_410_777_344
+    plan = plan_for("72b", run_config(model={"param_dtype": "bf16"}), 8, 8, 80 * GIB)
+    assert plan.sharded_parameters.nbytes == local_elements("72b") * 2 == 18_352_694_336  # ~18 GB of bf16 per GPU
+    assert plan.gradients.nbytes == local_elements("72b") * 2  # FSDP reduces into the master dtype
+    assert plan.optimizer_state.nbytes < 0.2 * GIB  # factored: rows + columns, not a float per element
+    assert plan.activations.nbytes < plan.activations_other / 10  # gradient checkpointing on (the default)
     assert plan.fits() and plan.peak_bytes < 70 * GIB  # with headroom
 
 
 def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path, capsys):
-    plan = plan_memory(meta_model("72b"), run_config(), 8, 8, 80 * GIB)
-    assert plan.terms["sharded parameters"] == plan.terms["gradients"] == 18_352_694_336 * 2
+    plan = plan_for("72b", run_config(), 8, 8, 80 * GIB)
+    assert plan.sharded_parameters.nbytes == plan.gradients.nbytes == 18_352_694_336 * 2
     assert not plan.fits()
     folder = tmp_path / "qwen2.5-vl-72b"
     folder.mkdir()
@@ -134,51 +140,46 @@ def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path
 
 def test_7b_with_accumulation_4_fits_with_fp32_masters():
     cfg = run_config(train={"gradient_accumulation_steps": 4})
-    plan = plan_memory(meta_model("7b"), cfg, 8, 8, 80 * GIB)
+    plan = plan_for("7b", cfg, 8, 8, 80 * GIB)
     assert plan.fits()
     # accumulation adds nothing: each micro-batch's gradient is reduce-scattered into the sharded gradient
-    assert plan.peak_bytes == plan_memory(meta_model("7b"), run_config(), 8, 8, 80 * GIB).peak_bytes
-    hand = by_hand("7b")
-    assert plan.terms["sharded parameters"] == 4 * (28 * -(-hand["layer"] // 8) + 32 * -(-hand["block"] // 8)
-                                                    + -(-hand["root"] // 8))
+    assert plan.peak_bytes == plan_for("7b", run_config(), 8, 8, 80 * GIB).peak_bytes
+    assert plan.sharded_parameters.nbytes == 4 * local_elements("7b")
 
 
 def test_the_plan_follows_the_flags():
-    model = meta_model("7b")
-    base = plan_memory(model, run_config(), 8, 8)
-    kahan = plan_memory(model, run_config(model={"param_dtype": "bf16"}, optim={"bf16_master_rounding": "kahan"}), 8, 8)
-    assert kahan.terms["optimizer state"] - base.terms["optimizer state"] == base.terms["sharded parameters"] // 2
-    bf16_reduce = plan_memory(model, run_config(fsdp={"reduce_dtype": "bf16"}), 8, 8)
-    assert base.terms["largest unit"] - bf16_reduce.terms["largest unit"] == by_hand("7b")["layer"] * 4 + \
-        (by_hand("7b")["layer"] // 8) * 2
-    hybrid = plan_memory(model, run_config(fsdp={"sharding_strategy": "HYBRID_SHARD"}), 16, 8)
-    assert hybrid.terms["sharded parameters"] == base.terms["sharded parameters"]  # sharded within the node
-    no_ckpt = plan_memory(model, run_config(model={"gradient_checkpointing": False}), 8, 8)
-    assert no_ckpt.terms["activations"] == base.activations_other > 5 * base.terms["activations"]
-    adamw = plan_memory(model, run_config(optim={"optim": "adamw"}), 8, 8)
-    assert adamw.terms["optimizer state"] == 2 * base.terms["sharded parameters"]
-    grad_op = plan_memory(model, run_config(fsdp={"sharding_strategy": "SHARD_GRAD_OP"}), 8, 8)
-    layers = by_hand("7b")["layers"] * by_hand("7b")["layer"] + 32 * by_hand("7b")["block"]
-    assert grad_op.terms["largest unit"] - base.terms["largest unit"] == (layers - 2 * by_hand("7b")["layer"]) * 2
-    offload = plan_memory(model, run_config(fsdp={"cpu_offload": True}), 8, 8)
-    assert offload.persistent_bytes == 0
-    assert plan_memory(model, run_config(), 16, 8).terms["sharded parameters"] < base.terms["sharded parameters"]
-    # Frozen parts: no gradients, no optimizer state (the model itself is left as it is).
+    base = plan_for("7b", run_config(), 8, 8)
+    kahan = plan_for("7b", run_config(model={"param_dtype": "bf16"}, optim={"bf16_master_rounding": "kahan"}), 8, 8)
+    assert kahan.optimizer_state.nbytes - base.optimizer_state.nbytes == 2 * local_elements("7b")  # a bf16 buffer
+    bf16_reduce = plan_for("7b", run_config(fsdp={"reduce_dtype": "bf16"}), 8, 8)
+    assert bf16_reduce.largest_unit.nbytes < base.largest_unit.nbytes  # no fp32 copy of the unit's gradient
+    hybrid = plan_for("7b", run_config(fsdp={"sharding_strategy": "HYBRID_SHARD"}), 16, 8)
+    assert hybrid.sharded_parameters.nbytes == base.sharded_parameters.nbytes  # sharded within the node
+    no_ckpt = plan_for("7b", run_config(model={"gradient_checkpointing": False}), 8, 8)
+    assert no_ckpt.activations.nbytes == base.activations_other > 5 * base.activations.nbytes
+    adamw = plan_for("7b", run_config(optim={"optim": "adamw"}), 8, 8)
+    assert adamw.optimizer_state.nbytes == 2 * 4 * local_elements("7b")  # two fp32 moments per element
+    grad_op = plan_for("7b", run_config(fsdp={"sharding_strategy": "SHARD_GRAD_OP"}), 8, 8)
+    every_unit = by_hand("7b")["layers"] * by_hand("7b")["layer"] + VISION["depth"] * by_hand("7b")["block"]
+    assert grad_op.largest_unit.nbytes >= every_unit * 2  # every unit stays gathered (bf16) until its backward
+    offload = plan_for("7b", run_config(fsdp={"cpu_offload": True}), 8, 8)
+    assert offload.sharded_parameters.nbytes == offload.gradients.nbytes == offload.optimizer_state.nbytes == 0
+    assert plan_for("7b", run_config(), 16, 8).sharded_parameters.nbytes < base.sharded_parameters.nbytes
+    # Frozen parts: no gradients, no optimizer state.
     want = by_hand("7b")
     vision = 32 * want["block"] + VISION["hidden_size"] * 3 * 2 * 14 * 14  # blocks and patch embedding
-    frozen_tower = plan_memory(model, run_config(model={"freeze_vision_tower": True}), 8, 8)
-    assert base.terms["gradients"] - frozen_tower.terms["gradients"] == pytest.approx(vision * 4 / 8, rel=1e-5)
-    assert frozen_tower.terms["optimizer state"] < base.terms["optimizer state"]
-    llm_only_top = plan_memory(model, run_config(model={"freeze_vision_tower": True, "freeze_merger": True,
-                                                        "unfreeze_topk_llm": 1}), 8, 8)
-    assert llm_only_top.terms["gradients"] == pytest.approx(want["layer"] * 4 / 8, rel=1e-5)
-    assert all(p.requires_grad for p in model.parameters())
-    # --packing: sequences of --max-tokens-per-batch tokens, and sdpa's dense mask over each one.
-    packed = plan_memory(model, run_config(data={"packing": True, "max_tokens_per_batch": 8192}), 8, 8)
-    assert packed.terms["activations"] == 4 * base.terms["activations"]  # 8192 tokens against 2048
-    assert packed.terms["packed mask"] == 8192**2 and packed.peak_bytes > base.peak_bytes
+    frozen_tower = plan_for("7b", run_config(model={"freeze_vision_tower": True}), 8, 8)
+    assert base.gradients.nbytes - frozen_tower.gradients.nbytes == pytest.approx(vision * 4 / 8, rel=1e-5)
+    assert frozen_tower.optimizer_state.nbytes < base.optimizer_state.nbytes
+    llm_only_top = plan_for("7b", run_config(model={"freeze_vision_tower": True, "freeze_merger": True,
+                                                    "unfreeze_topk_llm": 1}), 8, 8)
+    assert llm_only_top.gradients.nbytes == pytest.approx(want["layer"] * 4 / 8, rel=1e-5)
+    # --packing: sequences of --max-tokens-per-batch tokens, and sdpa's dense mask over each one (a byte a pair).
+    packed = plan_for("7b", run_config(data={"packing": True, "max_tokens_per_batch": 8192}), 8, 8)
+    assert packed.activations.nbytes == 4 * base.activations.nbytes  # 8192 tokens against 2048
+    assert packed.packed_mask.nbytes == 8192**2 and packed.peak_bytes > base.peak_bytes
     flash = run_config(model={"attn_implementation": "flash_attention_2"}, data={"packing": True})
-    assert "packed mask" not in plan_memory(model, flash, 8, 8).terms
+    assert base.packed_mask is None and plan_for("7b", flash, 8, 8).packed_mask is None
 
 
 def saved_bytes(module, *inputs, **kwargs) -> int:
@@ -237,7 +238,7 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_f
     """What ftloop.train runs on GPUs before it loads anything."""
     from ftloop.plan import check_fits
 
-    model = meta_model("72b")
+    model = skeleton_for("72b", run_config())
     check_fits(model, run_config(model={"param_dtype": "bf16"}), 8, 8, 80 * GIB)  # fits: no error
     with pytest.raises(ConfigError) as refused:
         check_fits(model, run_config(), 8, 8, 80 * GIB)
@@ -254,21 +255,21 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_f
 def test_a_lora_run_holds_the_base_in_bf16_and_trains_the_adapters_alone():
     """Qwen2.5-VL-7B with rank-64 adapters on every decoder projection: the frozen base in bf16 (2 B), the
     adapters' fp32 masters, gradients and Adafactor statistics for the adapters alone."""
-    from ftloop.config import LoraArgs
-    from ftloop.lora import add_adapters
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(Qwen2_5_VLConfig(**config_dict("7b")), dtype=torch.bfloat16)
-    add_adapters(model, LoraArgs(lora_rank=64), torch.float32)
+    cfg = run_config(lora={"lora_rank": 64})
+    model = skeleton_for("7b", cfg).model
     d, i, kv = 3584, 18944, 512
     per_layer = 64 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + i) + (i + d))  # q, k, v, o, gate, up, down
     adapters = 28 * per_layer
     assert adapters == 161_480_704  # the well-known 161M of a rank-64 LoRA of Qwen2.5-VL-7B's language model
-    plan = plan_memory(model, run_config(lora={"lora_rank": 64}), 8, 8)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == adapters
+    plan = plan_for("7b", cfg, 8, 8)
     base = by_hand("7b")["total"]
-    assert plan.terms["sharded parameters"] == pytest.approx((base * 2 + adapters * 4) / 8, rel=1e-5)
-    assert plan.terms["gradients"] == pytest.approx(adapters * 4 / 8, rel=1e-5)
+    assert plan.sharded_parameters.nbytes == pytest.approx((base * 2 + adapters * 4) / 8, rel=1e-5)
+    assert plan.gradients.nbytes == pytest.approx(adapters * 4 / 8, rel=1e-5)
     stats = 28 * sum(64 + n for n in (d, d, d, kv, d, kv, d, d, d, i, d, i, i, d))  # rows + columns of A and B
-    assert plan.terms["optimizer state"] == stats * 4
-    full = plan_memory(meta_model("7b", torch.float32), run_config(), 8, 8)
-    assert plan.persistent_bytes < 0.3 * full.persistent_bytes  # 2.2 GB against 8.3 GB per GPU
+    assert plan.optimizer_state.nbytes == stats * 4
+    full = plan_for("7b", run_config(), 8, 8)
+
+    def persistent(p):
+        return p.sharded_parameters.nbytes + p.gradients.nbytes + p.optimizer_state.nbytes
+    assert persistent(plan) < 0.3 * persistent(full)  # 2.2 GB against 8.3 GB per GPU

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from ftloop.config import LoraArgs, ModelArgs
+from ftloop.config import Config, LoraArgs, ModelArgs
 from ftloop.data.chat import video_block
 from ftloop.data.check import main as check_main
 from ftloop.data.video import group_times
@@ -21,7 +21,7 @@ from ftloop.data.vision import load_image_processor
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
 from ftloop.lora import add_adapters
-from ftloop.model import build_meta_model, load_config
+from ftloop.model import build_meta_model, build_skeleton, load_config
 from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
 from ftloop.data.dataset import make_collate
@@ -104,7 +104,7 @@ def test_lora_and_the_memory_plan_take_a_qwen3_vl_model(qwen3_bundle):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 7 * 2 + 2 * 2 and all(".lora_" in n for n in trainable)
     assert plan_main(["--model-name-or-path", qwen3_bundle["model_dir"], "--nproc-per-node", "2"]) == 0
-    units = fsdp_units(build_meta_model(load_config(args), args))
+    units = fsdp_units(build_skeleton(Config(model=args), load_config(args)))
     assert sum(u.numel for u in units) == sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(
         qwen3_bundle["model_dir"]).parameters())
     assert len(units) == 2 + 2 + 1  # decoder layers, vision blocks, the root

@@ -51,8 +51,8 @@ class UnitMaterializer:
         self.hf_model = hf_model
         self.names = {module: name for name, module in hf_model.named_modules(remove_duplicate=False)}
         # What the checkpoint holds, known on every rank: FolderWeights has checked that it is exactly the
-        # skeleton's parameters and persistent buffers (before any adapters were added). The rest (non-persistent
-        # buffers) is computed.
+        # skeleton's parameters and persistent buffers (but LoRA's adapters, `new_parameter`'s). The rest
+        # (non-persistent buffers) is computed.
         self.in_checkpoint = {clean_name(name) for name in hf_model.state_dict(keep_vars=True)}
         self.new_parameter = new_parameter
         self.weights, self.device = weights, device
@@ -138,7 +138,11 @@ def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: 
     weights, problem = None, None
     if reads:
         try:
-            weights = FolderWeights(folder_of(), skeleton, flag)
+            # The folder's tensors are the skeleton's, by their names as built: without LoRA's adapters, and
+            # without `base_layer.` where an adapter wraps a projection.
+            expected = {clean_name(name): tensor for name, tensor in skeleton.state_dict(keep_vars=True).items()
+                        if not is_adapter(name)}
+            weights = FolderWeights(folder_of(), skeleton, flag, expected)
         except ConfigError as err:
             problem = str(err)
     problems = [problem]

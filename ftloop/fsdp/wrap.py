@@ -15,7 +15,7 @@ from torch.distributed.fsdp import (
     MixedPrecision,
     ShardingStrategy,
 )
-from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from ftloop.config import FSDPArgs
 from ftloop.errors import ConfigError
@@ -68,22 +68,17 @@ def check_node_sizes(node_sizes: list[int]) -> None:
                           "use FULL_SHARD (sharded over all processes) or NO_SHARD (a full copy on each)")
 
 
-def wrap_fsdp(module: nn.Module, layer_classes: set[type[nn.Module]], args: FSDPArgs,
-              param_init_fn: Callable[[nn.Module], None], device: torch.device, node_size: int = 1,
-              own_units: set[nn.Module] = frozenset()) -> FSDP:
-    """FSDP1 with transformer auto-wrap on the decoder layers and vision blocks of a meta `module`, which
-    `param_init_fn` materialises unit by unit; `own_units`: more modules wrapped as units of their own (what
-    freezing keeps apart). `node_size`: processes per node, for HYBRID_SHARD."""
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(layer_classes))
-    if own_units:
-        policy = functools.partial(_or_policy, policies=[
-            policy, functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in own_units)])
+def wrap_fsdp(module: nn.Module, units: set[nn.Module], args: FSDPArgs, param_init_fn: Callable[[nn.Module], None],
+              device: torch.device, node_size: int = 1) -> FSDP:
+    """FSDP1 over a meta `module`, which `param_init_fn` materialises unit by unit: each of `units`
+    (ftloop.model.unit_roots: the decoder layers and vision blocks, and what freezing and LoRA keep apart) is a
+    unit of its own, the rest the root. `node_size`: processes per node, for HYBRID_SHARD."""
     hybrid = args.sharding_strategy == "HYBRID_SHARD"
     return FSDP(
         module,
         process_group=hybrid_process_groups(dist.get_world_size(), node_size) if hybrid else None,
         sharding_strategy=ShardingStrategy[args.sharding_strategy],
-        auto_wrap_policy=policy,
+        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in units),
         mixed_precision=mixed_precision(args),
         cpu_offload=CPUOffload(offload_params=args.cpu_offload),
         backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
