@@ -12,10 +12,14 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ftloop.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,11 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def single(cls, device: torch.device = torch.device("cpu")) -> World:
+        """One process and no process group (code that runs in a run and alone: the data check, a test)."""
+        return cls(rank=0, local_rank=0, world_size=1, device=device, backend="none", local_world_size=1)
 
 
 def _free_port() -> int:
@@ -95,6 +104,27 @@ def leave(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def agree(world: World, attempt: Callable[[], T], ranks: str = "every rank", share: bool = False) -> T | None:
+    """Run `attempt()` on `ranks` ("every rank" or "rank 0") and agree on how it went, in one collective: a
+    ConfigError it raises on any rank is raised on every rank, with the first such rank's line, so that no rank
+    is left waiting in a later collective for one that stopped. Returns the attempt's result where it ran (None
+    elsewhere); with `share`, rank 0's result on every rank (it must pickle)."""
+    result, problem = None, None
+    if ranks == "every rank" or world.is_main:
+        try:
+            result = attempt()
+        except ConfigError as err:
+            problem = str(err)
+    if world.world_size > 1:
+        outcomes = [None] * world.world_size
+        dist.all_gather_object(outcomes, (problem, result if share and world.is_main else None))
+        problem = next((p for p, _ in outcomes if p), None)
+        result = outcomes[0][1] if share else result
+    if problem:
+        raise ConfigError(problem)
+    return result
 
 
 def print0(*args, **kwargs) -> None:

@@ -41,6 +41,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from ftloop.atomic import publish, temporary_folder
 from ftloop.cli import run_command
 from ftloop.config import LoraArgs, parse_size
+from ftloop.distributed import World
 from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, RUN_CONFIG, is_complete
 from ftloop.fsdp.internals import clean_name, unit_parameters
@@ -195,11 +196,11 @@ def check_names(skeleton: PreTrainedModel, names: list[str]) -> None:
 # ---- the live model's stream --------------------------------------------------------------------------------
 
 
-def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, max_shard_size: str,
+def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, max_shard_size: str, world: World,
                  lora: LoraArgs | None = None, base_model: str = "", merge: bool = True) -> ExportStats | None:
     """`write_folder` from the wrapped model (collective: every rank calls it; rank 0 writes and returns the
     stats, None elsewhere)."""
-    rank0 = dist.get_rank() == 0
+    rank0 = world.is_main
     units = unit_parameters(model)
     adapters = _gather_adapters(units, rank0) if lora else {}
     units = [(unit, [e for e in entries if not is_adapter(e[0])]) for unit, entries in units]

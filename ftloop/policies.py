@@ -19,7 +19,7 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import Config, TrainArgs
-from ftloop.distributed import print0
+from ftloop.distributed import World, print0
 from ftloop.errors import TrainingError
 from ftloop.fsdp.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from ftloop.fsdp.load import load_weights_into, open_adapters, open_weights
@@ -33,10 +33,9 @@ from ftloop.steps import evaluate
 
 class Saver:
     def __init__(self, model: FSDP, optimizer, state: TrainState, cfg: Config, logger: MetricsLogger,
-                 write_model_files: Callable[[str], None], is_main: bool, resumed: bool):
+                 write_model_files: Callable[[str], None], world: World, resumed: bool):
         self.model, self.optimizer, self.state, self.cfg, self.logger = model, optimizer, state, cfg, logger
-        self.write_model_files = write_model_files
-        self.is_main = is_main
+        self.write_model_files, self.world = write_model_files, world
         self.last_saved = state.step if resumed else None  # the checkpoint resumed from is this step's
         self.last_save_s = 0.0
 
@@ -56,8 +55,8 @@ class Saver:
                    "and torchrun a longer grace (README: Preemption)")
         started = time.perf_counter()
         save_checkpoint(self.model, self.optimizer, path, self.state.state_dict(), self.cfg.to_dict(),
-                        self.write_model_files)
-        if self.is_main and args.save_total_limit:
+                        self.write_model_files, self.world)
+        if self.world.is_main and args.save_total_limit:
             prune_checkpoints(args.output_dir, args.save_total_limit, protected_step=self.state.best.step)
         self.last_save_s = time.perf_counter() - started
         self.logger.log(step, {"checkpoint_save_s": self.last_save_s})
@@ -67,10 +66,10 @@ class Saver:
 
 class Evaluator:
     def __init__(self, model: FSDP, loader, state: TrainState, cfg: Config, logger: MetricsLogger,
-                 export: Callable[[str], None], hf_config, device: torch.device):
+                 export: Callable[[str], None], hf_config, world: World):
         """`loader`: the evaluation batches (None: no evaluation); `export(folder)` writes the weights there."""
         self.model, self.loader, self.state, self.cfg, self.logger = model, loader, state, cfg, logger
-        self.export, self.hf_config, self.device = export, hf_config, device
+        self.export, self.hf_config, self.world = export, hf_config, world
         self.best_dir = os.path.join(cfg.train.output_dir, "best")
         self.lora = bool(cfg.lora.lora_rank)  # `best` then holds the adapters alone: all else is frozen
 
@@ -82,7 +81,7 @@ class Evaluator:
         if self.loader is None:
             return
         step, best = self.state.step, self.state.best
-        eval_loss = evaluate(self.model, self.loader, self.device)
+        eval_loss = evaluate(self.model, self.loader, self.world.device)
         improved = eval_loss < best.eval_loss
         if improved:  # the weights stay on disk, read back at the end: no copy in memory
             best.eval_loss, best.step = eval_loss, step
@@ -99,16 +98,16 @@ class Evaluator:
         if not cfg.train.load_best_model_at_end or best.step is None or best.step == self.state.step:
             return
         if self.lora:  # the rest is frozen: read by rank 0, which wrote them, and broadcast
-            adapters = open_adapters(os.path.join(self.best_dir, ADAPTER_DIR), self.model, WRAPPER_PREFIX)
-            load_weights_into(self.model, adapters, prefix=WRAPPER_PREFIX, only=is_adapter)
+            adapters = open_adapters(os.path.join(self.best_dir, ADAPTER_DIR), self.model, WRAPPER_PREFIX, self.world)
+            load_weights_into(self.model, adapters, self.world, prefix=WRAPPER_PREFIX, only=is_adapter)
             print0(f"loaded the best adapters back (step {best.step}, eval_loss {best.eval_loss:.4f}) from "
                    f"{self.best_dir}")
             return
         source = self.best_dir if best.step > 0 else cfg.model.model_name_or_path
         weights = open_weights(lambda: source if best.step > 0 else local_folder(source),
                                meta_skeleton(self.hf_config, DTYPES[cfg.model.param_dtype]),
-                               "--load-best-model-at-end", every_rank_reads=False)
-        load_weights_into(self.model, weights, prefix=WRAPPER_PREFIX)
+                               "--load-best-model-at-end", self.world, every_rank_reads=False)
+        load_weights_into(self.model, weights, self.world, prefix=WRAPPER_PREFIX)
         if weights is not None:
             weights.close()
         print0(f"loaded the best weights back (step {best.step}, eval_loss {best.eval_loss:.4f}) from {source}")

@@ -80,16 +80,14 @@ def prepare(cfg: Config, world: World) -> Setup:
     # anything is loaded.
     skeleton = build_skeleton(cfg, hf_config)
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
-    weights = open_weights(lambda: local_folder(src), skeleton.model, "--model-name-or-path", every_rank_reads)
+    weights = open_weights(lambda: local_folder(src), skeleton.model, "--model-name-or-path", world, every_rank_reads)
     if world.device.type == "cuda" and args.memory_check:
         check_fits(skeleton, cfg, world.world_size, world.local_world_size,
                    torch.cuda.get_device_properties(world.device).total_memory)
     tokenizer, image_processor = load_tokenizer_and_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)
 
     # Data before the model: a bad row should stop the run before minutes go into loading weights.
-    pin = world.device.type == "cuda"
-    train_loader, sampler, eval_loader = build_loaders(cfg, tokenizer, image_processor, hf_config,
-                                                       world.world_size, world.rank, pin)
+    train_loader, sampler, eval_loader = build_loaders(cfg, tokenizer, image_processor, hf_config, world)
     if sampler.steps_per_epoch == 0:
         packed = f" in {sampler.num_units} packed sequences" if cfg.data.packing else ""
         raise ConfigError(f"--train-data has {sampler.num_rows} rows{packed}, fewer than one global batch of "
@@ -97,15 +95,14 @@ def prepare(cfg: Config, world: World) -> Setup:
                           "--gradient-accumulation-steps)")
     total_steps = args.max_steps if args.max_steps > 0 else sampler.steps_in(args.num_train_epochs)
     # A checkpoint of another model or other data is refused now, before loading weights.
-    resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world.is_main, args.overwrite_output_dir)
+    resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world, args.overwrite_output_dir)
     saved = check_resumable(resume_from, hf_config, sampler.order_settings(), cfg.to_dict()) if resume_from else {}
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
-    materialize = UnitMaterializer(skeleton.model, weights, world.device, every_rank_reads,
+    materialize = UnitMaterializer(skeleton.model, weights, world, every_rank_reads,
                                    functools.partial(initial_adapter, seed=args.seed) if cfg.lora.lora_rank else None)
-    model = wrap_fsdp(VisionLanguageSFT(skeleton.model), skeleton.units, cfg.fsdp, materialize, world.device,
-                      world.local_world_size)
+    model = wrap_fsdp(VisionLanguageSFT(skeleton.model), skeleton.units, cfg.fsdp, materialize, world)
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
@@ -124,15 +121,16 @@ def run(cfg: Config, world: World) -> dict:
     logger = MetricsLogger(args.output_dir, world.is_main, args.report_to, args.wandb_project_name, args.run_name,
                            cfg.to_dict(), wandb_id=setup.saved.get("wandb_run_id"))
     print0(describe(cfg, world, setup, warmup))
-    resume(setup, model, optimizer, state, args.allow_dtype_change)
+    resume(setup, model, optimizer, state, args.allow_dtype_change, world)
     state.wandb_run_id = logger.wandb_id  # the run continued, or a new one when wandb could not resume it
     files = ModelFiles(setup.hf_config, setup.tokenizer, setup.image_processor, local_source_dir(cfg))
     lora = cfg.lora if cfg.lora.lora_rank else None  # with adapters, `best` holds them alone
     export = functools.partial(export_model, model, files=files, save_dtype=args.save_dtype,
-                               max_shard_size=args.max_shard_size, lora=lora, base_model=cfg.model.model_name_or_path)
-    saver = Saver(model, optimizer, state, cfg, logger, files.save, world.is_main, resumed=bool(setup.resume_from))
+                               max_shard_size=args.max_shard_size, world=world, lora=lora,
+                               base_model=cfg.model.model_name_or_path)
+    saver = Saver(model, optimizer, state, cfg, logger, files.save, world, resumed=bool(setup.resume_from))
     evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, functools.partial(export, merge=lora is None),
-                          setup.hf_config, world.device)
+                          setup.hf_config, world)
     if args.eval_on_start and state.step == 0:
         evaluator()
 
@@ -181,13 +179,13 @@ def run(cfg: Config, world: World) -> dict:
     return {"steps": state.step, "best_eval_loss": state.best.eval_loss, "best_step": state.best.step}
 
 
-def resume(setup: Setup, model: FSDP, optimizer, state: TrainState, allow_dtype_change: bool) -> None:
+def resume(setup: Setup, model: FSDP, optimizer, state: TrainState, allow_dtype_change: bool, world: World) -> None:
     """Continue from the checkpoint `prepare` chose and checked, if any: the model and optimizer shards
     (resharded to this world size), this rank's generators, and the run's state."""
     if not setup.resume_from:
         return
     started = time.perf_counter()
-    load_checkpoint(model, optimizer, setup.resume_from, setup.saved, allow_dtype_change)
+    load_checkpoint(model, optimizer, setup.resume_from, setup.saved, allow_dtype_change, world)
     state.load_state_dict(setup.saved)
     unit = "packed sequence" if setup.sampler.pack_tokens else "row"
     print0(f"resumed from {setup.resume_from} at step {state.step} (epoch {setup.sampler.epoch}, {unit} "

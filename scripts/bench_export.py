@@ -116,13 +116,13 @@ def worker(folder: str, out: str, max_shard_size: str) -> None:
     files = ModelFiles.load(folder)
     hf_config = files.hf_config
     meta = build_meta_model(hf_config, args)
-    materialize = UnitMaterializer(meta, FolderWeights(folder, meta), d.device)
-    model = wrap_fsdp(VisionLanguageSFT(meta), unit_roots(meta), FSDPArgs(), materialize, d.device)
+    materialize = UnitMaterializer(meta, FolderWeights(folder, meta), d)
+    model = wrap_fsdp(VisionLanguageSFT(meta), unit_roots(meta), FSDPArgs(), materialize, d)
 
     # Once unmeasured: the first export imports and caches what any export needs (tokenizer saving, ...).
-    export_model(model, os.path.join(out, "warmup"), files, "bf16", max_shard_size)
+    export_model(model, os.path.join(out, "warmup"), files, "bf16", max_shard_size, d)
     with PeakRSS() as streamed:
-        stats = export_model(model, os.path.join(out, "streamed"), files, "bf16", max_shard_size)
+        stats = export_model(model, os.path.join(out, "streamed"), files, "bf16", max_shard_size, d)
     with PeakRSS() as full:
         state = full_state_dict(model)
         if d.is_main:

@@ -27,6 +27,7 @@ import time
 import torch
 from transformers import AutoModelForImageTextToText
 
+from ftloop.distributed import World
 from ftloop.config import parse_args
 from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
@@ -84,7 +85,7 @@ def collated_steps(bundle: dict, out: str, args) -> list[list[dict]]:
     """The micro-batches of ftloop's first steps (its sampler and collate), made before any timing."""
     cfg = parse_args(flags(bundle, out, args))
     tokenizer, processor = load_tokenizer_and_processor(bundle["model_dir"], None, None)
-    loader, sampler, _ = build_loaders(cfg, tokenizer, processor, load_config(cfg.model), 1, 0, False)
+    loader, sampler, _ = build_loaders(cfg, tokenizer, processor, load_config(cfg.model), World.single())
     batches = StepBatches(loader, sampler, 1)
     return [batches.next_step() for _ in range(args.steps)]
 

@@ -66,17 +66,17 @@ def main() -> None:
             reference_export(state, os.path.join(out, f"reference-{save_dtype}"), s.hf_config, s.tokenizer,
                              s.image_processor, save_dtype, SHARD, source)
         del state
-        stats = export_model(model, os.path.join(out, f"streamed-{save_dtype}"), files, save_dtype, SHARD)
+        stats = export_model(model, os.path.join(out, f"streamed-{save_dtype}"), files, save_dtype, SHARD, d)
         if d.rank == 0:
             with open(os.path.join(out, f"stats-{save_dtype}.json"), "w") as f:
                 json.dump(dataclasses.asdict(stats), f)
         else:
             assert stats is None
-    export_model(model, os.path.join(out, "single"), files, "bf16", "5GB")
+    export_model(model, os.path.join(out, "single"), files, "bf16", "5GB", d)
 
     optimizer = build_optimizer(model, cfg.optim, d.device)
     save_checkpoint(model, optimizer, os.path.join(out, "checkpoint"), {"step": 1}, cfg.to_dict(),
-                    files.save)
+                    files.save, d)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -6,7 +6,9 @@ import statistics
 
 import pytest
 
+from ftloop.distributed import World
 from ftloop.config import parse_args
+from ftloop.data.dataset import eval_batches
 from ftloop.data.loaders import build_eval_loader, build_loaders
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.model import load_config
@@ -154,7 +156,7 @@ def loaders(bundle, out, *extra):
 def test_a_row_longer_than_a_pack_is_dropped_or_cut_as_truncation_says(tiny_bundle, tmp_path, capsys, truncation):
     cfg, tokenizer, processor, hf_config = loaders(tiny_bundle, tmp_path, "--packing", "--max-seq-length", "36",
                                                    "--truncation", truncation)
-    loader, sampler, _ = build_loaders(cfg, tokenizer, processor, hf_config, 1, 0, False)
+    loader, sampler, _ = build_loaders(cfg, tokenizer, processor, hf_config, World.single())
     said = capsys.readouterr().out
     if truncation == "drop":
         assert "rows longer than --max-seq-length 36" in said and sampler.num_rows < 16
@@ -168,11 +170,10 @@ def test_a_row_longer_than_a_pack_is_dropped_or_cut_as_truncation_says(tiny_bund
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_max_eval_samples_takes_the_first_rows_at_every_world_size(tiny_bundle, tmp_path, world):
     cfg, tokenizer, processor, hf_config = loaders(tiny_bundle, tmp_path, "--max-eval-samples", "3")
-    seen = []
-    for rank in range(world):
-        loader = build_eval_loader(cfg, tokenizer, processor, hf_config, world, rank, False)
-        seen += [i for batch in loader.batch_sampler for i in batch if i >= 0]
-        assert len(loader.dataset) == 3
+    loader = build_eval_loader(cfg, tokenizer, processor, hf_config, World.single())
+    assert len(loader.dataset) == 3
+    seen = [i for rank in range(world) for batch in eval_batches(len(loader.dataset), world, rank, 1) for i in batch
+            if i >= 0]  # what each rank's loader takes of those rows (ftloop.data.loaders builds it so)
     assert sorted(seen) == [0, 1, 2]
 
 

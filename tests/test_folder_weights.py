@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
+from ftloop.distributed import World
 from ftloop.errors import ConfigError
 from ftloop.fsdp.load import UnitMaterializer
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, FolderWeights
@@ -22,7 +23,7 @@ def meta_model(folder, dtype=torch.float32):
 def materialize(folder, dtype=torch.float32):
     """The skeleton filled module by module, as FSDP's param_init_fn would (one process, no FSDP)."""
     model = meta_model(folder, dtype)
-    fill = UnitMaterializer(model, FolderWeights(folder, model), torch.device("cpu"))
+    fill = UnitMaterializer(model, FolderWeights(folder, model), World.single())
     for module in model.modules():
         fill(module)
     return model
@@ -112,7 +113,7 @@ def test_missing_and_unexpected_tensors_are_one_clear_error(tiny_bundle, tmp_pat
 def test_a_buffer_nobody_computes_is_an_error_not_garbage(tiny_bundle):
     model = meta_model(tiny_bundle["model_dir"])
     model.model.visual.register_buffer("mystery", torch.empty(3, device="meta"), persistent=False)
-    fill = UnitMaterializer(model, FolderWeights(tiny_bundle["model_dir"], model), torch.device("cpu"))
+    fill = UnitMaterializer(model, FolderWeights(tiny_bundle["model_dir"], model), World.single())
     with pytest.raises(ValueError, match="model.visual.mystery: a buffer that is neither in the checkpoint"):
         for module in model.modules():
             fill(module)

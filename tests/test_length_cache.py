@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
@@ -16,6 +17,7 @@ from ftloop.data.formats import load_rows
 from ftloop.data.length_cache import CacheEntry, cache_folder, source_fingerprint
 from ftloop.data.loaders import hold_out
 from ftloop.data.vision import load_image_processor
+from ftloop.distributed import World
 from ftloop.errors import DataErrors
 from datautil import SYSTEM, save_rgb
 
@@ -47,7 +49,7 @@ def check(data, tokenizer, image_processor, /, **changes):
     """checked_rows on `data` with the run's cache, the defaults of ftloop.train unless `changes` says."""
     args = dict(path=data["path"], image_folder=data["images"], tokenizer=tokenizer, image_processor=image_processor,
                 chat=SYSTEM, max_seq_length=2048, truncation="drop", skip_bad_rows=False,
-                output_dir=data["out"])
+                output_dir=data["out"], world=World.single())
     return validate.checked_rows(**{**args, **changes})
 
 
@@ -241,23 +243,22 @@ def test_only_rank_0_reads_the_cache_and_the_others_follow_its_broadcast(data, t
     shutil.rmtree(data["out"])
     capsys.readouterr()
 
-    def from_rank_0(value):
-        def broadcast(objects, src):
-            assert src == 0
-            objects[:] = [value]
-        return broadcast
+    def rank_0_sends(hit: bool):
+        def all_gather_object(out, mine):
+            if isinstance(mine, tuple):  # ftloop.distributed.agree: rank 0's outcome of reading the cache
+                out[:] = [(None, sent if hit else None), mine]
+            else:  # the measuring, shared: rank 0's half
+                out[:] = [sent, mine]
+        return all_gather_object
 
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    rank_1 = World(1, 1, 2, torch.device("cpu"), "gloo", 2)
     monkeypatch.setattr(length_cache, "cache_entry", lambda *a: pytest.fail("rank 1 looked at the cache"))
-    monkeypatch.setattr(dist, "broadcast_object_list", from_rank_0(sent))
+    monkeypatch.setattr(dist, "all_gather_object", rank_0_sends(hit=True))
     count = len(measured)
-    assert check(data, tokenizer, image_processor) == cached
+    assert check(data, tokenizer, image_processor, world=rank_1) == cached
     assert len(measured) == count and capsys.readouterr().out == ""
-    monkeypatch.setattr(dist, "broadcast_object_list", from_rank_0(None))
-    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [sent, mine]))
-    check(data, tokenizer, image_processor)
+    monkeypatch.setattr(dist, "all_gather_object", rank_0_sends(hit=False))
+    check(data, tokenizer, image_processor, world=rank_1)
     assert measured[count:] == [row["row"] for row in load_rows(data["path"], data["images"])][1::2]
     assert not os.path.exists(data["out"])
 
@@ -293,6 +294,6 @@ def test_an_error_while_making_the_key_is_a_miss_said_in_one_line(tmp_path, monk
         raise RuntimeError("no vocabulary")
 
     monkeypatch.setattr(length_cache, "tokenizer_fingerprint", broken)
-    found, entry = length_cache.cached_found(str(tmp_path), __file__, [], None, None, {})
+    found, entry = length_cache.cached_found(str(tmp_path), __file__, [], None, None, {}, World.single())
     assert found is None and entry is None
     assert "the row check's cache is unusable (RuntimeError: no vocabulary); checking the rows" in capsys.readouterr().out

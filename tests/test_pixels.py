@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoImageProcessor
 
 from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
+from ftloop.distributed import World
 from ftloop.data.check import main
 from ftloop.data.encode import measure_row
 from ftloop.data.preflight import Measuring, check_file
@@ -113,11 +114,11 @@ def test_max_images_per_sample_before_training_and_in_the_check(tiny_bundle, tmp
         {"image": paths, "conversations": turns(("human", text), ("gpt", "all"))}])
     args = (str(data), "", tokenizer, image_processor, SYSTEM, 2048, "drop")
     with pytest.raises(DataErrors) as excinfo:
-        checked_rows(*args, False, max_images=2)
+        checked_rows(*args, False, max_images=2, world=World.single())
     assert excinfo.value.lines[0] == f"{data}: row 2: 3 images, more than --max-images-per-sample 2"
-    kept = checked_rows(*args, True, max_images=2)  # --skip-bad-rows
+    kept = checked_rows(*args, True, max_images=2, world=World.single())  # --skip-bad-rows
     assert [r["row"] for r in kept.rows] == [1] and kept.skipped_bad == 1
-    assert len(checked_rows(*args, False).rows) == 2
+    assert len(checked_rows(*args, False, world=World.single()).rows) == 2
     flags = ["--train-data", str(data), "--model-name-or-path", tiny_bundle["model_dir"], "--workers", "1"]
     assert main(flags + ["--max-images-per-sample", "2"]) == 2
     assert f"{data}: row 2: 3 images, more than --max-images-per-sample 2" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from ftloop.distributed import World
 from ftloop.config import Config, DataArgs, TrainArgs
 from ftloop.data.loaders import build_eval_loader
 from ftloop.model import VisionLanguageSFT
@@ -88,7 +89,7 @@ def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, t
     tokenizer, processor = AutoTokenizer.from_pretrained(final), AutoImageProcessor.from_pretrained(final)
     cfg = Config(data=DataArgs(eval_data=tiny_bundle["eval_json"], image_folder=tiny_bundle["image_folder"],
                                dataloader_num_workers=0), train=TrainArgs(output_dir=str(tmp_path)))
-    loader = build_eval_loader(cfg, tokenizer, processor, model.config, world_size=1, rank=0, pin=False)
+    loader = build_eval_loader(cfg, tokenizer, processor, model.config, World.single())
     scorer = VisionLanguageSFT(model)
     total = count = 0.0
     with torch.no_grad():

@@ -36,11 +36,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-import torch.distributed as dist
 import transformers
 
 from ftloop.data.image_ref import ImageRef
-from ftloop.distributed import print0
+from ftloop.distributed import World, agree, print0
 
 Found = dict[int, int | str]  # row index -> token length, or the row's one-line error
 FORMAT = 1  # bump when the file's layout or the key's meaning changes
@@ -201,25 +200,26 @@ def cache_entry(cache_dir: str, path: str, rows: list[dict], tokenizer, image_pr
     return CacheEntry(os.path.join(cache_dir, _file_name(path, rows)), _canonical(key), len(rows))
 
 
-def cached_found(cache_dir: str, path: str, rows: list[dict], tokenizer, image_processor,
-                 flags: dict) -> tuple[Found | None, CacheEntry | None]:
+def cached_found(cache_dir: str, path: str, rows: list[dict], tokenizer, image_processor, flags: dict,
+                 world: World) -> tuple[Found | None, CacheEntry | None]:
     """(what the cache holds for these rows or None, the entry to write after a miss: rank 0 only).
 
-    Collective: rank 0 alone reads the cache (and pays for the key) and broadcasts what it found, so the
-    ranks all skip the check or all run it, even if their views of --output-dir differ."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    entry = found = None
-    if rank == 0:
+    Collective: rank 0 alone reads the cache (and pays for the key) and shares what it found
+    (ftloop.distributed.agree), so the ranks all skip the check or all run it, even if their views of
+    --output-dir differ."""
+    entry = None
+
+    def read() -> Found | None:
+        nonlocal entry
         try:
             entry = cache_entry(cache_dir, path, rows, tokenizer, image_processor, flags)
-            found = entry.load() if entry is not None else None
-        except Exception as err:  # noqa: BLE001 - rank 0 must reach the broadcast, or the others wait for it
+            return entry.load() if entry is not None else None
+        except Exception as err:  # noqa: BLE001 - a cache that cannot be used is a miss, never an error
             print0(f"{path}: the row check's cache is unusable ({type(err).__name__}: {err}); checking the rows")
-            entry = found = None
-    if world > 1:
-        shared = [found]
-        dist.broadcast_object_list(shared, src=0)
-        found = shared[0]
+            entry = None
+            return None
+
+    found = agree(world, read, "rank 0", share=True)
     if found is not None and entry is not None:  # rank 0, which holds the entry, speaks
         print0(f"{path}: row check cached in {entry.file} (same data, tokenizer and flags); skipping it")
     return found, entry

@@ -29,13 +29,14 @@ def _collate_for(tokenizer, hf_config, make=make_collate):
     return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None))
 
 
-def _loader(dataset, batch_sampler, collate, workers: int, pin: bool) -> DataLoader:
+def _loader(dataset, batch_sampler, collate, workers: int, world: World) -> DataLoader:
     # Every iter() of a DataLoader draws its workers' base seed from `generator`, by default torch's global
     # one, which also drives dropout: a resumed run, whose loaders start at another point, would then draw
     # other dropout masks than the uninterrupted run (the checkpoint restores the global generator). Their own
     # generator keeps them off it; the rows do not depend on it (the batch sampler is seeded on its own).
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
+                      persistent_workers=workers > 0, pin_memory=world.device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals,
                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
@@ -79,46 +80,47 @@ def _read(cfg: Config, path: str, split: str) -> SourceRows:
     return SourceRows(load_rows(path, cfg.data.image_folder, errors, cfg.data.data_format, split), errors)
 
 
-def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor, chat: ChatFormat) -> CheckedRows:
+def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor, chat: ChatFormat,
+          world: World) -> CheckedRows:
     """Every row read from `path` measured across the ranks (or read back from the cache in --output-dir, as on
     a resume with the same data and flags); what was dropped is said once."""
     data = cfg.data
     checked = checked_rows(path, data.image_folder, tokenizer, image_processor, chat,
                            data.max_seq_length, data.truncation, data.skip_bad_rows, data.max_images_per_sample,
-                           loaded=read, output_dir=cfg.train.output_dir)
+                           loaded=read, output_dir=cfg.train.output_dir, world=world)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
                f"{checked.dropped_long} rows longer than --max-seq-length {data.max_seq_length}")
     return checked
 
 
-def build_loaders(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
-                  pin: bool) -> tuple[DataLoader, StepBatchSampler, DataLoader | None]:
+def build_loaders(cfg: Config, tokenizer, image_processor, hf_config,
+                  world: World) -> tuple[DataLoader, StepBatchSampler, DataLoader | None]:
     """(training loader, its sampler, evaluation loader or None), every row checked first."""
     data, train = cfg.data, cfg.train
     train_read, eval_read = read_sources(cfg)
     chat = chat_format(data.system_prompt, hf_config.model_type)
-    checked = check(cfg, data.train_data, train_read, tokenizer, image_processor, chat)
+    checked = check(cfg, data.train_data, train_read, tokenizer, image_processor, chat, world)
     if not checked.rows and checked.dropped_long:
         raise ConfigError(f"--train-data {data.train_data}: all {checked.dropped_long} readable rows are longer than "
                           f"--max-seq-length {data.max_seq_length}; raise it, or pass --truncation right to cut their "
                           "text after the last image")
     dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, chat, data.train_data)
-    sampler = StepBatchSampler(len(checked.rows), world_size, rank, train.per_device_train_batch_size,
+    sampler = StepBatchSampler(len(checked.rows), world.world_size, world.rank, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps, train.seed, lengths=checked.lengths,
                                group_by_length=data.group_by_length, mega_steps=data.length_group_steps,
                                pack_tokens=data.sequence_tokens if data.packing else 0)
     collate = _collate_for(tokenizer, hf_config, make_packed_collate if data.packing else make_collate)
     train_loader = _loader(PackedRows(dataset) if data.packing else dataset, sampler, collate,
-                           data.dataloader_num_workers, pin)
+                           data.dataloader_num_workers, world)
     eval_loader = None
     if eval_read is not None:
-        eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, world_size, rank, pin, eval_read)
+        eval_loader = build_eval_loader(cfg, tokenizer, image_processor, hf_config, world, eval_read)
     return train_loader, sampler, eval_loader
 
 
-def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_size: int, rank: int,
-                      pin: bool, read: SourceRows | None = None) -> DataLoader | None:
+def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world: World,
+                      read: SourceRows | None = None) -> DataLoader | None:
     """The evaluation loader over `read` (default: the rows of --eval-data), or None."""
     data = cfg.data
     if read is None:
@@ -127,7 +129,7 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
         read = _read(cfg, data.eval_data, "eval")
     path = data.eval_data or data.train_data  # held-out rows keep their row numbers in --train-data
     chat = chat_format(data.system_prompt, hf_config.model_type)
-    rows = check(cfg, path, read, tokenizer, image_processor, chat).rows
+    rows = check(cfg, path, read, tokenizer, image_processor, chat, world).rows
     if data.max_eval_samples and len(rows) > data.max_eval_samples:
         print0(f"{path}: evaluating on the first {data.max_eval_samples} of {len(rows)} held-out rows "
                "(--max-eval-samples)")
@@ -136,8 +138,8 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world_
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None
     dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, chat, path))
-    batches = eval_batches(len(rows), world_size, rank, cfg.train.per_device_eval_batch_size)
-    return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, pin)
+    batches = eval_batches(len(rows), world.world_size, world.rank, cfg.train.per_device_eval_batch_size)
+    return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, world)
 
 
 def supervised_tokens(batch: dict) -> int:

@@ -14,6 +14,7 @@ from ftloop.data.encode import measure_row
 from ftloop.data.formats import load_rows
 from ftloop.data.length_cache import Found, cache_folder, cached_found
 from ftloop.data.rows import row_number
+from ftloop.distributed import World
 from ftloop.errors import DataError, DataErrors
 
 
@@ -27,7 +28,8 @@ class CheckedRows:
 
 def checked_rows(path: str, image_folder: str, tokenizer, image_processor, chat: ChatFormat,
                  max_seq_length: int, truncation: str, skip_bad_rows: bool, max_images: int = 0,
-                 loaded: tuple[list[dict], list[str]] | None = None, output_dir: str | None = None) -> CheckedRows:
+                 loaded: tuple[list[dict], list[str]] | None = None, output_dir: str | None = None, *,
+                 world: World) -> CheckedRows:
     """Rows of `path` that are sound, with their lengths. Collective: every rank measures every world-size-th
     row and all ranks exchange what they found, so they agree on the same rows. A row with more than
     `max_images` images (0: no limit) is a bad row. `loaded`: (rows, their reading errors) already read
@@ -45,9 +47,9 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, chat:
     if output_dir is not None:
         flags = {"system_prompt": chat.system_prompt, "timestamped_videos": chat.timestamped_videos, "limit": limit,
                  "max_images": max_images}
-        found, entry = cached_found(cache_folder(output_dir), path, rows, tokenizer, image_processor, flags)
+        found, entry = cached_found(cache_folder(output_dir), path, rows, tokenizer, image_processor, flags, world)
     if found is None:
-        found = _measured(rows, path, tokenizer, image_processor, chat, limit, max_images)
+        found = _measured(rows, path, tokenizer, image_processor, chat, limit, max_images, world)
         if entry is not None:  # before any bad row stops the run: a rerun with --skip-bad-rows reuses it
             entry.save(found)
     errors += [found[i] for i in sorted(found) if isinstance(found[i], str)]
@@ -69,18 +71,17 @@ def checked_rows(path: str, image_folder: str, tokenizer, image_processor, chat:
 
 
 def _measured(rows: list[dict], path: str, tokenizer, image_processor, chat: ChatFormat, limit: int | None,
-              max_images: int) -> Found:
+              max_images: int, world: World) -> Found:
     """Each row's token length or one-line error, every world-size-th row on each rank, gathered on all."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     found = {}
-    for index in range(rank, len(rows), world):
+    for index in range(world.rank, len(rows), world.world_size):
         try:
             found[index] = measure_row(rows[index], tokenizer, image_processor, chat, limit, path,
                                        max_images)
         except DataError as err:
             found[index] = str(err)
-    if world > 1:
-        gathered = [None] * world
+    if world.world_size > 1:
+        gathered = [None] * world.world_size
         dist.all_gather_object(gathered, found)
         found = {k: v for part in gathered for k, v in part.items()}
     return found

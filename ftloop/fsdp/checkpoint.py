@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictTy
 
 from ftloop.atomic import OLD, TMP, publish, recover, temporary_folder
 from ftloop.config import previous_run
+from ftloop.distributed import World, print0
 from ftloop.errors import ConfigError
 
 COMPLETE_MARKER = ".complete"
@@ -121,17 +122,17 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_config: dict,
-                    write_model_files: Callable[[str], None]) -> None:
+                    write_model_files: Callable[[str], None], world: World) -> None:
     """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
     the config, tokenizer and image processor on rank 0."""
-    rank, tmp = dist.get_rank(), path + TMP
-    if rank == 0:
+    tmp = path + TMP
+    if world.is_main:
         os.makedirs(os.path.join(temporary_folder(path), "rng"))
     dist.barrier()
-    dtypes = write_rank_files(model, optimizer, tmp, rank)
+    dtypes = write_rank_files(model, optimizer, tmp, world.rank)
     dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        record = dict(trainer_state, dtypes=dtypes, world_size=dist.get_world_size())
+    if world.is_main:
+        record = dict(trainer_state, dtypes=dtypes, world_size=world.world_size)
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(record, f, indent=1)
         with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
@@ -151,8 +152,7 @@ def write_rank_files(model: FSDP, optimizer, folder: str, rank: int) -> dict[str
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
         state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=False)}
     dcp.save(state, checkpoint_id=folder)
-    device = next(model.parameters()).device
-    torch.save(_rng_state(device), os.path.join(folder, "rng", f"rank-{rank}.pt"))
+    torch.save(_rng_state(next(model.parameters()).device), os.path.join(folder, "rng", f"rank-{rank}.pt"))
     return {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
 
 
@@ -270,7 +270,8 @@ def _check_dtypes(path: str, saved: dict, live: dict, allow: bool) -> None:
                           " (--param-dtype); set them back, or pass --allow-dtype-change to cast on load")
 
 
-def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_dtype_change: bool) -> None:
+def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_dtype_change: bool,
+                    world: World) -> None:
     """Load model and optimizer shards (resharded to this world size) and this rank's RNG. Collective."""
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
         state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=True)}
@@ -282,15 +283,14 @@ def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_
         optimizer.load_sharded_state_dict(state["optimizer"])
     else:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    rank, saved_world = dist.get_rank(), saved_state["world_size"]
     # At another world size, rank r continues the generator of saved rank r mod W (the streams of dropout
     # masks cannot be resharded; only the same world size resumes bit for bit).
-    rng = torch.load(os.path.join(path, "rng", f"rank-{rank % saved_world}.pt"), weights_only=False)
+    rng = torch.load(os.path.join(path, "rng", f"rank-{world.rank % saved_state['world_size']}.pt"),
+                     weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
-    device = next(model.parameters()).device
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    if world.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], world.device)
 
 
 def clear_previous_run(output_dir: str) -> list[str]:
@@ -307,20 +307,18 @@ def clear_previous_run(output_dir: str) -> list[str]:
     return removed
 
 
-def resolve_resume(flag: str, output_dir: str, is_main: bool, overwrite: bool = False) -> str | None:
+def resolve_resume(flag: str, output_dir: str, world: World, overwrite: bool = False) -> str | None:
     """The checkpoint --resume-from-checkpoint names (`auto`: the newest complete one, or None). Collective.
     `overwrite` (--overwrite-output-dir) on a fresh start: an earlier run's outputs are deleted first."""
-    if is_main and overwrite and not flag:
+    if world.is_main and overwrite and not flag:
         for path in clear_previous_run(output_dir):
-            print(f"removed {path}: --overwrite-output-dir", flush=True)
-    if is_main:  # an interrupted save is finished when it was complete, else cleared: never resumed from
+            print0(f"removed {path}: --overwrite-output-dir")
+    if world.is_main:  # an interrupted save is finished when it was complete, else cleared: never resumed from
         for line in recover_interrupted_saves(output_dir):
-            print(line, flush=True)
+            print0(line)
     dist.barrier()
     if flag != "auto":
         return flag or None
     path = latest_checkpoint(output_dir)
-    if is_main:
-        print(f"--resume-from-checkpoint auto: {path or f'no checkpoint in {output_dir}, starting afresh'}",
-              flush=True)
+    print0(f"--resume-from-checkpoint auto: {path or f'no checkpoint in {output_dir}, starting afresh'}")
     return path

@@ -26,11 +26,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
-from ftloop.errors import ConfigError
-from ftloop.fsdp.internals import unit_parameters
+from ftloop.distributed import World, agree
+from ftloop.fsdp.internals import clean_name, unit_parameters
 from ftloop.hf_folder import FolderWeights
 from ftloop.lora import AdapterWeights, is_adapter
-from ftloop.fsdp.internals import clean_name
 
 
 class UnitMaterializer:
@@ -41,7 +40,7 @@ class UnitMaterializer:
     materialised once.
     """
 
-    def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights | None, device: torch.device,
+    def __init__(self, hf_model: PreTrainedModel, weights: FolderWeights | None, world: World,
                  every_rank_reads: bool = False,
                  new_parameter: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         """`hf_model`: the meta skeleton (inside whatever module FSDP wraps); its names are the folder's (once
@@ -55,9 +54,8 @@ class UnitMaterializer:
         # (non-persistent buffers) is computed.
         self.in_checkpoint = {clean_name(name) for name in hf_model.state_dict(keep_vars=True)}
         self.new_parameter = new_parameter
-        self.weights, self.device = weights, device
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        self.broadcast = world > 1 and not every_rank_reads
+        self.weights, self.device = weights, world.device
+        self.broadcast = world.world_size > 1 and not every_rank_reads
         self.reads = weights is not None
         # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
         # flattened and sharded them; the meta tensor is kept so that its id is never reused.
@@ -127,66 +125,39 @@ class UnitMaterializer:
             self.done[id(meta)] = (meta, weakref.ref(module._buffers[key]))
 
 
-def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: str,
+def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: str, world: World,
                  every_rank_reads: bool) -> FolderWeights | None:
     """The folder's weights on the ranks that read them (rank 0, or every rank), None on the others, which then
-    need neither the files nor their folder. Collective: a problem found on any rank (a missing file, a tensor
-    of the wrong name or shape) stops every rank with the same one-line ConfigError, instead of leaving the
-    others waiting in a broadcast."""
-    initialized = dist.is_initialized() and dist.get_world_size() > 1
-    reads = every_rank_reads or not initialized or dist.get_rank() == 0
-    weights, problem = None, None
-    if reads:
-        try:
-            # The folder's tensors are the skeleton's, by their names as built: without LoRA's adapters, and
-            # without `base_layer.` where an adapter wraps a projection.
-            expected = {clean_name(name): tensor for name, tensor in skeleton.state_dict(keep_vars=True).items()
-                        if not is_adapter(name)}
-            weights = FolderWeights(folder_of(), skeleton, flag, expected)
-        except ConfigError as err:
-            problem = str(err)
-    problems = [problem]
-    if initialized:
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-    found = next((p for p in problems if p), None)
-    if found:
-        if weights is not None:
-            weights.close()
-        raise ConfigError(found)
-    return weights
+    need neither the files nor their folder. A problem found on any rank (a missing file, a tensor of the wrong
+    name or shape) stops every rank with the same one-line ConfigError (ftloop.distributed.agree), instead of
+    leaving the others waiting in a broadcast."""
+    def read_headers() -> FolderWeights:
+        # The folder's tensors are the skeleton's, by their names as built: without LoRA's adapters, and without
+        # `base_layer.` where an adapter wraps a projection.
+        expected = {clean_name(name): tensor for name, tensor in skeleton.state_dict(keep_vars=True).items()
+                    if not is_adapter(name)}
+        return FolderWeights(folder_of(), skeleton, flag, expected)
+
+    return agree(world, read_headers, "every rank" if every_rank_reads else "rank 0")
 
 
-def open_adapters(folder: str, model: FSDP, prefix: str) -> AdapterWeights | None:
-    """A LoRA run's `best` adapters (ftloop.lora), opened on rank 0, which reads them; None on the others.
-    Collective: a missing file or adapter stops every rank with the same one-line ConfigError, instead of
-    leaving the others waiting for rank 0's broadcast."""
+def open_adapters(folder: str, model: FSDP, prefix: str, world: World) -> AdapterWeights | None:
+    """A LoRA run's `best` adapters (ftloop.lora), opened on rank 0, which reads them; None on the others. A
+    missing file or adapter stops every rank with the same one-line ConfigError, instead of leaving the others
+    waiting for rank 0's broadcast."""
     expected = [name.removeprefix(prefix) for _, entries in unit_parameters(model) for name, _, _ in entries
                 if is_adapter(name)]
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    adapters, problem = None, [None]
-    if rank0:
-        try:
-            adapters = AdapterWeights(folder, expected)
-        except ConfigError as err:
-            problem = [str(err)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise ConfigError(problem[0])
-    return adapters
+    return agree(world, lambda: AdapterWeights(folder, expected), "rank 0")
 
 
 @torch.no_grad()
-def load_weights_into(model: FSDP, weights: FolderWeights | None, prefix: str = "",
+def load_weights_into(model: FSDP, weights: FolderWeights | None, world: World, prefix: str = "",
                       only: Callable[[str], bool] | None = None) -> None:
     """Overwrite a wrapped model's parameters with a folder's, one FSDP unit at a time, on every rank (e.g. the
     `best` export back into the model at the end). Collective; `weights` (anything with `read(name, dtype)`) is
     needed on rank 0 only. Each unit is gathered, rank 0 reads its tensors into the gathered parameters and
     broadcasts them, and every rank writes its shard back: no rank holds more than one unit beyond its shards.
     `only(name)`: the parameters to overwrite (units holding none of them are left alone); default all."""
-    rank0 = dist.get_rank() == 0
-    broadcast = dist.get_world_size() > 1
     for unit, entries in unit_parameters(model):
         if only is not None:
             entries = [entry for entry in entries if only(entry[0].removeprefix(prefix))]
@@ -195,7 +166,7 @@ def load_weights_into(model: FSDP, weights: FolderWeights | None, prefix: str = 
         with FSDP.summon_full_params(unit, recurse=False, writeback=True):
             for name, module, attribute in entries:
                 tensor = getattr(module, attribute)
-                if rank0:
+                if world.is_main:
                     tensor.copy_(weights.read(name.removeprefix(prefix), tensor.dtype))
-                if broadcast:
+                if world.world_size > 1:
                     dist.broadcast(tensor.data, src=0)

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from ftloop.config import FSDPArgs
+from ftloop.distributed import World
 from ftloop.errors import ConfigError
 from ftloop.model import DTYPES
 
@@ -39,14 +40,15 @@ def shard_group_size(strategy: str, world_size: int, node_size: int) -> int:
     return min(node_size, world_size) if strategy == "HYBRID_SHARD" else world_size
 
 
-def hybrid_process_groups(world_size: int, node_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+def hybrid_process_groups(world: World) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(this node's ranks, which shard; the ranks of this local rank on every node, which all-reduce). FSDP's
     own default takes the node size from torch.cuda.device_count(): wrong wherever a node runs fewer
     processes than it has GPUs, and 1 on the CPU. torchrun's LOCAL_WORLD_SIZE is the node size."""
+    world_size, node_size, rank = world.world_size, world.local_world_size, world.rank
     node_sizes = [0] * world_size
     dist.all_gather_object(node_sizes, node_size)  # every rank takes the same decision below
     check_node_sizes(node_sizes)
-    rank, shard, replicate = dist.get_rank(), None, None
+    shard = replicate = None
     for node in range(world_size // node_size):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(node * node_size, (node + 1) * node_size)))
         shard = group if rank // node_size == node else shard
@@ -69,14 +71,14 @@ def check_node_sizes(node_sizes: list[int]) -> None:
 
 
 def wrap_fsdp(module: nn.Module, units: set[nn.Module], args: FSDPArgs, param_init_fn: Callable[[nn.Module], None],
-              device: torch.device, node_size: int = 1) -> FSDP:
+              world: World) -> FSDP:
     """FSDP1 over a meta `module`, which `param_init_fn` materialises unit by unit: each of `units`
     (ftloop.model.unit_roots: the decoder layers and vision blocks, and what freezing and LoRA keep apart) is a
-    unit of its own, the rest the root. `node_size`: processes per node, for HYBRID_SHARD."""
+    unit of its own, the rest the root. HYBRID_SHARD shards over the processes of each node (torchrun's)."""
     hybrid = args.sharding_strategy == "HYBRID_SHARD"
     return FSDP(
         module,
-        process_group=hybrid_process_groups(dist.get_world_size(), node_size) if hybrid else None,
+        process_group=hybrid_process_groups(world) if hybrid else None,
         sharding_strategy=ShardingStrategy[args.sharding_strategy],
         auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in units),
         mixed_precision=mixed_precision(args),
@@ -85,6 +87,6 @@ def wrap_fsdp(module: nn.Module, units: set[nn.Module], args: FSDPArgs, param_in
         forward_prefetch=args.forward_prefetch,
         limit_all_gathers=args.limit_all_gathers,
         use_orig_params=args.use_orig_params,
-        device_id=device,
+        device_id=world.device,
         param_init_fn=param_init_fn,
     )
