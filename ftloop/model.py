@@ -11,16 +11,15 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import Config, ModelArgs
-from ftloop.data.chat import IGNORE_INDEX
 from ftloop.errors import ConfigError, one_line
 from ftloop.family import check_supported
 from ftloop.lora import add_adapters, base_dtype
+from ftloop.loss import supervised_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -164,7 +163,7 @@ class VisionLanguageSFT(nn.Module):
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                 second_per_grid_ts=None, segment_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
-        `segment_lengths`: a packed micro-batch (ftloop.data.packing), whose rows attend only to themselves."""
+        `segment_lengths`: a packed micro-batch (ftloop.data.batches), whose rows attend only to themselves."""
         encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                               input_ids.device)
         extra = {}
@@ -186,15 +185,10 @@ class VisionLanguageSFT(nn.Module):
             image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_encoder_outputs=encoder_outputs,
             use_cache=False, **extra,
         ).last_hidden_state
-        # Position t predicts token t+1; project only the supervised positions onto the vocabulary, which
-        # saves the (batch x length x vocab) logits tensor for prompts and padding.
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.hf.lm_head(hidden[:, :-1][keep])
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss_sum, count = supervised_loss(hidden, labels, self.hf.lm_head)
         if dummy is not None:
             loss_sum = loss_sum + 0.0 * dummy
-        return loss_sum, keep.sum()
+        return loss_sum, count
 
     def _packed_positions(self, input_ids, mm_token_type_ids, segment_lengths, image_grid_thw, video_grid_thw,
                           extra: dict) -> torch.Tensor:

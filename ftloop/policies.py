@@ -15,7 +15,6 @@ import os
 import time
 from typing import Callable
 
-import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import Config, TrainArgs

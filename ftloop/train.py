@@ -39,7 +39,7 @@ from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.sources import check_sources
 from ftloop.distributed import World, init_distributed, print0
-from ftloop.errors import ConfigError, RowFailedMidRun, Stopped
+from ftloop.errors import ConfigError, Stopped
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.export import export_model
 from ftloop.fsdp.load import UnitMaterializer, open_weights

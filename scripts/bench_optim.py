@@ -42,8 +42,9 @@ def build_model(layers: int, dim: int, hidden: int) -> nn.Sequential:
 def make_optimizer(kind: str, model: nn.Module):
     from transformers.optimization import Adafactor as HFAdafactor
 
-    from ftloop.optim.segments import describe_fsdp, describe_plain
     from ftloop.optim.adafactor import ShardedAdafactor
+    from ftloop.optim.segments import describe_fsdp
+    from scripts.support import describe_plain
 
     if kind == "hf":
         return HFAdafactor(model.parameters(), **HF_KWARGS)

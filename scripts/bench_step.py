@@ -26,17 +26,20 @@ import time
 
 import torch
 from transformers import AutoModelForImageTextToText
-
-from ftloop.distributed import World
-from ftloop.config import parse_args
-from ftloop.data.encode import load_tokenizer_and_processor
-from ftloop.data.loaders import StepBatches, build_loaders
-from ftloop.demo.bundle import build_demo_bundle
-from ftloop.model import VisionLanguageSFT, load_config
 from transformers.optimization import Adafactor
-from ftloop.optim.segments import describe_plain
-from ftloop.optim.adafactor import ShardedAdafactor
-from ftloop.steps import supervised_tokens
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from ftloop.config import parse_args  # noqa: E402
+from ftloop.data.encode import load_tokenizer_and_processor  # noqa: E402
+from ftloop.data.loaders import StepBatches, build_loaders  # noqa: E402
+from ftloop.demo.bundle import build_demo_bundle  # noqa: E402
+from ftloop.distributed import World  # noqa: E402
+from ftloop.loss import supervised_tokens  # noqa: E402
+from ftloop.model import VisionLanguageSFT, load_config  # noqa: E402
+from ftloop.optim.adafactor import ShardedAdafactor  # noqa: E402
+from ftloop.signals import StopRequest  # noqa: E402
+from scripts.support import describe_plain  # noqa: E402
 
 
 def flags(bundle: dict, out: str, args) -> list[str]:
@@ -70,7 +73,7 @@ def bare_step_times(bundle: dict, steps: list[list[dict]], sharded: bool) -> lis
     times = []
     for micro_batches in steps:
         started = time.perf_counter()
-        targets = sum(supervised_tokens(b) for b in micro_batches)
+        targets = sum(supervised_tokens(b["labels"]) for b in micro_batches)
         for batch in micro_batches:
             loss_sum, _ = model(**batch)
             (loss_sum / targets).backward()
@@ -86,8 +89,8 @@ def collated_steps(bundle: dict, out: str, args) -> list[list[dict]]:
     cfg = parse_args(flags(bundle, out, args))
     tokenizer, processor = load_tokenizer_and_processor(bundle["model_dir"], None, None)
     loader, sampler, _ = build_loaders(cfg, tokenizer, processor, load_config(cfg.model), World.single())
-    batches = StepBatches(loader, sampler, 1)
-    return [batches.next_step() for _ in range(args.steps)]
+    batches = StepBatches(loader, sampler, 1, World.single(), StopRequest())
+    return [batches.next_step().micro_batches for _ in range(args.steps)]
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from ftloop.data.chat import ChatFormat
+from ftloop.data.encode import ChatFormat
+from ftloop.data.rows import Row
 
 SYSTEM = ChatFormat("You are a helpful assistant.")  # Qwen2.5-VL's format
 
@@ -48,10 +49,10 @@ def noise_frames(folder, count: int = 8) -> list[str]:
     return frames
 
 
-def vl_row(images=(), videos=(), reply="a red circle", turns: int = 1) -> dict:
-    """A messages-layout row: the images, "Look.", the videos, a question; then `turns - 1` more text turns."""
+def vl_row(images=(), videos=(), reply="a red circle", turns: int = 1) -> Row:
+    """A row of the normal form: the images, "Look.", the videos, a question; then `turns - 1` more text turns."""
     content = "".join("<image>" for _ in images) + "Look. " + "".join("<video>" for _ in videos) + "\nWhat?"
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
     for t in range(1, turns):
         messages += [{"role": "user", "content": f"And then {t}?"}, {"role": "assistant", "content": f"then {t}"}]
-    return {"messages": messages, "images": list(images), "videos": [list(v) for v in videos]}
+    return Row(messages, list(images), [list(v) for v in videos])

@@ -7,7 +7,10 @@ Rank 0 saves {"grads": {name: full fp32 gradient}, "loss": step mean loss, "dtyp
 "micro_batch_targets": [supervised tokens of each micro-batch, this rank], "unsharded_grad_between_micro_batches":
 whether any FSDP unit held a gradient of its unsharded size when a later micro-batch started, "unit_grads":
 {unit: (its flat parameter's requires_grad, whether it holds a gradient)}, "images_per_rank": [whether each rank's
-micro-batches held an image]} to OUT.pt.
+micro-batches held an image], "planned_units" / "wrapped_units": the sizes of the units the memory plan counts and
+of those FSDP made, "sharding": {"strategy": what FSDP wrapped with, "optimizer_groups": the sizes of the groups
+the optimizer's tensors are sharded over}} to OUT.pt; "dtypes" holds "reduce_scatter", the dtypes FSDP's gradient
+reduce-scatters were seen to run in.
 Gradients are gathered from the flat shards (or the original parameters with --use-orig-params).
 """
 
@@ -23,6 +26,7 @@ from ftloop.fsdp.internals import clean_name
 from ftloop.steps import clip_gradients
 from ftloop.data.loaders import count_step
 from ftloop.model import build_skeleton
+from ftloop.optim.build import build_optimizer
 from ftloop.plan import fsdp_units
 from ftloop.train import accumulate_gradients, prepare
 
@@ -63,6 +67,14 @@ def main() -> None:
                                      and d.world_size > 1 for f in flats))
 
     model.register_forward_pre_hook(before_forward, with_kwargs=True)
+    reduced_in = set()  # the dtypes FSDP's gradient reduce-scatters run in, observed
+    reduce_scatter = dist.reduce_scatter_single
+
+    def observed_reduce_scatter(output, input, *args, **kwargs):
+        reduced_in.add(str(input.dtype))
+        return reduce_scatter(output, input, *args, **kwargs)
+
+    dist.reduce_scatter_single = observed_reduce_scatter
     batches = iter(s.train_loader)
     micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
     targets = count_step(micro_batches, d, len(micro_batches))[0].targets
@@ -73,8 +85,14 @@ def main() -> None:
         "master": sorted({str(p.dtype) for p in model.parameters()}),
         "grad": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
         "matmul_input": sorted(matmul_input_dtypes),
-        "reduce": str(model.mixed_precision.reduce_dtype),
+        "reduce_scatter": sorted(reduced_in),
     }
+    # How the run shards: the strategy FSDP wraps with, and the ranks each tensor the optimizer steps is split over
+    # (1: whole on every rank).
+    layout = build_optimizer(model, cfg.optim, d.device).layout
+    sharding = {"strategy": model.sharding_strategy.name,
+                "optimizer_groups": sorted({dist.get_world_size(t.group) if t.group is not None else 1
+                                            for t in layout})}
     paths = {m: n for n, m in model.named_modules()}
     # Which units got a gradient (FSDP allocates and reduce-scatters one only for a flat parameter that trains).
     unit_grads = {clean_name(paths[u]): (u._handle.flat_param.requires_grad, u._handle.flat_param.grad is not None)
@@ -92,6 +110,7 @@ def main() -> None:
     if d.rank == 0:
         torch.save({"grads": grads, "loss": loss, "dtypes": facts, "grad_norm": grad_norm, "unit_grads": unit_grads,
                     "images_per_rank": images_per_rank, "planned_units": planned, "wrapped_units": wrapped,
+                    "sharding": sharding,
                     "micro_batch_targets": [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches],
                     "unsharded_grad_between_micro_batches": any(unsharded_between[1:])}, out)
     dist.barrier()

@@ -70,9 +70,23 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def logged_losses(out) -> dict:
-    """{step: loss} of a run's metrics.jsonl."""
-    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r}
+def logged_losses(out, once: bool = True) -> dict:
+    """{step: logged training loss} of a run's metrics.jsonl (the last record of a step wins); `once`: each step
+    was logged once, also across a stop and resume."""
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert not once or len(train) == len({s for s, _ in train}), "a step was logged twice"
+    return dict(train)
+
+
+def image_and_text_rows(bundle: dict, folder) -> str:
+    """A data file of two of the bundle's rows, one with an image and one without: with 2 processes and one row
+    each, every step has a rank with an image and a rank with text only (whose vision tower still runs)."""
+    rows = json.loads(open(bundle["train_json"]).read())
+    path = os.path.join(folder, "image-and-text.json")
+    with open(path, "w") as f:
+        json.dump([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)], f)
+    return path
 
 
 def resume_a_copy(bundle, out, resumed, flags: list[str], step: int) -> subprocess.CompletedProcess:

@@ -2,8 +2,8 @@
 micro-batches that mix images, videos and text differently on each rank.
 
 Usage: torchrun ... tests/mix_worker.py SCENARIOS.json OUT.pt -- <ftloop.train flags>
-SCENARIOS.json: {name: [micro-batch, ...]}, each micro-batch a list of normalised rows (messages, images,
-videos). With W processes, rank r takes micro-batches r, r + W, ... of every scenario, in order; one process
+SCENARIOS.json: {name: [micro-batch, ...]}, each micro-batch a list of rows' fields (ftloop.data.rows.Row:
+messages, images, videos). With W processes, rank r takes micro-batches r, r + W, ... of every scenario, in order; one process
 takes them all as accumulation steps. Rank 0 saves {name: {"grads": {name: full fp32 gradient}, "loss": step
 mean loss}} to OUT.pt. The model comes from `prepare` (FSDP, as training builds it).
 """
@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.config import parse_args
-from ftloop.data.chat import chat_format
-from ftloop.data.dataset import SFTDataset, make_collate
+from ftloop.data.encode import chat_format
+from ftloop.data.batches import SFTDataset, make_collate
+from ftloop.data.rows import Row
 from ftloop.distributed import all_reduce_sum, init_distributed, leave
 from ftloop.fsdp.internals import clean_name
 from ftloop.data.loaders import count_step
@@ -39,7 +40,8 @@ def main() -> None:
     for name, micro_rows in scenarios.items():
         mine = micro_rows[d.rank::d.world_size]
         micro_batches = []
-        for rows in mine:
+        for fields in mine:
+            rows = [Row(**row) for row in fields]
             dataset = SFTDataset(rows, s.tokenizer, s.image_processor, cfg.data.max_seq_length,
                                  chat_format(cfg.data.system_prompt, s.hf_config.model_type), name)
             micro_batches.append(collate([dataset[i] for i in range(len(rows))]))

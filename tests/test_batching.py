@@ -8,7 +8,7 @@ import pytest
 
 from ftloop.distributed import World
 from ftloop.config import parse_args
-from ftloop.data.dataset import eval_batches
+from ftloop.data.batches import eval_batches
 from ftloop.data.loaders import build_eval_loader, build_loaders
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.model import load_config

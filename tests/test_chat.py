@@ -1,11 +1,12 @@
-"""ChatML rendering and tokenisation (ftloop.data.chat) against Qwen2.5-VL's own chat template."""
+"""ChatML rendering and tokenisation (ftloop.data.encode) against Qwen2.5-VL's own chat template."""
 
 import json
 import os
 
 import pytest
 
-from ftloop.data.chat import IGNORE_INDEX, encode_chat, expand_vision, render_chat
+from ftloop.loss import IGNORE_INDEX
+from ftloop.data.encode import encode_chat, expand_vision, render_chat
 from ftloop.data.rows import IMAGE_PLACEHOLDER
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what the official template inserts when a row has none

@@ -1,4 +1,5 @@
-"""`python -m ftloop.data.check`: the data preflight reports numbers and every bad row, never a traceback."""
+"""`python -m ftloop.data.check`: the data check reports numbers and every bad row, never a traceback, and finds
+what the check before training finds."""
 
 import json
 import os
@@ -7,14 +8,13 @@ import pytest
 
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from datautil import write_json
-from ftloop.data.chat import ChatFormat
-from ftloop.data.check import main
-from ftloop.data.encode import measure_row
-from ftloop.data.preflight import Measuring, check_file
-from ftloop.data.dataset import SFTDataset
-from ftloop.data.formats import load_rows
-from ftloop.errors import ConfigError, DataError
+from datautil import save_rgb, write_json
+from ftloop.data.batches import SFTDataset
+from ftloop.data.check import Measuring, checked_rows, main, make_pool, report
+from ftloop.data.encode import ChatFormat
+from ftloop.data.layouts import load_rows
+from ftloop.distributed import World
+from ftloop.errors import ConfigError, DataError, DataErrors
 from launch import python_m
 from test_cli import one_error_line
 
@@ -28,21 +28,61 @@ def bundle_rows(bundle):
 
 def test_numbers_match_the_dataset(tiny_bundle):
     b = tiny_bundle
-    report = check_file(b["train_json"], Measuring(b["model_dir"], max_seq_length=2048), b["image_folder"])
-    raw = bundle_rows(b)
-    assert report.rows == len(raw) and not report.errors
-    assert report.images == sum(1 for r in raw if r.get("image"))
-    assert report.text_only == sum(1 for r in raw if not r.get("image"))
     tokenizer = AutoTokenizer.from_pretrained(b["model_dir"])
     image_processor = AutoImageProcessor.from_pretrained(b["model_dir"])
+    found = report(b["train_json"], Measuring(tokenizer, image_processor, SYSTEM, 2048), World.single(),
+                   b["image_folder"])
+    raw = bundle_rows(b)
+    assert found.rows == len(raw) and not found.errors
+    assert found.images == sum(1 for r in raw if r.get("image"))
+    assert found.text_only == sum(1 for r in raw if not r.get("image"))
     rows = load_rows(b["train_json"], b["image_folder"])
     dataset = SFTDataset(rows, tokenizer, image_processor, 2048, SYSTEM)
     lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    assert sorted(report.lengths) == sorted(lengths) and max(report.lengths) == max(lengths)
-    assert [measure_row(r, tokenizer, image_processor, SYSTEM) for r in rows] == lengths
-    assert report.percentile(1.0) == max(lengths) and report.too_long == 0
-    short = check_file(b["train_json"], Measuring(b["model_dir"], max_seq_length=max(lengths) - 1), b["image_folder"])
+    assert found.lengths == lengths  # in row order
+    assert [Measuring(tokenizer, image_processor, SYSTEM)(r, "x") for r in rows] == lengths
+    assert found.percentile(1.0) == max(lengths) and found.too_long == 0
+    short = report(b["train_json"], Measuring(tokenizer, image_processor, SYSTEM, max(lengths) - 1), World.single(),
+                   b["image_folder"])
     assert short.too_long == sum(n > max(lengths) - 1 for n in lengths) > 0
+
+
+@pytest.mark.parametrize("truncation", ["drop", "right"])
+def test_the_check_finds_what_the_check_before_training_finds(tiny_bundle, tmp_path, truncation):
+    """One measuring rule in both places: rows whose image ends past --max-seq-length are errors under
+    --truncation right (their text may be cut, the image may not) and only too long under drop, in
+    `python -m ftloop.data.check` (spread over a process pool) as in the check before training (over the ranks)."""
+    b = tiny_bundle
+    tokenizer = AutoTokenizer.from_pretrained(b["model_dir"])
+    image_processor = AutoImageProcessor.from_pretrained(b["model_dir"])
+    raw = bundle_rows(b)
+    raw[1] = dict(raw[1], image=str(save_rgb(tmp_path / "gone.png")))  # a bad row too, as read
+    os.remove(tmp_path / "gone.png")
+    data = write_json(tmp_path / "train.json", raw)
+    read_errors = []
+    rows = load_rows(data, b["image_folder"], read_errors)
+    measuring = Measuring(tokenizer, image_processor, SYSTEM, 5, truncation)  # every image ends past token 5
+    pool = make_pool(2, measuring)
+    try:
+        by_the_command = report(data, measuring, pool, b["image_folder"])
+    finally:
+        pool.close()
+        pool.join()
+    try:
+        checked_rows(data, rows, read_errors, measuring, False, World.single())
+        errors = []
+    except DataErrors as err:
+        errors = err.lines[:-1]
+    assert by_the_command.errors == errors
+    assert [e for e in errors if e.startswith(f"{data}: row 2: ")] == [f"{data}: row 2: image not found: {tmp_path}/gone.png"]
+    image_rows = sum(1 for r in rows if r.images)
+    assert len(errors) == 1 + (image_rows if truncation == "right" else 0)
+    kept = checked_rows(data, rows, read_errors, measuring, True, World.single())  # --skip-bad-rows
+    assert kept.skipped_bad == len(errors)
+    if truncation == "drop":  # every row is longer than 5: dropped, and counted by the command
+        assert kept.rows == [] and kept.dropped_long == by_the_command.too_long == len(rows)
+    else:  # the text-only rows are cut to 5
+        assert kept.dropped_long == 0 and kept.lengths == [5] * (len(rows) - image_rows)
 
 
 def test_load_rows_collects_errors_instead_of_raising(tiny_bundle, tmp_path):
@@ -51,7 +91,7 @@ def test_load_rows_collects_errors_instead_of_raising(tiny_bundle, tmp_path):
     path.write_text("\n".join([json.dumps(good), "{not json", json.dumps([1]), json.dumps(dict(good, image="x.png"))]))
     errors = []
     rows = load_rows(str(path), tiny_bundle["image_folder"], errors=errors)
-    assert [r["row"] for r in rows] == [1]
+    assert [r.number for r in rows] == [1]
     assert [e.split(": ")[1] for e in errors] == ["row 2", "row 3", "row 4"]
     try:
         load_rows(str(path), tiny_bundle["image_folder"])
@@ -95,7 +135,8 @@ def test_cli_clean_data_exits_0_and_counts_long_rows(tiny_bundle, tmp_path):
     result = python_m("ftloop.data.check", flags)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "total: 0 errors in 2 files" in result.stdout and "p99" in result.stdout
-    # text-only rows over a small limit are counted (image rows whose images end past it are errors)
+    # rows over a small limit are counted (under --truncation right, image rows whose images end past it are
+    # errors: test_the_check_finds_what_the_check_before_training_finds)
     text = [r for r in bundle_rows(b) if not r.get("image")]
     data = write_json(tmp_path / "text.json", text)
     result = python_m("ftloop.data.check", ["--train-data", data, "--model-name-or-path", b["model_dir"],

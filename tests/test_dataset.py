@@ -1,14 +1,16 @@
 """Samples, collation and the order in which ranks see rows."""
 
+import dataclasses
 
 import pytest
 import torch
 
 from datautil import SYSTEM, one_line_error, save_rgb
-from ftloop.data.chat import IGNORE_INDEX
-from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
+from ftloop.loss import IGNORE_INDEX
+from ftloop.data.batches import EvalDataset, SFTDataset, eval_batches, make_collate
 from ftloop.data.sampler import StepBatchSampler
-from ftloop.data.formats import load_rows
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
 from ftloop.errors import DataError
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -25,15 +27,19 @@ def bundle_rows(tiny_bundle):
     return load_rows(tiny_bundle["train_json"], tiny_bundle["image_folder"])
 
 
-def image_row(paths, reply="red"):
+def image_row(paths, reply="red") -> Row:
     placeholders = "".join("<image>" for _ in paths)
-    return {"messages": [{"role": "user", "content": placeholders + "\nWhat color?"},
-                         {"role": "assistant", "content": reply}], "images": [str(p) for p in paths]}
+    return Row([{"role": "user", "content": placeholders + "\nWhat color?"}, {"role": "assistant", "content": reply}],
+               [str(p) for p in paths])
 
 
-def text_row(reply="nine"):
-    return {"messages": [{"role": "user", "content": "What is 4 plus 5?"},
-                         {"role": "assistant", "content": reply}], "images": []}
+def numbered(rows: list[Row]) -> list[Row]:
+    """The rows as a source numbers them, from 1 (a message about a row names its number)."""
+    return [dataclasses.replace(row, number=n) for n, row in enumerate(rows, start=1)]
+
+
+def text_row(reply="nine") -> Row:
+    return Row([{"role": "user", "content": "What is 4 plus 5?"}, {"role": "assistant", "content": reply}])
 
 
 def test_dataset_image_row(tokenizer, image_processor, ids, bundle_rows):
@@ -103,7 +109,7 @@ def test_dataset_truncates_text_row(tokenizer, image_processor):
 
 def test_dataset_refuses_to_cut_an_image(tmp_path, tokenizer, image_processor, ids):
     path = save_rgb(tmp_path / "a.png")
-    rows = [text_row(), image_row([path], reply="long " * 30)]
+    rows = numbered([text_row(), image_row([path], reply="long " * 30)])
     full = SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM, source="train.json")[1]
     vision_end = full["input_ids"].tolist().index(ids["<|vision_end|>"])
     for limit in (vision_end, vision_end - 2, 5):
@@ -113,7 +119,7 @@ def test_dataset_refuses_to_cut_an_image(tmp_path, tokenizer, image_processor, i
 
 
 def test_dataset_bad_image_names_row(tmp_path, tokenizer, image_processor):
-    rows = [text_row(), image_row([tmp_path / "gone.png"])]
+    rows = numbered([text_row(), image_row([tmp_path / "gone.png"])])
     with pytest.raises(DataError) as excinfo:
         SFTDataset(rows, tokenizer, image_processor, 4096, SYSTEM, source="train.json")[1]
     one_line_error(excinfo, "train.json: row 2", str(tmp_path / "gone.png"))

@@ -8,9 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from ftloop.config import FSDPArgs
-from ftloop.fsdp.wrap import mixed_precision
-from launch import REPO, check, env, free_port, torchrun, train_flags
+from launch import REPO, check, env, free_port, image_and_text_rows, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
@@ -80,8 +78,10 @@ def test_bf16_mixed_precision_dtypes_and_clipping_to_max_grad_norm(tiny_bundle, 
     assert facts["master"] == ["torch.float32"]  # sharded masters stay fp32
     assert facts["grad"] == ["torch.float32"]  # reduced gradients land in the master dtype
     assert facts["matmul_input"] == ["torch.bfloat16"]  # the matmuls run in bf16
-    assert facts["reduce"] == "torch.float32"  # every rank's bf16 gradient summed in fp32
-    assert mixed_precision(FSDPArgs(reduce_dtype="bf16")).reduce_dtype == torch.bfloat16  # --reduce-dtype bf16
+    assert facts["reduce_scatter"] == ["torch.float32"]  # every rank's bf16 gradient summed in fp32 (seen)
+    bf16_reduce = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--reduce-dtype", "bf16", flat=True)
+    assert bf16_reduce["dtypes"]["reduce_scatter"] == ["torch.bfloat16"]  # --reduce-dtype bf16: summed in bf16
+    assert bf16_reduce["dtypes"]["grad"] == ["torch.float32"]  # and cast back to the master dtype
     # Clipped over both ranks' shards to exactly --max-grad-norm; the norm returned (logged) is the one before.
     assert step["grad_norm"] > 0.1
     assert global_norm(step["grads"]) == pytest.approx(0.01, rel=1e-4)
@@ -95,13 +95,8 @@ def test_fp32_run_has_fp32_matmuls_and_max_grad_norm_0_does_not_clip(tiny_bundle
 
 
 def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
-    # Two rows, one with an image and one without: with 2 processes and one row each, every training step
-    # and every eval batch has one rank with an image and one without.
-    rows = json.loads(open(tiny_bundle["train_json"]).read())
-    image_row = next(r for r in rows if "image" in r)
-    text_row = next(r for r in rows if "image" not in r)
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps([image_row, text_row]))
+    # Every training step and every eval batch has one rank with an image and one without.
+    data = image_and_text_rows(tiny_bundle, tmp_path)
     out = tmp_path / "run"
     # Started the way users start it, through the launcher script (which passes the flags to torchrun).
     launcher = os.path.join(REPO, "scripts", "train_shell.sh")
@@ -128,10 +123,8 @@ def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, t
     rank never reduces them (a hang); LoRA (on Qwen2.5-VL) freezes the whole visual part. The memory plan counts
     the same units, of the same sizes (its adapters nested in their layers), as FSDP made."""
     tiny_bundle = request.getfixturevalue(bundle_name)
-    rows = json.loads(open(tiny_bundle["train_json"]).read())
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))
-    step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--train-data", str(data), *flags, flat=True)
+    data = image_and_text_rows(tiny_bundle, tmp_path)
+    step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--train-data", data, *flags, flat=True)
     assert sorted(step["images_per_rank"]) == [False, True]
     assert step["planned_units"] == step["wrapped_units"]  # the memory plan counts the units FSDP made
     units = step["unit_grads"]
@@ -163,3 +156,18 @@ def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
         # atol: the fp32 rounding of a weight near 1 (a norm's) after the step, 6e-8 at most; rates differ by 2.5x+.
         torch.testing.assert_close(delta, torch.full_like(delta, expected[part]), rtol=0, atol=1e-7, msg=name)
     assert seen == set(expected) - ({"lm_head."} if "lm_head.weight" not in moved else set())
+
+
+@pytest.mark.parametrize("strategy, groups", [("NO_SHARD", [1]), ("SHARD_GRAD_OP", [2]), ("FULL_SHARD", [2])])
+def test_the_sharding_strategy_is_the_one_asked_for(tiny_bundle, tmp_path, strategy, groups):
+    """--sharding-strategy reaches FSDP and the optimizer (whose tensors are whole on every rank under NO_SHARD), on
+    2 processes. Under NO_SHARD with accumulation, the first micro-batch's backward runs in `no_sync` and the last
+    one all-reduces the sum: the same step as 1 process x 4 micro-batches."""
+    args = ("--no-bf16", "--train-data", unequal_rows(tiny_bundle, tmp_path), "--image-folder",
+            tiny_bundle["image_folder"], "--sharding-strategy", strategy)
+    two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, flat=True)
+    assert two_by_two["sharding"] == {"strategy": strategy, "optimizer_groups": groups}
+    if strategy == "NO_SHARD":
+        one_by_four = step_gradients(tiny_bundle, tmp_path, 1, 4, 1, *args, flat=True)
+        assert two_by_two["loss"] == pytest.approx(one_by_four["loss"], rel=1e-6)
+        assert max_relative_difference(two_by_two["grads"], one_by_four["grads"]) < 1e-5

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
-from ftloop.data.formats import load_rows
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
 from ftloop.errors import DataError
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -28,11 +29,9 @@ def test_load_rows_json_array_and_jsonl_agree(data_dir):
     a = load_rows(write_json(data_dir / "d.json", rows))
     b = load_rows(write_jsonl(data_dir / "d.jsonl", rows))
     assert a == b
-    assert a[0] == {"messages": [{"role": "user", "content": "<image>\nWhat?"},
-                                 {"role": "assistant", "content": "red"}],
-                    "images": [os.path.join(str(data_dir), "a.png")], "videos": [], "row": 1}
-    assert a[1] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                    "images": [], "videos": [], "row": 2}
+    assert a[0] == Row([{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "red"}],
+                       [os.path.join(str(data_dir), "a.png")], [], number=1)
+    assert a[1] == Row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], number=2)
 
 
 def test_load_rows_jsonl_skips_blank_lines(data_dir):
@@ -46,9 +45,9 @@ def test_load_rows_image_list_and_roles(data_dir):
         ("system", "Be brief."), ("human", "<image> and <image>"), ("gpt", "two"), ("user", "more?"),
         ("assistant", "no"))}
     (got,) = load_rows(write_json(data_dir / "d.json", [row]))
-    assert [m["role"] for m in got["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    assert [m["content"] for m in got["messages"]] == ["Be brief.", "<image> and <image>", "two", "more?", "no"]
-    assert got["images"] == [os.path.join(str(data_dir), "x/1.png"), os.path.join(str(data_dir), "2.png")]
+    assert [m["role"] for m in got.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in got.messages] == ["Be brief.", "<image> and <image>", "two", "more?", "no"]
+    assert got.images == [os.path.join(str(data_dir), "x/1.png"), os.path.join(str(data_dir), "2.png")]
 
 
 def test_load_rows_image_folder_and_absolute_paths(tmp_path, data_dir):
@@ -58,16 +57,16 @@ def test_load_rows_image_folder_and_absolute_paths(tmp_path, data_dir):
     absolute = str(data_dir / "2.png")
     rows = [GOOD, {"image": absolute, "conversations": GOOD["conversations"]}]
     got = load_rows(write_json(tmp_path / "d.json", rows), str(folder))
-    assert got[0]["images"] == [os.path.join(str(folder), "a.png")]
-    assert got[1]["images"] == [absolute]
+    assert got[0].images == [os.path.join(str(folder), "a.png")]
+    assert got[1].images == [absolute]
 
 
 def test_load_rows_relative_data_path_gives_absolute_images(data_dir, monkeypatch):
     write_json(data_dir / "d.json", [GOOD])
     monkeypatch.chdir(data_dir)
     (got,) = load_rows("d.json")
-    assert got["images"] == [os.path.join(str(data_dir), "a.png")]
-    assert os.path.isabs(got["images"][0])
+    assert got.images == [os.path.join(str(data_dir), "a.png")]
+    assert os.path.isabs(got.images[0])
 
 
 @pytest.mark.parametrize("image,needle", [("gone.png", "not found"), ("x", "folder")])
@@ -81,9 +80,9 @@ def test_load_rows_checks_image_paths(data_dir, image, needle):
 def test_load_rows_bundle(tiny_bundle):
     rows = load_rows(tiny_bundle["train_json"], tiny_bundle["image_folder"])
     assert len(rows) == 16
-    assert rows[3]["images"] == [] and rows[15]["images"] == []  # the bundle's text-only rows
-    assert all(os.path.isfile(p) for r in rows for p in r["images"])
-    assert sum(len(r["images"]) for r in rows) == 14
+    assert rows[3].images == [] and rows[15].images == []  # the bundle's text-only rows
+    assert all(os.path.isfile(p) for r in rows for p in r.images)
+    assert sum(len(r.images) for r in rows) == 14
 
 
 BAD_ROWS = {

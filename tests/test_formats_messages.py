@@ -6,8 +6,9 @@ import os
 import pytest
 
 from datautil import one_line_error, save_rgb, turns, write_json, write_jsonl
-from ftloop.data.chat import ChatFormat
-from ftloop.data.formats import load_rows
+from ftloop.data.encode import ChatFormat
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
 from ftloop.errors import DataError
 
 
@@ -63,14 +64,12 @@ def test_three_layouts_give_identical_rows(data_dir):
     messages = load_rows(write_jsonl(data_dir / "messages.jsonl", MESSAGES))
     trl = load_rows(write_json(data_dir / "trl.json", TRL))
     assert llava == messages == trl
-    assert llava[1] == {
-        "messages": [{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": "<image> and <image>: same?"},
-                     {"role": "assistant", "content": "yes"}, {"role": "user", "content": "sure?"},
-                     {"role": "assistant", "content": "sure"}],
-        "images": [os.path.join(str(data_dir), "b.png"), os.path.join(str(data_dir), "c.png")],
-        "videos": [], "row": 2}
-    assert llava[2]["images"] == [] and llava[2]["videos"] == []
+    assert llava[1] == Row(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image> and <image>: same?"},
+         {"role": "assistant", "content": "yes"}, {"role": "user", "content": "sure?"},
+         {"role": "assistant", "content": "sure"}],
+        [os.path.join(str(data_dir), "b.png"), os.path.join(str(data_dir), "c.png")], [], number=2)
+    assert llava[2].images == [] and llava[2].videos == []
 
 
 def test_messages_string_placeholders_take_top_level_images_and_file_scheme(data_dir, tmp_path):
@@ -79,13 +78,13 @@ def test_messages_string_placeholders_take_top_level_images_and_file_scheme(data
             {"messages": [msg("user", [image("file://" + str(data_dir / "a.png")), text("What color?")]),
                           msg("assistant", "red")]}]
     got = load_rows(write_json(data_dir / "d.json", rows))
-    assert [r["messages"][0]["content"] for r in got] == ["<image>What color?"] * 3
-    assert [r["images"] for r in got] == [[str(data_dir / "a.png")]] * 3
+    assert [r.messages[0]["content"] for r in got] == ["<image>What color?"] * 3
+    assert [r.images for r in got] == [[str(data_dir / "a.png")]] * 3
     folder = tmp_path / "elsewhere"
     folder.mkdir()
     save_rgb(folder / "a.png")
     (moved,) = load_rows(write_json(data_dir / "e.json", rows[:1]), str(folder))
-    assert moved["images"] == [str(folder / "a.png")]
+    assert moved.images == [str(folder / "a.png")]
 
 
 def test_videos_in_messages_and_llava(data_dir):
@@ -104,10 +103,10 @@ def test_videos_in_messages_and_llava(data_dir):
     a = load_rows(write_json(data_dir / "m.json", messages))
     b = load_rows(write_json(data_dir / "l.json", llava))
     assert a == b
-    assert a[0]["videos"] == [absolute] and a[0]["images"] == []
-    assert a[0]["messages"][0]["content"] == "<video>What happens?"
-    assert a[1]["videos"] == [absolute, absolute[:1]] and a[1]["images"] == [str(data_dir / "a.png")]
-    assert a[1]["messages"][0]["content"] == "<video>then<video><image>"
+    assert a[0].videos == [absolute] and a[0].images == []
+    assert a[0].messages[0]["content"] == "<video>What happens?"
+    assert a[1].videos == [absolute, absolute[:1]] and a[1].images == [str(data_dir / "a.png")]
+    assert a[1].messages[0]["content"] == "<video>then<video><image>"
 
 
 def user_image(path=None):
@@ -204,7 +203,7 @@ def test_detection_and_data_format_override(data_dir):
         with pytest.raises(DataError) as excinfo:
             load_rows(path, errors=[])  # a layout problem is about the whole file: it raises even with errors=
         one_line_error(excinfo, path, *needles)
-    assert load_rows(both, data_format="messages")[0]["messages"][1]["content"] == "hello"
+    assert load_rows(both, data_format="messages")[0].messages[1]["content"] == "hello"
     # Forcing the other layout: every row is bad, each said on its own line.
     errors = []
     assert load_rows(messages, errors=errors, data_format="llava") == []
@@ -235,9 +234,9 @@ def test_video_fps_is_a_row_field_of_both_layouts(data_dir, tokenizer, image_pro
     a = load_rows(write_json(data_dir / "l.json", llava))
     b = load_rows(write_json(data_dir / "m.json", messages))
     assert a == b
-    assert [r.get("video_fps") for r in a] == [[4.0, 4.0], [1.0, None], None]
+    assert [r.video_fps for r in a] == [[4.0, 4.0], [1.0, None], None]
     # ... and it reaches the model: second_per_grid_ts = temporal_patch_size / fps (2.0 by default).
-    from ftloop.data.dataset import SFTDataset
+    from ftloop.data.batches import SFTDataset
 
     dataset = SFTDataset(a, tokenizer, image_processor, 4096, ChatFormat(""))
     assert [dataset[i]["second_per_grid_ts"].tolist() for i in range(3)] == [[0.5, 0.5], [2.0, 1.0], [1.0, 1.0]]
@@ -256,10 +255,11 @@ def test_video_fps_is_a_row_field_of_both_layouts(data_dir, tokenizer, image_pro
      "a bare video part has an `fps`"),
 ])
 def test_bad_video_fps_is_one_line_before_training(data_dir, tokenizer, image_processor, row, needle):
-    from ftloop.data.encode import measure_row
+    from ftloop.data.check import Measuring
 
     path = write_json(data_dir / "fps.json", [row])
-    with pytest.raises(DataError) as excinfo:
-        for read in load_rows(path):  # reading, or the check before training that measures every row
-            measure_row(read, tokenizer, image_processor, ChatFormat(""), source=path)
-    one_line_error(excinfo, f"{path}: row 1", needle)
+    try:  # reading, or the check before training that measures every row
+        [problem] = [Measuring(tokenizer, image_processor, ChatFormat(""))(read, path) for read in load_rows(path)]
+    except DataError as err:
+        problem = str(err)
+    assert "\n" not in problem and f"{path}: row 1" in problem and needle in problem, problem

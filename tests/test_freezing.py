@@ -1,7 +1,6 @@
 """Training only what is chosen: which tensors each freeze flag fixes, the FSDP units that keep frozen and
 trainable tensors apart, and a 2-process run with frozen parts and a text-only rank that resumes exactly."""
 
-import json
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from ftloop.config import ModelArgs
 from ftloop.errors import ConfigError
 from ftloop.model import build_meta_model, freeze_parts, load_config
-from launch import check, resume_a_copy, torchrun, train_flags
+from launch import check, image_and_text_rows, resume_a_copy, torchrun, train_flags
 
 
 def trainable(bundle, **flags) -> tuple[set[str], set]:
@@ -76,10 +75,8 @@ def test_a_frozen_merger_beside_a_trainable_patch_embedding_stays_put_and_resume
     units alone, and its step 2 resumes bit for bit. Two rows, one with an image: on 2 processes one rank is
     text-only at every step. (Which units get gradients, with a frozen tower: tests/test_distributed.py.)"""
     flags, frozen = ["--freeze-merger", "--unfreeze-topk-llm", "1"], ("visual.merger.", *TOP_LLM_LAYER_ONLY)
-    rows = json.loads(open(tiny_bundle["train_json"]).read())
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))
-    run = ["--train-data", str(data), "--max-steps", "3", "--logging-steps", "1", "--per-device-train-batch-size",
+    data = image_and_text_rows(tiny_bundle, tmp_path)
+    run = ["--train-data", data, "--max-steps", "3", "--logging-steps", "1", "--per-device-train-batch-size",
            "1", "--learning-rate", "1e-2", "--no-bf16", "--save-dtype", "fp32", *flags]
     out = tmp_path / "run"
     check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")], timeout=180))

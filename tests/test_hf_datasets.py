@@ -2,6 +2,7 @@
 a `datasets.Image` column, images read lazily through references, DatasetDict splits, hub names, the
 preflight check, --eval-ratio, and a short training run."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -14,10 +15,11 @@ from PIL import Image as PILImage
 
 from datautil import one_line_error, write_json
 from ftloop.config import parse_args
-from ftloop.data.formats import load_rows
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
 from ftloop.errors import ConfigError, DataError
-from ftloop.data.image_ref import ImageRef
-from ftloop.data.images import open_rgb
+from ftloop.data.sources import ImageRef
+from ftloop.data.media import open_rgb
 from ftloop.data.loaders import hold_out, read_sources
 from test_cli import check_flags
 from launch import check, python_m, train_flags
@@ -74,7 +76,7 @@ def pixels(source):
 
 
 def without_images(rows):
-    return [{k: v for k, v in r.items() if k != "images"} for r in rows]
+    return [dataclasses.replace(r, images=[]) for r in rows]
 
 
 def test_json_and_dataset_forms_give_the_same_rows(data_dir):
@@ -94,12 +96,12 @@ def test_json_and_dataset_forms_give_the_same_rows(data_dir):
     for name, rows in forms.items():
         assert without_images(rows) == without_images(reference), name
         for got, want in zip(rows, reference):
-            assert len(got["images"]) == len(want["images"])
-            for a, b in zip(got["images"], want["images"]):
+            assert len(got.images) == len(want.images)
+            for a, b in zip(got.images, want.images):
                 assert (pixels(a) == pixels(b)).all(), name
-    assert all(isinstance(i, str) for r in forms["messages json"] for i in r["images"])
+    assert all(isinstance(i, str) for r in forms["messages json"] for i in r.images)
     assert all(isinstance(i, ImageRef) for name in ("save_to_disk", "parquet", "arrow")
-               for r in forms[name] for i in r["images"])
+               for r in forms[name] for i in r.images)
 
 
 def test_images_are_lazy_references_that_pickle_by_file(data_dir):
@@ -108,7 +110,7 @@ def test_images_are_lazy_references_that_pickle_by_file(data_dir):
     ds = single_image_dataset(big, ["<image>what?"] * 8)
     ds.save_to_disk(str(data_dir / "ds"))
     rows = load_rows(str(data_dir / "ds"))
-    refs = [r["images"][0] for r in rows]
+    refs = [r.images[0] for r in rows]
     assert all(type(ref) is ImageRef for ref in refs)
     assert {"bytes", "data"}.isdisjoint(dir(refs[0]))  # a row holds where an image is, not the image
     assert isinstance(refs[0].source.dataset.data, datasets.table.MemoryMappedTable)
@@ -117,7 +119,7 @@ def test_images_are_lazy_references_that_pickle_by_file(data_dir):
     pickled = pickle.dumps(rows)
     assert len(pickled) < stored / 10  # the dataset pickles as its file names, not its bytes
     again = pickle.loads(pickled)
-    for ref, image in zip((r["images"][0] for r in again), big):
+    for ref, image in zip((r.images[0] for r in again), big):
         assert (pixels(ref) == np.asarray(image)).all()
 
 
@@ -132,8 +134,8 @@ def test_paths_inside_a_dataset_resolve_against_the_image_folder(data_dir, tmp_p
     strings = Dataset.from_dict({"image": ["b.png"], "conversations": [LLAVA[0]["conversations"]]})
     strings.save_to_disk(str(tmp_path / "strings"))
     got = load_rows(str(tmp_path / "paths.parquet"), str(data_dir))
-    assert got[0]["images"] == [str(data_dir / "a.png")] and got[1]["images"] == []
-    assert load_rows(str(tmp_path / "strings"), str(data_dir))[0]["images"] == [str(data_dir / "b.png")]
+    assert got[0].images == [str(data_dir / "a.png")] and got[1].images == []
+    assert load_rows(str(tmp_path / "strings"), str(data_dir))[0].images == [str(data_dir / "b.png")]
     with pytest.raises(DataError) as excinfo:
         load_rows(str(tmp_path / "paths.parquet"), str(tmp_path / "nowhere"))
     one_line_error(excinfo, str(tmp_path / "paths.parquet"), "row 1", "image not found")
@@ -149,7 +151,7 @@ def test_bad_rows_and_bad_images_in_a_dataset_are_one_line(data_dir):
     junk.to_parquet(str(data_dir / "junk.parquet"))
     (row,) = load_rows(str(data_dir / "junk.parquet"))
     with pytest.raises(DataError) as excinfo:
-        open_rgb(row["images"][0], "junk.parquet: row 1")
+        open_rgb(row.images[0], "junk.parquet: row 1")
     one_line_error(excinfo, "junk.parquet: row 1", "cannot read image `image` of row 1", "not an image format")
     nested = Features({"messages": List({"role": Value("string"), "content": List(
         {"type": Value("string"), "text": Value("string"), "image": Image()})})})
@@ -202,11 +204,11 @@ def test_hub_names_and_missing_sources(data_dir, monkeypatch, tiny_bundle):
 
 
 def test_eval_ratio_split_rule():
-    rows = [{"row": i} for i in range(1, 101)]
+    rows = [Row([], number=i) for i in range(1, 101)]
     train, held = hold_out(rows, 0.25, seed=3)
     assert len(held) == 25 and len(train) == 75
-    assert sorted(r["row"] for r in train + held) == list(range(1, 101))
-    assert train == sorted(train, key=lambda r: r["row"]) and held == sorted(held, key=lambda r: r["row"])
+    assert sorted(r.number for r in train + held) == list(range(1, 101))
+    assert train == sorted(train, key=lambda r: r.number) and held == sorted(held, key=lambda r: r.number)
     assert hold_out(rows, 0.25, seed=3) == (train, held)  # every rank, every run
     assert hold_out(rows, 0.25, seed=4)[1] != held
     assert len(hold_out(rows, 0.001, seed=3)[1]) == 1  # at least one row
@@ -223,8 +225,8 @@ def test_eval_ratio_reads_and_validates(tiny_bundle, tmp_path):
     (train, train_errors), (held, held_errors) = read_sources(cfg)
     _, (again, _) = read_sources(cfg)  # read afresh: the same rows
     assert (len(train), len(held)) == (12, 4) and train_errors == held_errors == []
-    assert [r["row"] for r in held] == [r["row"] for r in again]
-    assert sorted(r["row"] for r in train + held) == list(range(1, 17))
+    assert [r.number for r in held] == [r.number for r in again]
+    assert sorted(r.number for r in train + held) == list(range(1, 17))
     for flags, message in ((("--eval-ratio", "1"), "--eval-ratio must be in"),
                            (("--eval-ratio", "-0.1"), "--eval-ratio must be in"),
                            (("--eval-ratio", "0.1", "--eval-data", tiny_bundle["eval_json"]), "give one of the two")):

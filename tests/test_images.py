@@ -6,7 +6,7 @@ from PIL import Image
 
 from datautil import one_line_error
 from ftloop.errors import DataError
-from ftloop.data.images import open_rgb
+from ftloop.data.media import open_rgb
 
 # ------------------------------------------------------------------------------------------------ images
 

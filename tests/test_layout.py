@@ -170,3 +170,23 @@ def test_long_modules_say_why():
         text = path.read_text()
         if len(text.splitlines()) > LONG:
             assert "This file is long because" in (ast.get_docstring(ast.parse(text)) or ""), path
+
+
+def test_data_modules_import_only_the_stages_before_them():
+    """ftloop/data/__init__.py lists its modules stage by stage; each may import only those listed before it, so the
+    folder reads as the pipeline."""
+    modules = {p.stem for p in (PACKAGE / "data").glob("*.py")} - {"__init__"}
+    listing = ast.get_docstring(ast.parse((PACKAGE / "data" / "__init__.py").read_text()))
+    listed = []
+    for line in listing.splitlines():  # "<stage> <module> <what it does>", or "<module> <what it does>"
+        words = line.split()[:2]
+        if len(words) == 2 and words[0] in ("read", "encode", "check", "batch") and words[1] in modules:
+            listed.append(words[1])
+        elif words and words[0] in modules:
+            listed.append(words[0])
+    assert sorted(listed) == sorted(modules)
+    graph = imports()
+    for position, name in enumerate(listed):
+        data_imports = {t.removeprefix("ftloop.data.") for t, _ in graph[f"ftloop.data.{name}"]
+                        if t.startswith("ftloop.data.")}
+        assert data_imports <= set(listed[:position]), (name, data_imports - set(listed[:position]))

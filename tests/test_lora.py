@@ -17,7 +17,7 @@ from ftloop.fsdp.checkpoint import check_resumable, read_trainer_state
 from ftloop.lora import add_adapters, initial_adapter, merged
 from ftloop.fsdp.internals import clean_name
 from ftloop.model import build_meta_model, load_config
-from launch import check, python_m, resume_a_copy, torchrun, train_flags
+from launch import check, image_and_text_rows, python_m, resume_a_copy, torchrun, train_flags
 from test_freezing import state
 
 peft = pytest.importorskip("peft")
@@ -96,12 +96,6 @@ def test_merged_weights_give_the_adapted_models_logits(tiny_bundle):
     torch.testing.assert_close(merged_logits, live, rtol=1e-4, atol=1e-5)
 
 
-def mixed_rows(bundle, folder) -> str:
-    rows = json.loads(open(bundle["train_json"]).read())
-    data = folder / "mixed.json"
-    data.write_text(json.dumps([next(r for r in rows if "image" in r), next(r for r in rows if "image" not in r)]))
-    return str(data)
-
 
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
@@ -111,7 +105,7 @@ def logits(model, ids) -> torch.Tensor:
 def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bundle, tmp_path):
     """2 processes, one row with an image and one text-only (one rank's vision pass is the blank image's),
     bf16 compute with the frozen base held in bf16, fp32 adapters trained by Adafactor, dropout on."""
-    run = ["--train-data", mixed_rows(tiny_bundle, tmp_path), "--max-steps", "3", "--logging-steps", "1",
+    run = ["--train-data", image_and_text_rows(tiny_bundle, tmp_path), "--max-steps", "3", "--logging-steps", "1",
            "--per-device-train-batch-size", "1", "--learning-rate", "1e-2", "--lora-rank", "4"]
     out = tmp_path / "run"
     check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")], timeout=180))

@@ -13,7 +13,7 @@ import pytest
 
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import check_node_sizes
-from launch import REPO, check, env, free_port, torchrun, train_flags
+from launch import REPO, check, env, free_port, logged_losses, torchrun, train_flags
 
 SBATCH = os.path.join(REPO, "scripts", "slurm", "train.sbatch")
 
@@ -49,10 +49,6 @@ def fake_slurm_bin(folder) -> str:
     return str(folder)
 
 
-def losses(out) -> dict:
-    return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
-
-
 def parameters_said(stdout: str) -> str:
     return re.search(r"~([\d.]+M) parameters", stdout).group(1)
 
@@ -83,7 +79,7 @@ def test_the_sbatch_script_reads_slurm_variables(two_nodes):
 
 def test_hybrid_shard_over_two_nodes_trains_saves_and_exports(two_nodes):
     out, result, _ = two_nodes
-    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     saves = [r["checkpoint_save_s"] for r in records if "checkpoint_save_s" in r]
     print(f"checkpoint save times: {saves}")
@@ -107,7 +103,7 @@ def test_a_two_node_checkpoint_resumes_on_one_node(tiny_bundle, two_nodes, tmp_p
     load_s = float(re.search(r"at step 2 \(epoch 0, row 8\) in ([\d.]+)s", result.stdout).group(1))
     print(f"resumed onto 1 node, {strategy}: checkpoint loaded in {load_s}s, whole run "
           f"{time.perf_counter() - started:.1f}s")
-    expected, got = losses(reference), losses(out)
+    expected, got = logged_losses(reference), logged_losses(out)
     assert sorted(got) == [3, 4]
     difference = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
     print(f"largest relative loss difference from the 2-node run: {difference:.2g}")

@@ -9,10 +9,12 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from datautil import SYSTEM, noise_frames, vl_row
-from ftloop.data.chat import IGNORE_INDEX, ChatFormat
-from ftloop.data.dataset import SFTDataset, make_collate
-from ftloop.data.packing import make_packed_collate, pack_rows
-from ftloop.data.vision import load_image_processor
+from ftloop.loss import IGNORE_INDEX
+from ftloop.data.encode import ChatFormat
+from ftloop.data.batches import SFTDataset, make_collate
+from ftloop.data.batches import make_packed_collate
+from ftloop.data.sampler import pack_rows
+from ftloop.data.media import load_image_processor
 from ftloop.model import VisionLanguageSFT
 from test_vision_forward import qwen2_vl
 

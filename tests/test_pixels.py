@@ -1,27 +1,26 @@
 """--min-pixels / --max-pixels (the image processor's limits, overridden at load time) and
 --max-images-per-sample (rows with more images are bad rows)."""
 
+import dataclasses
 
 import pytest
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer
 
-from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
+from datautil import SYSTEM, save_rgb, turns, write_json
+from ftloop.data.batches import SFTDataset
+from ftloop.data.check import Measuring, checked_rows, main, report
+from ftloop.data.layouts import load_rows
+from ftloop.data.media import load_image_processor
+from ftloop.data.rows import Row
 from ftloop.distributed import World
-from ftloop.data.check import main
-from ftloop.data.encode import measure_row
-from ftloop.data.preflight import Measuring, check_file
-from ftloop.data.dataset import SFTDataset
-from ftloop.data.formats import load_rows
-from ftloop.data.validate import checked_rows
-from ftloop.errors import ConfigError, DataError, DataErrors
-from ftloop.data.vision import load_image_processor
+from ftloop.errors import ConfigError, DataErrors
 from launch import python_m, train_flags
 from test_cli import config_for, one_error_line
 
 
-def image_row(paths):
-    return {"messages": [{"role": "user", "content": "<image>" * len(paths) + "What?"},
-                         {"role": "assistant", "content": "red"}], "images": [str(p) for p in paths]}
+def image_row(paths) -> Row:
+    return Row([{"role": "user", "content": "<image>" * len(paths) + "What?"}, {"role": "assistant", "content": "red"}],
+               [str(p) for p in paths])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -75,10 +74,12 @@ def test_check_cli_takes_the_limits(tiny_bundle, tmp_path, capsys):
     b = tiny_bundle
     flags = ["--train-data", b["train_json"], "--image-folder", b["image_folder"], "--model-name-or-path",
              b["model_dir"], "--workers", "1"]
-    stock = check_file(b["train_json"], Measuring(b["model_dir"]), b["image_folder"])
-    finer = check_file(b["train_json"], Measuring(b["model_dir"], min_pixels=112 * 112, max_pixels=112 * 112),
-                       b["image_folder"])
-    image_rows = [i for i, r in enumerate(load_rows(b["train_json"], b["image_folder"])) if r["images"]]
+    tokenizer = AutoTokenizer.from_pretrained(b["model_dir"])
+    stock = report(b["train_json"], Measuring(tokenizer, load_image_processor(b["model_dir"]), SYSTEM), World.single(),
+                   b["image_folder"])
+    finer = report(b["train_json"], Measuring(tokenizer, load_image_processor(b["model_dir"], 112 * 112, 112 * 112),
+                                              SYSTEM), World.single(), b["image_folder"])
+    image_rows = [i for i, r in enumerate(load_rows(b["train_json"], b["image_folder"])) if r.images]
     assert all(finer.lengths[i] == stock.lengths[i] + 12 for i in image_rows)  # 16 image tokens instead of 4
     assert main(flags + ["--max-pixels", "12544", "--min-pixels", "12544"]) == 0
     assert f"max {max(finer.lengths)}" in capsys.readouterr().out
@@ -97,12 +98,11 @@ def test_train_loads_the_processor_with_the_limits(tiny_bundle, tmp_path):
 
 def test_too_many_images_is_a_bad_row(tmp_path, tokenizer, image_processor):
     paths = [save_rgb(tmp_path / f"{k}.png") for k in range(3)]
-    row = dict(image_row(paths), row=12, videos=[paths])  # a video's frames do not count as images
-    assert measure_row(row, tokenizer, image_processor, SYSTEM, max_images=3) > 0
-    assert measure_row(row, tokenizer, image_processor, SYSTEM, max_images=0) > 0  # 0: no limit
-    with pytest.raises(DataError) as excinfo:
-        measure_row(row, tokenizer, image_processor, SYSTEM, source="train.json", max_images=2)
-    one_line_error(excinfo, "train.json: row 12: 3 images, more than --max-images-per-sample 2")
+    row = dataclasses.replace(image_row(paths), number=12, videos=[paths])  # a video's frames do not count as images
+    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=3)(row, "train.json") > 0
+    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=0)(row, "train.json") > 0  # 0: no limit
+    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=2)(row, "train.json") == \
+        "train.json: row 12: 3 images, more than --max-images-per-sample 2"
 
 
 def test_max_images_per_sample_before_training_and_in_the_check(tiny_bundle, tmp_path, tokenizer,
@@ -112,13 +112,15 @@ def test_max_images_per_sample_before_training_and_in_the_check(tiny_bundle, tmp
     data = write_json(tmp_path / "train.json", [
         {"image": paths[:1], "conversations": turns(("human", "<image> What?"), ("gpt", "red"))},
         {"image": paths, "conversations": turns(("human", text), ("gpt", "all"))}])
-    args = (str(data), "", tokenizer, image_processor, SYSTEM, 2048, "drop")
+    rows = load_rows(str(data))
+    at_most_2 = Measuring(tokenizer, image_processor, SYSTEM, max_images=2)
     with pytest.raises(DataErrors) as excinfo:
-        checked_rows(*args, False, max_images=2, world=World.single())
+        checked_rows(str(data), rows, [], at_most_2, False, World.single())
     assert excinfo.value.lines[0] == f"{data}: row 2: 3 images, more than --max-images-per-sample 2"
-    kept = checked_rows(*args, True, max_images=2, world=World.single())  # --skip-bad-rows
-    assert [r["row"] for r in kept.rows] == [1] and kept.skipped_bad == 1
-    assert len(checked_rows(*args, False, world=World.single()).rows) == 2
+    kept = checked_rows(str(data), rows, [], at_most_2, True, World.single())  # --skip-bad-rows
+    assert [r.number for r in kept.rows] == [1] and kept.skipped_bad == 1
+    assert len(checked_rows(str(data), rows, [], Measuring(tokenizer, image_processor, SYSTEM), False,
+                            World.single()).rows) == 2
     flags = ["--train-data", str(data), "--model-name-or-path", tiny_bundle["model_dir"], "--workers", "1"]
     assert main(flags + ["--max-images-per-sample", "2"]) == 2
     assert f"{data}: row 2: 3 images, more than --max-images-per-sample 2" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+from transformers import Qwen2_5_VLConfig
 
 from ftloop.config import Config, DataArgs, FSDPArgs, LoraArgs, ModelArgs, OptimArgs, TrainArgs
 from ftloop.errors import ConfigError

@@ -14,17 +14,17 @@ from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConf
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from ftloop.config import Config, LoraArgs, ModelArgs
-from ftloop.data.chat import video_block
+from ftloop.data.encode import video_block
 from ftloop.data.check import main as check_main
-from ftloop.data.video import group_times
-from ftloop.data.vision import load_image_processor
+from ftloop.data.media import group_times
+from ftloop.data.media import load_image_processor
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
 from ftloop.lora import add_adapters
 from ftloop.model import build_meta_model, build_skeleton, load_config
 from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
-from ftloop.data.dataset import make_collate
+from ftloop.data.batches import make_collate
 from ftloop.model import VisionLanguageSFT
 from launch import check, python_m, resume_a_copy, torchrun, train_flags
 from test_vision_forward import qwen3_case

@@ -21,6 +21,7 @@ from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint
 from ftloop.model import load_config
 from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, python_m, torchrun, train_flags
+from launch import logged_losses as losses
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
 # grouping (on by default) make the data position part of it.
@@ -31,14 +32,6 @@ RUN = ["--max-steps", "8", "--gradient-accumulation-steps", "2", "--logging-step
 
 def flags(bundle, out, *extra):
     return train_flags(bundle, out, "--eval-data", bundle["eval_json"], *RUN, *extra)
-
-
-def losses(out, once: bool = True) -> dict:
-    """step -> logged training loss; `once`: each step was logged once, also across a stop and resume."""
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    assert not once or len(train) == len({s for s, _ in train}), "a step was logged twice"
-    return dict(train)  # the last record of a step wins
 
 
 TIMINGS = {"time", "tokens_per_s", "step_time_s", "data_wait_s", "peak_mem_gib", "checkpoint_save_s"}

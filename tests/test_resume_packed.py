@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ftloop.errors import ConfigError
-from launch import check, python_m, torchrun
-from test_resume import final_weights, flags, losses, resumable
+from launch import check, logged_losses, python_m, torchrun
+from test_resume import final_weights, flags, resumable
 
 
 def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_path):
@@ -22,7 +22,7 @@ def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_p
     check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, reference, *packed, "--save-steps", "3")]))
     records = [json.loads(line) for line in open(reference / "metrics.jsonl")]
     assert all(r["padding_ratio"] < 0.1 and r["rank_tokens_max_over_mean"] < 1.1 for r in records if "loss" in r)
-    expected, expected_weights = losses(reference), final_weights(reference)
+    expected, expected_weights = logged_losses(reference), final_weights(reference)
     for nproc, accumulation in ((2, "2"), (1, "4")):
         out = tmp_path / f"{nproc}_processes"
         out.mkdir()
@@ -31,7 +31,7 @@ def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_p
                      "--resume-from-checkpoint", "auto", "--save-steps", "0")
         result = check(torchrun(2, ["-m", "ftloop.train", *args]) if nproc == 2 else python_m("ftloop.train", args))
         assert "at step 3 (epoch 1, packed sequence 4)" in result.stdout
-        got, weights = losses(out), final_weights(out)
+        got, weights = logged_losses(out), final_weights(out)
         assert sorted(got) == [4, 5, 6, 7, 8]
         if nproc == 2:
             assert got == {s: expected[s] for s in got}

@@ -8,6 +8,7 @@ import json
 import torch
 
 from ftloop.data.sampler import StepBatchSampler
+from ftloop.distributed import World
 from ftloop.optim.build import build_lr_scheduler
 from ftloop.state import BestEval, TrainState
 
@@ -67,7 +68,7 @@ def test_a_stop_right_after_resuming_does_not_rewrite_the_checkpoint(tmp_path):
             raise AssertionError(f"the model was touched ({name}): a checkpoint was written again")
 
     saver = Saver(Unsaveable(), Unsaveable(), state, cfg, logger=None, write_model_files=None,
-                  is_main=True, resumed=True)
+                  world=World.single(), resumed=True)
     assert saver.save() == str(tmp_path / "checkpoint-4")  # the one resumed from, as it is
     state.step = 6
     assert saver.due(total_steps=10) and not saver.due(total_steps=6)  # never at the last step: `final` is
@@ -91,7 +92,7 @@ def test_a_save_slower_than_the_grace_is_said_before_the_next(tmp_path, monkeypa
     cfg = Config()
     cfg.train.output_dir, cfg.train.save_grace_s = str(tmp_path), 0.04
     state, logger = fresh_state(), Logger()
-    saver = Saver(None, None, state, cfg, logger, None, is_main=True, resumed=False)
+    saver = Saver(None, None, state, cfg, logger, None, World.single(), resumed=False)
     state.step = 2
     saver.save()
     assert "took" not in capsys.readouterr().out  # nothing measured yet

@@ -81,13 +81,11 @@ def test_export_is_a_sharded_hf_folder(fp32_run):
     assert not [n for n in os.listdir(fp32_run[0]) if n.endswith((".tmp", ".old"))]  # no half-written folders left
 
 
-def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle, tmp_path):
-    """The reloaded export reproduces the eval loss the FSDP model measured at the last step."""
-    out, _ = fp32_run
-    final = str(out / "final")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
-    tokenizer, processor = AutoTokenizer.from_pretrained(final), AutoImageProcessor.from_pretrained(final)
-    cfg = Config(data=DataArgs(eval_data=tiny_bundle["eval_json"], image_folder=tiny_bundle["image_folder"],
+def eval_loss_of_the_export(folder, model_class, bundle, tmp_path) -> float:
+    """The eval loss of an exported folder reloaded with plain transformers (fp32), over the bundle's eval rows."""
+    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer, processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    cfg = Config(data=DataArgs(eval_data=bundle["eval_json"], image_folder=bundle["image_folder"],
                                dataloader_num_workers=0), train=TrainArgs(output_dir=str(tmp_path)))
     loader = build_eval_loader(cfg, tokenizer, processor, model.config, World.single())
     scorer = VisionLanguageSFT(model)
@@ -96,9 +94,18 @@ def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, t
         for batch in loader:
             loss_sum, n = scorer(**batch)
             total, count = total + float(loss_sum), count + float(n)
-    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    last_eval = [r for r in logged if "eval_loss" in r][-1]["eval_loss"]
-    assert total / count == pytest.approx(last_eval, rel=1e-5)
+    return total / count
+
+
+def last_eval_loss(out) -> float:
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r][-1]["eval_loss"]
+
+
+def test_export_reloads_with_transformers_and_gives_the_trained_loss(fp32_run, tiny_bundle, tmp_path):
+    """The reloaded export reproduces the eval loss the FSDP model measured at the last step."""
+    out, _ = fp32_run
+    reloaded = eval_loss_of_the_export(out / "final", Qwen2_5_VLForConditionalGeneration, tiny_bundle, tmp_path)
+    assert reloaded == pytest.approx(last_eval_loss(out), rel=1e-5)
 
 
 def test_bf16_default_exports_bf16_and_loads_best_at_end(tiny_bundle, tmp_path):
@@ -138,7 +145,9 @@ def test_wandb_without_credentials_logs_offline_and_says_so(tiny_bundle, tmp_pat
 
 
 def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
-    """Layer classes are found from the model, so a Qwen2-VL folder needs nothing special."""
+    """Layer classes are found from the model, so a Qwen2-VL folder needs nothing special; its export, reloaded with
+    plain transformers, gives the eval loss the run measured at its last step (an export under wrong names would
+    load with fresh weights and only a warning)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     bundle_config = json.load(open(os.path.join(tiny_bundle["model_dir"], "config.json")))
@@ -159,9 +168,11 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
     out = tmp_path / "out"
     check(python_m("ftloop.train", train_flags(
         tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"],
-        "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2")))
-    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(out / "final")
-    assert reloaded.config.model_type == "qwen2_vl"
+        "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2", "--no-bf16", "--save-dtype",
+        "fp32", "--no-load-best-model-at-end", "--learning-rate", "1e-3")))
+    assert json.load(open(out / "final" / "config.json"))["model_type"] == "qwen2_vl"
+    reloaded = eval_loss_of_the_export(out / "final", Qwen2VLForConditionalGeneration, tiny_bundle, tmp_path)
+    assert reloaded == pytest.approx(last_eval_loss(out), rel=1e-5)
 
 
 @pytest.mark.parametrize("flags", [

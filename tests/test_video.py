@@ -1,4 +1,6 @@
-"""Video frames through Qwen's video layout (ftloop.data.video), video samples and their collation."""
+"""Video frames through Qwen's video layout (ftloop.data.media), video samples and their collation."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -6,10 +8,11 @@ import torch
 from PIL import Image
 
 from datautil import SYSTEM, one_line_error, save_rgb
-from ftloop.data.chat import IGNORE_INDEX
-from ftloop.data.dataset import SFTDataset, make_collate
+from ftloop.loss import IGNORE_INDEX
+from ftloop.data.batches import SFTDataset, make_collate
 from ftloop.errors import DataError
-from ftloop.data.video import DEFAULT_FPS, video_inputs, video_patches
+from ftloop.data.media import DEFAULT_FPS, video_inputs, video_patches
+from ftloop.data.rows import Row
 
 
 def noise_frame(path, seed, size=(56, 56)):
@@ -91,11 +94,10 @@ def test_video_errors_name_the_row(tmp_path, image_processor):
 # ------------------------------------------------------------------------------------------------ samples
 
 
-def row(images=(), videos=(), reply="red", fps=None):
+def row(images=(), videos=(), reply="red", fps=None) -> Row:
     content = "".join("<image>" for _ in images) + "".join("<video>" for _ in videos) + "\nWhat happens?"
-    out = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": reply}],
-           "images": list(images), "videos": [list(v) for v in videos]}
-    return dict(out, video_fps=fps) if fps else out
+    return Row([{"role": "user", "content": content}, {"role": "assistant", "content": reply}], list(images),
+               [list(v) for v in videos], fps)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,8 @@ def test_video_only_row_and_truncation_never_cuts_a_video(tokenizer, image_proce
     cut = SFTDataset([r], tokenizer, image_processor, vision_end + 1, SYSTEM)[0]
     assert torch.equal(cut["input_ids"], full["input_ids"][:vision_end + 1])
     with pytest.raises(DataError) as excinfo:
-        SFTDataset([dict(r, row=7)], tokenizer, image_processor, vision_end, SYSTEM, source="t.json")[0]
+        SFTDataset([dataclasses.replace(r, number=7)], tokenizer, image_processor, vision_end, SYSTEM,
+                   source="t.json")[0]
     one_line_error(excinfo, "t.json: row 7", str(vision_end))
 
 
@@ -153,13 +156,14 @@ def test_collate_concatenates_videos_in_row_order(tokenizer, image_processor, fr
 
 
 def test_check_measures_video_rows_as_the_dataset_tokenises_them(tokenizer, image_processor, frames, pads):
-    from ftloop.data.encode import measure_row
+    from ftloop.data.check import Measuring
 
-    r = dict(row([frames[0]], [frames[1:6]], reply="a long answer " * 6), row=3)
+    r = dataclasses.replace(row([frames[0]], [frames[1:6]], reply="a long answer " * 6), number=3)
     sample = SFTDataset([r], tokenizer, image_processor, 4096, SYSTEM)[0]
-    assert measure_row(r, tokenizer, image_processor, SYSTEM) == len(sample["input_ids"])
+    assert Measuring(tokenizer, image_processor, SYSTEM)(r, "t.json") == len(sample["input_ids"])
     last_video_end = len(sample["input_ids"]) - 1 - sample["input_ids"].tolist()[::-1].index(pads[2])
-    assert measure_row(r, tokenizer, image_processor, SYSTEM, max_seq_length=last_video_end + 1) > last_video_end
-    with pytest.raises(DataError) as excinfo:  # --truncation right could not cut it without cutting the video
-        measure_row(r, tokenizer, image_processor, SYSTEM, max_seq_length=last_video_end, source="t.json")
-    one_line_error(excinfo, "t.json: row 3", f"end at token {last_video_end + 1}")
+    right = Measuring(tokenizer, image_processor, SYSTEM, last_video_end + 1, "right")
+    assert right(r, "t.json") > last_video_end  # its text is cut after the video
+    problem = Measuring(tokenizer, image_processor, SYSTEM, last_video_end, "right")(r, "t.json")
+    assert problem.startswith("t.json: row 3") and f"end at token {last_video_end + 1}" in problem  # not without it
+    assert Measuring(tokenizer, image_processor, SYSTEM, last_video_end, "drop")(r, "t.json") > last_video_end

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from datautil import SYSTEM, noise_frames, vl_row
-from ftloop.data.chat import ChatFormat
-from ftloop.data.dataset import SFTDataset, make_collate
-from ftloop.data.vision import load_image_processor
+from ftloop.data.encode import ChatFormat
+from ftloop.data.batches import SFTDataset, make_collate
+from ftloop.data.media import load_image_processor
 from ftloop.model import VisionLanguageSFT
 
 

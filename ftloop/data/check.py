@@ -1,29 +1,213 @@
-"""Data preflight: `python -m ftloop.data.check --train-data FILE [--eval-data FILE] --model-name-or-path DIR`.
+"""The check of every row: read, every image and video frame opened and run through the model's image processor,
+tokenised exactly as training does (ftloop.data.encode), measured. One check, in two places:
 
-Reads every row, opens every image and video frame, runs the model's image processor and tokeniser exactly
-as training does, and prints per file: rows, images, videos, text-only rows, token-length percentiles, rows over
---max-seq-length and every problem as one `FILE: row N: problem` line. Exit 0 when there is none, 2 otherwise.
-It takes ftloop.train's data flags (the same names, defaults and checks), so that a training command's data
-flags paste as they are; --eval-ratio, --truncation, --skip-bad-rows, --group-by-length, --packing,
---max-tokens-per-batch, --max-eval-samples and --dataloader-num-workers shape training only and leave the
-check unchanged. Rows are measured in worker
-processes (--workers, default: the CPU count). The work is ftloop.data.preflight's.
+- before training (`checked_rows`, run by ftloop.data.loaders before the model loads), spread over the ranks,
+  so that a bad row stops the run in seconds instead of at step 5000, and so that batches can be grouped by
+  length; what it found is kept in --output-dir (ftloop.data.check_cache), so a resumed run skips it;
+- on its own, `python -m ftloop.data.check --train-data FILE [--eval-data FILE] --model-name-or-path DIR`, spread
+  over a pool of worker processes (--workers, default: the CPU count): it prints per file the rows, images,
+  videos, text-only rows, token-length percentiles, rows over --max-seq-length and every problem as one
+  `FILE: row N: problem` line in file order, and exits 2 when there is any. It takes ftloop.train's data flags
+  (the same names, defaults and checks), so that a training command's data flags paste as they are;
+  --eval-ratio, --skip-bad-rows, --group-by-length, --packing, --max-tokens-per-batch, --max-eval-samples and
+  --dataloader-num-workers shape training only.
+
+Both measure each row with `Measuring` (`measure_rows`), whose rule is training's: a row's length is its full
+token count; under `--truncation right` a row whose images end past --max-seq-length is a problem (its text can be
+cut, an image cannot); under `drop` (the default) such a row is only longer than the limit, like any other row
+training drops (and counts).
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import multiprocessing.pool
 import os
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 import tyro
 
 from ftloop.cli import run_command
 from ftloop.config import DataArgs, check_model_path
-from ftloop.data.chat import chat_format
-from ftloop.data.encode import load_model_type, load_tokenizer_and_processor
-from ftloop.data.preflight import Measuring, check_file, make_pool
-from ftloop.data.sources import check_sources
-from ftloop.errors import ConfigError, one_line
+from ftloop.data.check_cache import Measured, cache_folder, cached_measurement
+from ftloop.data.encode import (ChatFormat, chat_format, load_model_type, load_tokenizer_and_processor, measure,
+                                vision_past_limit)
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
+from ftloop.data.sources import check_sources, row_number, where
+from ftloop.distributed import World
+from ftloop.errors import ConfigError, DataError, DataErrors, one_line
+
+CHUNK = 64  # rows per task handed to a pool worker
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """How a row is measured: the model's tokenizer and image processor, the family's chat format, and the flags
+    that decide what a problem is. Sent once to each pool worker."""
+    tokenizer: object
+    image_processor: object
+    chat: ChatFormat
+    max_seq_length: int = DataArgs.max_seq_length
+    truncation: str = "drop"
+    max_images: int = 0
+
+    @property
+    def limit(self) -> int | None:
+        """The token a row's images must end before: --max-seq-length under `--truncation right`, where text after
+        the last image is cut; none under `drop`, where a longer row is dropped whatever it holds."""
+        return self.max_seq_length if self.truncation == "right" else None
+
+    def __call__(self, row: Row, source: str) -> int | str:
+        """The row's token length (uncut), or its one-line problem."""
+        row_at = where(source, row.number)
+        try:
+            length, vision_end = measure(row, self.tokenizer, self.image_processor, self.chat, row_at, self.max_images)
+        except DataError as err:
+            return str(err)
+        if self.limit is not None and vision_end >= self.limit:
+            return vision_past_limit(row_at, length, vision_end, self.limit)
+        return length
+
+
+def measure_rows(rows: list[Row], source: str, measuring: Measuring,
+                 across: World | multiprocessing.pool.Pool) -> Measured:
+    """Every row measured, the work spread `across` the ranks of a World (each measures every world-size-th row,
+    and every rank gets every result: collective) or a pool of worker processes (`make_pool`, made with the same
+    `measuring`)."""
+    measured = Measured()
+    if isinstance(across, World):
+        mine = {index: measuring(rows[index], source) for index in range(across.rank, len(rows), across.world_size)}
+        parts = [mine]
+        if across.world_size > 1:
+            parts = [None] * across.world_size
+            dist.all_gather_object(parts, mine)
+        for part in parts:
+            for index, found in part.items():
+                measured.add(index, found)
+        return measured
+    chunks = [(source, list(range(start, min(start + CHUNK, len(rows)))), rows[start:start + CHUNK])
+              for start in range(0, len(rows), CHUNK)]
+    for indices, results in across.imap(_measure_chunk, chunks):
+        for index, found in zip(indices, results):
+            measured.add(index, found)
+    return measured
+
+
+_WORKER_MEASURING: list[Measuring] = []  # a pool worker's Measuring, set once by make_pool's initializer
+
+
+def make_pool(workers: int, measuring: Measuring) -> multiprocessing.pool.Pool:
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(measuring,))
+
+
+def _start_worker(measuring: Measuring) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers already use every core
+    import torch
+    torch.set_num_threads(1)
+    _WORKER_MEASURING[:] = [measuring]
+
+
+def _measure_chunk(chunk: tuple[str, list[int], list[Row]]) -> tuple[list[int], list[int | str]]:
+    source, indices, rows = chunk
+    return indices, [_WORKER_MEASURING[0](row, source) for row in rows]
+
+
+# ---- before training ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckedRows:
+    rows: list[Row]  # the rows training will use
+    lengths: list[int]  # their token lengths, images included (cut to --max-seq-length under --truncation right)
+    skipped_bad: int  # rows dropped by --skip-bad-rows
+    dropped_long: int  # rows dropped for being longer than --max-seq-length
+
+
+def checked_rows(path: str, rows: list[Row], read_errors: list[str], measuring: Measuring, skip_bad_rows: bool,
+                 world: World, output_dir: str | None = None) -> CheckedRows:
+    """The rows of `path` (as read, with the lines of those that could not be) that are sound, with their lengths.
+    Collective: the ranks measure a share each and agree on the same rows. `output_dir`: the run's --output-dir,
+    where what was found is kept and, when the data, tokenizer and flags are the same, read back instead of
+    measured again (a resumed run skips the check); None: always measure."""
+    measured, entry = None, None
+    if output_dir is not None:
+        flags = {"system_prompt": measuring.chat.system_prompt, "timestamped_videos": measuring.chat.timestamped_videos,
+                 "limit": measuring.limit, "max_images": measuring.max_images}
+        measured, entry = cached_measurement(cache_folder(output_dir), path, rows, measuring.tokenizer,
+                                             measuring.image_processor, flags, world)
+    if measured is None:
+        measured = measure_rows(rows, path, measuring, world)
+        if entry is not None:  # before any bad row stops the run: a rerun with --skip-bad-rows reuses it
+            entry.save(measured)
+    errors = sorted(read_errors + list(measured.errors.values()), key=row_number)
+    if errors and not skip_bad_rows:
+        count = f"{len(errors)} bad row" + ("s" if len(errors) > 1 else "")
+        raise DataErrors(errors, f"{path}: {count}; fix, or pass --skip-bad-rows to train without them")
+    kept, lengths, dropped_long = [], [], 0
+    for index, length in sorted(measured.lengths.items()):
+        if length > measuring.max_seq_length and measuring.truncation == "drop":
+            dropped_long += 1
+            continue
+        kept.append(rows[index])
+        lengths.append(min(length, measuring.max_seq_length))
+    return CheckedRows(kept, lengths, len(errors), dropped_long)
+
+
+# ---- python -m ftloop.data.check ------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    path: str
+    rows: int = 0
+    images: int = 0
+    videos: int = 0
+    text_only: int = 0
+    too_long: int = 0
+    max_seq_length: int = DataArgs.max_seq_length
+    lengths: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def percentile(self, q: float) -> int | None:
+        """Nearest-rank percentile of the token lengths (q in (0, 1])."""
+        if not self.lengths:
+            return None
+        ordered = sorted(self.lengths)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: {self.rows} rows, {self.images} images, {self.videos} videos, "
+                 f"{self.text_only} text-only rows"]
+        if self.lengths:
+            p50, p90, p99 = (self.percentile(q) for q in (0.5, 0.9, 0.99))
+            lines.append(f"  tokens: p50 {p50}  p90 {p90}  p99 {p99}  max {max(self.lengths)}")
+        lines.append(f"  {self.too_long} rows longer than --max-seq-length {self.max_seq_length}")
+        lines.append(f"  {len(self.errors)} errors")
+        return "\n".join(lines)
+
+
+def report(path: str, measuring: Measuring, across: World | multiprocessing.pool.Pool, image_folder: str = "",
+           data_format: str = "auto", split: str = "train") -> Report:
+    """Every row of one file or dataset measured (`split`: "train" or "eval", the split a DatasetDict gives)."""
+    result = Report(path, max_seq_length=measuring.max_seq_length)
+    read_errors: list[str] = []
+    try:
+        rows = load_rows(path, image_folder, read_errors, data_format, split)
+    except DataError as err:  # unreadable source, malformed .json array, unknown layout: no row can be read
+        result.errors.append(str(err))
+        return result
+    result.rows = len(rows) + len(read_errors)
+    result.images = sum(len(r.images) for r in rows)
+    result.videos = sum(len(r.videos) for r in rows)
+    result.text_only = sum(1 for r in rows if not r.images and not r.videos)
+    measured = measure_rows(rows, path, measuring, across)
+    result.lengths = [measured.lengths[i] for i in sorted(measured.lengths)]
+    result.too_long = sum(length > measuring.max_seq_length for length in result.lengths)
+    result.errors = sorted(read_errors + list(measured.errors.values()), key=row_number)
+    return result
 
 
 @dataclass
@@ -45,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     check_sources(data)
     if args.workers <= 0:
         raise ConfigError("--workers must be positive")
-    try:  # fail once, here, not per worker
+    try:
         model_type = load_model_type(model)
-        load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)
+        tokenizer, image_processor = load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)
     except ConfigError:  # an unknown family; --min-pixels / --max-pixels against the checkpoint's
         raise
     except Exception as err:  # noqa: BLE001 - offline hub id, broken tokenizer files, ...
@@ -55,23 +239,22 @@ def main(argv: list[str] | None = None) -> int:
                           f"({one_line(err)})") from None
 
     files = [(path, split) for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path]
-    settings = Measuring(model, chat_format(data.system_prompt, model_type), data.max_seq_length, data.min_pixels,
-                         data.max_pixels, data.max_images_per_sample)
-    pool = make_pool(args.workers, settings) if args.workers > 1 else None
+    measuring = Measuring(tokenizer, image_processor, chat_format(data.system_prompt, model_type), data.max_seq_length,
+                          data.truncation, data.max_images_per_sample)
+    across = make_pool(args.workers, measuring) if args.workers > 1 else World.single()
     try:
-        reports = [check_file(path, settings, data.image_folder, pool, data.data_format, split)
-                   for path, split in files]
+        reports = [report(path, measuring, across, data.image_folder, data.data_format, split) for path, split in files]
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    for report in reports:
-        print(report.summary())
+        if not isinstance(across, World):
+            across.close()
+            across.join()
+    for found in reports:
+        print(found.summary())
     total = sum(len(r.errors) for r in reports)
     if total:
         print()
-        for report in reports:
-            for line in report.errors:
+        for found in reports:
+            for line in found.errors:
                 print(line)
     print(f"\ntotal: {total} errors in {len(files)} file{'s' if len(files) > 1 else ''}")
     return 2 if total else 0

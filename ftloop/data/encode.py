@@ -1,17 +1,127 @@
-"""One normalised row as training sees it: vision tensors, token ids and labels, and its length.
+"""One row as training sees it: rendered as Qwen's ChatML, tokenised once, labelled, with its vision inputs.
 
-Training (SFTDataset), the check before training (ftloop.data.validate) and the data preflight
-(ftloop.data.preflight) all go through `encode_row`, so the lengths they measure are the lengths trained on.
+Training (ftloop.data.batches), the check before training and the data check (ftloop.data.check) all go through
+`encode_row`, so the lengths they measure are the lengths trained on.
+
+The conversation is rendered to one string exactly as Qwen2.5-VL's chat template does (Qwen3-VL's differs in
+its default system prompt and its videos' layout: ChatFormat), each `<image>` replaced by `<|vision_start|>` +
+one `<|image_pad|>` per merged vision patch + `<|vision_end|>` (each `<video>` likewise with `<|video_pad|>`:
+t*h*w / merge^2 of them, as Qwen's processor expands it), and tokenised once. Labels come from character spans: a
+token is supervised when it starts inside an assistant reply or its closing `<|im_end|>`; every other position is
+labelled IGNORE_INDEX (ftloop.loss). Tokenising once (rather than piece by piece) guarantees the ids are the ones
+the model sees at inference.
 """
 
 from __future__ import annotations
 
-from ftloop.data.chat import ChatFormat, encode_chat, last_vision_end, vision_past_limit
-from ftloop.data.rows import where as row_where
-from ftloop.data.vision import load_image_processor, row_vision_inputs
-from ftloop.errors import DataError
-from ftloop.family import check_supported
+import re
+from dataclasses import dataclass
 
+from ftloop.data.media import load_image_processor, row_vision_inputs
+from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row
+from ftloop.errors import DataError
+from ftloop.family import QWEN_SYSTEM_PROMPT, check_supported, default_system_prompt, timestamped_videos
+from ftloop.loss import IGNORE_INDEX
+
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a model family renders a conversation (ftloop.family): the system prompt of a conversation that has
+    none ("" for none), and whether each video is one block per frame group after its timestamp (Qwen3-VL)."""
+    system_prompt: str = QWEN_SYSTEM_PROMPT
+    timestamped_videos: bool = False
+
+
+def chat_format(system_prompt: str | None, model_type: str) -> ChatFormat:
+    """The format of this family, with --system-prompt (None: the family's default)."""
+    prompt = default_system_prompt(model_type) if system_prompt is None else system_prompt
+    return ChatFormat(prompt, timestamped_videos(model_type))
+
+
+def video_block(count: int, times: list[float] | None) -> str:
+    """A video's `count` pad tokens: one block, or (with its frame groups' times) one block per group, each after
+    its `<t seconds>`, as Qwen3-VL's processor writes them (the layout of transformers 4.57, which the released
+    models were trained with; 5.x keeps an extra start/end pair around them)."""
+    if times is None:
+        return VISION_START + VIDEO_PAD * count + VISION_END
+    per_group = count // len(times)
+    return "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD * per_group}{VISION_END}" for t in times)
+
+
+def expand_vision(text: str, image_counts: list[int], video_counts: list[int] = (),
+                  video_times: list[list[float]] | None = None) -> str:
+    """Replace each `<image>` and `<video>`, in order, by its vision block of `count` pad tokens (a video's, with
+    `video_times`, split over its frame groups)."""
+    pieces = PLACEHOLDERS.split(text)  # text, placeholder, text, placeholder, ..., text
+    images, videos = iter(image_counts), iter(video_counts)
+    times = iter(video_times) if video_times is not None else None
+    out = [pieces[0]]
+    for placeholder, piece in zip(pieces[1::2], pieces[2::2]):
+        if placeholder == IMAGE_PLACEHOLDER:
+            out.append(VISION_START + IMAGE_PAD * next(images) + VISION_END + piece)
+        else:
+            out.append(video_block(next(videos), next(times) if times is not None else None) + piece)
+    assert next(images, None) is None and next(videos, None) is None, "placeholder counts were validated when reading"
+    return "".join(out)
+
+
+def render_chat(messages: list[dict], image_token_counts: list[int], system_prompt: str,
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
+    """The ChatML string and the [start, end) character spans to supervise. `video_times`: each video's frame
+    group times, for a family that writes them (ChatFormat.timestamped_videos); None: one block a video."""
+    if messages[0]["role"] != "system" and system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    text, spans, images_used, videos_used = "", [], 0, 0
+    for message in messages:
+        content = message["content"]
+        n_images, n_videos = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
+        times = video_times[videos_used:videos_used + n_videos] if video_times is not None else None
+        content = expand_vision(content, image_token_counts[images_used:images_used + n_images],
+                                video_token_counts[videos_used:videos_used + n_videos], times)
+        images_used, videos_used = images_used + n_images, videos_used + n_videos
+        text += f"{IM_START}{message['role']}\n"
+        if message["role"] == "assistant":
+            spans.append((len(text), len(text) + len(content) + len(IM_END)))
+        text += f"{content}{IM_END}\n"
+    return text, spans
+
+
+def encode_chat(messages: list[dict], image_token_counts: list[int], tokenizer, system_prompt: str,
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
+    """(input_ids, labels) as python lists of equal length."""
+    text, spans = render_chat(messages, image_token_counts, system_prompt, video_token_counts, video_times)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
+            labels[i] = input_ids[i]
+    return input_ids, labels
+
+
+def last_vision_end(input_ids: list[int], tokenizer) -> int:
+    """Index of the last `<|vision_end|>` token (-1: none): the shortest a row can be cut to without cutting
+    through an image or video, whose tokens and features must stay paired."""
+    vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)
+    return max((i for i, t in enumerate(input_ids) if t == vision_end_id), default=-1)
+
+
+def vision_past_limit(where: str, length: int, last_vision_end: int, max_seq_length: int) -> str:
+    """The one line for a row that cannot be cut to max_seq_length: an image or video ends past it."""
+    return (f"{where}: {length} tokens and its images/videos end at token {last_vision_end + 1}, past "
+            f"--max-seq-length {max_seq_length}; raise it or lower --max-pixels")
+
+
+# ---- a row as training sees it ------------------------------------------------------------------------
 
 def load_tokenizer_and_processor(model: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The checkpoint's tokenizer and its image processor with the run's pixel limits (--min/max-pixels)."""
@@ -29,35 +139,23 @@ def load_model_type(model: str) -> str:
     return model_type
 
 
-def encode_row(row: dict, tokenizer, image_processor, chat: ChatFormat, where: str):
+def encode_row(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str):
     """(vision tensors, input_ids, labels) of one normalised row, uncut, in the family's `chat` format;
     DataError naming `where` for an unreadable image or frame."""
     tensors, image_counts, video_counts, video_times = row_vision_inputs(row, image_processor, where)
-    input_ids, labels = encode_chat(row["messages"], image_counts, tokenizer, chat.system_prompt, video_counts,
+    input_ids, labels = encode_chat(row.messages, image_counts, tokenizer, chat.system_prompt, video_counts,
                                     video_times if chat.timestamped_videos else None)
     return tensors, input_ids, labels
 
 
-def measure(row: dict, tokenizer, image_processor, chat: ChatFormat, where: str,
+def measure(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str,
             max_images: int = 0) -> tuple[int, int]:
     """(token length, index of the last `<|vision_end|>` or -1) of a row. More than `max_images` images
     (0: no limit; videos do not count) is a DataError."""
-    if max_images and len(row["images"]) > max_images:
-        raise DataError(f"{where}: {len(row['images'])} images, more than --max-images-per-sample {max_images}")
+    if max_images and len(row.images) > max_images:
+        raise DataError(f"{where}: {len(row.images)} images, more than --max-images-per-sample {max_images}")
     _, input_ids, _ = encode_row(row, tokenizer, image_processor, chat, where)
     return len(input_ids), last_vision_end(input_ids, tokenizer)
-
-
-def measure_row(row: dict, tokenizer, image_processor, chat: ChatFormat, max_seq_length: int | None = None,
-                source: str = "data", max_images: int = 0) -> int:
-    """Token length of one normalised row (images and videos included); DataError (naming `source` and the
-    row) for an unreadable image or frame, more than `max_images` images (0: no limit), or when
-    max_seq_length is given and the row's images or videos end past it (training could not truncate it)."""
-    where = row_where(source, row.get("row", "?"))
-    length, vision_end = measure(row, tokenizer, image_processor, chat, where, max_images)
-    if max_seq_length is not None and vision_end >= max_seq_length:
-        raise DataError(vision_past_limit(where, length, vision_end, max_seq_length))
-    return length
 
 
 def cut_to_length(input_ids: list[int], labels: list[int], max_seq_length: int, tokenizer, where: str):

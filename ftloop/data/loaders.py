@@ -13,14 +13,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftloop.config import Config
-from ftloop.data.chat import IGNORE_INDEX, ChatFormat, chat_format
-from ftloop.data.dataset import EvalDataset, SFTDataset, eval_batches, make_collate
-from ftloop.data.formats import load_rows
-from ftloop.data.packing import PackedRows, make_packed_collate
+from ftloop.data.batches import EvalDataset, PackedRows, SFTDataset, eval_batches, make_collate, make_packed_collate
+from ftloop.data.check import CheckedRows, Measuring, checked_rows
+from ftloop.data.encode import ChatFormat, chat_format
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
 from ftloop.data.sampler import StepBatchSampler
-from ftloop.data.validate import CheckedRows, checked_rows
 from ftloop.distributed import World, all_gather_rows, print0
 from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped
+from ftloop.loss import supervised_tokens
 from ftloop.signals import StopRequest, ignore_stop_signals, stop_signals_held
 
 
@@ -40,7 +41,7 @@ def _loader(dataset, batch_sampler, collate, workers: int, world: World) -> Data
                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
-def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+def hold_out(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
     """(training rows, held-out rows) for --eval-ratio.
 
     The rule: of the n rows read without error, k = max(1, round(ratio * n)) (halves round up, k <= n) are
@@ -56,7 +57,7 @@ def hold_out(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], lis
 
 
 class SourceRows(NamedTuple):
-    rows: list[dict]  # the rows read without error
+    rows: list[Row]  # the rows read without error
     errors: list[str]  # one line per row that could not be read
 
 
@@ -85,9 +86,9 @@ def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor, 
     """Every row read from `path` measured across the ranks (or read back from the cache in --output-dir, as on
     a resume with the same data and flags); what was dropped is said once."""
     data = cfg.data
-    checked = checked_rows(path, data.image_folder, tokenizer, image_processor, chat,
-                           data.max_seq_length, data.truncation, data.skip_bad_rows, data.max_images_per_sample,
-                           loaded=read, output_dir=cfg.train.output_dir, world=world)
+    measuring = Measuring(tokenizer, image_processor, chat, data.max_seq_length, data.truncation,
+                          data.max_images_per_sample)
+    checked = checked_rows(path, read.rows, read.errors, measuring, data.skip_bad_rows, world, cfg.train.output_dir)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
                f"{checked.dropped_long} rows longer than --max-seq-length {data.max_seq_length}")
@@ -142,11 +143,6 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world:
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, world)
 
 
-def supervised_tokens(batch: dict) -> int:
-    """Positions whose next token is trained on (a host sync: the batch is still on the host here)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 @dataclass
 class Step:
     """One optimizer step's micro-batches on this rank, and what the step holds on every rank (one collective)."""
@@ -169,7 +165,7 @@ def count_step(micro_batches: list[dict], world: World, rounds: int, stop_signum
     had, over the sum of the mean over ranks."""
     positions = [float(b["attention_mask"].numel()) for b in micro_batches]
     positions += [0.0] * (rounds - len(positions))  # a rank whose row failed
-    ranks = all_gather_rows([sum(supervised_tokens(b) for b in micro_batches),
+    ranks = all_gather_rows([sum(supervised_tokens(b["labels"]) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches), sum(positions),
                              float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
                              float(row_failed), *positions], world.device)

@@ -1,7 +1,9 @@
-"""The order in which ranks see training rows: the same steps at any world size, resumable mid-epoch."""
+"""The order in which ranks see training rows: the same steps at any world size, resumable mid-epoch; and with
+--packing, the rows cut into packs (`pack_rows`)."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -9,7 +11,32 @@ import random
 
 from torch.utils.data import Sampler
 
-from ftloop.data.packing import pack_rows
+PACK_WINDOW_ROWS = 4096  # rows packed together: a window of the epoch's permutation, so packs stay random
+
+
+def pack_rows(order: list[int], lengths: list[int], budget: int, window: int = PACK_WINDOW_ROWS) -> list[tuple]:
+    """The rows of `order` in packs of at most `budget` tokens (--packing), window by window.
+
+    Best-fit decreasing inside each window of `window` rows: the longest row first, each into the fullest
+    pack it still fits, so packs come out nearly full. Deterministic: a function of the order alone. A row
+    longer than the budget cannot be here (the check drops or cuts it first)."""
+    packs: list[tuple] = []
+    for start in range(0, len(order), window):
+        rows = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        room: list[int] = []  # room left in each open pack, ascending; `members` in the same order
+        members: list[list[int]] = []
+        for row in rows:
+            at = bisect.bisect_left(room, lengths[row])  # the pack with the least room that still fits it
+            if at == len(room):
+                left, rows_in = budget - lengths[row], [row]
+            else:
+                left, rows_in = room.pop(at) - lengths[row], members.pop(at) + [row]
+            at = bisect.bisect_left(room, left)
+            room.insert(at, left)
+            members.insert(at, rows_in)
+        packs += [tuple(m) for m in members]
+    return packs
+
 
 class StepBatchSampler(Sampler[list]):
     """Micro-batches of one rank, so that each optimizer step covers the same rows at any world size.

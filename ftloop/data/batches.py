@@ -1,20 +1,28 @@
-"""Rows -> tensors, micro-batches and the order in which ranks see them."""
+"""Rows -> tensors: a row's sample (`SFTDataset`), micro-batches of rows padded to the longest (`make_collate`) or of
+packed sequences (`make_packed_collate`, with --packing), and the evaluation set's batches.
+
+--packing: the sampler (ftloop.data.sampler) cuts an epoch's rows into packs; the loader hands a micro-batch of
+packs to `make_packed_collate`, which lays each pack out as one sequence and records where each row starts
+(`segment_lengths`); the model (ftloop.model) turns those into per-row 3D rope positions, from which transformers
+builds a mask that keeps attention inside each row.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
 
-from ftloop.data.chat import IGNORE_INDEX, ChatFormat
-from ftloop.data.encode import cut_to_length, encode_row
-from ftloop.data.rows import where as row_where
+from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
+from ftloop.data.rows import Row
+from ftloop.data.sources import where as row_where
+from ftloop.loss import IGNORE_INDEX
 
 
 class SFTDataset(Dataset):
     """Supervised fine-tuning rows: images and video frames through the model's image processor (videos laid
-    out for its video path by ftloop.data.video), ChatML token ids, labels."""
+    out for its video path by ftloop.data.media), ChatML token ids, labels."""
 
-    def __init__(self, rows: list[dict], tokenizer, image_processor, max_seq_length: int, chat: ChatFormat,
+    def __init__(self, rows: list[Row], tokenizer, image_processor, max_seq_length: int, chat: ChatFormat,
                  source: str = "data"):
         self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
         self.max_seq_length, self.chat, self.source = max_seq_length, chat, source
@@ -24,7 +32,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        where = row_where(self.source, row.get("row", index + 1))
+        where = row_where(self.source, row.number)
         sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.chat, where)
         if len(input_ids) > self.max_seq_length:
             input_ids, labels = cut_to_length(input_ids, labels, self.max_seq_length, self.tokenizer, where)
@@ -101,3 +109,53 @@ class EvalDataset(Dataset):
         sample = dict(self.inner[0])
         sample["labels"] = torch.full_like(sample["labels"], IGNORE_INDEX)
         return sample
+
+
+# ---- packed sequences -------------------------------------------------------------------------------------
+
+
+class PackedRows(Dataset):
+    """A dataset whose items are packs: item `(3, 8)` is the list of samples 3 and 8."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, pack: tuple) -> list[dict]:
+        return [self.inner[i] for i in pack]
+
+
+def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
+    """A micro-batch of packs: each pack one sequence (its rows concatenated), right-padded to the longest.
+
+    `segment_lengths` lists, sequence by sequence, the length of each row and of the padding after the
+    last row (a segment of its own: nothing attends to it, it attends to nothing else), so the segments
+    cover every position. `attention_mask` marks the real tokens, for counting only: the model attends by
+    segment. A row's first label is ignored, so that no row's last token is trained to predict the next
+    row (it is a prompt token anyway)."""
+
+    def collate(packs: list[list[dict]]) -> dict:
+        length = max(sum(len(s["input_ids"]) for s in pack) for pack in packs)
+        input_ids = torch.full((len(packs), length), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(packs), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(packs), length), dtype=torch.long)
+        segments = []
+        for b, pack in enumerate(packs):
+            at = 0
+            for s in pack:
+                n = len(s["input_ids"])
+                input_ids[b, at:at + n], labels[b, at:at + n] = s["input_ids"], s["labels"]
+                labels[b, at] = IGNORE_INDEX
+                segments.append(n)
+                at += n
+            attention_mask[b, :at] = 1
+            if at < length:
+                segments.append(length - at)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
+                 "segment_lengths": torch.tensor(segments)}
+        return {**batch, **vision_inputs([s for pack in packs for s in pack])}
+
+    return collate

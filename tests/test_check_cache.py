@@ -1,4 +1,4 @@
-"""The cache of the check before training (ftloop.data.length_cache): a second check with the same data,
+"""The cache of the check before training (ftloop.data.check_cache): a second check with the same data,
 tokenizer and flags reads what the first found instead of measuring again; anything that can change a
 length or an error measures again; a corrupt file is a miss, and a file is never left half-written."""
 
@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from ftloop.data import length_cache, validate
-from ftloop.data.chat import ChatFormat
-from ftloop.data.formats import load_rows
-from ftloop.data.length_cache import CacheEntry, cache_folder, source_fingerprint
+from ftloop.data import check_cache
+from ftloop.data.check import Measuring, checked_rows
+from ftloop.data.encode import ChatFormat
+from ftloop.data.layouts import load_rows
+from ftloop.data.check_cache import CacheEntry, Measured, cache_folder, source_fingerprint
 from ftloop.data.loaders import hold_out
-from ftloop.data.vision import load_image_processor
+from ftloop.data.media import load_image_processor
 from ftloop.distributed import World
 from ftloop.errors import DataErrors
 from datautil import SYSTEM, save_rgb
@@ -34,23 +35,29 @@ def data(tiny_bundle, tmp_path):
 
 @pytest.fixture
 def measured(monkeypatch):
-    """The row numbers measure_row was called on, in order."""
-    calls, measure = [], validate.measure_row
+    """The row numbers a row was measured for (Measuring is called once per row), in order."""
+    calls, measure = [], Measuring.__call__
 
-    def counting(row, *args, **kwargs):
-        calls.append(row["row"])
-        return measure(row, *args, **kwargs)
+    def counting(self, row, source):
+        calls.append(row.number)
+        return measure(self, row, source)
 
-    monkeypatch.setattr(validate, "measure_row", counting)
+    monkeypatch.setattr(Measuring, "__call__", counting)
     return calls
 
 
 def check(data, tokenizer, image_processor, /, **changes):
-    """checked_rows on `data` with the run's cache, the defaults of ftloop.train unless `changes` says."""
-    args = dict(path=data["path"], image_folder=data["images"], tokenizer=tokenizer, image_processor=image_processor,
-                chat=SYSTEM, max_seq_length=2048, truncation="drop", skip_bad_rows=False,
-                output_dir=data["out"], world=World.single())
-    return validate.checked_rows(**{**args, **changes})
+    """checked_rows on `data` with the run's cache, the defaults of ftloop.train unless `changes` says; `loaded`:
+    (rows, their reading errors) instead of the rows of `path` under `image_folder`."""
+    a = dict(path=data["path"], image_folder=data["images"], tokenizer=tokenizer, image_processor=image_processor,
+             chat=SYSTEM, max_seq_length=2048, truncation="drop", max_images=0, skip_bad_rows=False,
+             output_dir=data["out"], world=World.single(), loaded=None)
+    a.update(changes)
+    errors: list[str] = []
+    rows, errors = a["loaded"] or (load_rows(a["path"], a["image_folder"], errors), errors)
+    measuring = Measuring(a["tokenizer"], a["image_processor"], a["chat"], a["max_seq_length"], a["truncation"],
+                          a["max_images"])
+    return checked_rows(a["path"], rows, errors, measuring, a["skip_bad_rows"], a["world"], a["output_dir"])
 
 
 def cache_files(data) -> list[str]:
@@ -67,7 +74,7 @@ def test_a_second_check_with_the_same_inputs_reads_the_cache(data, tokenizer, im
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured on a cache hit")
 
-    monkeypatch.setattr(validate, "measure_row", no_measuring)
+    monkeypatch.setattr(Measuring, "__call__", no_measuring)
     assert check(data, tokenizer, image_processor) == first
     file = os.path.join(cache_folder(data["out"]), name)
     assert capsys.readouterr().out.splitlines() == [
@@ -212,7 +219,7 @@ def test_a_stored_file_of_the_wrong_shape_is_a_miss(data, tokenizer, image_proce
     file = os.path.join(cache_folder(data["out"]), name)
     saved = json.load(open(file))
     entry = CacheEntry(file, saved["key"], len(saved["lengths"]))
-    assert entry.load() == dict(enumerate(saved["lengths"]))
+    assert entry.load() == Measured(dict(enumerate(saved["lengths"])))
     for lengths in (saved["lengths"][1:], [True] * len(saved["lengths"]), [1.5] * len(saved["lengths"])):
         json.dump(dict(saved, lengths=lengths), open(file, "w"))
         assert entry.load() is None
@@ -224,7 +231,7 @@ def test_a_failed_write_leaves_no_file_and_does_not_stop_the_run(data, tokenizer
         f.write(json.dumps(value)[:20])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(length_cache.json, "dump", half_then_disk_full)
+    monkeypatch.setattr(check_cache.json, "dump", half_then_disk_full)
     first = check(data, tokenizer, image_processor)
     assert cache_files(data) == []  # neither the temporary file nor a half-written cache
     assert "could not write the row check cache (No space left on device)" in capsys.readouterr().out
@@ -239,27 +246,27 @@ def test_only_rank_0_reads_the_cache_and_the_others_follow_its_broadcast(data, t
     its share when rank 0 sends a miss, and writes nothing."""
     cached = check(data, tokenizer, image_processor)
     [name] = cache_files(data)
-    sent = dict(enumerate(json.load(open(os.path.join(cache_folder(data["out"]), name)))["lengths"]))
+    found = dict(enumerate(json.load(open(os.path.join(cache_folder(data["out"]), name)))["lengths"]))
     shutil.rmtree(data["out"])
     capsys.readouterr()
 
     def rank_0_sends(hit: bool):
         def all_gather_object(out, mine):
             if isinstance(mine, tuple):  # ftloop.distributed.agree: rank 0's outcome of reading the cache
-                out[:] = [(None, sent if hit else None), mine]
-            else:  # the measuring, shared: rank 0's half
-                out[:] = [sent, mine]
+                out[:] = [(None, Measured(found) if hit else None), mine]
+            else:  # the measuring, shared: rank 0's half (here all of it; rank 1's own half agrees with it)
+                out[:] = [found, mine]
         return all_gather_object
 
     rank_1 = World(1, 1, 2, torch.device("cpu"), "gloo", 2)
-    monkeypatch.setattr(length_cache, "cache_entry", lambda *a: pytest.fail("rank 1 looked at the cache"))
+    monkeypatch.setattr(check_cache, "cache_entry", lambda *a: pytest.fail("rank 1 looked at the cache"))
     monkeypatch.setattr(dist, "all_gather_object", rank_0_sends(hit=True))
     count = len(measured)
     assert check(data, tokenizer, image_processor, world=rank_1) == cached
     assert len(measured) == count and capsys.readouterr().out == ""
     monkeypatch.setattr(dist, "all_gather_object", rank_0_sends(hit=False))
     check(data, tokenizer, image_processor, world=rank_1)
-    assert measured[count:] == [row["row"] for row in load_rows(data["path"], data["images"])][1::2]
+    assert measured[count:] == [row.number for row in load_rows(data["path"], data["images"])][1::2]
     assert not os.path.exists(data["out"])
 
 
@@ -288,12 +295,11 @@ def test_the_splits_of_one_dataset_folder_are_told_apart(tmp_path, tiny_bundle, 
 
 def test_an_error_while_making_the_key_is_a_miss_said_in_one_line(tmp_path, monkeypatch, capsys):
     """Rank 0 must reach the broadcast whatever happens while it reads the cache, or the others wait in it."""
-    import ftloop.data.length_cache as length_cache
 
     def broken(*args, **kwargs):
         raise RuntimeError("no vocabulary")
 
-    monkeypatch.setattr(length_cache, "tokenizer_fingerprint", broken)
-    found, entry = length_cache.cached_found(str(tmp_path), __file__, [], None, None, {}, World.single())
+    monkeypatch.setattr(check_cache, "tokenizer_fingerprint", broken)
+    found, entry = check_cache.cached_measurement(str(tmp_path), __file__, [], None, None, {}, World.single())
     assert found is None and entry is None
     assert "the row check's cache is unusable (RuntimeError: no vocabulary); checking the rows" in capsys.readouterr().out

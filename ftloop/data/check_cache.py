@@ -1,6 +1,6 @@
-"""The cache of the check before training (ftloop.data.validate): what it found for each row (a token length,
-or the row's one-line error), kept in the run's --output-dir so that a resumed run does not open every image
-and tokenise every row again.
+"""The cache of the check before training (ftloop.data.check): what it found for each row (a token length, or the
+row's one-line error), kept in the run's --output-dir so that a resumed run does not open every image and tokenise
+every row again.
 
 A cache file holds the key it was made under and is used only when the key is the same again. The key is
 everything the measurement depends on:
@@ -13,38 +13,52 @@ everything the measurement depends on:
   one folder are told apart). --image-folder and --data-format act through these rows;
 - the tokenizer (its class, name, size and serialised vocabulary) and the image processor's settings
   (`to_dict`, which holds the pixel limits);
-- the other arguments of `measure_row`: --system-prompt, the length limit it enforces (--max-seq-length,
-  only under --truncation right: with `drop` the lengths are measured uncut and the limit applied after, so
-  a changed --max-seq-length reuses them) and --max-images-per-sample;
+- the rest of what measuring depends on (ftloop.data.check.Measuring): --system-prompt, the length limit it
+  enforces (--max-seq-length, only under --truncation right: with `drop` the lengths are measured uncut and the
+  limit applied after, so a changed --max-seq-length reuses them) and --max-images-per-sample;
 - the code that measures (ftloop's data package and the transformers version): a fix there must not be
   hidden by lengths measured before it.
 
 --skip-bad-rows is not in the key: the cache holds what was found, before anything is skipped, so a run
 refused for bad rows and started again with --skip-bad-rows reuses the check.
 
-The decision is collective: rank 0 reads the cache and broadcasts what it found, so every rank either
-measures (a miss) or skips (a hit) together; after a miss, rank 0 writes the gathered result.
+The decision is collective: rank 0 reads the cache and shares what it found, so every rank either measures (a miss)
+or skips (a hit) together; after a miss, rank 0 writes the gathered result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import transformers
 
-from ftloop.data.image_ref import ImageRef
+from ftloop.data.rows import Row
+from ftloop.data.sources import ImageRef
 from ftloop.distributed import World, agree, print0
 
-Found = dict[int, int | str]  # row index -> token length, or the row's one-line error
 FORMAT = 1  # bump when the file's layout or the key's meaning changes
 EDGE_BYTES = 1 << 20  # hashed at each end of a data file: catches an edit that keeps the size and mtime
 _CODE = os.path.dirname(os.path.abspath(__file__))  # ftloop/data: the code that reads and measures rows
+
+
+@dataclass
+class Measured:
+    """What measuring found, by index in the rows measured: a token length, or one problem line."""
+    lengths: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def add(self, index: int, found: int | str) -> None:
+        if isinstance(found, str):
+            self.errors[index] = found
+        else:
+            self.lengths[index] = found
 
 
 def cache_folder(output_dir: str) -> str:
@@ -97,12 +111,12 @@ def _image_identity(image, dataset_files: dict) -> list:
         return [image, None]
 
 
-def rows_digest(rows: list[dict]) -> str:
+def rows_digest(rows: list[Row]) -> str:
     """A digest of the rows as read (see the module docstring): one stat per image, as reading them did."""
     sha, dataset_files = hashlib.sha256(), {}
     for row in rows:
-        row = {**row, "images": [_image_identity(i, dataset_files) for i in row["images"]],
-               "videos": [[_image_identity(f, dataset_files) for f in video] for video in row.get("videos", [])]}
+        row = dict(dataclasses.asdict(row), images=[_image_identity(i, dataset_files) for i in row.images],
+                   videos=[[_image_identity(f, dataset_files) for f in video] for video in row.videos])
         sha.update(json.dumps(row, sort_keys=True, default=str).encode())
         sha.update(b"\n")
     return sha.hexdigest()
@@ -130,12 +144,12 @@ def _canonical(value) -> dict:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _file_name(path: str, rows: list[dict]) -> str:
+def _file_name(path: str, rows: list[Row]) -> str:
     """One file per source and set of rows: the name of the source and a digest of its row numbers, so the
     rows --eval-ratio keeps and those it holds out (same source) have a file each, and a changed key
     overwrites its file rather than adding one."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(os.path.normpath(path)))[:60] or "data"
-    numbers = json.dumps([path, [row.get("row") for row in rows]], default=str).encode()
+    numbers = json.dumps([path, [row.number for row in rows]], default=str).encode()
     return f"{stem}-{hashlib.sha256(numbers).hexdigest()[:16]}.json"
 
 
@@ -150,7 +164,7 @@ class CacheEntry:
     key: dict
     rows: int
 
-    def load(self) -> Found | None:
+    def load(self) -> Measured | None:
         """What the file holds when it was made under the same key; None for a missing, unreadable, corrupt
         or other-key file (a miss, never an error: the check runs and the file is written again)."""
         try:
@@ -163,10 +177,13 @@ class CacheEntry:
         lengths = saved.get("lengths")
         if not isinstance(lengths, list) or len(lengths) != self.rows or not all(map(_found_value, lengths)):
             return None
-        return dict(enumerate(lengths))
+        measured = Measured()
+        for index, found in enumerate(lengths):
+            measured.add(index, found)
+        return measured
 
-    def save(self, found: Found) -> None:
-        """Write `found` atomically (a temporary file in the same folder, then os.replace): a run killed while
+    def save(self, measured: Measured) -> None:
+        """Write `measured` (each row's length, or its error line) atomically (a temporary file in the same folder, then os.replace): a run killed while
         writing leaves the previous file or none, never half of one. A failed write is said and otherwise
         ignored: the cache only saves time, and the next run checks again."""
         folder, tmp = os.path.dirname(self.file), None
@@ -174,7 +191,8 @@ class CacheEntry:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": self.key, "lengths": [found[i] for i in range(self.rows)]}, f)
+                json.dump({"key": self.key, "lengths": [measured.errors.get(i, measured.lengths.get(i))
+                                                        for i in range(self.rows)]}, f)
             os.replace(tmp, self.file)
         except OSError as err:
             print0(f"{self.file}: could not write the row check cache ({err.strerror or err}); the next run checks "
@@ -184,10 +202,10 @@ class CacheEntry:
                 os.unlink(tmp)
 
 
-def cache_entry(cache_dir: str, path: str, rows: list[dict], tokenizer, image_processor,
+def cache_entry(cache_dir: str, path: str, rows: list[Row], tokenizer, image_processor,
                 flags: dict) -> CacheEntry | None:
     """The entry of `rows` read from `path`, or None when the source is not cached (a hub name) or cannot be
-    fingerprinted. `flags`: measure_row's other arguments that change what it finds."""
+    fingerprinted. `flags`: what else changes what measuring finds."""
     try:
         fingerprint = source_fingerprint(path)
     except OSError:
@@ -200,8 +218,8 @@ def cache_entry(cache_dir: str, path: str, rows: list[dict], tokenizer, image_pr
     return CacheEntry(os.path.join(cache_dir, _file_name(path, rows)), _canonical(key), len(rows))
 
 
-def cached_found(cache_dir: str, path: str, rows: list[dict], tokenizer, image_processor, flags: dict,
-                 world: World) -> tuple[Found | None, CacheEntry | None]:
+def cached_measurement(cache_dir: str, path: str, rows: list[Row], tokenizer, image_processor, flags: dict,
+                       world: World) -> tuple[Measured | None, CacheEntry | None]:
     """(what the cache holds for these rows or None, the entry to write after a miss: rank 0 only).
 
     Collective: rank 0 alone reads the cache (and pays for the key) and shares what it found
@@ -209,7 +227,7 @@ def cached_found(cache_dir: str, path: str, rows: list[dict], tokenizer, image_p
     --output-dir differ."""
     entry = None
 
-    def read() -> Found | None:
+    def read() -> Measured | None:
         nonlocal entry
         try:
             entry = cache_entry(cache_dir, path, rows, tokenizer, image_processor, flags)

@@ -1,0 +1,214 @@
+"""The row layouts ftloop reads, each into the normal form (ftloop.data.rows.Row), and picking one per source.
+
+- LLaVA: `conversations` of human/gpt turns (`from`, `value`), `image` (a path or a list, relative to the image
+  folder), `video` (the frame paths of one video, or a list of such lists) and `video_fps` (one frame rate for all
+  the row's videos, or a list of one per video).
+- messages (OpenAI / TRL / Qwen): `messages` with `role` system, user or assistant and `content` either a string
+  or a list of parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path}` and `{"type": "video",
+  "video": [frame paths]}`. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
+  media then come, in order, from the row's top-level `images` (or `image`) and `videos` lists. The parts of a
+  message are joined with nothing in between, as Qwen's chat template renders them, each image part becoming
+  `<image>` and each video part `<video>`. A string content may itself hold `<image>` / `<video>` placeholders,
+  which take their media from the top-level lists like bare parts. A video's frame rate is its part's `fps` (as
+  in qwen-vl-utils) or, for videos from the top-level list, the row's `video_fps` (one number, or one per video).
+
+The layout of a source is told from its first rows' keys (--data-format forces one). Every problem is reported
+as one line naming the source and the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from ftloop.config import DataArgs
+from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image,
+                              per_video_fps)
+from ftloop.data.sources import default_image_folder, is_dataset_source, read_dataset_rows, read_json_rows, where
+from ftloop.errors import DataError
+
+
+DATA_FORMATS = typing.get_args(typing.get_type_hints(DataArgs)["data_format"])  # --data-format's choices
+DETECT_ROWS = 20  # rows looked at to tell the layouts apart
+
+
+def detect_format(path: str, rows: list[tuple[int, dict]], data_format: str = "auto") -> str:
+    """`llava` or `messages`: `data_format` unless it is auto, else told from the keys of the first rows."""
+    if data_format != "auto":
+        return data_format
+    keys = set().union(*(row.keys() for _, row in rows[:DETECT_ROWS]))
+    if "conversations" in keys and "messages" in keys:
+        raise DataError(f"{path}: rows have both `conversations` and `messages`; "
+                        "pass --data-format llava or messages")
+    if "conversations" in keys or "messages" in keys:
+        return "llava" if "conversations" in keys else "messages"
+    shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
+    raise DataError(f"{path}: rows have neither `conversations` (LLaVA layout) nor `messages` (messages "
+                    f"layout); their keys: {shown}")
+
+
+def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None, data_format: str = "auto",
+              split: str = "train") -> list[Row]:
+    """All rows of a file or dataset, normalised; image paths resolved against image_folder.
+
+    With an `errors` list, each bad row is appended there as its one-line message and skipped instead of
+    raising (a source that cannot be read at all, a malformed .json array, or rows whose layout cannot be
+    detected still raise: no row is readable). `split` ("train" or "eval") picks the split of a Hugging
+    Face DatasetDict (ftloop.data.sources.pick_split).
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, not {data_format!r}")
+    folder = image_folder or default_image_folder(path)
+    rows = read_dataset_rows(path, split) if is_dataset_source(path) else read_json_rows(path, errors)
+    if not rows:
+        if not errors:
+            raise DataError(f"{path}: no rows")
+        return []
+    layout = detect_format(path, rows, data_format)
+    normalize = normalize_llava_row if layout == "llava" else normalize_messages_row
+    if errors is None:
+        return [dataclasses.replace(normalize(row, where(path, n), folder), number=n) for n, row in rows]
+    good = []
+    for n, row in rows:
+        try:
+            good.append(dataclasses.replace(normalize(row, where(path, n), folder), number=n))
+        except DataError as err:
+            errors.append(str(err))
+    return good
+
+
+# ---- LLaVA ------------------------------------------------------------------------------------------------
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def normalize_llava_row(row: dict, where: str, image_folder: str) -> Row:
+    """LLaVA layout -> the normal form (ftloop.data.rows)."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: missing or empty `conversations` list")
+    images = row.get("image") or []
+    images = [images] if is_image(images) else images
+    if not isinstance(images, list) or not all(is_image(p) for p in images):
+        raise DataError(f"{where}: `image` must be a path or a list of paths")
+    videos = row.get("video") or []
+    if isinstance(videos, list) and all(isinstance(p, str) for p in videos) and videos:
+        videos = [videos]  # the frames of one video
+    videos = check_videos(videos, where, "video")
+    messages = []
+    for turn in turns:
+        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None:
+            raise DataError(f"{where}: unknown role {turn.get('from') if isinstance(turn, dict) else turn!r}; "
+                            "use human, gpt or system")
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: a `{turn.get('from')}` turn has no text `value`")
+        messages.append({"role": role, "content": turn["value"]})
+    return finish_row(messages, images, videos, where, image_folder,
+                      video_fps=per_video_fps(row.get("video_fps"), len(videos)))
+
+
+# ---- messages -------------------------------------------------------------------------------------------
+
+MESSAGES_ROLES = ("system", "user", "assistant")
+LOCAL_SCHEME = "file://"  # Qwen's examples write local images as file:///path
+
+
+def _path(value, where: str, kind: str):
+    """An image part's path (or ImageRef) without a file:// prefix (a URL is refused with the other paths,
+    ftloop.data.rows.resolve_images)."""
+    if isinstance(value, str):
+        return value[len(LOCAL_SCHEME):] if value.startswith(LOCAL_SCHEME) else value
+    if is_image(value):
+        return value
+    raise DataError(f"{where}: an {kind} part's `{kind}` must be a path (or leave it out and list the "
+                    f"{kind}s in the row's top-level `{kind}s`)")
+
+
+def _render(content: list, where: str, images: list, videos: list, fps: list) -> str:
+    """The parts as one string with placeholders; the media parts name are appended to images/videos (and
+    each such video's `fps`, or None, to fps)."""
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: a text part has no string `text`")
+            text.append(part["text"])
+        elif kind == "image":
+            if part.get("image") is not None:  # else bare: its image comes from the top-level list
+                images.append(_path(part["image"], where, "image"))
+            text.append(IMAGE_PLACEHOLDER)
+        elif kind == "video":
+            frames = part.get("video")
+            if frames is not None:
+                if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
+                    raise DataError(f"{where}: a video part's `video` must be a non-empty list of frame paths")
+                videos.append([_path(f, where, "video frame") for f in frames])
+                fps.append(part.get("fps"))
+            elif part.get("fps") is not None:
+                raise DataError(f"{where}: a bare video part has an `fps`; give the frame rates of the top-level "
+                                "`videos` in the row's `video_fps`")
+            text.append(VIDEO_PLACEHOLDER)
+        else:
+            shown = part.get("type") if isinstance(part, dict) else part
+            raise DataError(f"{where}: unknown content part {shown!r}; use type text, image or video")
+    return "".join(text)
+
+
+def _media(row: dict, where: str, inline: list, kind: str, placeholders: int) -> list:
+    """The row's images (kind "image") or videos: from the parts, or from the top-level list."""
+    field = f"{kind}s"
+    top = row.get(field)
+    if top is None and kind == "image":
+        top = row.get("image")  # a single-image column, common in datasets
+        top = [top] if is_image(top) else top
+    if inline and placeholders > len(inline):
+        raise DataError(f"{where}: some {kind} parts carry a path and others (bare parts, `<{kind}>` "
+                        f"placeholders) do not; give every {kind} in its part, or all in a top-level `{field}` list")
+    if inline:
+        if top:
+            raise DataError(f"{where}: {kind} parts carry paths and the row also has a top-level `{field}` "
+                            "list; use one of the two")
+        return inline
+    top = [] if top is None else top
+    if kind == "image" and (not isinstance(top, list) or not all(is_image(p) for p in top)):
+        raise DataError(f"{where}: `images` must be a list of paths")
+    if kind == "video":
+        check_videos(top, where, field)
+    if len(top) != placeholders:
+        raise DataError(f"{where}: {placeholders} bare {kind} parts or `<{kind}>` placeholders but "
+                        f"{len(top)} entries in `{field}`")
+    return top
+
+
+def normalize_messages_row(row: dict, where: str, image_folder: str) -> Row:
+    """Messages layout -> the normal form; paths are relative to image_folder (absolute ones stay)."""
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: missing or empty `messages` list")
+    images, videos, part_fps = [], [], []
+    messages = []
+    for turn in turns:
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if role not in MESSAGES_ROLES:
+            shown = turn.get("role") if isinstance(turn, dict) else turn
+            raise DataError(f"{where}: unknown role {shown!r}; use system, user or assistant")
+        content = turn.get("content")
+        if isinstance(content, list):
+            content = _render(content, where, images, videos, part_fps)
+        elif not isinstance(content, str):
+            raise DataError(f"{where}: a `{role}` message has no `content` (a string or a list of parts)")
+        messages.append({"role": role, "content": content})
+    counts = {p: sum(m["content"].count(p) for m in messages) for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
+    image_list = _media(row, where, images, "image", counts[IMAGE_PLACEHOLDER])
+    video_list = _media(row, where, videos, "video", counts[VIDEO_PLACEHOLDER])
+    if videos:  # the videos came from their parts, and so do their frame rates
+        if row.get("video_fps") is not None:
+            raise DataError(f"{where}: video parts carry their frames and the row also has a top-level "
+                            "`video_fps`; give each video part its `fps`")
+        fps = part_fps
+    else:
+        fps = per_video_fps(row.get("video_fps"), len(video_list))
+    return finish_row(messages, image_list, video_list, where, image_folder, user="user", assistant="assistant",
+                      video_fps=fps)

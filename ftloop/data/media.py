@@ -1,0 +1,195 @@
+"""A row's images and videos as the model takes them: images opened as RGB, frames through Qwen's video layout,
+the image processor with the run's pixel limits. Every row is encoded through `row_vision_inputs` (by
+ftloop.data.encode), in training and in the checks alike.
+
+Images: any mode pillow reads becomes RGB, with EXIF orientation applied; an image is a path, or an `ImageRef`
+into a Hugging Face dataset whose bytes are read only here.
+
+Videos, without transformers' video processor: `Qwen2VLVideoProcessor` needs torchvision, which ftloop does not
+require. It is not needed: a video is a list of frames, and Qwen's video processor treats each frame exactly as its
+image processor treats an image (the same smart resize, rescale and normalisation) and differs only in the
+temporal axis. So every frame goes through the checkpoint's own image processor (whatever its backend, with its own
+patch size, merge size, pixel limits, mean and std), and only the temporal layout is done here:
+
+- all frames of a video get one size: a frame whose size differs from the first frame's is resized to it
+  first (decoded videos never differ; frame folders rarely do), so every frame gets the same grid;
+- the image processor lays out an image as (h/merge, w/merge, merge, merge, channel, temporal, patch,
+  patch) with the one frame repeated `temporal_patch_size` times; a video needs consecutive frames along
+  that temporal axis instead, so frame k of a group of `temporal_patch_size` fills slot k, the frame count
+  being padded to a multiple of `temporal_patch_size` by repeating the last frame (as Qwen's processor does);
+- grid_thw = (frames / temporal_patch_size, h, w), and the groups follow each other in time.
+
+A video of `temporal_patch_size` copies of one frame therefore gives exactly the pixel values that frame
+gives as an image (tested). `second_per_grid_ts` = temporal_patch_size / fps places the groups in time in
+Qwen2.5-VL's 3D rope (Qwen2-VL and Qwen3-VL ignore it); fps is Qwen's default 2.0 unless the row says
+otherwise. Qwen3-VL instead writes each frame group's time into the text (`group_times`, ftloop.data.encode).
+(Qwen3-VL's own video processor sizes frames by a pixel budget over the whole clip; here every frame gets the
+image processor's per-image limits, --min-pixels / --max-pixels, as with the other families.)
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ftloop.data.rows import Row
+from ftloop.data.sources import ImageRef
+from ftloop.errors import ConfigError, DataError, one_line
+
+
+def _open(source: str | ImageRef, where: str) -> Image.Image:
+    if not isinstance(source, ImageRef):
+        return Image.open(source)
+    try:
+        data, path = source.read()
+    except Exception as err:  # noqa: BLE001 - the dataset's files moved or broke since the rows were read
+        raise DataError(f"{where}: cannot read image {source} ({type(err).__name__}: {err})") from None
+    if data is None and path is None:
+        raise DataError(f"{where}: image is empty (no bytes, no path): {source}")
+    return Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+
+
+def open_rgb(source: str | ImageRef, where: str) -> Image.Image:
+    """The image at `source` (a path or an ImageRef) as RGB; transparent pixels are composed onto white.
+    `where` names the row."""
+    try:
+        with _open(source, where) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise DataError(f"{where}: image not found: {source}") from None
+    except Image.DecompressionBombError:  # decoding it would take gigabytes in every loader worker
+        raise DataError(f"{where}: image {source} has more than twice pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                        "pixels (a decompression bomb, or a giant scan); shrink it first (--max-pixels resizes only "
+                        "after decoding)") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: image path is a folder: {source}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        # pillow names an in-memory file by its object address: say what it means instead
+        reason = "not an image format pillow reads" if isinstance(err, UnidentifiedImageError) and \
+            isinstance(source, ImageRef) else err
+        raise DataError(f"{where}: cannot read image {source} ({reason})") from None
+    if image.width == 0 or image.height == 0:
+        raise DataError(f"{where}: image has zero size: {source}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16-bit (any byte order) and float
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+# ---- videos -----------------------------------------------------------------------------------------------
+
+DEFAULT_FPS = 2.0  # frames per second of the sampled frames, Qwen2.5-VL's default (qwen-vl-utils FPS)
+
+
+def run_image_processor(image_processor, images: list, where: str) -> dict:
+    """The image processor on a list of PIL images; its failure as one DataError line naming the row."""
+    try:
+        return image_processor(images=images, return_tensors="pt")
+    except Exception as err:  # noqa: BLE001 - the processor's own complaint, on one line
+        raise DataError(f"{where}: image processor failed ({one_line(err)})") from None
+
+
+def video_patches(frames: list, image_processor, where: str) -> tuple[torch.Tensor, list[int]]:
+    """(pixel values (t*h*w, channel*temporal_patch_size*patch^2), [t, h, w]) of one video's frames."""
+    if not frames:
+        raise DataError(f"{where}: a video has no frames")
+    images = [open_rgb(source, where) for source in frames]
+    size = images[0].size
+    images = [im if im.size == size else im.resize(size, Image.Resampling.BICUBIC) for im in images]
+    vision = run_image_processor(image_processor, images, where)
+    grid = vision["image_grid_thw"]
+    _, h, w = grid[0].tolist()
+    temporal, patch = image_processor.temporal_patch_size, image_processor.patch_size
+    pixels = vision["pixel_values"]
+    channels = pixels.shape[-1] // (temporal * patch * patch)
+    # (frame, h*w, channel, temporal copy, patch, patch): keep one copy of each frame.
+    pixels = pixels.reshape(len(images), h * w, channels, temporal, patch, patch)[:, :, :, 0]
+    if pad := -len(images) % temporal:
+        pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
+    t = pixels.shape[0] // temporal
+    # (group, slot, h*w, channel, patch, patch) -> (group, h*w, channel, slot, patch, patch)
+    pixels = pixels.reshape(t, temporal, h * w, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
+    return pixels.reshape(t * h * w, channels * temporal * patch * patch), [t, h, w]
+
+
+def group_times(frames: int, temporal: int, fps: float) -> list[float]:
+    """Seconds of each group of `temporal` frames (the last padded by repeating its last frame): the mean time of
+    its first and last frame, as Qwen3-VL's processor computes the timestamps it writes before each group."""
+    index = [min(i, frames - 1) for i in range(-(-frames // temporal) * temporal)]
+    return [(index[g] + index[g + temporal - 1]) / 2 / fps for g in range(0, len(index), temporal)]
+
+
+def video_inputs(videos: list[list], image_processor, where: str, fps: list | None = None) -> tuple[dict, list]:
+    """(`pixel_values_videos`, `video_grid_thw` and `second_per_grid_ts` of a row's videos, in order; each video's
+    frame group times (`group_times`)).
+
+    `fps`, when given, holds one frames-per-second value (or None for the default) per video."""
+    fps = list(fps) if fps else [None] * len(videos)
+    if len(fps) != len(videos):
+        raise DataError(f"{where}: {len(fps)} fps values for {len(videos)} videos")
+    patches, grids, seconds, times = [], [], [], []
+    for frames, rate in zip(videos, fps):
+        rate = DEFAULT_FPS if rate is None else rate
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+            raise DataError(f"{where}: a video's fps must be a positive number, got {rate!r}")
+        pixels, grid = video_patches(frames, image_processor, where)
+        patches.append(pixels)
+        grids.append(grid)
+        seconds.append(image_processor.temporal_patch_size / rate)
+        times.append(group_times(len(frames), image_processor.temporal_patch_size, rate))
+    return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids),
+            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}, times
+
+
+# ---- the image processor and a row's inputs -------------------------------------------------------------
+
+def pixels_out_of_order(low: str, high: str) -> str:
+    """The line for a smallest image area above the largest (each named by its flag or the checkpoint)."""
+    return f"{low} is above {high}; give --min-pixels <= --max-pixels"
+
+
+def load_image_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's image processor; `--min-pixels` / `--max-pixels` (None: the checkpoint's) replace its
+    limits on the resized image area. They bound every image and every video frame, and being the processor's
+    own settings, they are written with it when the model is exported. The flags on their own are checked
+    with the others (ftloop.config.DataArgs.check); here, against the checkpoint's limits and patch grid."""
+    from transformers import AutoImageProcessor
+
+    overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = AutoImageProcessor.from_pretrained(path, **overrides)
+    low, high = processor.size["shortest_edge"], processor.size["longest_edge"]
+    low_name = f"--min-pixels {low}" if min_pixels is not None else f"the checkpoint's min_pixels {low}"
+    high_name = f"--max-pixels {high}" if max_pixels is not None else f"the checkpoint's max_pixels {high}"
+    if (min_pixels is None) != (max_pixels is None) and low > high:  # both given: checked with the flags
+        raise ConfigError(pixels_out_of_order(low_name, high_name))
+    smallest = (processor.patch_size * processor.merge_size) ** 2
+    if max_pixels is not None and high < smallest:
+        raise ConfigError(f"--max-pixels {high} is below {smallest} = (patch_size {processor.patch_size} x "
+                          f"merge_size {processor.merge_size})^2, the smallest image the model takes")
+    return processor
+
+
+def row_vision_inputs(row: Row, image_processor, where: str) -> tuple[dict, list[int], list[int], list]:
+    """(tensors, image token counts, video token counts, video frame group times) of one normalised row.
+
+    tensors holds `pixel_values` and `image_grid_thw` when the row has images, and `pixel_values_videos`,
+    `video_grid_thw` and `second_per_grid_ts` when it has videos; each image or video becomes
+    grid t*h*w / merge^2 pad tokens. Unreadable images and processor failures are one DataError line."""
+    tensors, image_counts, video_counts, video_times = {}, [], [], []
+    merged = image_processor.merge_size ** 2
+    if row.images:
+        images = [open_rgb(source, where) for source in row.images]
+        vision = run_image_processor(image_processor, images, where)
+        tensors["pixel_values"], tensors["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+        image_counts = (vision["image_grid_thw"].prod(-1) // merged).tolist()
+    if row.videos:
+        videos, video_times = video_inputs(row.videos, image_processor, where, row.video_fps)
+        tensors.update(videos)
+        video_counts = (tensors["video_grid_thw"].prod(-1) // merged).tolist()
+    return tensors, image_counts, video_counts, video_times
