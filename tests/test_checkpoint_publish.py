@@ -38,6 +38,16 @@ def killed_after(calls: int, monkeypatch) -> None:
         monkeypatch.setattr(owner, name, dying)
 
 
+def publish_killed_after(calls: int, path, monkeypatch) -> None:
+    """Publish `<path>.tmp` at `path`, the process "dying" after `calls` renames and removals."""
+    with monkeypatch.context() as patch:
+        killed_after(calls, patch)
+        try:
+            publish(f"{path}.tmp", str(path))
+        except Killed:
+            pass
+
+
 @pytest.mark.parametrize("calls", range(5))  # publish makes at most 4 such calls; 4 means it finished
 def test_a_kill_between_any_two_steps_of_replacing_a_checkpoint_keeps_the_new_one(tmp_path, monkeypatch, calls):
     """An older run's checkpoint-6 is being replaced by this run's, complete in checkpoint-6.tmp. Before,
@@ -46,12 +56,7 @@ def test_a_kill_between_any_two_steps_of_replacing_a_checkpoint_keeps_the_new_on
     write_checkpoint(tmp_path / "checkpoint-4", "step 4")
     write_checkpoint(tmp_path / "checkpoint-6", "an older run's step 6")
     write_checkpoint(tmp_path / "checkpoint-6.tmp", "this run's step 6")
-    with monkeypatch.context() as patch:
-        killed_after(calls, patch)
-        try:
-            publish(str(tmp_path / "checkpoint-6.tmp"), str(tmp_path / "checkpoint-6"))
-        except Killed:
-            pass
+    publish_killed_after(calls, tmp_path / "checkpoint-6", monkeypatch)
     said = recover_interrupted_saves(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"], said
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
@@ -79,12 +84,7 @@ def test_an_export_interrupted_anywhere_leaves_the_previous_one_or_the_new_one(t
     not resumed from), so where the new one is not in place yet, the previous one comes back."""
     write_checkpoint(tmp_path / "best", "step 2's weights", complete=False)  # exports carry no marker
     write_checkpoint(tmp_path / "best.tmp", "step 4's weights", complete=False)
-    with monkeypatch.context() as patch:
-        killed_after(calls, patch)
-        try:
-            publish(str(tmp_path / "best.tmp"), str(tmp_path / "best"))
-        except Killed:
-            pass
+    publish_killed_after(calls, tmp_path / "best", monkeypatch)
     said = recover_interrupted_saves(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["best"], said
     moved = calls >= 3  # the third call renames the new export into place

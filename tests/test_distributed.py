@@ -41,28 +41,44 @@ def unequal_rows(bundle, tmp_path) -> str:
     return str(data)
 
 
-def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bundle, tmp_path):
-    """The same 4 rows in one optimizer step, laid out as 1 rank x 1 micro-batch of 4 and 2 ranks x 2 micro-batches
-    of 1 (flat parameters, each micro-batch reduce-scattered into the sharded gradient as it is computed): one
-    loss and one gradient, because the loss is the step's token sum divided by the step's supervised tokens on
-    all ranks. (Original parameters at 1 and 2 ranks: test_vision_mixing; 4 ranks: test_sharded_adafactor.)
+@pytest.fixture(scope="module")
+def one_by_four(tiny_bundle, tmp_path_factory):
+    """The flags of a step of the 4 unequal rows (fp32, flat parameters), and that step on 1 rank x 1 micro-batch
+    of 4."""
+    folder = tmp_path_factory.mktemp("unequal")
+    args = ("--no-bf16", "--train-data", unequal_rows(tiny_bundle, folder), "--image-folder",
+            tiny_bundle["image_folder"])
+    return args, step_gradients(tiny_bundle, folder, 1, 4, 1, *args, flat=True)
 
-    Mutation check (tried): with the HF Trainer's normalisation, a mean per micro-batch divided by the number of
+
+@pytest.mark.parametrize("strategy, groups", [("FULL_SHARD", [2]), ("SHARD_GRAD_OP", [2]), ("NO_SHARD", [1])])
+def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bundle, tmp_path, one_by_four, strategy,
+                                                                       groups):
+    """The same 4 rows in one optimizer step, laid out as 1 rank x 1 micro-batch of 4 and 2 ranks x 2 micro-batches
+    of 1 (flat parameters): one loss and one gradient, because the loss is the step's token sum divided by the
+    step's supervised tokens on all ranks. (Original parameters at 1 and 2 ranks: test_vision_mixing; 4 ranks:
+    test_sharded_adafactor.) On 2 ranks, under each --sharding-strategy, which reaches FSDP and the optimizer (whose
+    tensors are whole on every rank under NO_SHARD): the sharded strategies reduce-scatter each micro-batch's
+    gradient into the sharded gradient as it is computed; NO_SHARD runs the first micro-batch's backward in
+    `no_sync` and all-reduces the sum after the last.
+
+    Mutation checks (tried): with the HF Trainer's normalisation, a mean per micro-batch divided by the number of
     micro-batches (`micro_loss / supervised_tokens(batch) / len(micro_batches)` in accumulate_gradients), this
     test fails: the largest relative difference of a parameter's gradient, 2x2 against 1x4 (a mean per row in
-    both), is 0.577, where the bound is 1e-5.
+    both), is 0.577, where the bound is 1e-5. With the strategy flag ignored (always FULL_SHARD), or `no_sync` on
+    the last micro-batch too (NO_SHARD never all-reduces), it fails.
     """
-    args = ("--no-bf16", "--train-data", unequal_rows(tiny_bundle, tmp_path), "--image-folder",
-            tiny_bundle["image_folder"])
-    one_by_four = step_gradients(tiny_bundle, tmp_path, 1, 4, 1, *args, flat=True)
-    two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, flat=True)
+    args, one_by_four = one_by_four
+    two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, "--sharding-strategy", strategy, flat=True)
+    assert two_by_two["sharding"] == {"strategy": strategy, "optimizer_groups": groups}
     # The micro-batches carry different numbers of supervised tokens, so a mean per micro-batch (or per rank)
     # would give another gradient: the comparison below can tell the two apart.
     counts = two_by_two["micro_batch_targets"]
     assert len(counts) == 2 and counts[0] != counts[1]
     assert two_by_two["loss"] == pytest.approx(one_by_four["loss"], rel=1e-6)
     assert max_relative_difference(two_by_two["grads"], one_by_four["grads"]) < 1e-5
-    assert not two_by_two["unsharded_grad_between_micro_batches"]  # no no_sync: no full gradient is kept
+    if strategy != "NO_SHARD":
+        assert not two_by_two["unsharded_grad_between_micro_batches"]  # no no_sync: no full gradient is kept
     # Vision-tower gradients are part of the comparison, and not trivially zero.
     visual = [k for k in one_by_four["grads"] if ".visual." in k]
     assert visual and all(one_by_four["grads"][k].abs().sum() > 0 for k in visual)
@@ -156,18 +172,3 @@ def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
         # atol: the fp32 rounding of a weight near 1 (a norm's) after the step, 6e-8 at most; rates differ by 2.5x+.
         torch.testing.assert_close(delta, torch.full_like(delta, expected[part]), rtol=0, atol=1e-7, msg=name)
     assert seen == set(expected) - ({"lm_head."} if "lm_head.weight" not in moved else set())
-
-
-@pytest.mark.parametrize("strategy, groups", [("NO_SHARD", [1]), ("SHARD_GRAD_OP", [2]), ("FULL_SHARD", [2])])
-def test_the_sharding_strategy_is_the_one_asked_for(tiny_bundle, tmp_path, strategy, groups):
-    """--sharding-strategy reaches FSDP and the optimizer (whose tensors are whole on every rank under NO_SHARD), on
-    2 processes. Under NO_SHARD with accumulation, the first micro-batch's backward runs in `no_sync` and the last
-    one all-reduces the sum: the same step as 1 process x 4 micro-batches."""
-    args = ("--no-bf16", "--train-data", unequal_rows(tiny_bundle, tmp_path), "--image-folder",
-            tiny_bundle["image_folder"], "--sharding-strategy", strategy)
-    two_by_two = step_gradients(tiny_bundle, tmp_path, 2, 1, 2, *args, flat=True)
-    assert two_by_two["sharding"] == {"strategy": strategy, "optimizer_groups": groups}
-    if strategy == "NO_SHARD":
-        one_by_four = step_gradients(tiny_bundle, tmp_path, 1, 4, 1, *args, flat=True)
-        assert two_by_two["loss"] == pytest.approx(one_by_four["loss"], rel=1e-6)
-        assert max_relative_difference(two_by_two["grads"], one_by_four["grads"]) < 1e-5
