@@ -1,8 +1,9 @@
 """What every GPU of a run holds, from the model's config alone: `python -m ftloop.plan [ftloop.train flags]
 --nproc-per-node 8 --nnodes 1 --gpu-memory-gib 80`.
 
-The model is built on the meta device (no weights, no tokenizer, no data) and split into the FSDP units
-ftloop wraps (each decoder layer and vision block; the root with the embeddings, lm_head, final norm, patch
+The model is built on the meta device (no weights, no tokenizer, no data) by the builder ftloop.train uses
+(ftloop.model.build_skeleton), and split into the FSDP units the run wraps, its own unit set (each decoder layer
+and vision block, what freezing and LoRA keep apart; the root with the embeddings, lm_head, final norm, patch
 embedding and merger). Per GPU, in bytes:
 
   persistent   sharded parameters (master dtype, each unit padded to a multiple of the shard count), their

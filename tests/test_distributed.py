@@ -51,16 +51,16 @@ def one_by_four(tiny_bundle, tmp_path_factory):
     return args, step_gradients(tiny_bundle, folder, 1, 4, 1, *args, flat=True)
 
 
-@pytest.mark.parametrize("strategy, groups", [("FULL_SHARD", [2]), ("SHARD_GRAD_OP", [2]), ("NO_SHARD", [1])])
+@pytest.mark.parametrize("strategy, groups", [("FULL_SHARD", [2]), ("NO_SHARD", [1])])
 def test_the_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_bundle, tmp_path, one_by_four, strategy,
                                                                        groups):
     """The same 4 rows in one optimizer step, laid out as 1 rank x 1 micro-batch of 4 and 2 ranks x 2 micro-batches
     of 1 (flat parameters): one loss and one gradient, because the loss is the step's token sum divided by the
     step's supervised tokens on all ranks. (Original parameters at 1 and 2 ranks: test_vision_mixing; 4 ranks:
-    test_sharded_adafactor.) On 2 ranks, under each --sharding-strategy, which reaches FSDP and the optimizer (whose
-    tensors are whole on every rank under NO_SHARD): the sharded strategies reduce-scatter each micro-batch's
-    gradient into the sharded gradient as it is computed; NO_SHARD runs the first micro-batch's backward in
-    `no_sync` and all-reduces the sum after the last.
+    test_sharded_adafactor.) On 2 ranks, under FULL_SHARD and NO_SHARD, each of which reaches FSDP and the
+    optimizer (whose tensors are whole on every rank under NO_SHARD; SHARD_GRAD_OP: the frozen-units test below):
+    FULL_SHARD reduce-scatters each micro-batch's gradient into the sharded gradient as it is computed; NO_SHARD
+    runs the first micro-batch's backward in `no_sync` and all-reduces the sum after the last.
 
     Mutation checks (tried): with the HF Trainer's normalisation, a mean per micro-batch divided by the number of
     micro-batches (`micro_loss / supervised_tokens(batch) / len(micro_batches)` in accumulate_gradients), this
@@ -95,9 +95,7 @@ def test_bf16_mixed_precision_dtypes_and_clipping_to_max_grad_norm(tiny_bundle, 
     assert facts["grad"] == ["torch.float32"]  # reduced gradients land in the master dtype
     assert facts["matmul_input"] == ["torch.bfloat16"]  # the matmuls run in bf16
     assert facts["reduce_scatter"] == ["torch.float32"]  # every rank's bf16 gradient summed in fp32 (seen)
-    bf16_reduce = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--reduce-dtype", "bf16", flat=True)
-    assert bf16_reduce["dtypes"]["reduce_scatter"] == ["torch.bfloat16"]  # --reduce-dtype bf16: summed in bf16
-    assert bf16_reduce["dtypes"]["grad"] == ["torch.float32"]  # and cast back to the master dtype
+    # (--reduce-dtype bf16: test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang)
     # Clipped over both ranks' shards to exactly --max-grad-norm; the norm returned (logged) is the one before.
     assert step["grad_norm"] > 0.1
     assert global_norm(step["grads"]) == pytest.approx(0.01, rel=1e-4)
@@ -125,24 +123,31 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
 
 
-@pytest.mark.parametrize("bundle_name, flags, trains", [
-    ("qwen3_bundle", ["--freeze-vision-tower"], lambda unit: ".visual." not in f".{unit}." or "merger" in unit),
-    ("tiny_bundle", ["--lora-rank", "4"], lambda unit: ".lora_" in unit),
-], ids=["qwen3-vl, frozen vision tower", "lora"])
+@pytest.mark.parametrize("bundle_name, flags, trains, facts", [
+    ("qwen3_bundle", ["--freeze-vision-tower", "--sharding-strategy", "SHARD_GRAD_OP"],
+     lambda unit: ".visual." not in f".{unit}." or "merger" in unit,
+     {"sharding": {"strategy": "SHARD_GRAD_OP", "optimizer_groups": [2]}}),
+    ("tiny_bundle", ["--lora-rank", "4", "--reduce-dtype", "bf16"], lambda unit: ".lora_" in unit,
+     {"dtypes": {"reduce_scatter": ["torch.bfloat16"], "grad": ["torch.float32"]}}),
+], ids=["qwen3-vl, frozen vision tower, SHARD_GRAD_OP", "lora, --reduce-dtype bf16"])
 def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, tmp_path, bundle_name, flags,
-                                                                     trains):
+                                                                     trains, facts):
     """After a real step's backward (2 processes, flat parameters), exactly the trainable units hold a gradient:
     FSDP allocates and reduce-scatters none for a frozen unit. One row with an image and one without, one per
     rank: the text-only rank runs the frozen tower on the blank image, and the trainable merger's gradient
     there is zero, yet reduce-scattered with the other rank's. The frozen tower on Qwen3-VL, whose DeepStack
     mergers are units of their own here too: the blank image's DeepStack features must reach the loss, or that
     rank never reduces them (a hang); LoRA (on Qwen2.5-VL) freezes the whole visual part. The memory plan counts
-    the same units, of the same sizes (its adapters nested in their layers), as FSDP made."""
+    the same units, of the same sizes (its adapters nested in their layers), as FSDP made. Two flags ride along,
+    observed: --sharding-strategy SHARD_GRAD_OP reaches FSDP and the optimizer; --reduce-dtype bf16 makes the
+    gradients' reduce-scatters run in bf16 (they land in the fp32 masters)."""
     tiny_bundle = request.getfixturevalue(bundle_name)
     data = image_and_text_rows(tiny_bundle, tmp_path)
     step = step_gradients(tiny_bundle, tmp_path, 2, 1, 1, "--train-data", data, *flags, flat=True)
     assert sorted(step["images_per_rank"]) == [False, True]
     assert step["planned_units"] == step["wrapped_units"]  # the memory plan counts the units FSDP made
+    for key, expected in facts.items():
+        assert {fact: step[key][fact] for fact in expected} == expected
     units = step["unit_grads"]
     assert any(not trains(unit) for unit in units) and any(trains(unit) for unit in units)
     for unit, (requires_grad, has_grad) in units.items():

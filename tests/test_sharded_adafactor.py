@@ -7,22 +7,8 @@ import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
 from launch import REPO, check, torchrun
-from test_adafactor import CONFIGS, _run, plain_layout
 
 WORKER = os.path.join(REPO, "tests", "adafactor_worker.py")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_unsharded_matches_transformers_for_every_option(kwargs, dtype):
-    ours, _ = _run(plain_layout, kwargs, dtype)
-    ref, _ = _run(HFAdafactor, kwargs, dtype)
-    for po, pr in zip(ours, ref):
-        assert po.dtype == dtype
-        if dtype == torch.bfloat16:  # stepped in fp32, rounded once: bit-identical for this seed
-            assert torch.equal(po, pr)
-        else:  # measured: at most 7.9e-8
-            assert float((po - pr).detach().abs().max() / pr.detach().abs().max()) <= 1e-6
 
 
 def reference(case: str) -> dict:
