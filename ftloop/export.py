@@ -3,9 +3,10 @@
 - The live model (`export_model`: the `best` and `final` exports at the end of a run). Collective: the FSDP units
   are gathered one at a time, in the same order on every rank, onto rank 0 only, which writes.
 - A checkpoint (`export_checkpoint`, `python -m ftloop.export CHECKPOINT_DIR OUT_DIR`: one process, no GPU, no
-  torchrun). A `checkpoint-<step>` folder holds the model as FSDP's sharded state dict, written by every rank with
-  torch.distributed.checkpoint (DCP), and `hf/` (config, tokenizer, image processor, generation config); the
-  tensors of one output shard are loaded at a time (DCP reads just their byte ranges from every rank's files).
+  torchrun). A `checkpoint-<step>` folder holds each parameter flattened, in slices written by every rank with
+  torch.distributed.checkpoint (DCP), their shapes (`parameters.json`) and `hf/` (config, tokenizer, image
+  processor, generation config); the tensors of one output shard are loaded at a time (DCP reads just their
+  byte ranges from every rank's files).
 
 `save_pretrained` needs the whole state dict in memory at once; for a model that fills several GPUs that is more
 host memory than a node may have. Here the shards are planned from the tensor sizes before anything is read
@@ -43,7 +44,8 @@ from ftloop.cli import run_command
 from ftloop.config import LoraArgs, parse_size
 from ftloop.distributed import World
 from ftloop.errors import ConfigError
-from ftloop.fsdp.checkpoint import COMPLETE_MARKER, MODEL_FILES, RUN_CONFIG, is_complete
+from ftloop.fsdp.checkpoint import (COMPLETE_MARKER, FORMAT, MODEL_FILES, PARAMETERS, RUN_CONFIG, TRAINER_STATE,
+                                    is_complete)
 from ftloop.fsdp.internals import clean_name, unit_parameters
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, meta_skeleton
 from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
@@ -250,19 +252,22 @@ def _gather_adapters(units, rank0: bool) -> dict[str, torch.Tensor]:
 def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_shard_size: str = "5GB") -> list[str]:
     """`write_folder` from checkpoint `path` (one process); returns the safetensors file names."""
     tensors = model_tensors(path)
+    with open(os.path.join(path, PARAMETERS), encoding="utf-8") as f:
+        shapes = {MODEL_KEY + name: shape for name, shape in json.load(f).items()}  # the tensors are saved flat
     names = {key: clean_name(key.removeprefix(MODEL_KEY + WRAPPER_PREFIX)) for key in tensors}
     keys = {name: key for key, name in names.items()}
+
     lora, base_model, adapters = None, "", {}
     if any(is_adapter(name) for name in names.values()):  # a LoRA run's: merge its adapters, and write them too
         with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
             run_config = json.load(f)
         lora, base_model = LoraArgs(**run_config["lora"]), run_config["model"]["model_name_or_path"]
-        loaded = _load(path, {key: meta for key, meta in tensors.items() if is_adapter(names[key])})
+        loaded = _load(path, {key: meta for key, meta in tensors.items() if is_adapter(names[key])}, shapes)
         adapters = {names[key]: tensor for key, tensor in loaded.items()}
 
     def shard_by_shard(shards: list[list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
         for shard in shards:
-            state = _load(path, {keys[name]: tensors[keys[name]] for name in shard})
+            state = _load(path, {keys[name]: tensors[keys[name]] for name in shard}, shapes)
             for name in shard:
                 yield name, state.pop(keys[name])
 
@@ -285,6 +290,10 @@ def check_checkpoint(path: str) -> None:
     if not is_complete(path):
         raise ConfigError(f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker: still being written, or "
                           "its save was interrupted); use an earlier checkpoint")
+    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+        if json.load(f).get("checkpoint_format") != FORMAT:
+            raise ConfigError(f"{path}: written by an earlier ftloop, whose checkpoint layout (FSDP's sharded state "
+                              "dict) this one does not read; export it with the ftloop that wrote it")
     if not os.path.isfile(os.path.join(path, MODEL_FILES, "config.json")):
         raise ConfigError(f"{path}: no {MODEL_FILES}/config.json (the model config saved with the checkpoint); "
                           "was it written by this version of ftloop?")
@@ -300,14 +309,15 @@ def model_tensors(path: str) -> dict[str, TensorStorageMetadata]:
     return tensors
 
 
-def _load(path: str, tensors: dict[str, TensorStorageMetadata]) -> dict[str, torch.Tensor]:
-    """These tensors of the checkpoint, whole: plain tensors as targets, which DCP assembles from the pieces
-    every rank saved."""
+def _load(path: str, tensors: dict[str, TensorStorageMetadata],
+          shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """These tensors of the checkpoint, whole and in their shapes: plain tensors as targets, which DCP assembles
+    from the pieces every rank saved."""
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in tensors.items()}
     with warnings.catch_warnings():  # "torch.distributed is disabled...": one process is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
-    return state
+    return {key: tensor.view(shapes[key]) for key, tensor in state.items()}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -72,13 +72,23 @@ def check(strategy: ShardingStrategy, use_orig_params: bool) -> list[str]:
         starts = [0] + [first + numel for first, numel in pieces]
         if [first for first, _ in pieces] != starts[:-1] or starts[-1] != value.numel():
             problems.append(f"flat_shards: the slices of {name} do not tile it: {pieces}")
-    if strategy == ShardingStrategy.FULL_SHARD:  # a slice through FSDP1's checkpoint format and back
+    for shard in flat_shards(model):  # every rank's slices, computed here, are the ones the ranks hold
+        for piece in shard.slices:
+            held = tuple((rank, *where) for rank in range(world) for where in everyone[rank].get(piece.name, [])
+                         if where[1]) if sharded else ()
+            if piece.pieces != held:
+                problems.append(f"flat_shards: {piece.name}'s pieces {piece.pieces} are not where the ranks hold "
+                                f"it: {held}")
+    if strategy == ShardingStrategy.FULL_SHARD:  # a slice through the checkpoint format and back
         shard = flat_shards(model)[1]
         piece = next(p for p in shard.slices if p.name.endswith("up.weight"))
         value = torch.arange(piece.numel, dtype=torch.float32) + piece.first
-        if not torch.equal(local_slice(sharded_tensor(value, piece.first, int(torch.tensor(piece.shape).prod()),
-                                                      shard.group)), value) and piece.numel:
+        full = int(torch.tensor(piece.shape).prod())
+        made = sharded_tensor(value, full, piece.pieces, shard.group)
+        if piece.numel and not torch.equal(local_slice(made), value):
             problems.append("sharded_tensor: the local slice did not come back")
+        if [m.shard_offsets[0] for m in made.metadata().shards_metadata] != [first for _, first, _ in piece.pieces]:
+            problems.append("sharded_tensor: its metadata is not every rank's slice")
     return problems
 
 

@@ -83,8 +83,8 @@ def memory_by_size(tiny_bundle, tmp_path_factory):
     for layers in (6, 20):
         folder = out / f"model-{layers}"
         params = wide_folder(tiny_bundle, folder, layers)
-        flags = train_flags(tiny_bundle, out / "run", "--model-name-or-path", str(folder), "--max-steps", "1",
-                            "--no-bf16", "--max-seq-length", "128")
+        flags = train_flags(tiny_bundle, out / f"run-{layers}", "--model-name-or-path", str(folder), "--max-steps",
+                            "1", "--no-bf16", "--max-seq-length", "128")
         check(torchrun(2, [MEMORY_WORKER, str(out / f"m{layers}"), "--", *flags], timeout=300, **MMAP))
         records[layers] = (params, [json.load(open(out / f"m{layers}.rank{r}.json")) for r in range(2)])
         shutil.rmtree(folder)
@@ -98,6 +98,27 @@ def test_rank0_load_memory_does_not_grow_with_the_model(memory_by_size):
     extra = {n: ranks[0]["load_peak_mib"] * 2**20 - n * 4 / 2 for n, ranks in ((small, small_ranks),
                                                                              (large, large_ranks))}
     assert abs(extra[large] - extra[small]) < 0.1 * large * 4, extra
+
+
+def test_a_save_and_a_resume_make_the_same_collectives_at_any_depth(memory_by_size):
+    """A checkpoint's shards are written and read as they lie (no unit gathered, nothing per parameter sent): the
+    collectives of one save and of one resume do not grow with the model's depth."""
+    (small, small_ranks), (large, large_ranks) = memory_by_size[6], memory_by_size[20]
+    for kind in ("save_collectives", "load_collectives"):
+        for rank in range(2):
+            few, many = small_ranks[rank]["checkpoint"][kind], large_ranks[rank]["checkpoint"][kind]
+            assert few == many, (kind, rank, few, many)
+            assert sum(many.values()) <= 10, (kind, many)
+
+
+def test_a_save_and_a_resume_hold_at_most_one_unit_more(memory_by_size):
+    """Nothing is unsharded or cloned for the whole shard: a save or a resume adds at most about one FSDP unit to a
+    rank's memory (on a GPU, to its device memory too: the same code reads and writes the same views)."""
+    for params, ranks in memory_by_size.values():
+        for record in ranks:
+            c = record["checkpoint"]
+            for kind in ("save_peak_mib", "load_peak_mib"):
+                assert c[kind] < c["largest_unit_mib"] + 16, (params, kind, c)
 
 
 def test_plan_persistent_memory_agrees_with_what_a_rank_holds(memory_by_size):

@@ -1,9 +1,17 @@
 """Sharded training checkpoints that a crash cannot corrupt, and resuming from them.
 
-`output_dir/checkpoint-<step>` holds, written with torch.distributed.checkpoint (DCP) from FSDP's sharded
-state dicts, so that every rank writes its own shards and nobody gathers the model:
-  - `model` and `optimizer` (ftloop's Adafactor keys its state, factored statistics included, by original
-    parameter name; DCP reshards both when the world size changes),
+`output_dir/checkpoint-<step>` holds, written with torch.distributed.checkpoint (DCP) by every rank from the
+shards it holds, as they lie in memory:
+  - `model`: each original parameter, flattened, as a ShardedTensor whose local shard is a view into this rank's
+    flat parameter (ftloop.fsdp.internals computes every rank's slice, so building it sends nothing). Nothing is
+    unsharded or gathered: a save costs DCP's few planning collectives whatever the model's size, and its memory is
+    the one tensor DCP stages at a time (each tensor in its own file: see `write_rank_files`); a resume reads straight into the flat parameters. DCP reads
+    any slice back, so a checkpoint resumes at another world size. (FSDP's SHARDED_STATE_DICT, used before,
+    unsharded every unit in full precision, kept a clone of every local chunk, and sent one all_gather_object
+    per parameter.)
+  - `optimizer`: its state cut the same way (ftloop's Adafactor keys its state, factored statistics included,
+    by original parameter name; AdamW's moments are cut like the parameters),
+  - `parameters.json`: each parameter's shape (the tensors are saved flat; `python -m ftloop.export` reads it),
   - `rng/rank-<r>.pt`: python and torch (and CUDA) generator states of each rank,
   - `trainer_state.json`: step, scheduler, sampler position, tokens seen, best eval record, the dtypes the
     tensors were saved in, the world size,
@@ -20,6 +28,7 @@ marker.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -29,17 +38,20 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ftloop.atomic import OLD, TMP, publish, recover, temporary_folder
 from ftloop.config import previous_run
 from ftloop.distributed import World, print0
 from ftloop.errors import ConfigError
+from ftloop.fsdp.internals import flat_shards, sharded_tensor
+from ftloop.optim.segments import describe_fsdp
 
 COMPLETE_MARKER = ".complete"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
+PARAMETERS = "parameters.json"
+FORMAT = 2  # trainer_state.json's checkpoint_format: 2 = flat slices of each parameter (before: FSDP's state dict)
 MODEL_FILES = "hf"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -106,12 +118,56 @@ def _dtypes(state) -> list[str]:
     return [str(state.dtype).removeprefix("torch.")] if torch.is_tensor(state) and state.is_floating_point() else []
 
 
-def _optimizer_state(model: FSDP, optimizer, template: bool) -> dict:
-    # ftloop's Adafactor knows its sharded form; other optimizers (AdamW) go through torch's helper, which
-    # converts FSDP's flat-parameter state and creates empty state to load into.
+def _model_state(model: FSDP) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """({name: this rank's slice of the flattened parameter, a view into its flat parameter}, {name: shape}).
+    Sharded slices are ShardedTensors (built without a collective); unsharded ones (one rank, NO_SHARD) the whole
+    flattened parameter, which DCP writes once."""
+    state, shapes = {}, {}
+    for shard in flat_shards(model):
+        data = shard.flat.detach()
+        for piece in shard.slices:
+            local = data[piece.offset:piece.offset + piece.numel]
+            state[piece.name] = local if shard.group is None else sharded_tensor(
+                local, math.prod(piece.shape), piece.pieces, shard.group)
+            shapes[piece.name] = list(piece.shape)
+    return state, shapes
+
+
+ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adamw_state(model: FSDP, optimizer, moments: dict | None = None) -> dict:
+    """AdamW's moments cut like the parameters ({"<param>.exp_avg": slice, ..., "step"}), from its state or, for a
+    load, from `moments` (zeroed buffers per stepped tensor, filled by DCP)."""
+    out = {"step": torch.zeros(())}
+    for entry in describe_fsdp(model):
+        if not entry.tensor.requires_grad:
+            continue
+        state = moments[entry.tensor] if moments is not None else optimizer.state.get(entry.tensor) or {}
+        if "step" in state:
+            out["step"] = state["step"].detach().float().cpu()
+        for key in ADAMW_MOMENTS:
+            whole = state[key] if key in state else torch.zeros_like(entry.tensor)  # saved before any step
+            for seg in entry.segments:
+                local = whole.detach().view(-1)[seg.offset:seg.offset + seg.numel]
+                out[f"{seg.name}.{key}"] = local if entry.group is None else sharded_tensor(
+                    local, seg.full_numel, seg.pieces, entry.group)
+    return out
+
+
+def _load_adamw_state(optimizer, moments: dict, step: torch.Tensor) -> None:
+    """Give AdamW the moments DCP filled, through its own load_state_dict (which puts `step` where the fused and
+    capturable kernels want it)."""
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state = {index[id(tensor)]: {"step": step.clone(), **buffers} for tensor, buffers in moments.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _optimizer_state(model: FSDP, optimizer, template: bool, moments: dict | None = None) -> dict:
+    # ftloop's Adafactor knows its sharded form; AdamW's state is the shape of what it steps.
     if hasattr(optimizer, "sharded_state_dict"):
         return optimizer.sharded_state_template() if template else optimizer.sharded_state_dict()
-    return get_optimizer_state_dict(model, optimizer)
+    return _adamw_state(model, optimizer, moments)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -129,12 +185,14 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
     if world.is_main:
         os.makedirs(os.path.join(temporary_folder(path), "rng"))
     dist.barrier()
-    dtypes = write_rank_files(model, optimizer, tmp, world.rank)
+    dtypes, shapes = write_rank_files(model, optimizer, tmp, world.rank)
     dist.barrier()  # every rank's shards are on disk
     if world.is_main:
-        record = dict(trainer_state, dtypes=dtypes, world_size=world.world_size)
+        record = dict(trainer_state, dtypes=dtypes, world_size=world.world_size, checkpoint_format=FORMAT)
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(record, f, indent=1)
+        with open(os.path.join(tmp, PARAMETERS), "w") as f:
+            json.dump(shapes, f)
         with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
             json.dump(run_config, f, indent=1)
         write_model_files(os.path.join(tmp, MODEL_FILES))
@@ -146,14 +204,16 @@ def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_
     dist.barrier()
 
 
-def write_rank_files(model: FSDP, optimizer, folder: str, rank: int) -> dict[str, list[str]]:
+def write_rank_files(model: FSDP, optimizer, folder: str, rank: int) -> tuple[dict[str, list[str]], dict]:
     """This rank's part of a checkpoint: its model and optimizer shards (DCP, collective) and its generators;
-    returns the dtypes they were saved in."""
-    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
-        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=False)}
-    dcp.save(state, checkpoint_id=folder)
+    returns the dtypes they were saved in and the parameters' shapes."""
+    parameters, shapes = _model_state(model)
+    state = {"model": parameters, "optimizer": _optimizer_state(model, optimizer, template=False)}
+    # A file per tensor: torch 2.13's writer keeps every tensor of a file alive until the file is written (and copies
+    # each view of a flat parameter first), so one file per rank would hold a second copy of the rank's shard.
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=False))
     torch.save(_rng_state(next(model.parameters()).device), os.path.join(folder, "rng", f"rank-{rank}.pt"))
-    return {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
+    return {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}, shapes
 
 
 def read_trainer_state(path: str) -> dict:
@@ -161,7 +221,12 @@ def read_trainer_state(path: str) -> dict:
         raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no {COMPLETE_MARKER} "
                           "marker: its save never finished); use an earlier one, or `auto`")
     with open(os.path.join(path, TRAINER_STATE)) as f:
-        return json.load(f)
+        state = json.load(f)
+    if state.get("checkpoint_format") != FORMAT:
+        raise ConfigError(f"--resume-from-checkpoint {path}: written by an earlier ftloop, whose checkpoint layout "
+                          "(FSDP's sharded state dict) this one does not read; finish that run, or export it with "
+                          "`python -m ftloop.export`, using the ftloop that wrote it")
+    return state
 
 
 IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "use_cache", "dtype", "torch_dtype",
@@ -272,17 +337,19 @@ def _check_dtypes(path: str, saved: dict, live: dict, allow: bool) -> None:
 
 def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_dtype_change: bool,
                     world: World) -> None:
-    """Load model and optimizer shards (resharded to this world size) and this rank's RNG. Collective."""
-    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
-        state = {"model": model.state_dict(), "optimizer": _optimizer_state(model, optimizer, template=True)}
-        live = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
-        _check_dtypes(path, saved_state["dtypes"], live, allow_dtype_change)
-        dcp.load(state, checkpoint_id=path)
-        model.load_state_dict(state["model"])
-    if hasattr(optimizer, "load_sharded_state_dict"):
+    """Load model and optimizer shards (resharded to this world size) and this rank's RNG. Collective. The
+    parameters are read straight into the flat parameters' views; nothing else of their size is made."""
+    moments = None if hasattr(optimizer, "sharded_state_dict") else {
+        entry.tensor: {key: torch.zeros_like(entry.tensor) for key in ADAMW_MOMENTS}
+        for entry in describe_fsdp(model) if entry.tensor.requires_grad}
+    state = {"model": _model_state(model)[0], "optimizer": _optimizer_state(model, optimizer, True, moments)}
+    live = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
+    _check_dtypes(path, saved_state["dtypes"], live, allow_dtype_change)
+    dcp.load(state, checkpoint_id=path)
+    if moments is None:
         optimizer.load_sharded_state_dict(state["optimizer"])
     else:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        _load_adamw_state(optimizer, moments, state["optimizer"]["step"])
     # At another world size, rank r continues the generator of saved rank r mod W (the streams of dropout
     # masks cannot be resharded; only the same world size resumes bit for bit).
     rng = torch.load(os.path.join(path, "rng", f"rank-{world.rank % saved_state['world_size']}.pt"),

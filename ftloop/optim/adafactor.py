@@ -318,7 +318,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
     def sharded_state_dict(self) -> dict:
         """{"step", "<param>.<state>": tensor}. Row/column statistics and RMS are the same on every rank;
         per-element state is a ShardedTensor over the flattened full parameter, so a checkpoint written at
-        one world size loads at another. Collective when anything is sharded."""
+        one world size loads at another. No collective."""
         return self._packaged(lambda entry: self.state[entry.tensor] or self._fresh(entry))
 
     def sharded_state_template(self) -> dict:
@@ -337,8 +337,8 @@ class ShardedAdafactor(torch.optim.Optimizer):
                 for key in self._state_keys(segment, entry.tensor):
                     value = state[f"{segment.name}.{key}"]
                     sliced = key in self.SLICED and entry.group is not None
-                    out[f"{segment.name}.{key}"] = (sharded_tensor(value, segment.first, segment.full_numel, entry.group)
-                                                    if sliced else value)
+                    out[f"{segment.name}.{key}"] = (sharded_tensor(value, segment.full_numel, segment.pieces,
+                                                                   entry.group) if sliced else value)
         return out
 
     def load_sharded_state_dict(self, loaded: dict) -> None:

@@ -31,6 +31,7 @@ class Segment:
     first: int  # index, in the flattened full parameter, of the first local element
     lr_scale: float = 1.0  # learning rate relative to the group's (per-part learning rates)
     decay: bool = True  # whether weight decay applies
+    pieces: tuple[tuple[int, int, int], ...] = ()  # every rank's slice (ftloop.fsdp.internals.LocalSlice); () unsharded
 
     @property
     def factored(self) -> bool:
@@ -68,7 +69,7 @@ def describe_fsdp(model: FSDP, settings: Callable[[str, tuple], tuple[float, boo
         for piece in shard.slices:
             name = piece.name.removeprefix(strip_prefix)
             segments.append(Segment(name, piece.shape, piece.offset, piece.numel, piece.first,
-                                    *settings(name, piece.shape)))
+                                    *settings(name, piece.shape), pieces=piece.pieces))
         if shard.originals is None:  # use_orig_params=False: the optimizer steps the flat shard
             out.append(SteppedTensor(shard.flat, segments, shard.group))
         else:  # use_orig_params=True: each original parameter is its own 1-D slice
