@@ -25,11 +25,14 @@ from ftloop.model import DTYPES
 
 def mixed_precision(args: FSDPArgs) -> MixedPrecision | None:
     """bf16 matmuls; gradients reduce-scattered in --reduce-dtype (fp32: every rank's bf16 gradient is summed
-    without rounding); the sharded masters stay in their own dtype."""
+    without rounding); the sharded masters stay in their own dtype. The root's inputs are not cast: FSDP would cast
+    every floating one to bf16, Qwen2.5-VL's `second_per_grid_ts` too, whose video time positions then drift (fps 3:
+    by up to 3 positions) or collide (fps 2, past 256 temporal patches); the model casts its pixels itself
+    (ftloop.model.VisionLanguageSFT._vision) and computes positions from the fp32 seconds, as inference does."""
     if not args.bf16:
         return None
     return MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=DTYPES[args.reduce_dtype],
-                          buffer_dtype=DTYPES[args.buffer_dtype])
+                          buffer_dtype=DTYPES[args.buffer_dtype], cast_root_forward_inputs=False)
 
 
 def shard_group_size(strategy: str, world_size: int, node_size: int) -> int:
