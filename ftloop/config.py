@@ -22,6 +22,7 @@ import torch
 import tyro
 
 from ftloop.errors import ConfigError
+from ftloop.loss import LOSS_CHUNK_SIZE
 
 Dtype = Literal["bf16", "fp32"]
 
@@ -34,8 +35,9 @@ class ModelArgs:
     """dtype of the master weights the optimizer updates. fp32 keeps small updates from vanishing."""
     gradient_checkpointing: bool = True
     """Recompute activations of each decoder layer and vision block in backward (non-reentrant)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel passed to transformers. `auto`: flash_attention_2 on NVIDIA GPUs under --bf16 when flash-attn
+    imports (`pip install 'ftloop[flash]'`), else sdpa; the start line says which."""
     freeze_vision_tower: bool = False
     """Keep the vision tower's patch embedding (and Qwen3-VL's position embedding) and blocks fixed (the merger
     still trains unless --freeze-merger). Frozen parts get no gradients and no optimizer state."""
@@ -48,6 +50,10 @@ class ModelArgs:
     --freeze-llm for the others, embeddings, final norm and lm_head included)."""
     unfreeze_topk_vision: int = 0
     """Train only the last K vision blocks; the patch embedding and the other blocks are frozen."""
+    loss_chunk_size: int = LOSS_CHUNK_SIZE
+    """Supervised positions whose logits (positions x vocabulary, in fp32 for the loss) exist at once: the loss is
+    computed chunk by chunk and each chunk's logits are recomputed in backward. 0: all at once (one matmul less, and
+    12 bytes per position x vocabulary entry at its peak: 3.5 GiB for 2k positions at Qwen's 152k vocabulary)."""
     load_weights_on: Literal["rank0", "every-rank"] = "rank0"
     """Who reads the checkpoint's safetensors files while FSDP wraps the model, one tensor at a time: rank 0,
     which broadcasts each tensor to the others, or every rank for itself (no broadcast; the files must be
@@ -55,8 +61,25 @@ class ModelArgs:
 
     def check(self) -> None:
         check_model_path(self.model_name_or_path)
+        _need(self.loss_chunk_size >= 0, "--loss-chunk-size must be 0 (one chunk) or positive")
         _need(self.unfreeze_topk_llm >= 0 and self.unfreeze_topk_vision >= 0,
               "--unfreeze-topk-llm and --unfreeze-topk-vision must be 0 (off) or positive")
+
+    def attention(self, bf16: bool = True) -> str:
+        """The attention implementation transformers gets: --attn-implementation, with `auto` resolved."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        return "flash_attention_2" if bf16 and torch.cuda.is_available() and flash_attention_imports() else "sdpa"
+
+    def check_attention(self, bf16: bool) -> None:
+        if self.attn_implementation != "flash_attention_2":
+            return
+        _need(flash_attention_imports(), "--attn-implementation flash_attention_2: flash-attn does not import here "
+              "(install it with `pip install 'ftloop[flash]'`, built for this torch and CUDA); or use sdpa or auto")
+        _need(bf16, "--attn-implementation flash_attention_2 computes in bf16 only, and --no-bf16 computes in fp32: "
+              "drop --no-bf16, or use sdpa")
+        _need(torch.cuda.is_available(), "--attn-implementation flash_attention_2 runs on NVIDIA GPUs only, and none "
+              "is visible here; use sdpa or auto")
 
     def freezes(self) -> list[str]:
         """The freeze flags given, as the user wrote them."""
@@ -313,6 +336,10 @@ class TrainArgs:
     """On GPUs, refuse before loading a run whose memory plan (`python -m ftloop.plan`) does not fit, naming the
     flag to change. The plan assumes the worst (every position supervised, 4 image patches per token);
     --no-memory-check runs it anyway."""
+    full_determinism: bool = False
+    """The same results from the same inputs and world size on GPUs too (deterministic cuBLAS, scatter-adds and
+    attention backward; ftloop.distributed.make_deterministic), at some speed. Without it a resumed GPU run
+    continues the interrupted one closely but not bit for bit; on the CPU every run is deterministic anyway."""
     ddp_timeout: int = 1800
     """Seconds a collective (all-gather, all-reduce, barrier) may wait for the other ranks before the run fails
     instead of hanging."""
@@ -367,6 +394,7 @@ class Config:
         optim.check()
         self.fsdp.check()
         self.train.check()
+        model.check_attention(self.fsdp.bf16)
         _need(not (lora.lora_rank and model.freezes()), "--lora-rank trains the adapters alone (every base weight "
               f"is frozen), so {(model.freezes() or [''])[0]} means nothing with it; drop it")
         _need(model.trains_something() or lora.lora_rank, "--freeze-vision-tower, --freeze-merger and --freeze-llm "
@@ -376,6 +404,15 @@ class Config:
               "--param-dtype bf16 with --optim adamw rounds every update to the nearest bf16 (torch's AdamW has no "
               "compensated updates, and most fine-tuning updates vanish): use --optim adafactor, --param-dtype fp32, "
               "or pass --bf16-master-rounding nearest to accept it")
+
+
+def flash_attention_imports() -> bool:
+    """Whether flash-attn is installed and its CUDA extension loads (a build for another torch fails here)."""
+    try:
+        import flash_attn  # noqa: F401  (importing it is the check)
+    except Exception:  # not installed, or built against another torch / CUDA: an ImportError or an OSError
+        return False
+    return True
 
 
 def parse_size(text: str) -> int:

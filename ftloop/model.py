@@ -19,7 +19,7 @@ from ftloop.config import Config, ModelArgs
 from ftloop.errors import ConfigError, one_line
 from ftloop.family import check_supported
 from ftloop.lora import add_adapters, base_dtype
-from ftloop.loss import supervised_loss
+from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -37,12 +37,13 @@ def load_config(args: ModelArgs) -> PretrainedConfig:
     return config
 
 
-def build_meta_model(config: PretrainedConfig, args: ModelArgs, dtype: str | None = None) -> PreTrainedModel:
-    """The model's structure without storage, in `dtype` (default: --param-dtype): costs no memory, identical
-    on every rank."""
+def build_meta_model(config: PretrainedConfig, args: ModelArgs, dtype: str | None = None,
+                     bf16: bool = True) -> PreTrainedModel:
+    """The model's structure without storage, in `dtype` (default: --param-dtype), with the attention
+    --attn-implementation resolves to under `bf16` compute: costs no memory, identical on every rank."""
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(
-            config, dtype=DTYPES[dtype or args.param_dtype], attn_implementation=args.attn_implementation
+            config, dtype=DTYPES[dtype or args.param_dtype], attn_implementation=args.attention(bf16)
         )
     model.config.use_cache = False  # a KV cache is useless in training and breaks checkpointing
     if args.gradient_checkpointing:
@@ -119,7 +120,7 @@ class Skeleton:
 
 
 def build_skeleton(cfg: Config, hf_config: PretrainedConfig) -> Skeleton:
-    model = build_meta_model(hf_config, cfg.model, base_dtype(cfg))
+    model = build_meta_model(hf_config, cfg.model, base_dtype(cfg), cfg.fsdp.bf16)
     own_units = freeze_parts(model, cfg.model)  # frozen and trainable tensors never share an FSDP unit
     if cfg.lora.lora_rank:
         own_units |= add_adapters(model, cfg.lora, DTYPES[cfg.model.param_dtype])
@@ -143,12 +144,14 @@ class VisionLanguageSFT(nn.Module):
     computes runs under FSDP's root pre/post-forward logic, on every rank, in the same order.
     """
 
-    def __init__(self, model: PreTrainedModel, packs_in_one_sequence: bool | None = None):
+    def __init__(self, model: PreTrainedModel, loss_chunk_size: int = LOSS_CHUNK_SIZE,
+                 packs_in_one_sequence: bool | None = None):
         """`packs_in_one_sequence`: lay a packed micro-batch out as one sequence (default: with flash-attention,
         whose varlen path transformers takes for a batch of one sequence only; with more, the packed rows would
         attend to each other). Under sdpa, several sequences keep its mask at batch x length^2."""
         super().__init__()
         self.hf = model
+        self.loss_chunk_size = loss_chunk_size  # --loss-chunk-size
         if packs_in_one_sequence is None:
             packs_in_one_sequence = "flash" in (getattr(model.config, "_attn_implementation", None) or "")
         self.packs_in_one_sequence = packs_in_one_sequence
@@ -185,7 +188,7 @@ class VisionLanguageSFT(nn.Module):
             image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_encoder_outputs=encoder_outputs,
             use_cache=False, **extra,
         ).last_hidden_state
-        loss_sum, count = supervised_loss(hidden, labels, self.hf.lm_head)
+        loss_sum, count = supervised_loss(hidden, labels, self.hf.lm_head, self.loss_chunk_size)
         if dummy is not None:
             loss_sum = loss_sum + 0.0 * dummy
         return loss_sum, count

@@ -38,7 +38,7 @@ from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.sources import check_sources
-from ftloop.distributed import World, init_distributed, print0
+from ftloop.distributed import World, init_distributed, make_deterministic, print0
 from ftloop.errors import ConfigError, Stopped
 from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.export import export_model
@@ -82,8 +82,9 @@ def prepare(cfg: Config, world: World) -> Setup:
     every_rank_reads = cfg.model.load_weights_on == "every-rank"
     weights = open_weights(lambda: local_folder(src), skeleton.model, "--model-name-or-path", world, every_rank_reads)
     if world.device.type == "cuda" and args.memory_check:
-        check_fits(skeleton, cfg, world.world_size, world.local_world_size,
-                   torch.cuda.get_device_properties(world.device).total_memory)
+        # Against what is free now that the process group exists: the CUDA context, NCCL's first communicator and
+        # any other process on this GPU are already taken.
+        check_fits(skeleton, cfg, world.world_size, world.local_world_size, torch.cuda.mem_get_info(world.device)[0])
     tokenizer, image_processor = load_tokenizer_and_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)
 
     # Data before the model: a bad row should stop the run before minutes go into loading weights.
@@ -102,7 +103,8 @@ def prepare(cfg: Config, world: World) -> Setup:
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
     materialize = UnitMaterializer(skeleton.model, weights, world, every_rank_reads,
                                    functools.partial(initial_adapter, seed=args.seed) if cfg.lora.lora_rank else None)
-    model = wrap_fsdp(VisionLanguageSFT(skeleton.model), skeleton.units, cfg.fsdp, materialize, world)
+    model = wrap_fsdp(VisionLanguageSFT(skeleton.model, cfg.model.loss_chunk_size), skeleton.units, cfg.fsdp,
+                      materialize, world)
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
@@ -198,7 +200,8 @@ def describe(cfg: Config, world: World, setup: Setup, warmup: int) -> str:
     parameters = sum(p.numel() for p in setup.model.parameters()) * shards
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad) * shards
     trains = f" ({trainable / 1e6:.2f}M trainable)" if trainable < parameters else ""
-    return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), "
+    return (f"ftloop: {world.world_size} process(es) on {world.device.type} ({world.backend}), attention "
+            f"{cfg.model.attention(cfg.fsdp.bf16)}, "
             f"~{parameters / 1e6:.1f}M parameters{trains}, {setup.sampler.num_rows} train rows, {setup.total_steps} steps of "
             f"{setup.sampler.global_batch} {'packed ' if cfg.data.packing else ''}sequences, warmup {warmup}")
 
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     cfg.check()
     check_sources(cfg.data)
+    if cfg.train.full_determinism:
+        make_deterministic()  # before CUDA starts
     run(cfg, init_distributed(cfg.train.ddp_timeout))
 
 
