@@ -57,6 +57,10 @@ def init_distributed(timeout_s: float = 1800) -> World:
                           MASTER_PORT=str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Every micro-batch has another length, so the caching allocator's fixed-size blocks fragment: expandable
+    # segments grow one mapping instead. Set before CUDA starts (it is read once); a user's own setting wins.
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -77,6 +81,20 @@ def init_distributed(timeout_s: float = 1800) -> World:
     quiet_library_chatter(rank)
     return World(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def make_deterministic() -> None:
+    """--full-determinism: the same results from the same inputs on CUDA too, at some speed. cuBLAS gets a fixed
+    workspace (no split-K reductions whose order varies), torch's deterministic algorithms replace the atomic
+    scatter-adds of embedding / index_put / SDPA backward (an op without one raises), flash-attention's backward
+    runs its deterministic kernel (transformers reads FLASH_ATTENTION_DETERMINISTIC), cuDNN does not pick kernels by
+    timing. Call before CUDA starts. Unlike transformers' enable_full_determinism, no CUDA_LAUNCH_BLOCKING: launching
+    every kernel synchronously would also stop NCCL's transfers from overlapping compute."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def quiet_library_chatter(rank: int) -> None:

@@ -22,9 +22,20 @@ embedding and merger). Per GPU, in bytes:
                saves in each decoder layer (formula below, checked against autograd on CPU by the tests), all
                layers without gradient checkpointing, or the layer inputs plus one recomputed layer with it;
                the vision tower likewise for the most patches those tokens can hold (4 per token)
-  logits       every position supervised at worst: lm_head's output, its fp32 copy and log-softmax
-  eval logits  the same for a micro-batch of --per-device-eval-batch-size rows (evaluation keeps no gradients)
-  reserve      RESERVE_BYTES for the CUDA context, NCCL buffers and allocator fragmentation (set aside, not derived)
+  packed mask  with --packing under sdpa: the dense mask transformers builds over each packed sequence, one byte per
+               (query, key) pair as a boolean and again in the query dtype (sdpa converts it)
+  logits       every position supervised at worst, --loss-chunk-size positions at a time (ftloop.loss): one chunk's
+               logits in the compute dtype and in fp32, and lm_head's weight gradient the chunks add into
+               (`loss_bytes`; unchunked: 12 bytes per position x vocabulary entry at the backward's peak)
+  eval logits  the same for a micro-batch of --per-device-eval-batch-size rows (no gradients)
+  export       the `best` and `final` exports gather one unit at a time in the master dtype (the gradients are
+               freed by then); a checkpoint's save and resume add nothing on the GPU (ftloop.fsdp.checkpoint
+               writes and reads the shards' own memory, staging one tensor at a time on the host)
+  reserve      what the run's memory does not hold but the GPU must: the CUDA context (CONTEXT_BYTES), each NCCL
+               communicator's buffers (NCCL_BYTES; HYBRID_SHARD has three), and FRAGMENTATION of the peak for the
+               caching allocator. ftloop.train plans against the memory free after its process group exists
+               (`torch.cuda.mem_get_info`: the context, the first communicator and any other tenant already
+               taken), so its reserve is the other communicators and the fragmentation
 
 Frozen units (freeze flags, a LoRA base) have no gradients and no optimizer state; a LoRA base is held in bf16
 under --bf16, its adapter matrices (units of their own) in the master dtype.
@@ -32,7 +43,7 @@ under --bf16, its adapter matrices (units of their own) in the master dtype.
 The peak is the persistent part plus the larger of two moments: mid-backward (root unit + largest unit +
 activations + logits) and the root's own post-backward (its unsharded gradient, the copy in --reduce-dtype and
 the reduced shard), plus the reserve; or evaluation's peak (the root and two units gathered, the logits of
---per-device-eval-batch-size rows), if higher. Gradient accumulation adds nothing: every micro-batch's gradient
+--per-device-eval-batch-size rows), or the export's, if higher. Gradient accumulation adds nothing: every micro-batch's gradient
 is reduce-scattered into the sharded gradient (not with --cpu-offload, above). Exit 0 when the peak fits the
 GPU, 2 (with the flag to change) when it does not. `ftloop.train` runs the same plan on GPUs before loading
 anything (--no-memory-check skips it).
@@ -57,7 +68,21 @@ from ftloop.lora import base_dtype
 from ftloop.model import DTYPES, Skeleton, build_skeleton, load_config
 
 GIB = 2**30
-RESERVE_BYTES = 2 * GIB
+CONTEXT_BYTES = GIB  # CUDA context, kernels, cuBLAS workspaces
+NCCL_BYTES = GIB  # one NCCL communicator's buffers (0.5-1.6 GiB seen on 8-GPU nodes)
+FRAGMENTATION = 0.05  # of the peak: the caching allocator's slack (expandable segments keep it small)
+
+
+def reserve_bytes(strategy: str, peak: int, measured_free: bool) -> Term:
+    """The reserve of a plan whose other terms add up to `peak`; `measured_free`: the GPU's memory is what
+    `mem_get_info` found free after the process group started (the context and its communicator taken)."""
+    communicators = 3 if strategy == "HYBRID_SHARD" else 1  # HYBRID_SHARD: the world, its shard and replica groups
+    fragmentation = int(FRAGMENTATION * peak)
+    if measured_free:
+        return Term((communicators - 1) * NCCL_BYTES + fragmentation,
+                    f"{communicators - 1} more NCCL communicator(s) + {FRAGMENTATION:.0%} fragmentation")
+    return Term(CONTEXT_BYTES + communicators * NCCL_BYTES + fragmentation,
+                f"CUDA context + {communicators} NCCL communicator(s) + {FRAGMENTATION:.0%} fragmentation")
 
 
 @dataclass
@@ -141,10 +166,12 @@ class MemoryPlan:
     packed_mask: Term | None  # sdpa's dense mask over packed sequences; None without packing or with flash-attention
     logits: Term
     eval_logits: Term
+    export: Term
     reserve: Term
     activations_other: int  # activations with gradient checkpointing switched the other way
     peak_bytes: int
     gpu_bytes: int | None = None
+    measured_free: bool = False  # gpu_bytes is what mem_get_info found free after start-up (see reserve_bytes)
     shards: int = 1
     parameters: int = 0
     notes: list[str] = field(default_factory=list)
@@ -158,10 +185,26 @@ class MemoryPlan:
         return self.gpu_bytes is None or self.peak_bytes <= self.gpu_bytes
 
 
+def loss_bytes(positions: int, chunk_size: int, text, cb: int, training: bool) -> Term:
+    """The loss's peak beyond the activations (ftloop.loss, measured by scripts/bench_loss.py and tests/test_loss.py):
+    unchunked, the fp32 log-softmax, its gradient and the NLL gradient (12 B per position x vocabulary entry; 8 B
+    without gradients); in chunks, one chunk's logits in the compute dtype and in fp32, plus in training lm_head's
+    weight gradient, which the chunks add into one buffer."""
+    vocab = text.vocab_size
+    if not chunk_size:
+        per = 12 if training else 8
+        return Term(positions * vocab * per, f"{positions} positions x {vocab} x {per} B (--loss-chunk-size 0)")
+    chunk = min(positions, chunk_size)
+    weight_grad = vocab * text.hidden_size * cb if training else 0
+    return Term(chunk * vocab * (cb + 4) + weight_grad, f"{chunk} positions at a time x {vocab} x ({cb} + 4) B" +
+                (f" + lm_head's gradient {cb} B" if training else ""))
+
+
 def plan_memory(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int,
-                gpu_bytes: int | None = None) -> MemoryPlan:
+                gpu_bytes: int | None = None, measured_free: bool = False) -> MemoryPlan:
     """The plan for `cfg` on `world_size` GPUs, `gpus_per_node` to a node, for the skeleton `cfg` builds
-    (ftloop.model.build_skeleton)."""
+    (ftloop.model.build_skeleton); `gpu_bytes` is each GPU's memory, or with `measured_free` what was free on it
+    once the process group existed."""
     f, o, m, t, data = cfg.fsdp, cfg.optim, cfg.model, cfg.train, cfg.data
     strategy = "NO_SHARD" if world_size == 1 else f.sharding_strategy  # FSDP itself does this at world size 1
     shards = shard_group_size(strategy, world_size, gpus_per_node)
@@ -226,26 +269,29 @@ def plan_memory(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node:
         return (text.num_hidden_layers + 1) * per_layer + (vision.depth + 1) * per_block + around
 
     packed_mask = None
-    if data.packing and m.attn_implementation != "flash_attention_2":
-        # sdpa attends by a dense mask built from the packed positions: one byte per (query, key) pair.
-        packed_mask = Term(t.per_device_train_batch_size * data.sequence_tokens**2,
-                           f"{t.per_device_train_batch_size} x {data.sequence_tokens}^2 B (sdpa)")
+    if data.packing and m.attention(f.bf16) != "flash_attention_2":
+        # sdpa attends by a dense mask built from the packed positions: a boolean per (query, key) pair, converted
+        # to the query dtype.
+        pairs = t.per_device_train_batch_size * data.sequence_tokens**2
+        packed_mask = Term(pairs * (1 + cb), f"{t.per_device_train_batch_size} x {data.sequence_tokens}^2 x (1 + {cb}) "
+                                             "B (sdpa)")
     acts = Term(activations(m.gradient_checkpointing), f"{tokens} tokens, {patches} patches at most, gradient "
                 f"checkpointing {'on' if m.gradient_checkpointing else 'off'}")
-    logits = Term(tokens * text.vocab_size * (cb + 8), f"{tokens} positions x {text.vocab_size} x ({cb} + 4 + 4) B")
+    logits = loss_bytes(tokens, m.loss_chunk_size, text, cb, training=True)
     eval_tokens = t.per_device_eval_batch_size * data.max_seq_length
-    eval_logits = Term(eval_tokens * text.vocab_size * (cb + 8),
-                       f"{eval_tokens} positions of --per-device-eval-batch-size rows (no gradients)")
-    reserve = Term(RESERVE_BYTES, "CUDA context, NCCL buffers, fragmentation")
+    eval_logits = loss_bytes(eval_tokens, m.loss_chunk_size, text, cb, training=False)
+    export = Term(max(root.numel, biggest.numel) * pb, f"the largest unit gathered in {pb} B (the exports)")
     middle = (root_unit.nbytes + largest.nbytes + acts.nbytes + logits.nbytes
               + (packed_mask.nbytes if packed_mask else 0))
     root_reduce = root.trainable * (cb + reduce_copy) + math.ceil(root.trainable / shards) * rb
     evaluation = root.numel * gathered + 2 * biggest.numel * gathered + eval_logits.nbytes
     persistent = parameters.nbytes + gradients.nbytes + state.nbytes
+    exporting = parameters.nbytes + state.nbytes + export.nbytes
+    peak = max(persistent + max(middle, root_reduce, evaluation), exporting)
+    reserve = reserve_bytes(strategy, peak, measured_free)
     plan = MemoryPlan(parameters, gradients, state, largest, root_unit, acts, packed_mask, logits, eval_logits,
-                      reserve, activations(not m.gradient_checkpointing),
-                      persistent + max(middle, root_reduce, evaluation) + RESERVE_BYTES, gpu_bytes, shards,
-                      sum(u.numel for u in units))
+                      export, reserve, activations(not m.gradient_checkpointing), peak + reserve.nbytes, gpu_bytes,
+                      measured_free, shards, sum(u.numel for u in units))
     if strategy != f.sharding_strategy:
         plan.notes.append("one process: FSDP runs NO_SHARD")
     return plan
@@ -276,19 +322,19 @@ def _changes(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def fitting_change(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int,
-                   gpu_bytes: int) -> tuple[str, MemoryPlan] | None:
+                   gpu_bytes: int, measured_free: bool = False) -> tuple[str, MemoryPlan] | None:
     """The first single change of flags whose plan fits; failing that, the fewest of them applied one after
     the other; None when even all of them do not fit. (None of the changes changes which units there are, so the
     skeleton serves them all.)"""
     for flags, changed in _changes(cfg):
-        plan = plan_memory(skeleton, changed, world_size, gpus_per_node, gpu_bytes)
+        plan = plan_memory(skeleton, changed, world_size, gpus_per_node, gpu_bytes, measured_free)
         if plan.fits():
             return flags, plan
     applied, current = [], cfg
     while changes := _changes(current):
         flags, current = changes[0]
         applied.append(flags)
-        plan = plan_memory(skeleton, current, world_size, gpus_per_node, gpu_bytes)
+        plan = plan_memory(skeleton, current, world_size, gpus_per_node, gpu_bytes, measured_free)
         if plan.fits():
             return " ".join(applied), plan
     return None
@@ -299,18 +345,20 @@ def verdict(skeleton: Skeleton, plan: MemoryPlan, cfg: Config, world_size: int, 
     line = f"memory plan: {gib(plan.peak_bytes)} per GPU of {gib(plan.gpu_bytes)} on {world_size} GPU(s)"
     if plan.fits():
         return line + f": fits, {gib(plan.gpu_bytes - plan.peak_bytes)} to spare"
-    shown = [(name, term) for name, term in plan.terms() if name not in ("eval logits", "reserve", "packed mask")]
+    shown = [(name, term) for name, term in plan.terms()
+             if name not in ("eval logits", "export", "reserve", "packed mask")]
     line += f": does not fit ({', '.join(f'{name} {gib(term.nbytes)}' for name, term in shown)})"
-    found = fitting_change(skeleton, cfg, world_size, gpus_per_node, plan.gpu_bytes)
+    found = fitting_change(skeleton, cfg, world_size, gpus_per_node, plan.gpu_bytes, plan.measured_free)
     if found:
         flags, better = found
         return line + f"; {flags} brings it to {gib(better.peak_bytes)}"
     return line + "; no flag makes it fit: use more GPUs (--nnodes) or a smaller --max-seq-length"
 
 
-def check_fits(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int, gpu_bytes: int) -> None:
-    """Raise ConfigError (one line, the figures and the flag to change) when the run cannot fit its GPUs."""
-    plan = plan_memory(skeleton, cfg, world_size, gpus_per_node, gpu_bytes)
+def check_fits(skeleton: Skeleton, cfg: Config, world_size: int, gpus_per_node: int, free_bytes: int) -> None:
+    """Raise ConfigError (one line, the figures and the flag to change) when the run cannot fit its GPUs, each with
+    `free_bytes` free once the process group exists (`torch.cuda.mem_get_info`)."""
+    plan = plan_memory(skeleton, cfg, world_size, gpus_per_node, free_bytes, measured_free=True)
     if not plan.fits():
         raise ConfigError(verdict(skeleton, plan, cfg, world_size, gpus_per_node))
 

@@ -93,7 +93,23 @@ BAD_FLAGS = [  # (flags, the start of the one line they get): every check Config
     (["--output-dir", "{run}"], "--output-dir {run}: holds a run already"),
     (["--model-name-or-path", ""], "--model-name-or-path is required"),
     (["--train-data", ""], "--train-data is required"),
+    (["--loss-chunk-size", "-1"], "--loss-chunk-size must be 0 (one chunk) or positive"),
+    (["--attn-implementation", "flash_attention_2"], "--attn-implementation flash_attention_2: flash-attn does not "
+     "import here (install it with `pip install 'ftloop[flash]'`"),
 ]
+FLASH_BAD_FLAGS = [  # the same, where flash-attn imports (simulated: this machine has no flash-attn)
+    (["--attn-implementation", "flash_attention_2", "--no-bf16"], "--attn-implementation flash_attention_2 computes "
+     "in bf16 only, and --no-bf16 computes in fp32"),
+    (["--attn-implementation", "flash_attention_2"], "--attn-implementation flash_attention_2 runs on NVIDIA GPUs "
+     "only"),
+]
+
+
+@pytest.fixture
+def flash_imports(monkeypatch):
+    import ftloop.config
+
+    monkeypatch.setattr(ftloop.config, "flash_attention_imports", lambda: True)
 
 
 def bad_config(bundle, tmp_path, flags: list[str]) -> Config:
@@ -109,7 +125,13 @@ def test_bad_values_name_the_flag(tiny_bundle, tmp_path, flags, message):
         check_flags(bad_config(tiny_bundle, tmp_path, flags))
 
 
-def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("flags, message", FLASH_BAD_FLAGS)
+def test_flash_attention_flags_are_refused_in_one_line(tiny_bundle, tmp_path, flash_imports, flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_flags(bad_config(tiny_bundle, tmp_path, flags))
+
+
+def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path, monkeypatch):
     """A `_need` check added to ftloop/config.py without a case in BAD_FLAGS fails here: each case is traced to
     the `_need` call that refused it, and every one must be reached (checks raised otherwise, parse_size's,
     have tests of their own)."""
@@ -119,7 +141,9 @@ def test_every_check_in_validate_has_a_bad_flag_case(tiny_bundle, tmp_path):
     calls = {node.lineno for node in ast.walk(ast.parse(source))
              if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_need"}
     reached = set()
-    for flags, _ in BAD_FLAGS:
+    flash = [False] * len(BAD_FLAGS) + [True] * len(FLASH_BAD_FLAGS)
+    for (flags, _), imports in zip(BAD_FLAGS + FLASH_BAD_FLAGS, flash):
+        monkeypatch.setattr(ftloop.config, "flash_attention_imports", lambda imports=imports: imports)
         try:
             bad_config(tiny_bundle, tmp_path, flags).check()
         except ConfigError as err:

@@ -102,8 +102,8 @@ def test_no_ftloop_import_inside_a_function():
 
 def test_errors_import_nothing_of_ours_and_config_nothing_of_data():
     graph = imports()
-    assert graph["ftloop.errors"] == []
-    assert [t for t, _ in graph["ftloop.config"]] == ["ftloop.errors"]
+    assert graph["ftloop.errors"] == [] and graph["ftloop.loss"] == []
+    assert [t for t, _ in graph["ftloop.config"]] == ["ftloop.errors", "ftloop.loss"]  # loss: --loss-chunk-size's default
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -114,7 +114,8 @@ def test_cycle_finder_finds_a_cycle():
 # from the environment (the old FTLOOP_TEST_*) would be a name outside this list.
 ENVIRONMENT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE",
-               "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS"}
+               "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
+               "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC"}
 TEST_WORDS = {"fault", "faults", "hook", "hooks", "inject", "test", "tests", "testing"}  # parts of a snake_case name
 
 

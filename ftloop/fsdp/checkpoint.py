@@ -45,7 +45,6 @@ from ftloop.config import previous_run
 from ftloop.distributed import World, print0
 from ftloop.errors import ConfigError
 from ftloop.fsdp.internals import flat_shards, sharded_tensor
-from ftloop.optim.segments import describe_fsdp
 
 COMPLETE_MARKER = ".complete"
 TRAINER_STATE = "trainer_state.json"
@@ -136,22 +135,33 @@ def _model_state(model: FSDP) -> tuple[dict[str, torch.Tensor], dict[str, list[i
 ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _stepped(model: FSDP):
+    """(a tensor the optimizer steps, [(original parameter's slice, where it starts in that tensor)], group) of
+    every unit: its flat shard, or with use_orig_params each original parameter's 1-D slice."""
+    for shard in flat_shards(model):
+        if shard.originals is None:
+            yield shard.flat, [(piece, piece.offset) for piece in shard.slices], shard.group
+        else:
+            for param, piece in zip(shard.originals, shard.slices):
+                yield param, [(piece, 0)], shard.group
+
+
 def _adamw_state(model: FSDP, optimizer, moments: dict | None = None) -> dict:
     """AdamW's moments cut like the parameters ({"<param>.exp_avg": slice, ..., "step"}), from its state or, for a
     load, from `moments` (zeroed buffers per stepped tensor, filled by DCP)."""
     out = {"step": torch.zeros(())}
-    for entry in describe_fsdp(model):
-        if not entry.tensor.requires_grad:
+    for tensor, pieces, group in _stepped(model):
+        if not tensor.requires_grad:
             continue
-        state = moments[entry.tensor] if moments is not None else optimizer.state.get(entry.tensor) or {}
+        state = moments[tensor] if moments is not None else optimizer.state.get(tensor) or {}
         if "step" in state:
             out["step"] = state["step"].detach().float().cpu()
         for key in ADAMW_MOMENTS:
-            whole = state[key] if key in state else torch.zeros_like(entry.tensor)  # saved before any step
-            for seg in entry.segments:
-                local = whole.detach().view(-1)[seg.offset:seg.offset + seg.numel]
-                out[f"{seg.name}.{key}"] = local if entry.group is None else sharded_tensor(
-                    local, seg.full_numel, seg.pieces, entry.group)
+            whole = state[key] if key in state else torch.zeros_like(tensor)  # saved before any step
+            for piece, offset in pieces:
+                local = whole.detach().view(-1)[offset:offset + piece.numel]
+                out[f"{piece.name}.{key}"] = local if group is None else sharded_tensor(
+                    local, math.prod(piece.shape), piece.pieces, group)
     return out
 
 
@@ -340,8 +350,8 @@ def load_checkpoint(model: FSDP, optimizer, path: str, saved_state: dict, allow_
     """Load model and optimizer shards (resharded to this world size) and this rank's RNG. Collective. The
     parameters are read straight into the flat parameters' views; nothing else of their size is made."""
     moments = None if hasattr(optimizer, "sharded_state_dict") else {
-        entry.tensor: {key: torch.zeros_like(entry.tensor) for key in ADAMW_MOMENTS}
-        for entry in describe_fsdp(model) if entry.tensor.requires_grad}
+        tensor: {key: torch.zeros_like(tensor) for key in ADAMW_MOMENTS}
+        for tensor, _, _ in _stepped(model) if tensor.requires_grad}
     state = {"model": _model_state(model)[0], "optimizer": _optimizer_state(model, optimizer, True, moments)}
     live = {"parameters": _dtypes(state["model"]), "optimizer_state": _dtypes(state["optimizer"])}
     _check_dtypes(path, saved_state["dtypes"], live, allow_dtype_change)
