@@ -66,10 +66,23 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def memory_peaks(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) GiB at their highest since the last call (or the start), then a new window. On CUDA the
+    caching allocator's peaks: allocated is what tensors held, reserved what the allocator took from the GPU (the
+    figure an out-of-memory error is about). On the CPU both are the process's peak resident memory (Linux:
+    VmHWM, which clear_refs resets; elsewhere the lifetime peak)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        peaks = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peaks[0] / 2**30, peaks[1] / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return peak, peak
 
 
 class StepWindow:
@@ -102,18 +115,21 @@ class StepWindow:
 
     def log(self, logger: MetricsLogger, progress, step: int, lr: float, grad_norm: float, epoch: int,
             tokens_seen: int) -> None:
-        """One record of the window (its loss summed over ranks, the data wait of the rank that waited most:
-        collective) to metrics.jsonl and wandb, the progress bar's loss, tokens/s and data wait; then a new
-        window. The most, not the mean: every rank waits for the slowest at the step's first collective."""
+        """One record of the window (its loss summed over ranks; the data wait of the rank that waited most, and
+        the memory peaks of the rank that held most: collective) to metrics.jsonl and wandb, the progress bar's
+        loss, tokens/s and data wait; then a new window. The most, not the mean: every rank waits for the slowest
+        at the step's first collective, and the fullest GPU is the one that runs out."""
         elapsed = time.perf_counter() - self.started
-        ranks = all_gather_rows([float(self.loss), self.data_wait], self.world.device)
+        allocated, reserved = memory_peaks(self.world.device)
+        ranks = all_gather_rows([float(self.loss), self.data_wait, allocated, reserved], self.world.device)
         record = {"loss": float(ranks[:, 0].sum()) / self.steps, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": float(self.tokens[0]) / elapsed,
                   "step_time_s": elapsed / self.steps,
                   "data_wait_s": float(ranks[:, 1].max()) / self.steps,
                   "padding_ratio": 1 - float(self.tokens[0] / self.tokens[1]),
                   "rank_tokens_max_over_mean": float(self.rank_balance) / self.steps,
-                  "peak_mem_gib": peak_memory_gib(self.world.device), "epoch": epoch, "tokens_seen": tokens_seen}
+                  "peak_allocated_gib": float(ranks[:, 2].max()), "peak_reserved_gib": float(ranks[:, 3].max()),
+                  "epoch": epoch, "tokens_seen": tokens_seen}
         logger.log(step, record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                              wait=f"{record['data_wait_s']:.2f}s")

@@ -49,7 +49,7 @@ def main() -> None:
             evals = [r["eval_loss"] for r in records if "eval_loss" in r]
             speed = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
             speed = speed[1:] or speed  # the first window warms up
-            peak = max(r.get("peak_mem_gib", 0) for r in records)
+            peak = max(r.get("peak_allocated_gib", 0) for r in records)
             accuracy = evaluate_export(os.path.join(out, "final"), shapes["eval_json"], shapes["image_folder"], show=0)
             results[name] = (evals[0], evals[-1], accuracy, sum(speed) / len(speed), peak)
             print(f"{name}: {json.dumps(results[name])}", flush=True)

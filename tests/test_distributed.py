@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from launch import REPO, check, env, free_port, image_and_text_rows, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, env, free_port, image_and_text_rows, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
@@ -177,3 +177,14 @@ def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
         # atol: the fp32 rounding of a weight near 1 (a norm's) after the step, 6e-8 at most; rates differ by 2.5x+.
         torch.testing.assert_close(delta, torch.full_like(delta, expected[part]), rtol=0, atol=1e-7, msg=name)
     assert seen == set(expected) - ({"lm_head."} if "lm_head.weight" not in moved else set())
+
+
+def test_memory_peaks_are_the_fullest_rank_s_and_reset_every_logging_window(tiny_bundle, tmp_path):
+    """Rank 1 alone fills and frees 300 MiB in step 2: only step 2's record carries it, as both peaks."""
+    out = tmp_path / "run"
+    check(torchrun(2, [FAULTY_TRAIN, "--fault-touch-mib-at-step", "2:1:300", *train_flags(
+        tiny_bundle, out, "--max-steps", "3", "--logging-steps", "1")], MALLOC_MMAP_THRESHOLD_="65536"))
+    records = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    for kind in ("peak_allocated_gib", "peak_reserved_gib"):
+        peaks = [records[step][kind] * 1024 for step in (1, 2, 3)]
+        assert peaks[1] - peaks[2] > 250 and peaks[1] - peaks[0] > 200, (kind, peaks)

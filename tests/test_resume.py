@@ -34,7 +34,7 @@ def flags(bundle, out, *extra):
     return train_flags(bundle, out, "--eval-data", bundle["eval_json"], *RUN, *extra)
 
 
-TIMINGS = {"time", "tokens_per_s", "step_time_s", "data_wait_s", "peak_mem_gib", "checkpoint_save_s"}
+TIMINGS = {"time", "tokens_per_s", "step_time_s", "data_wait_s", "peak_allocated_gib", "peak_reserved_gib", "checkpoint_save_s"}
 
 
 def logged_state(out) -> dict:

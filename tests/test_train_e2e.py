@@ -49,8 +49,8 @@ def test_metrics_record_every_logged_and_eval_step(fp32_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in train:
-        assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "peak_mem_gib", "padding_ratio",
-                "rank_tokens_max_over_mean"} <= r.keys()
+        assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "peak_allocated_gib",
+                "peak_reserved_gib", "padding_ratio", "rank_tokens_max_over_mean"} <= r.keys()
         assert 0 <= r["data_wait_s"] < r["step_time_s"] and r["rank_tokens_max_over_mean"] >= 1
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
