@@ -99,3 +99,19 @@ def resume_a_copy(bundle, out, resumed, flags: list[str], step: int) -> subproce
     assert f"at step {step}" in result.stdout
     assert logged_losses(resumed) == {k: v for k, v in logged_losses(out).items() if k > step}
     return result
+
+
+def checkpoint_state(path) -> dict:
+    """A checkpoint's {"model": ..., "optimizer": ...} in one process, the parameters in their shapes (ftloop saves
+    them flattened, their shapes in parameters.json) under their names without FSDP's and peft's wrapper parts."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = str(path) + ".pt"
+    dcp_to_torch_save(str(path), target)
+    state = torch.load(target, weights_only=False)
+    with open(os.path.join(path, "parameters.json")) as f:
+        shapes = json.load(f)
+    state["model"] = {name: tensor.view(shapes[name]) for name, tensor in state["model"].items()}
+    return state
+

@@ -5,12 +5,11 @@ trainable tensors apart, and a 2-process run with frozen parts and a text-only r
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ftloop.config import ModelArgs
 from ftloop.errors import ConfigError
 from ftloop.model import build_meta_model, freeze_parts, load_config
-from launch import check, image_and_text_rows, resume_a_copy, torchrun, train_flags
+from launch import check, checkpoint_state, image_and_text_rows, resume_a_copy, torchrun, train_flags
 
 
 def trainable(bundle, **flags) -> tuple[set[str], set]:
@@ -57,12 +56,6 @@ def test_more_blocks_than_the_model_has_is_one_clear_error(tiny_bundle):
         trainable(tiny_bundle, unfreeze_topk_llm=3)
 
 
-def state(path) -> dict:
-    target = str(path) + ".pt"
-    dcp_to_torch_save(str(path), target)
-    return torch.load(target, weights_only=False)
-
-
 # What --unfreeze-topk-llm 1 freezes of the 2-layer test model, in the exported names (model.layers.*) and the
 # checkpoint's (model.language_model.layers.*).
 TOP_LLM_LAYER_ONLY = ("embed_tokens.", "layers.0.", "model.norm.", "language_model.norm.", "lm_head.")
@@ -84,7 +77,7 @@ def test_a_frozen_merger_beside_a_trainable_patch_embedding_stays_put_and_resume
     end = load_file(out / "final" / "model.safetensors")
     for name, tensor in start.items():
         assert torch.equal(end[name], tensor) == any(f in name for f in frozen), name
-    optimizer = state(out / "checkpoint-2")["optimizer"]
+    optimizer = checkpoint_state(out / "checkpoint-2")["optimizer"]
     assert optimizer and not [k for k in optimizer if any(f in k for f in frozen)]  # no state for frozen parts
     assert any("language_model.layers" in k for k in optimizer)
     resumed = tmp_path / "resumed"

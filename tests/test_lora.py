@@ -17,8 +17,7 @@ from ftloop.fsdp.checkpoint import check_resumable, read_trainer_state
 from ftloop.lora import add_adapters, initial_adapter, merged
 from ftloop.fsdp.internals import clean_name
 from ftloop.model import build_meta_model, load_config
-from launch import check, image_and_text_rows, python_m, resume_a_copy, torchrun, train_flags
-from test_freezing import state
+from launch import check, checkpoint_state, image_and_text_rows, python_m, resume_a_copy, torchrun, train_flags
 
 peft = pytest.importorskip("peft")
 
@@ -110,7 +109,7 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
     out = tmp_path / "run"
     check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")], timeout=180))
 
-    saved = state(out / "checkpoint-2")
+    saved = checkpoint_state(out / "checkpoint-2")
     model_state = {k.removeprefix("hf."): v for k, v in saved["model"].items()}
     adapters = {k for k in model_state if ".lora_" in k}
     assert len(adapters) == 28 and all(model_state[k].dtype == torch.float32 for k in adapters)
@@ -122,7 +121,7 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
     # `python -m ftloop.export` merges a LoRA checkpoint's adapters too: W + alpha / rank x B A (16 / 4).
     export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "offline"))
     q = "model.language_model.layers.1.self_attn.q_proj"
-    by_hand = model_state[f"{q}.base_layer.weight"].float() + 4.0 * (
+    by_hand = model_state[f"{q}.weight"].float() + 4.0 * (
         model_state[f"{q}.lora_B.default.weight"] @ model_state[f"{q}.lora_A.default.weight"])
     assert torch.equal(load_file(tmp_path / "offline" / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"],
                        by_hand.bfloat16())

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -26,7 +25,7 @@ from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
 from ftloop.data.batches import make_collate
 from ftloop.model import VisionLanguageSFT
-from launch import check, python_m, resume_a_copy, torchrun, train_flags
+from launch import check, checkpoint_state, python_m, resume_a_copy, torchrun, train_flags
 from test_vision_forward import qwen3_case
 
 
@@ -47,8 +46,7 @@ def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bun
 
     # The checkpoint's weights, exported offline, load with from_pretrained and give the trained model's logits.
     export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "exported"), save_dtype="fp32")
-    dcp_to_torch_save(str(out / "checkpoint-2"), str(tmp_path / "state.pt"))
-    state = {k.removeprefix("hf."): v for k, v in torch.load(tmp_path / "state.pt")["model"].items()}
+    state = {k.removeprefix("hf."): v for k, v in checkpoint_state(out / "checkpoint-2")["model"].items()}
     trained = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(qwen3_bundle["model_dir"]))
     assert not trained.load_state_dict(state, strict=False).missing_keys
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported", dtype=torch.float32)
