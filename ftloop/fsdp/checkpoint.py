@@ -154,7 +154,7 @@ def _adamw_state(model: FSDP, optimizer, moments: dict | None = None) -> dict:
         if not tensor.requires_grad:
             continue
         state = moments[tensor] if moments is not None else optimizer.state.get(tensor) or {}
-        if "step" in state:
+        if "step" in state and not out["step"]:  # the same for every tensor: read once (a device sync on GPUs)
             out["step"] = state["step"].detach().float().cpu()
         for key in ADAMW_MOMENTS:
             whole = state[key] if key in state else torch.zeros_like(tensor)  # saved before any step

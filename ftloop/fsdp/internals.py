@@ -123,7 +123,7 @@ def _pieces(handle, group: dist.ProcessGroup) -> list[tuple[tuple[int, int, int]
         if padding:
             continue
         pieces = []
-        for rank in range(ranks):
+        for rank in range(start // chunk, min(end // chunk, ranks - 1) + 1):  # the ranks whose chunk it overlaps
             low, high = max(start, rank * chunk), min(end + 1, (rank + 1) * chunk, total)
             if low < high:
                 pieces.append((dist.get_global_rank(group, rank), low - start, high - low))
