@@ -11,6 +11,8 @@ import os
 import shutil
 from typing import Callable
 
+from safetensors import SafetensorError
+
 TMP, OLD = ".tmp", ".old"
 
 
@@ -59,3 +61,28 @@ def recover(path: str, complete: Callable[[str], bool]) -> list[str]:
             shutil.rmtree(old, ignore_errors=True)
             said.append(f"removed {old}: its save never finished")
     return said
+
+
+# What a failed write raises: torch.save's zip writer reports a full disk as a RuntimeError, safetensors as its own.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def folder_bytes(path: str) -> int:
+    """The bytes of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def write_failure(path: str, err: BaseException, kept: str | None,
+                  then: str = "then resume with --resume-from-checkpoint auto") -> str:
+    """One line for a folder that could not be written: which, why, the free bytes where it was going, what is
+    still whole (`kept`: the last checkpoint, or None), and what to do (`then`, after making room)."""
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    try:
+        free = f"{shutil.disk_usage(parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "its free space unknown"
+    reason = f"{err.strerror} (errno {err.errno})" if isinstance(err, OSError) and err.strerror else \
+        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    whole = f"the last checkpoint, {kept}, is whole ({folder_bytes(kept) / 2**20:.1f} MiB)" if kept else \
+        "no checkpoint was saved before it"
+    return f"cannot write {path}: {reason}; {free}, {whole}; free space there (or lower --save-total-limit), {then}"

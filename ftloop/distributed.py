@@ -124,25 +124,28 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
-def agree(world: World, attempt: Callable[[], T], ranks: str = "every rank", share: bool = False) -> T | None:
+def agree(world: World, attempt: Callable[[], T], ranks: str = "every rank", share: bool = False,
+          gather: bool = False) -> T | list | None:
     """Run `attempt()` on `ranks` ("every rank" or "rank 0") and agree on how it went, in one collective: a
     ConfigError it raises on any rank is raised on every rank, with the first such rank's line, so that no rank
     is left waiting in a later collective for one that stopped. Returns the attempt's result where it ran (None
-    elsewhere); with `share`, rank 0's result on every rank (it must pickle)."""
+    elsewhere); with `share`, rank 0's result on every rank; with `gather`, every rank's results, in rank order,
+    on every rank (they must pickle)."""
     result, problem = None, None
     if ranks == "every rank" or world.is_main:
         try:
             result = attempt()
         except ConfigError as err:
             problem = str(err)
+    outcomes = [(problem, result)]
     if world.world_size > 1:
         outcomes = [None] * world.world_size
-        dist.all_gather_object(outcomes, (problem, result if share and world.is_main else None))
+        dist.all_gather_object(outcomes, (problem, result if gather or (share and world.is_main) else None))
         problem = next((p for p, _ in outcomes if p), None)
         result = outcomes[0][1] if share else result
     if problem:
         raise ConfigError(problem)
-    return result
+    return [r for _, r in outcomes] if gather else result
 
 
 def print0(*args, **kwargs) -> None:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
@@ -39,13 +38,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 
-from ftloop.atomic import publish, temporary_folder
+from ftloop.atomic import WRITE_ERRORS, publish, temporary_folder, write_failure
 from ftloop.cli import run_command
 from ftloop.config import LoraArgs, parse_size
-from ftloop.distributed import World
+from ftloop.distributed import World, agree
 from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import (COMPLETE_MARKER, FORMAT, MODEL_FILES, PARAMETERS, RUN_CONFIG, TRAINER_STATE,
-                                    is_complete)
+                                    is_complete, latest_checkpoint, verify_checkpoint)
 from ftloop.fsdp.internals import clean_name, unit_parameters
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, meta_skeleton
 from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
@@ -208,16 +207,25 @@ def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, 
     units = [(unit, [e for e in entries if not is_adapter(e[0])]) for unit, entries in units]
     units = [(unit, entries) for unit, entries in units if entries]
     gathering = merge or not lora
-    stats = None
-    if rank0:
+    stream = _unit_tensors(units, rank0) if gathering else iter(())
+
+    def write() -> ExportStats:  # rank 0
         names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
-        stats = write_folder(out_dir, files, names, lambda _: _unit_tensors(units, rank0), save_dtype,
-                             max_shard_size, lora, adapters, base_model, merge)
-    elif gathering:
-        for _ in _unit_tensors(units, rank0):  # the gathers are collective
+        try:
+            return write_folder(out_dir, files, names, lambda _: stream, save_dtype, max_shard_size, lora, adapters,
+                                base_model, merge)
+        except WRITE_ERRORS as err:  # a full disk: the other ranks are in the gathers, finish them first
+            for _ in stream:
+                pass
+            kept = latest_checkpoint(os.path.dirname(out_dir))
+            then = (f"then export it with `python -m ftloop.export {kept} {out_dir}`" if kept else
+                    "then run again")
+            raise ConfigError(write_failure(out_dir, err, kept, then)) from None
+
+    if not rank0:
+        for _ in stream:  # the gathers are collective
             pass
-    dist.barrier()
-    return stats
+    return agree(world, write, "rank 0")  # a failure is every rank's
 
 
 def _unit_tensors(units, rank0: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -290,6 +298,9 @@ def check_checkpoint(path: str) -> None:
     if not is_complete(path):
         raise ConfigError(f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker: still being written, or "
                           "its save was interrupted); use an earlier checkpoint")
+    problem = verify_checkpoint(path, World.single())
+    if problem:
+        raise ConfigError(f"{path}: damaged: {problem}; export an earlier checkpoint")
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
         if json.load(f).get("checkpoint_format") != FORMAT:
             raise ConfigError(f"{path}: written by an earlier ftloop, whose checkpoint layout (FSDP's sharded state "
@@ -341,7 +352,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"{out}: would replace the checkpoint it is exported from; give another OUT_DIR")
     if os.path.isfile(out):
         raise ConfigError(f"{out}: is a file; give a folder")
-    files = export_checkpoint(path, out, args.save_dtype, args.max_shard_size)
+    try:
+        files = export_checkpoint(path, out, args.save_dtype, args.max_shard_size)
+    except WRITE_ERRORS as err:
+        raise ConfigError(write_failure(out, err, path, then="then export again")) from None
     print(f"exported {path} to {out} ({len(files)} safetensors file{'s' if len(files) > 1 else ''}, "
           f"{args.save_dtype})")
 

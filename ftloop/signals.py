@@ -9,12 +9,18 @@ DataLoader workers included. A worker killed by it would take its rank down befo
 loader raises on a dead worker), so workers ignore the stop signals and leave it to their rank, which shuts
 them down (and they leave by themselves if it dies). The signals are held while workers are forked, so that
 none can reach a worker before it ignores them.
+
+A worker whose torchrun agent dies (`kill -9`, an OOM kill) would train on alone, holding the output folder, while a
+scheduler's requeue starts another run there. `watch_launcher` treats the agent's death as a SIGTERM: the ranks stop
+together at the next step boundary, save a whole checkpoint and leave.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -66,3 +72,24 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # a signal held since the fork is dropped here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+LAUNCHER_POLL_S = 1.0
+
+
+def watch_launcher() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), send this process SIGTERM when its parent, the torchrun agent, is
+    gone (this process is reparented: polled every LAUNCHER_POLL_S from a daemon thread; a parent-death signal
+    would fire when the agent's spawning thread ends, not the agent)."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(LAUNCHER_POLL_S)
+        print(f"ftloop: [rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {agent}) is gone; stopping at "
+              "the next step with a checkpoint", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ftloop-launcher-watch", daemon=True).start()

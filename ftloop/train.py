@@ -51,7 +51,8 @@ from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
 from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
-from ftloop.signals import StopRequest
+from ftloop.output_dir import claim_output_dir
+from ftloop.signals import StopRequest, watch_launcher
 from ftloop.state import TrainState
 from ftloop.steps import accumulate_gradients, clip_gradients
 
@@ -221,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     check_sources(cfg.data)
     if cfg.train.full_determinism:
         make_deterministic()  # before CUDA starts
-    run(cfg, init_distributed(cfg.train.ddp_timeout))
+    watch_launcher()
+    world = init_distributed(cfg.train.ddp_timeout)
+    with claim_output_dir(cfg.train.output_dir, world):  # one run per folder, proven writable, before anything slow
+        run(cfg, world)
 
 
 if __name__ == "__main__":

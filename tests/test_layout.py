@@ -114,6 +114,7 @@ def test_cycle_finder_finds_a_cycle():
 # from the environment (the old FTLOOP_TEST_*) would be a name outside this list.
 ENVIRONMENT = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE",
+               "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
                "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
                "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC"}
 TEST_WORDS = {"fault", "faults", "hook", "hooks", "inject", "test", "tests", "testing"}  # parts of a snake_case name

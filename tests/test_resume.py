@@ -1,5 +1,6 @@
 """Checkpoints that survive anything: exact resume after SIGTERM (torchrun restarts the job), resume at another
-world size, atomic saves under SIGKILL, non-finite steps skipped, and refusals of mismatched checkpoints."""
+world size, atomic saves under SIGKILL, damaged checkpoints found by their sums and skipped, non-finite steps
+skipped, and refusals of mismatched checkpoints."""
 
 import json
 import os
@@ -18,7 +19,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from ftloop.config import parse_args
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.errors import ConfigError
-from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint
+from ftloop.checksums import SUMS_FILE
+from ftloop.distributed import World
+from ftloop.export import main as export_main
+from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint, resolve_resume, verify_checkpoint
 from ftloop.model import load_config
 from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, python_m, torchrun, train_flags
 from launch import logged_losses as losses
@@ -241,7 +245,7 @@ def test_resume_at_another_world_size_and_save_total_limit(tiny_bundle, tmp_path
     assert loss_difference < 1e-5 and weight_difference < 5e-5
     state = json.load(open(out / "checkpoint-7" / "trainer_state.json"))
     assert state["best_step"] == 4  # the eval at step 4 was the best so far: that checkpoint is protected
-    assert sorted(os.listdir(out), key=str) == sorted([".ftloop", "best", "checkpoint-4", "checkpoint-6",
+    assert sorted(os.listdir(out), key=str) == sorted([".ftloop", ".ftloop.lock", "best", "checkpoint-4", "checkpoint-6",
                                                        "checkpoint-7", "final", "metrics.jsonl"])
 
 
@@ -260,9 +264,16 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(dropout_bundle, refe
     assert not (out / "checkpoint-6").exists() and saving.exists() and not (saving / COMPLETE_MARKER).exists()
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-4")
 
+    # A newer checkpoint, marked complete, with bytes changed in one of rank 1's shards: auto skips it, saying
+    # why, after both ranks hashed their share of its files.
+    damaged = out / "checkpoint-5"
+    shutil.copytree(out / "checkpoint-4", damaged)
+    flipped = damage(damaged, "flip")
     result = check(torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",
                                                              "--save-steps", "0")]))
     assert f"removed {saving}" in result.stdout
+    assert (f"--resume-from-checkpoint auto: skipped {damaged}: damaged: {flipped} is damaged (its SHA-256 differs"
+            in result.stdout)
     assert f"resumed from {out}/checkpoint-4 at step 4" in result.stdout
     expected = {step: loss for step, loss in losses(reference).items() if step > 4}
     assert losses(out, once=False) == expected  # steps 5-6 logged before the kill, then redone alike
@@ -284,7 +295,8 @@ def test_nonfinite_steps_are_skipped_on_every_rank_then_the_run_stops(tiny_bundl
                           *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
     assert result.returncode == 1, result.stderr[-3000:]
     assert "ftloop: error: 2 non-finite steps in a row (up to step 6)" in result.stderr
-    assert f"last good checkpoint is {out}/checkpoint-5" in result.stderr  # saved after 4, nothing applied since
+    # checkpoint-5 holds step 4's weights, from which steps 5 and 6 went wrong: it is not named
+    assert f"last good checkpoint is {out}/checkpoint-4;" in result.stderr  # saved right after an applied update
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if r.get("skipped_nonfinite_step")] == [3, 5, 6]
     before, skipped, after = (checkpoint_tensors(out / f"checkpoint-{s}") for s in (2, 3, 4))
@@ -374,3 +386,75 @@ def test_a_row_that_fails_mid_run_is_named_by_its_rank(tiny_bundle, tmp_path, sp
         pointer = f"{what} failed to load on 1 other rank(s), which name it; fix or remove it and resume"
         assert f"ftloop: error: {pointer}" in errors
     assert "Connection closed by peer" not in stderr  # every rank left together, none crashed
+
+
+def largest_shard(path, rank: int) -> str:
+    """The largest DCP file rank `rank` wrote into checkpoint `path` (the name in it)."""
+    names = [name for name in os.listdir(path) if name.startswith(f"__{rank}_")]
+    return max(names, key=lambda name: (os.path.getsize(os.path.join(path, name)), name))
+
+
+def damage(path, how: str) -> str:
+    """Damage checkpoint `path` as a bad disk, a full disk or a careless hand would; the file it touched."""
+    def truncate(name: str) -> str:
+        os.truncate(os.path.join(path, name), os.path.getsize(os.path.join(path, name)) // 2)
+        return name
+
+    if how == "flip":  # 64 bytes in the middle of rank 1's largest shard: weights that would load silently wrong
+        name = largest_shard(path, 1)
+        with open(os.path.join(path, name), "r+b") as f:
+            f.seek(os.path.getsize(os.path.join(path, name)) // 2)
+            data = f.read(64)
+            f.seek(-len(data), os.SEEK_CUR)
+            f.write(bytes(b ^ 0xFF for b in data))
+        return name
+    if how == "missing shard":
+        name = largest_shard(path, 0)
+        os.remove(os.path.join(path, name))
+        return name
+    if how == "missing sums":
+        os.remove(os.path.join(path, SUMS_FILE))
+        return SUMS_FILE
+    return truncate({"truncated shard": largest_shard(path, 1), "truncated trainer state": "trainer_state.json",
+                     "truncated metadata": ".metadata", "truncated rng": "rng/rank-1.pt",
+                     "truncated sums": SUMS_FILE}[how])
+
+
+DAMAGES = ["flip", "missing shard", "missing sums", "truncated shard", "truncated trainer state",
+           "truncated metadata", "truncated rng", "truncated sums"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_is_one_line_naming_its_file(reference, tmp_path, how, capsys):
+    """Each damage is found from the sums the save recorded, and is one line naming the file: for a resume from
+    it, and for its export; `auto` takes the previous checkpoint instead, saying why (none whole: refused)."""
+    out = tmp_path / "out"
+    good, path = out / "checkpoint-4", out / "checkpoint-6"
+    shutil.copytree(reference / "checkpoint-4", good)
+    shutil.copytree(good, path)
+    assert verify_checkpoint(str(path), World.single()) is None
+    name = damage(path, how)
+    problem = verify_checkpoint(str(path), World.single())
+    assert problem is not None and name in problem, problem
+    with pytest.raises(ConfigError, match=rf"^--resume-from-checkpoint {path}: damaged: .*{re.escape(name)}"):
+        resolve_resume(str(path), str(out), World.single())
+    with pytest.raises(ConfigError, match=rf"^{path}: damaged: .*{re.escape(name)}"):
+        export_main([str(path), str(tmp_path / "export")])
+    assert not (tmp_path / "export").exists()
+
+    assert resolve_resume("auto", str(out), World.single()) == str(good)
+    assert f"skipped {path}: damaged: " in capsys.readouterr().out
+    shutil.rmtree(good)
+    with pytest.raises(ConfigError, match=f"no checkpoint in {out} is whole"):
+        resolve_resume("auto", str(out), World.single())
+
+
+def test_the_sums_are_sha256sum_s(reference):
+    """`sha256sum -c SHA256SUMS` checks a checkpoint by hand: every file of it is listed, but the list and the
+    marker written after it."""
+    path = reference / "checkpoint-4"
+    result = subprocess.run(["sha256sum", "--check", "--strict", SUMS_FILE], cwd=path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = {line.split("  ", 1)[1] for line in open(path / SUMS_FILE).read().splitlines()}
+    on_disk = {os.path.relpath(os.path.join(root, name), path) for root, _, names in os.walk(path) for name in names}
+    assert listed == on_disk - {SUMS_FILE, COMPLETE_MARKER}

@@ -38,12 +38,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ftloop.atomic import OLD, TMP, publish, recover, temporary_folder
+from ftloop.atomic import OLD, TMP, WRITE_ERRORS, publish, recover, temporary_folder, write_failure
+from ftloop.checksums import SUMS_FILE, digests, problems, read_sums, write_sums
 from ftloop.config import previous_run
-from ftloop.distributed import World, print0
-from ftloop.errors import ConfigError
+from ftloop.distributed import World, agree, print0
+from ftloop.errors import ConfigError, one_line
 from ftloop.fsdp.internals import flat_shards, sharded_tensor
 
 COMPLETE_MARKER = ".complete"
@@ -96,6 +98,10 @@ def recover_interrupted_saves(output_dir: str) -> list[str]:
             said.append(f"removed {path}: its save never finished")
     for export in ("best", "final"):
         said += recover(os.path.join(output_dir, export), lambda folder: not folder.endswith(TMP))
+        for name in os.listdir(output_dir):  # any other temporary of it (another tool's, an older ftloop's)
+            if name.startswith(export + TMP):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                said.append(f"removed {os.path.join(output_dir, name)}: an export that never finished")
     return said
 
 
@@ -190,28 +196,95 @@ def _rng_state(device: torch.device) -> dict:
 def save_checkpoint(model: FSDP, optimizer, path: str, trainer_state: dict, run_config: dict,
                     write_model_files: Callable[[str], None], world: World) -> None:
     """Write checkpoint `path` atomically. Collective: every rank calls it. `write_model_files(folder)` writes
-    the config, tokenizer and image processor on rank 0."""
+    the config, tokenizer and image processor on rank 0.
+
+    A write that fails on any rank (a full disk, a folder made read-only) is one ConfigError line on every rank
+    (ftloop.atomic.write_failure: the folder, the free bytes, the last checkpoint that is whole), and the
+    temporary folder is removed: nothing half-written is left, and no rank waits for another that stopped."""
     tmp = path + TMP
-    if world.is_main:
-        os.makedirs(os.path.join(temporary_folder(path), "rng"))
-    dist.barrier()
-    dtypes, shapes = write_rank_files(model, optimizer, tmp, world.rank)
-    dist.barrier()  # every rank's shards are on disk
-    if world.is_main:
+    kept = latest_checkpoint(os.path.dirname(path))
+
+    def written(attempt: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            try:
+                return attempt()
+            except CheckpointException as err:  # DCP's, on every rank: what failed on the first rank it names
+                failed = next(iter(err.failures.values()), (err, None))[0]
+                raise ConfigError(write_failure(path, failed, kept)) from None
+            except WRITE_ERRORS as err:
+                raise ConfigError(write_failure(path, err, kept)) from None
+        return run
+
+    def finish(rank_sums: list[dict[str, str]], dtypes: dict, shapes: dict) -> None:  # rank 0
         record = dict(trainer_state, dtypes=dtypes, world_size=world.world_size, checkpoint_format=FORMAT)
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-            json.dump(record, f, indent=1)
-        with open(os.path.join(tmp, PARAMETERS), "w") as f:
-            json.dump(shapes, f)
-        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-            json.dump(run_config, f, indent=1)
+        for name, value in ((TRAINER_STATE, record), (PARAMETERS, shapes), (RUN_CONFIG, run_config)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(value, f, indent=None if name == PARAMETERS else 1)
         write_model_files(os.path.join(tmp, MODEL_FILES))
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+        sums = {name: value for own in rank_sums for name, value in own.items()}
+        sums.update(digests(tmp, _files_of_rank_zero(tmp)))
+        write_sums(tmp, sums)
+        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:  # last: the folder is whole
             f.write(f"{trainer_state.get('step')}\n")
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path)
-    dist.barrier()
+
+    try:
+        agree(world, written(lambda: os.makedirs(os.path.join(temporary_folder(path), "rng"))), "rank 0")
+        dtypes, shapes = agree(world, written(lambda: write_rank_files(model, optimizer, tmp, world.rank)))
+        # Each rank hashes the files it wrote (still in its page cache), side by side; rank 0 records them all.
+        rank_sums = agree(world, written(lambda: digests(tmp, _files_of_rank(tmp, world.rank))), gather=True)
+        agree(world, written(lambda: finish(rank_sums, dtypes, shapes)), "rank 0")
+    except ConfigError:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _files_of_rank(folder: str, rank: int) -> list[str]:
+    """The files rank `rank` wrote into a checkpoint folder: its DCP files (`__<rank>_<n>.distcp`) and its
+    generators."""
+    prefix = f"__{rank}_"
+    return [name for name in sorted(os.listdir(folder)) if name.startswith(prefix)] + [f"rng/rank-{rank}.pt"]
+
+
+def _files_of_rank_zero(folder: str) -> list[str]:
+    """The files of a checkpoint that no rank hashed as its own: DCP's `.metadata` and what rank 0 writes last."""
+    own = re.compile(r"^(__\d+_\d+\.distcp|rng/rank-\d+\.pt)$")
+    found = [os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names]
+    return sorted(name for name in found if not own.match(name) and name not in (SUMS_FILE, COMPLETE_MARKER))
+
+
+def verify_checkpoint(path: str, world: World) -> str | None:
+    """What is wrong with checkpoint `path` (a missing, truncated or changed file, against the SHA-256 sums its
+    save recorded), or None. Collective: every rank hashes a share of the files, the largest first, and every rank
+    gets the same answer."""
+    def listed() -> dict[str, str] | str:
+        try:
+            return read_sums(path)
+        except FileNotFoundError:
+            return f"it has no {SUMS_FILE} (the sums of its files, recorded when its save completes)"
+        except (OSError, ValueError) as err:
+            return f"{err}"
+
+    sums = agree(world, listed, "rank 0", share=True)
+    if isinstance(sums, str):
+        return sums
+    sizes = {name: os.path.getsize(os.path.join(path, name)) if os.path.isfile(os.path.join(path, name)) else 0
+             for name in sums}
+    loads, mine = [0] * world.world_size, {}
+    for name in sorted(sums, key=lambda n: (-sizes[n], n)):  # the same share on every rank: largest to the idlest
+        rank = loads.index(min(loads))
+        loads[rank] += sizes[name] + 1
+        if rank == world.rank:
+            mine[name] = sums[name]
+    found = agree(world, lambda: problems(path, mine), gather=True)
+    found = sorted(problem for rank_problems in found for problem in rank_problems)
+    if not found:
+        return None
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{found[0]}{more}"
 
 
 def write_rank_files(model: FSDP, optimizer, folder: str, rank: int) -> tuple[dict[str, list[str]], dict]:
@@ -230,8 +303,12 @@ def read_trainer_state(path: str) -> dict:
     if not is_complete(path):
         raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no {COMPLETE_MARKER} "
                           "marker: its save never finished); use an earlier one, or `auto`")
-    with open(os.path.join(path, TRAINER_STATE)) as f:
-        state = json.load(f)
+    try:
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume-from-checkpoint {path}: cannot read its {TRAINER_STATE} ({one_line(err)}); "
+                          "resume from an earlier checkpoint, or `auto`") from None
     if state.get("checkpoint_format") != FORMAT:
         raise ConfigError(f"--resume-from-checkpoint {path}: written by an earlier ftloop, whose checkpoint layout "
                           "(FSDP's sharded state dict) this one does not read; finish that run, or export it with "
@@ -393,9 +470,24 @@ def resolve_resume(flag: str, output_dir: str, world: World, overwrite: bool = F
     if world.is_main:  # an interrupted save is finished when it was complete, else cleared: never resumed from
         for line in recover_interrupted_saves(output_dir):
             print0(line)
-    dist.barrier()
+    if world.world_size > 1:
+        dist.barrier()
     if flag != "auto":
+        if flag:
+            problem = verify_checkpoint(flag, world) if is_complete(flag) else None  # incomplete: said by the check
+            if problem:
+                raise ConfigError(f"--resume-from-checkpoint {flag}: damaged: {problem}; resume from an earlier "
+                                  "checkpoint, or `auto` (the newest one that is whole)")
         return flag or None
-    path = latest_checkpoint(output_dir)
-    print0(f"--resume-from-checkpoint auto: {path or f'no checkpoint in {output_dir}, starting afresh'}")
-    return path
+    found = complete_checkpoints(output_dir)
+    for _, path in reversed(found):
+        problem = verify_checkpoint(path, world)
+        if not problem:
+            print0(f"--resume-from-checkpoint auto: {path}")
+            return path
+        print0(f"--resume-from-checkpoint auto: skipped {path}: damaged: {problem}")
+    if found:
+        raise ConfigError(f"--resume-from-checkpoint auto: no checkpoint in {output_dir} is whole (each said above); "
+                          "restore one from a copy, or start afresh with --overwrite-output-dir")
+    print0(f"--resume-from-checkpoint auto: no checkpoint in {output_dir}, starting afresh")
+    return None
