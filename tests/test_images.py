@@ -1,11 +1,17 @@
-"""Opening images: every pillow mode becomes RGB; bad files give errors naming the path."""
+"""Opening images: every pillow mode becomes RGB (32-bit and float ones by their range); bad files, and whatever
+pillow raises, give errors naming the row and the path."""
+
+import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
-from datautil import one_line_error
-from ftloop.errors import DataError
+from datautil import SYSTEM, one_line_error, save_rgb, turns, write_json
+from ftloop.data.check import Measuring, checked_rows
+from ftloop.data.layouts import load_rows
+from ftloop.distributed import World
+from ftloop.errors import DataError, DataErrors
 from ftloop.data.media import open_rgb
 
 # ------------------------------------------------------------------------------------------------ images
@@ -125,3 +131,100 @@ def test_an_image_past_pillows_bomb_limit_is_a_bad_row(tmp_path, monkeypatch):
     with pytest.raises(DataError) as excinfo:
         open_rgb(str(path), "train.json: row 4")
     one_line_error(excinfo, "train.json: row 4: image", "more than twice pillow's limit of 1000 pixels")
+
+
+# ------------------------------------------------------------------------------------------------ 32-bit and float
+
+
+def _stretched(values) -> np.ndarray:
+    """What an image of `values` becomes: min -> 0, max -> 255, linear between."""
+    values = values.astype(np.float64)
+    return np.rint((values - values.min()) * 255 / (values.max() - values.min())).astype(np.uint8)
+
+
+@pytest.mark.parametrize("values", [
+    np.linspace(0.0, 1.0, W * H, dtype=np.float32).reshape(H, W),  # a float image in 0..1: was all black
+    np.linspace(-3.5, 2.0, W * H, dtype=np.float32).reshape(H, W)[::-1].copy(),  # negative values too
+    (np.arange(W * H).reshape(H, W) * 9).astype(np.int32),  # 0..1071: was 0..4, black
+    (np.arange(W * H).reshape(H, W) * 10_000_000 - 50_000).astype(np.int32),  # past 16 bits: was white
+    np.linspace(-3e38, 3e38, W * H, dtype=np.float32).reshape(H, W),  # a range past float32's largest value
+], ids=["float-0-1", "float-negative", "int32-small", "int32-large", "float-huge"])
+def test_open_rgb_32_bit_and_float_by_their_range(tmp_path, values):
+    Image.fromarray(values).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == ("F" if values.dtype == np.float32 else "I")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way
+        px = _check_rgb(tmp_path / "deep.tif", (W, H))
+    assert (px[..., 0] == _stretched(values)).all() and (px[..., 0] == px[..., 2]).all()
+    assert px.min() == 0 and px.max() == 255
+
+
+def test_open_rgb_constant_deep_image_is_black(tmp_path):
+    """No range to scale by: black, without a division by zero."""
+    for mode, value in (("F", 0.5), ("F", -7.0), ("F", 3e38), ("I", 123456), ("I", -5), ("I", 0)):
+        Image.new(mode, (W, H), value).save(tmp_path / "flat.tif")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert (_check_rgb(tmp_path / "flat.tif", (W, H)) == 0).all(), (mode, value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_image_with_nan_or_inf_is_a_bad_row(tmp_path, bad):
+    values = np.linspace(0.0, 1.0, W * H, dtype=np.float32).reshape(H, W)
+    values[3, 4] = bad
+    Image.fromarray(values).save(tmp_path / "nan.tif")
+    with pytest.raises(DataError) as excinfo:
+        open_rgb(str(tmp_path / "nan.tif"), "d.json: row 4")
+    message = one_line_error(excinfo)
+    assert message.startswith(f"d.json: row 4: image {tmp_path / 'nan.tif'} (F mode) has NaN or infinite pixel "
+                              "values; replace them"), message
+
+
+# ------------------------------------------------------------------------------------------------ pillow's errors
+
+
+def _png_with_huge_text(path):
+    """A small PNG whose zTXt chunk inflates past pillow's PngImagePlugin.MAX_TEXT_CHUNK (1 MiB): pillow raises
+    ValueError("Decompressed data too large ..."), not an OSError."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    Image.new("RGB", (W, H), (10, 20, 30)).save(path, pnginfo=info)
+    return str(path)
+
+
+def test_any_pillow_error_is_the_rows_line(tmp_path, monkeypatch):
+    path = _png_with_huge_text(tmp_path / "text.png")
+    with pytest.raises(DataError) as excinfo:
+        open_rgb(path, "d.json: row 4")
+    assert one_line_error(excinfo).startswith(f"d.json: row 4: cannot read image {path} (ValueError: Decompressed "
+                                              "data too large"), excinfo.value
+
+    save_rgb(tmp_path / "ok.png")
+
+    def broken(image, **kwargs):
+        raise KeyError("a broken EXIF tag")  # what pillow raises is not ours to list: any Exception
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    with pytest.raises(DataError) as excinfo:
+        open_rgb(str(tmp_path / "ok.png"), "d.json: row 5")
+    assert one_line_error(excinfo).startswith(f"d.json: row 5: cannot read image {tmp_path / 'ok.png'} (KeyError: "), \
+        excinfo.value
+
+
+def test_unreadable_images_are_skipped_with_skip_bad_rows(tmp_path, tokenizer, image_processor):
+    """Through the check before training: refused with the rows' lines, skipped with --skip-bad-rows."""
+    nan = np.zeros((H, W), dtype=np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    images = [save_rgb(tmp_path / "ok.png"), _png_with_huge_text(tmp_path / "text.png"), str(tmp_path / "nan.tif")]
+    data = write_json(tmp_path / "train.json", [
+        {"conversations": turns(("human", "<image>\nWhat color?"), ("gpt", "red")), "image": image} for image in images])
+    errors = []
+    rows = load_rows(data, "", errors)
+    measuring = Measuring(tokenizer, image_processor, SYSTEM)
+    with pytest.raises(DataErrors) as refused:
+        checked_rows(data, rows, errors, measuring, False, World.single())
+    assert [line.split(" (")[0] for line in refused.value.lines[:-1]] == [
+        f"{data}: row 2: cannot read image {images[1]}", f"{data}: row 3: image {images[2]}"]
+    kept = checked_rows(data, rows, errors, measuring, True, World.single())
+    assert kept.skipped_bad == 2 and [r.number for r in kept.rows] == [1]

@@ -15,7 +15,8 @@ tokenised exactly as training does (ftloop.data.encode), measured. One check, in
 Both measure each row with `Measuring` (`measure_rows`), whose rule is training's: a row's length is its full
 token count; under `--truncation right` a row whose images end past --max-seq-length is a problem (its text can be
 cut, an image cannot); under `drop` (the default) such a row is only longer than the limit, like any other row
-training drops (and counts).
+training drops (and counts). A row whose text holds one of the tokenizer's special tokens is a problem, and a
+--system-prompt holding one is refused before any row is measured (ftloop.data.encode).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import tyro
 from ftloop.cli import run_command
 from ftloop.config import DataArgs, check_model_path
 from ftloop.data.check_cache import Measured, cache_folder, cached_measurement
-from ftloop.data.encode import (ChatFormat, chat_format, load_model_type, load_tokenizer_and_processor, measure,
-                                vision_past_limit)
+from ftloop.data.encode import (ChatFormat, chat_format, check_system_prompt, load_model_type,
+                                load_tokenizer_and_processor, measure, vision_past_limit)
 from ftloop.data.layouts import load_rows
 from ftloop.data.rows import Row
 from ftloop.data.sources import check_sources, row_number, where
@@ -53,6 +54,10 @@ class Measuring:
     max_seq_length: int = DataArgs.max_seq_length
     truncation: str = "drop"
     max_images: int = 0
+
+    def __post_init__(self):
+        # a flag's problem, refused once before any row is measured (each row's own text: encode_row)
+        check_system_prompt(self.chat, self.tokenizer)
 
     @property
     def limit(self) -> int | None:

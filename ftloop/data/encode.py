@@ -10,16 +10,29 @@ t*h*w / merge^2 of them, as Qwen's processor expands it), and tokenised once. La
 token is supervised when it starts inside an assistant reply or its closing `<|im_end|>`; every other position is
 labelled IGNORE_INDEX (ftloop.loss). Tokenising once (rather than piece by piece) guarantees the ids are the ones
 the model sees at inference.
+
+Special tokens in a row's text are refused (`check_text`): the tokenizer turns `<|im_end|>`, `<|im_start|>`,
+`<|image_pad|>`, `<|vision_start|>`, ... written in a message into the control tokens themselves, not into text, so a
+reply holding `<|im_end|>` would train a fake end of turn (and what follows as a turn of its own), and a stray
+`<|image_pad|>` or `<|vision_start|>` would make the image tokens and image features disagree and crash the training
+step that meets it. The refused tokens are read from the tokenizer (every token it marks special, and the ChatML
+and vision tokens ftloop writes itself), except Qwen's grounding markup (`<|object_ref_start|>`, `<|box_start|>`,
+`<|quad_start|>` and their ends), which Qwen-VL's grounding data writes in replies and which breaks no structure.
+Each message's text is checked as the row holds it, before ftloop adds its own tokens; `<image>` / `<video>`
+placeholders are not tokens. A row holding one is a DataError naming the token and the message, found by the
+check like any bad row (--skip-bad-rows skips it); --system-prompt holding one is a ConfigError
+(`check_system_prompt`), for it would spoil every row.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 from ftloop.data.media import load_image_processor, row_vision_inputs
 from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row
-from ftloop.errors import DataError
+from ftloop.errors import ConfigError, DataError
 from ftloop.family import QWEN_SYSTEM_PROMPT, check_supported, default_system_prompt, timestamped_videos
 from ftloop.loss import IGNORE_INDEX
 
@@ -42,6 +55,75 @@ def chat_format(system_prompt: str | None, model_type: str) -> ChatFormat:
     """The format of this family, with --system-prompt (None: the family's default)."""
     prompt = default_system_prompt(model_type) if system_prompt is None else system_prompt
     return ChatFormat(prompt, timestamped_videos(model_type))
+
+
+# Qwen's grounding markup: special tokens that Qwen-VL's grounding data writes in replies, around a phrase and its
+# box ("<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|>"); they mark no
+# structure, so a row may hold them.
+CONTENT_TOKENS = frozenset({"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                            "<|quad_start|>", "<|quad_end|>"})
+_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, special_tokens)
+
+
+def special_tokens(tokenizer) -> re.Pattern | None:
+    """One pattern matching every special token of `tokenizer` a row's text must not hold (its special tokens,
+    added or named, and ftloop's own ChatML and vision tokens; not CONTENT_TOKENS), built once per tokenizer (and
+    again if tokens are added to it); None when there is none."""
+    size = len(tokenizer)
+    try:
+        cached = _SPECIAL.get(tokenizer)
+    except TypeError:  # not weakly referable: built each time
+        return _special_pattern(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = _SPECIAL[tokenizer] = (size, _special_pattern(tokenizer))
+    return cached[1]
+
+
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(token.content for token in added.values() if getattr(token, "special", False))
+    tokens.update((IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD))
+    tokens = {t for t in tokens if isinstance(t, str) and t} - CONTENT_TOKENS - {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER}
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+
+
+def _found(pattern: re.Pattern, text: str) -> list[str]:
+    """The special tokens `text` holds, each once, in order of first appearance (one search for clean text)."""
+    if pattern.search(text) is None:
+        return []
+    return list(dict.fromkeys(pattern.findall(text)))
+
+
+def _named(tokens: list[str]) -> str:
+    """What a row or flag holding `tokens` is told: the tokens, why they cannot stay, and how to write them as text
+    (`<|im_end|>` -> `<| im_end |>`)."""
+    shown = ", ".join(f"`{t}`" for t in tokens)
+    several = len(tokens) > 1
+    example = tokens[0].replace("<|", "<| ").replace("|>", " |>")
+    return (f"the special token{'s' * several} {shown}, which the tokenizer reads as {'' if several else 'a '}control "
+            f"token{'s' * several}, not as text; remove or reword {'them' if several else 'it'}"
+            + (f" (e.g. `{example}`)" if example != tokens[0] else ""))
+
+
+def check_text(messages: list[dict], tokenizer, where: str) -> None:
+    """A DataError naming the token and the message when a message's text holds one of the tokenizer's special
+    tokens (see the module's docstring): the first such message, numbered from 1 as the row lists them."""
+    pattern = special_tokens(tokenizer)
+    if pattern is None:
+        return
+    for number, message in enumerate(messages, start=1):
+        if found := _found(pattern, message["content"]):
+            raise DataError(f"{where}: message {number} ({message['role']}) holds {_named(found)}")
+
+
+def check_system_prompt(chat: ChatFormat, tokenizer) -> None:
+    """A ConfigError when --system-prompt (the prompt of every row that has none) holds a special token."""
+    pattern = special_tokens(tokenizer)
+    if pattern is not None and chat.system_prompt and (found := _found(pattern, chat.system_prompt)):
+        raise ConfigError(f"--system-prompt (the system message of every row that has none) holds {_named(found)}")
 
 
 def video_block(count: int, times: list[float] | None) -> str:
@@ -141,7 +223,10 @@ def load_model_type(model: str) -> str:
 
 def encode_row(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str):
     """(vision tensors, input_ids, labels) of one normalised row, uncut, in the family's `chat` format;
-    DataError naming `where` for an unreadable image or frame."""
+    DataError naming `where` for text holding a special token (`check_text`) or an unreadable image or frame."""
+    check_text(row.messages, tokenizer, where)
+    if row.messages[0]["role"] != "system":
+        check_system_prompt(chat, tokenizer)  # refused before any row is measured (ftloop.data.check.Measuring)
     tensors, image_counts, video_counts, video_times = row_vision_inputs(row, image_processor, where)
     input_ids, labels = encode_chat(row.messages, image_counts, tokenizer, chat.system_prompt, video_counts,
                                     video_times if chat.timestamped_videos else None)

@@ -3,7 +3,10 @@ the image processor with the run's pixel limits. Every row is encoded through `r
 ftloop.data.encode), in training and in the checks alike.
 
 Images: any mode pillow reads becomes RGB, with EXIF orientation applied; an image is a path, or an `ImageRef`
-into a Hugging Face dataset whose bytes are read only here.
+into a Hugging Face dataset whose bytes are read only here. 16-bit images keep their range (0..65535 -> 0..255);
+32-bit integer and float ones, which have none, are scaled by their own (min..max -> 0..255; NaN or infinite
+values are the row's error). Whatever pillow raises while opening, decoding or converting an image (a PNG text
+chunk past pillow's limit, a truncated file, ...) is the row's one DataError line: `--skip-bad-rows` skips it.
 
 Videos, without transformers' video processor: `Qwen2VLVideoProcessor` needs torchvision, which ftloop does not
 require. It is not needed: a video is a list of frames, and Qwen's video processor treats each frame exactly as its
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,11 +57,16 @@ def _open(source: str | ImageRef, where: str) -> Image.Image:
 
 def open_rgb(source: str | ImageRef, where: str) -> Image.Image:
     """The image at `source` (a path or an ImageRef) as RGB; transparent pixels are composed onto white.
-    `where` names the row."""
+    `where` names the row. Any failure of pillow's, opening, decoding or converting it, is one DataError line."""
     try:
         with _open(source, where) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
+        if image.width == 0 or image.height == 0:
+            raise DataError(f"{where}: image has zero size: {source}")
+        return _to_rgb(image, source, where)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{where}: image not found: {source}") from None
     except Image.DecompressionBombError:  # decoding it would take gigabytes in every loader worker
@@ -71,15 +80,38 @@ def open_rgb(source: str | ImageRef, where: str) -> Image.Image:
         reason = "not an image format pillow reads" if isinstance(err, UnidentifiedImageError) and \
             isinstance(source, ImageRef) else err
         raise DataError(f"{where}: cannot read image {source} ({reason})") from None
-    if image.width == 0 or image.height == 0:
-        raise DataError(f"{where}: image has zero size: {source}")
+    except Exception as err:  # noqa: BLE001 - pillow's other complaints (a PNG text chunk past its limit, ...)
+        raise DataError(f"{where}: cannot read image {source} ({one_line(err, with_type=True)})") from None
+
+
+def _to_rgb(image: Image.Image, source: str | ImageRef, where: str) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16-bit (any byte order) and float
+    if image.mode.startswith("I;16"):  # 16-bit, any byte order: 0..65535 -> 0..255
         image = image.convert("I").point(lambda v: v / 256).convert("L")
+    elif image.mode in ("I", "F"):
+        image = _stretched(image, source, where)
     return image.convert("RGB")
+
+
+def _stretched(image: Image.Image, source: str | ImageRef, where: str) -> Image.Image:
+    """A 32-bit integer (`I`) or float (`F`) image as 8-bit grey scaled by its own range, min -> 0 and max -> 255:
+    such images (scientific TIFFs, depth maps, 16-bit PGMs, which pillow opens as `I`) have no fixed range, so
+    scaling by the 16-bit one would leave a float image in 0..1 black. A constant image becomes black; NaN or
+    infinite values are the row's problem (no range to scale by)."""
+    values = np.asarray(image)  # float32 (F) or int32 (I), as stored
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DataError(f"{where}: image {source} ({image.mode} mode) has NaN or infinite pixel values; replace them "
+                        "with finite ones or drop the image")
+    low, high = float(values.min()), float(values.max())
+    # float32 (8 bits out, half float64's memory) unless the range overflows it (a float image of -3e38..3e38)
+    wide = high - low > float(np.finfo(np.float32).max)
+    scaled = np.subtract(values, low, dtype=np.float64 if wide else np.float32)
+    if high > low:  # else every value is `low`: 0, black
+        scaled *= 255.0 / (high - low)
+    return Image.fromarray(np.clip(np.rint(scaled, out=scaled), 0, 255).astype(np.uint8))  # mode L
 
 
 # ---- videos -----------------------------------------------------------------------------------------------
