@@ -101,7 +101,7 @@ class FolderWeights:
 
     def __init__(self, folder: str, model: PreTrainedModel, flag: str = "--model-name-or-path",
                  expected: dict[str, torch.Tensor] | None = None):
-        self.folder = folder
+        self.folder, self.flag = folder, flag
         files = self._files(folder, flag)
         renamings, converters = _conversions(model)
         if expected is None:  # parameters and persistent buffers, tied names included
@@ -184,6 +184,14 @@ class FolderWeights:
             done += count
         tensor = raw.view(stored).reshape(shape)
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def nonfinite_line(self, name: str, count: int) -> str:
+        """The one line for the tensor the model calls `name` holding `count` NaN or infinite values (as read, cast
+        to the dtype it was read in): ftloop.fsdp.load checks every tensor it reads, on every rank alike."""
+        file, key = self.location[name]
+        return (f"{self.flag} {self.folder}: tensor {key} in {file} holds {count} NaN/inf values; the weights are "
+                "damaged (a broken download, conversion or save, or a diverged run): download or export them again, "
+                "or start from the checkpoint they were made from")
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -12,29 +12,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import Config, ModelArgs
-from ftloop.errors import ConfigError, one_line
-from ftloop.family import check_supported
+from ftloop.errors import ConfigError
 from ftloop.lora import add_adapters, base_dtype
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
+from ftloop.data.model_folder import read_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def load_config(args: ModelArgs) -> PretrainedConfig:
-    try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"--model-name-or-path {args.model_name_or_path}: cannot load its config ({one_line(err)}); "
-            "give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder, or a hub id with network access or a filled HF "
-            "cache"
-        ) from None
-    check_supported(config.model_type, f"--model-name-or-path {args.model_name_or_path}")
-    return config
+    """--model-name-or-path's config.json, refused in one line when it cannot be read or is rejected
+    (ftloop.data.model_folder.read_config)."""
+    return read_config(args.model_name_or_path)
 
 
 def build_meta_model(config: PretrainedConfig, args: ModelArgs, dtype: str | None = None,

@@ -34,14 +34,14 @@ from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedTokeniz
 
 from ftloop.cli import run_command
 from ftloop.config import Config, parse_args
-from ftloop.data.encode import load_tokenizer_and_processor
 from ftloop.data.loaders import StepBatches, build_loaders
+from ftloop.data.model_folder import check_model_folder, check_same_inputs, input_fingerprints, load_processing
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.sources import check_sources
 from ftloop.distributed import World, init_distributed, make_deterministic, print0
 from ftloop.errors import ConfigError, Stopped
-from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.export import export_model
+from ftloop.fsdp.checkpoint import check_resumable, load_checkpoint, resolve_resume
 from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import ModelFiles, local_folder
@@ -49,9 +49,9 @@ from ftloop.lora import initial_adapter
 from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
+from ftloop.output_dir import claim_output_dir
 from ftloop.plan import check_fits
 from ftloop.policies import Evaluator, Saver, skip_nonfinite_step
-from ftloop.output_dir import claim_output_dir
 from ftloop.signals import StopRequest, watch_launcher
 from ftloop.state import TrainState
 from ftloop.steps import accumulate_gradients, clip_gradients
@@ -86,7 +86,8 @@ def prepare(cfg: Config, world: World) -> Setup:
         # Against what is free now that the process group exists: the CUDA context, NCCL's first communicator and
         # any other process on this GPU are already taken.
         check_fits(skeleton, cfg, world.world_size, world.local_world_size, torch.cuda.mem_get_info(world.device)[0])
-    tokenizer, image_processor = load_tokenizer_and_processor(src, cfg.data.min_pixels, cfg.data.max_pixels)
+    tokenizer, image_processor = load_processing(src, cfg.data.min_pixels, cfg.data.max_pixels)
+    check_model_folder(src, hf_config, tokenizer, image_processor)  # the folder agrees with itself, before any row
 
     # Data before the model: a bad row should stop the run before minutes go into loading weights.
     train_loader, sampler, eval_loader = build_loaders(cfg, tokenizer, image_processor, hf_config, world)
@@ -99,6 +100,8 @@ def prepare(cfg: Config, world: World) -> Setup:
     # A checkpoint of another model or other data is refused now, before loading weights.
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, world, args.overwrite_output_dir)
     saved = check_resumable(resume_from, hf_config, sampler.order_settings(), cfg.to_dict()) if resume_from else {}
+    if resume_from:
+        check_same_inputs(resume_from, saved, tokenizer, image_processor)
 
     # FSDP wraps the skeleton unit by unit; each unit's tensors are read from the safetensors files one at a time
     # (by rank 0, which broadcasts them, or by every rank) as FSDP flattens it: no rank holds the whole model.
@@ -131,7 +134,8 @@ def run(cfg: Config, world: World) -> dict:
     export = functools.partial(export_model, model, files=files, save_dtype=args.save_dtype,
                                max_shard_size=args.max_shard_size, world=world, lora=lora,
                                base_model=cfg.model.model_name_or_path)
-    saver = Saver(model, optimizer, state, cfg, logger, files.save, world, resumed=bool(setup.resume_from))
+    saver = Saver(model, optimizer, state, cfg, logger, files.save, world, resumed=bool(setup.resume_from),
+                  inputs=input_fingerprints(setup.tokenizer, setup.image_processor))
     evaluator = Evaluator(model, setup.eval_loader, state, cfg, logger, functools.partial(export, merge=lora is None),
                           setup.hf_config, world)
     if args.eval_on_start and state.step == 0:

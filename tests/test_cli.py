@@ -287,7 +287,7 @@ def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_b
                                                         "--per-device-train-batch-size", "2")))
     assert f"removed {out / 'checkpoint-9'}: --overwrite-output-dir" in result.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]  # this run's only
-    assert sorted(os.listdir(out)) == [".ftloop", "final", "metrics.jsonl"]  # .ftloop: the row check's cache
+    assert sorted(os.listdir(out)) == [".ftloop", ".ftloop.lock", "final", "metrics.jsonl"]  # .ftloop: the row check's cache
     # Under torchrun, the launcher's closing summary (its last lines) carries the same line.
     short = train_flags(tiny_bundle, tmp_path / "short", "--max-seq-length", "5")
     too_long = torchrun(1, ["-m", "ftloop.train", *short])

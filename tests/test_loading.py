@@ -103,7 +103,7 @@ def test_rank0_load_memory_does_not_grow_with_the_model(memory_by_size):
 def test_a_save_and_a_resume_make_the_same_collectives_at_any_depth(memory_by_size):
     """A checkpoint's shards are written and read as they lie (no unit gathered, nothing per parameter sent): the
     collectives of one save and of one resume do not grow with the model's depth."""
-    (small, small_ranks), (large, large_ranks) = memory_by_size[6], memory_by_size[20]
+    (_, small_ranks), (_, large_ranks) = memory_by_size[6], memory_by_size[20]
     for kind in ("save_collectives", "load_collectives"):
         for rank in range(2):
             few, many = small_ranks[rank]["checkpoint"][kind], large_ranks[rank]["checkpoint"][kind]

@@ -83,7 +83,7 @@ def test_hybrid_shard_over_two_nodes_trains_saves_and_exports(two_nodes):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     saves = [r["checkpoint_save_s"] for r in records if "checkpoint_save_s" in r]
     print(f"checkpoint save times: {saves}")
-    assert sorted(os.listdir(out)) == [".ftloop", "checkpoint-2", "final", "metrics.jsonl"]  # the last step: exported
+    assert sorted(os.listdir(out)) == [".ftloop", ".ftloop.lock", "checkpoint-2", "final", "metrics.jsonl"]  # the last step: exported
     assert os.path.exists(out / "final" / "model.safetensors")
 
 

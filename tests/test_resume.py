@@ -193,7 +193,7 @@ def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(dropout_bundle, 
     else:
         assert rank_codes == [], stderr
     stopped_at = int(stderr.split(f"stopped by {name} after step ")[1].split(";")[0])
-    assert sorted(os.listdir(out)) == [".ftloop", f"checkpoint-{stopped_at}", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".ftloop", ".ftloop.lock", f"checkpoint-{stopped_at}", "metrics.jsonl"]
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
     if loader_workers == 2 and delivery == "launcher":  # the exact continuation (one rank's: the restart test above)
         check(torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",

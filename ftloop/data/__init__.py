@@ -6,6 +6,7 @@ read     sources      what a path is; a source's rows as stored (.json/.jsonl, H
 encode   media        images, video frames, the image processor with the run's pixel limits
          encode       ChatML rendering, tokenisation and labels: one row as training sees it
 check    check_cache  what the check found, kept in --output-dir for a resumed run
+         model_folder the model folder agreeing with itself (tokenizer, processor, config); what a resume compares
          check        every row measured with one rule (over the ranks before training, or over a process pool
                       in `python -m ftloop.data.check`, the command)
 batch    sampler      the order of rows across ranks and steps; packing rows into sequences

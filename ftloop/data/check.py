@@ -33,13 +33,13 @@ import tyro
 from ftloop.cli import run_command
 from ftloop.config import DataArgs, check_model_path
 from ftloop.data.check_cache import Measured, cache_folder, cached_measurement
-from ftloop.data.encode import (ChatFormat, chat_format, check_system_prompt, load_model_type,
-                                load_tokenizer_and_processor, measure, vision_past_limit)
+from ftloop.data.encode import ChatFormat, chat_format, check_system_prompt, measure, vision_past_limit
 from ftloop.data.layouts import load_rows
 from ftloop.data.rows import Row
 from ftloop.data.sources import check_sources, row_number, where
 from ftloop.distributed import World
 from ftloop.errors import ConfigError, DataError, DataErrors, one_line
+from ftloop.data.model_folder import read_model_folder
 
 CHUNK = 64  # rows per task handed to a pool worker
 
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers <= 0:
         raise ConfigError("--workers must be positive")
     try:
-        model_type = load_model_type(model)
-        tokenizer, image_processor = load_tokenizer_and_processor(model, data.min_pixels, data.max_pixels)
+        hf_config, tokenizer, image_processor = read_model_folder(model, data.min_pixels, data.max_pixels)
+        model_type = hf_config.model_type
     except ConfigError:  # an unknown family; --min-pixels / --max-pixels against the checkpoint's
         raise
     except Exception as err:  # noqa: BLE001 - offline hub id, broken tokenizer files, ...

@@ -122,11 +122,22 @@ def rows_digest(rows: list[Row]) -> str:
     return sha.hexdigest()
 
 
+TOKENIZER_STATE = ("truncation", "padding")  # settings of the serialised tokenizer that its use changes
+
+
 def tokenizer_fingerprint(tokenizer) -> dict:
     """The tokenizer's identity: a fast tokenizer serialises its whole vocabulary, merges and added tokens
-    in milliseconds; a slow one gives its vocabulary."""
+    in milliseconds; a slow one gives its vocabulary. Without the truncation and padding settings: a call without
+    them clears them (a tokenizer.json saved with padding on reads so until its first call), so the same tokenizer
+    is the same before and after use. ftloop.data.model_folder compares the same identity when a run resumes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        serialised = json.loads(backend.to_str())
+        for key in TOKENIZER_STATE:
+            serialised.pop(key, None)
+        text = json.dumps(serialised, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"class": type(tokenizer).__name__, "name_or_path": getattr(tokenizer, "name_or_path", ""),
             "size": len(tokenizer), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 

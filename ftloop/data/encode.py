@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ftloop.data.media import load_image_processor, row_vision_inputs
 from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row
 from ftloop.errors import ConfigError, DataError
-from ftloop.family import QWEN_SYSTEM_PROMPT, check_supported, default_system_prompt, timestamped_videos
+from ftloop.family import QWEN_SYSTEM_PROMPT, default_system_prompt, timestamped_videos
 from ftloop.loss import IGNORE_INDEX
 
 
@@ -210,15 +210,6 @@ def load_tokenizer_and_processor(model: str, min_pixels: int | None = None, max_
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model), load_image_processor(model, min_pixels, max_pixels)
-
-
-def load_model_type(model: str) -> str:
-    """config.json's `model_type` (the family: ftloop.family), refused in one line unless ftloop trains it."""
-    from transformers import AutoConfig
-
-    model_type = AutoConfig.from_pretrained(model).model_type
-    check_supported(model_type, f"--model-name-or-path {model}")
-    return model_type
 
 
 def encode_row(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str):

@@ -11,6 +11,12 @@ Who reads: rank 0 reads each tensor and broadcasts it (the default), or every ra
 itself (`--load-weights-on every-rank`, no broadcast; the page cache serves the ranks of a node). See the README
 for the measured load times of both. Buffers that the checkpoint does not hold (the rotary inverse frequencies)
 are computed on every rank by the model's own initialisation, as `from_pretrained` computes them.
+
+Every tensor read is checked finite (one sum per tensor; the count only for one that is not): a NaN or inf in the
+folder, even in an embedding row no token uses, would otherwise be trained on (every step skipped as non-finite)
+or exported as it is. One that is not stops every rank at once with the reading rank's line naming the tensor and
+its file: after a broadcast every rank checks the same values (no collective); when every rank read its own copy,
+they agree in one small all-reduce per tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
 from ftloop.distributed import World, agree
+from ftloop.errors import ConfigError
 from ftloop.fsdp.internals import clean_name, unit_parameters
 from ftloop.hf_folder import FolderWeights
 from ftloop.lora import AdapterWeights, is_adapter
@@ -54,7 +61,7 @@ class UnitMaterializer:
         # (non-persistent buffers) is computed.
         self.in_checkpoint = {clean_name(name) for name in hf_model.state_dict(keep_vars=True)}
         self.new_parameter = new_parameter
-        self.weights, self.device = weights, world.device
+        self.weights, self.device, self.world = weights, world.device, world
         self.broadcast = world.world_size > 1 and not every_rank_reads
         self.reads = weights is not None
         # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
@@ -99,6 +106,14 @@ class UnitMaterializer:
             tensor = torch.empty_like(meta, device=self.device)
         if self.broadcast:
             dist.broadcast(tensor, src=0)
+        count = nonfinite_count(tensor)  # this rank's values: rank 0's after a broadcast, else its own copy's
+        anywhere = count
+        if self.world.world_size > 1 and not self.broadcast:  # every rank read its own copy: agree
+            counts = torch.tensor([count], dtype=torch.int64, device=self.device)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            anywhere = int(counts.item())
+        if anywhere:
+            stop_nonfinite(self.world, self.weights, name, count)
         return tensor
 
     def _compute_buffers(self, module: nn.Module, path: str, buffers: list[tuple[str, torch.Tensor]]) -> None:
@@ -123,6 +138,31 @@ class UnitMaterializer:
                                  f"model's initialisation; ftloop cannot load {type(module).__name__}")
             module._buffers[key] = value.to(self.device)
             self.done[id(meta)] = (meta, weakref.ref(module._buffers[key]))
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many values of `tensor` are NaN or infinite (0 for integers and booleans). One sum, without a temporary
+    of the tensor's size, whose result is finite when every value is (a sum past the dtype's range, which no weights
+    reach, is counted exactly and cleared); the exact count only for a tensor that is not."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    if math.isfinite(tensor.sum().item()):
+        return 0
+    return int(torch.isfinite(tensor).logical_not().sum().item())
+
+
+def stop_nonfinite(world: World, weights, name: str, count: int) -> None:
+    """Raise, on every rank at once (collective: every rank calls it for the same tensor), the ConfigError line of a
+    rank that read `name` and found `count` NaN or infinite values in it: `weights.nonfinite_line` (FolderWeights),
+    or a plain line for a reader without one (LoRA's adapters)."""
+    def said() -> None:
+        if weights is not None and count:
+            describe = getattr(weights, "nonfinite_line", None)
+            raise ConfigError(describe(name, count) if describe is not None else
+                              f"{name}: {count} NaN/inf values in the weights read back; they are damaged")
+
+    agree(world, said)  # raises the first reading rank's line on every rank
+    raise ConfigError(f"{name}: NaN/inf values in the weights read; they are damaged")
 
 
 def open_weights(folder_of: Callable[[], str], skeleton: PreTrainedModel, flag: str, world: World,
@@ -157,7 +197,8 @@ def load_weights_into(model: FSDP, weights: FolderWeights | None, world: World, 
     `best` export back into the model at the end). Collective; `weights` (anything with `read(name, dtype)`) is
     needed on rank 0 only. Each unit is gathered, rank 0 reads its tensors into the gathered parameters and
     broadcasts them, and every rank writes its shard back: no rank holds more than one unit beyond its shards.
-    `only(name)`: the parameters to overwrite (units holding none of them are left alone); default all."""
+    `only(name)`: the parameters to overwrite (units holding none of them are left alone); default all. A tensor that
+    is not finite stops every rank with rank 0's line (`stop_nonfinite`): each checks the values broadcast."""
     for unit, entries in unit_parameters(model):
         if only is not None:
             entries = [entry for entry in entries if only(entry[0].removeprefix(prefix))]
@@ -170,3 +211,5 @@ def load_weights_into(model: FSDP, weights: FolderWeights | None, world: World, 
                     tensor.copy_(weights.read(name.removeprefix(prefix), tensor.dtype))
                 if world.world_size > 1:
                     dist.broadcast(tensor.data, src=0)
+                if count := nonfinite_count(tensor.data):  # every rank holds rank 0's values: the same verdict
+                    stop_nonfinite(world, weights if world.is_main else None, name.removeprefix(prefix), count)
