@@ -1,6 +1,7 @@
 """One run per --output-dir, proven writable before anything slow; workers that outlive their torchrun agent
 leave with a whole checkpoint; a full disk is one line and leaves nothing half-written."""
 
+import contextlib
 import errno
 import json
 import os
@@ -140,7 +141,12 @@ def test_a_second_run_is_refused_and_workers_leave_with_a_checkpoint_when_their_
 
     os.kill(proc.pid, signal.SIGKILL)
     killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)  # the pipes close when the last worker has left
+    try:
+        _, stderr = proc.communicate(timeout=60)  # the pipes close when the last worker has left
+    finally:
+        for pid in workers:  # workers that stay would train on for hours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     left_after = time.monotonic() - killed
     assert not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
                    for pid in workers)
@@ -154,12 +160,14 @@ def test_a_second_run_is_refused_and_workers_leave_with_a_checkpoint_when_their_
 
 @needs_namespace
 def test_a_full_disk_during_the_export_is_one_line_on_every_rank(tiny_bundle, tmp_path):
-    """The final export (rank 0 writes what every rank gathers) on a 256 KiB file system: rank 0's failed write
-    is every rank's one line, after the gathers the others are in, and no temporary folder is left."""
+    """The final export (rank 0 writes what every rank gathers) on a 256 KiB file system, in 64 KB shards so that a
+    write fails while units are still to be gathered: rank 0's failed write is every rank's one line, after the
+    gathers the others are in, and no temporary folder is left."""
     folder = tmp_path / "disk"
     result = in_tiny_filesystem(folder, "256k", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  "--nproc_per_node", "2", "-m", "ftloop.train",
-                                                 *train_flags(tiny_bundle, folder / "out", "--max-steps", "2")])
+                                                 *train_flags(tiny_bundle, folder / "out", "--max-steps", "2",
+                                                              "--max-shard-size", "64KB")])  # fails mid-stream
     assert result.returncode == 1, result.stderr[-3000:]
     errors = {line for line in result.stderr.splitlines() if line.startswith("ftloop: error: ")}
     assert len(errors) == 1, result.stderr[-3000:]
