@@ -16,10 +16,10 @@ from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrain
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import Config, ModelArgs
+from ftloop.data.model_folder import read_config
 from ftloop.errors import ConfigError
 from ftloop.lora import add_adapters, base_dtype
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
-from ftloop.data.model_folder import read_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -29,18 +29,17 @@ from ftloop.distributed import World, agree
 from ftloop.errors import ConfigError
 
 LOCK_FILE = ".ftloop.lock"
-JOB_IDS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")  # what names a run to the people who launched it
 
 
 def _holder() -> dict:
+    # What names a run to the people who launched it: the scheduler's job, torchrun's run.
     job = {"SLURM_JOB_ID": os.environ.get("SLURM_JOB_ID"), "TORCHELASTIC_RUN_ID": os.environ.get("TORCHELASTIC_RUN_ID")}
-    job = {key: value for key, value in job.items() if value}
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **job}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            **{key: value for key, value in job.items() if value}}
 
 
 def _said(holder: dict) -> str:
-    jobs = "".join(f", {key} {holder[key]}" for key in JOB_IDS if key in holder)
+    jobs = "".join(f", {key} {value}" for key, value in holder.items() if key not in ("host", "pid", "started"))
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}{jobs}"
 
 
