@@ -15,7 +15,7 @@ from ftloop.data.encode import ChatFormat
 from ftloop.data.layouts import load_rows
 from ftloop.distributed import World
 from ftloop.errors import ConfigError, DataError, DataErrors
-from launch import python_m
+from launch import forked_python_m
 from test_cli import one_error_line
 
 SYSTEM = ChatFormat("You are a helpful assistant.")
@@ -115,8 +115,8 @@ def test_cli_lists_every_bad_row_and_exits_2(tiny_bundle, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in lines[:3]) + "\n{\"conversations\": [\n"
                     + "\n".join(json.dumps(r) for r in lines[3:]) + "\n")
-    result = python_m("ftloop.data.check", ["--train-data", str(data), "--image-folder", b["image_folder"],
-                                            "--model-name-or-path", b["model_dir"], "--workers", "2"])
+    result = forked_python_m("ftloop.data.check", ["--train-data", str(data), "--image-folder", b["image_folder"],
+                                                   "--model-name-or-path", b["model_dir"], "--workers", "2"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
     out = result.stdout
     expected = [(2, "no/such/picture.png"), (4, "not valid json"), (5, "cannot read image"),
@@ -132,26 +132,26 @@ def test_cli_clean_data_exits_0_and_counts_long_rows(tiny_bundle, tmp_path):
     b = tiny_bundle
     flags = ["--train-data", b["train_json"], "--eval-data", b["eval_json"], "--image-folder", b["image_folder"],
              "--model-name-or-path", b["model_dir"], "--workers", "1"]
-    result = python_m("ftloop.data.check", flags)
+    result = forked_python_m("ftloop.data.check", flags)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "total: 0 errors in 2 files" in result.stdout and "p99" in result.stdout
     # rows over a small limit are counted (under --truncation right, image rows whose images end past it are
     # errors: test_the_check_finds_what_the_check_before_training_finds)
     text = [r for r in bundle_rows(b) if not r.get("image")]
     data = write_json(tmp_path / "text.json", text)
-    result = python_m("ftloop.data.check", ["--train-data", data, "--model-name-or-path", b["model_dir"],
-                                            "--max-seq-length", "5", "--workers", "1"])
+    result = forked_python_m("ftloop.data.check", ["--train-data", data, "--model-name-or-path", b["model_dir"],
+                                                   "--max-seq-length", "5", "--workers", "1"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(text)} rows longer than --max-seq-length 5" in result.stdout
 
 
 def test_user_errors_are_one_line(tiny_bundle, tmp_path):
     b = tiny_bundle
-    missing = python_m("ftloop.data.check", ["--train-data", str(tmp_path / "none.json"),
-                                             "--model-name-or-path", b["model_dir"]])
+    missing = forked_python_m("ftloop.data.check", ["--train-data", str(tmp_path / "none.json"),
+                                                    "--model-name-or-path", b["model_dir"]])
     assert "--train-data" in one_error_line(missing) and "file not found" in one_error_line(missing)
-    no_model = python_m("ftloop.data.check", ["--train-data", b["train_json"],
-                                              "--model-name-or-path", str(tmp_path / "nomodel")])
+    no_model = forked_python_m("ftloop.data.check", ["--train-data", b["train_json"],
+                                                     "--model-name-or-path", str(tmp_path / "nomodel")])
     assert "no config.json" in one_error_line(no_model)
 
 

@@ -14,7 +14,7 @@ from ftloop.config import Config, parse_args, parse_size
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.train import main as train_main
-from launch import REPO, check, python_m, torchrun, train_flags
+from launch import REPO, check, forked_python_m, python_m, torchrun, train_flags
 
 
 def config_for(bundle, *flags: str) -> Config:
@@ -197,7 +197,8 @@ def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path, monkeyp
     monkeypatch.setattr("ftloop.train.init_distributed", lambda *_: pytest.fail("a process group was started"))
     with pytest.raises(ConfigError, match="--per-device-train-batch-size must be positive"):
         train_main(train_flags(tiny_bundle, tmp_path, "--per-device-train-batch-size", "0"))
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--eval-data", str(tmp_path / "no.json")))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--eval-data",
+                                                         str(tmp_path / "no.json")))
     assert f"--eval-data {tmp_path / 'no.json'}: file not found" in one_error_line(result)  # ftloop.data's check
 
 
@@ -207,8 +208,8 @@ def test_cli_names_file_and_row_of_a_missing_image_before_training(tiny_bundle, 
     broken = dict(image_row, image="no/such/picture.png")
     data = tmp_path / "train.json"
     data.write_text(json.dumps([image_row, broken]))
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
-                                                  "--max-steps", "1", "--per-device-train-batch-size", "2"))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
+                                                         "--max-steps", "1", "--per-device-train-batch-size", "2"))
     [line] = bad_row_lines(result, data, 1)
     assert f"{data}: row 2" in line and "no/such/picture.png" in line
     assert not (tmp_path / "out" / "final").exists()
@@ -235,17 +236,17 @@ def test_cli_corrupt_image_is_found_before_training(tiny_bundle, tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
     data = tmp_path / "train.json"
     data.write_text(json.dumps([image_row, dict(image_row, image=str(tmp_path / "corrupt.png"))]))
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
-                                                  "--max-steps", "1", "--per-device-train-batch-size", "2",
-                                                  "--dataloader-num-workers", "1"))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
+                                                         "--max-steps", "1", "--per-device-train-batch-size", "2",
+                                                         "--dataloader-num-workers", "1"))
     [line] = bad_row_lines(result, data, 1)
     assert f"{data}: row 2: cannot read image" in line and "corrupt.png" in line
     assert "train:" not in result.stderr  # stopped before the first step
 
 
 def test_adamw_with_weight_decay_on_flat_shards_is_refused(tiny_bundle, tmp_path):
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--optim", "adamw",
-                                                  "--weight-decay", "0.1"))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--optim", "adamw",
+                                                         "--weight-decay", "0.1"))
     assert "needs --use-orig-params" in one_error_line(result)
 
 
@@ -283,8 +284,9 @@ def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_b
     out = tmp_path / "out"
     (out / "checkpoint-9").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
-    result = check(python_m("ftloop.train", train_flags(tiny_bundle, out, "--max-steps", "1", "--overwrite-output-dir",
-                                                        "--per-device-train-batch-size", "2")))
+    result = check(forked_python_m("ftloop.train", train_flags(tiny_bundle, out, "--max-steps", "1",
+                                                               "--overwrite-output-dir",
+                                                               "--per-device-train-batch-size", "2")))
     assert f"removed {out / 'checkpoint-9'}: --overwrite-output-dir" in result.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]  # this run's only
     assert sorted(os.listdir(out)) == [".ftloop", ".ftloop.lock", "final", "metrics.jsonl"]  # .ftloop: the row check's cache
@@ -300,13 +302,14 @@ def test_overwrite_output_dir_starts_afresh_and_all_rows_too_long_is_said(tiny_b
 def test_epochs_set_the_steps_with_a_partial_last_epoch_and_too_few_rows_are_refused(tiny_bundle, tmp_path):
     # 16 rows in global batches of 4: 4 steps an epoch; 1.3 epochs is 5.2 steps, rounded up (as HF does) to 6:
     # the last two in epoch 1.
-    check(python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "-1",
-                                               "--num-train-epochs", "1.3", "--per-device-train-batch-size", "4",
-                                               "--logging-steps", "1")))
+    check(forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "-1",
+                                                      "--num-train-epochs", "1.3", "--per-device-train-batch-size", "4",
+                                                      "--logging-steps", "1")))
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [(r["step"], r["epoch"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "few", "--per-device-train-batch-size", "6",
-                                                  "--gradient-accumulation-steps", "3"))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "few",
+                                                         "--per-device-train-batch-size", "6",
+                                                         "--gradient-accumulation-steps", "3"))
     assert one_error_line(result) == (
         "ftloop: error: --train-data has 16 rows, fewer than one global batch of 18 (processes x "
         "--per-device-train-batch-size x --gradient-accumulation-steps)")

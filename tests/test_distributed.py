@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from launch import FAULTY_TRAIN, REPO, check, env, free_port, image_and_text_rows, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, env, forked_torchrun, free_port, image_and_text_rows, torchrun
+from launch import train_flags
 
 WORKER = os.path.join(REPO, "tests", "grad_worker.py")
 
@@ -20,7 +21,7 @@ def step_gradients(bundle, tmp_path, nproc: int, micro_batch: int, accumulation:
     flags = train_flags(bundle, tmp_path / "unused", "--max-steps", "1", *([] if flat else ["--use-orig-params"]),
                         "--per-device-train-batch-size", str(micro_batch),
                         "--gradient-accumulation-steps", str(accumulation), *extra)
-    check(torchrun(nproc, [WORKER, str(out), *["--clip"] * clip, "--", *flags]))
+    check(forked_torchrun(nproc, [WORKER, str(out), *["--clip"] * clip, "--", *flags]))
     return torch.load(out)
 
 
@@ -165,7 +166,7 @@ def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
     --learning-rate."""
     out = tmp_path / "moved.pt"
     extra = ["--use-orig-params"] if optim == "adamw" else []
-    check(torchrun(2, [LR_WORKER, str(out), "--", *train_flags(
+    check(forked_torchrun(2, [LR_WORKER, str(out), "--", *train_flags(
         tiny_bundle, tmp_path / "run", "--optim", optim, "--learning-rate", "1e-3", "--vision-lr", "2e-4",
         "--merger-lr", "5e-3", "--no-bf16", *extra)]))
     moved = torch.load(out)

@@ -15,7 +15,7 @@ from ftloop.config import parse_size
 from ftloop.errors import ConfigError
 from ftloop.export import main as export_main
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER
-from launch import REPO, check, python_m, torchrun, train_flags
+from launch import REPO, check, forked_python_m, forked_torchrun, python_m, train_flags
 
 WORKER = os.path.join(REPO, "tests", "export_worker.py")
 SHARD = "100KB"  # export_worker.SHARD: several shards for the tiny model
@@ -43,8 +43,8 @@ def run(request, tiny_bundle, tied_model, tmp_path_factory):
     tied, flags = RUNS[request.param]
     out = tmp_path_factory.mktemp(request.param)
     model = tied_model if tied else tiny_bundle["model_dir"]
-    check(torchrun(2, [WORKER, str(out), "--", *train_flags(tiny_bundle, out / "run", "--model-name-or-path", model,
-                                                            *flags)]))
+    check(forked_torchrun(2, [WORKER, str(out), "--", *train_flags(tiny_bundle, out / "run", "--model-name-or-path",
+                                                                   model, *flags)]))
     return out, tied, model
 
 
@@ -152,7 +152,8 @@ def test_rank0_holds_at_most_one_shard_plus_one_unit(run, save_dtype):
 def test_cli_on_a_checkpoint_gives_the_live_export(run, tmp_path):
     out = run[0]
     checkpoint = out / "checkpoint"
-    result = check(python_m("ftloop.export", [str(checkpoint), str(tmp_path / "bf16"), "--max-shard-size", SHARD]))
+    result = check(forked_python_m("ftloop.export", [str(checkpoint), str(tmp_path / "bf16"), "--max-shard-size",
+                                                     SHARD]))
     assert f"exported {checkpoint} to {tmp_path / 'bf16'}" in result.stdout
     assert_same_tensors(tensors(out / "streamed-bf16"), tensors(tmp_path / "bf16"))  # bf16 is the default
     assert_same_other_files(out / "streamed-bf16", tmp_path / "bf16")

@@ -12,7 +12,7 @@ from ftloop.distributed import World
 from ftloop.errors import ConfigError
 from ftloop.fsdp.load import UnitMaterializer
 from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, FolderWeights
-from launch import torchrun, train_flags
+from launch import forked_torchrun, train_flags
 
 
 def meta_model(folder, dtype=torch.float32):
@@ -103,8 +103,8 @@ def test_missing_and_unexpected_tensors_are_one_clear_error(tiny_bundle, tmp_pat
     with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
         FolderWeights(str(no_weights), meta_model(folder))
     # The run says it before anything else, rank 0 having read the headers for both ranks: one line, exit 2.
-    result = torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path",
-                                                             str(missing), "--max-steps", "1")], timeout=120)
+    result = forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
+        tiny_bundle, tmp_path / "out", "--model-name-or-path", str(missing), "--max-steps", "1")], timeout=120)
     assert result.returncode != 0 and "[rank1]: Traceback" not in result.stderr  # no rank left waiting: no hang
     errors = [line for line in result.stderr.splitlines() if line.startswith("ftloop: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"ftloop: error: --model-name-or-path {missing}: 1 of")

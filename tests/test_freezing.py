@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ftloop.config import ModelArgs
 from ftloop.errors import ConfigError
 from ftloop.model import build_meta_model, freeze_parts, load_config
-from launch import check, checkpoint_state, image_and_text_rows, resume_a_copy, torchrun, train_flags
+from launch import check, checkpoint_state, forked_torchrun, image_and_text_rows, resume_a_copy, train_flags
 
 
 def trainable(bundle, **flags) -> tuple[set[str], set]:
@@ -72,7 +72,8 @@ def test_a_frozen_merger_beside_a_trainable_patch_embedding_stays_put_and_resume
     run = ["--train-data", data, "--max-steps", "3", "--logging-steps", "1", "--per-device-train-batch-size",
            "1", "--learning-rate", "1e-2", "--no-bf16", "--save-dtype", "fp32", *flags]
     out = tmp_path / "run"
-    check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")], timeout=180))
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")],
+                          timeout=180))
     start = load_file(f"{tiny_bundle['model_dir']}/model.safetensors")
     end = load_file(out / "final" / "model.safetensors")
     for name, tensor in start.items():

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from launch import REPO, check, torchrun
+from launch import REPO, check, forked_torchrun
 
 WRITTEN_FOR = "2.13"  # the torch these accessors were checked against
 
@@ -20,6 +20,6 @@ def test_the_torch_version_is_the_one_the_accessors_were_written_for():
 
 def test_every_accessor_tells_the_truth_about_the_wrapped_model(tmp_path):
     out = tmp_path / "found.json"
-    check(torchrun(2, [os.path.join(REPO, "tests", "internals_worker.py"), str(out)]))
+    check(forked_torchrun(2, [os.path.join(REPO, "tests", "internals_worker.py"), str(out)]))
     found = json.loads(out.read_text())
     assert len(found) == 4 and all(problems == [] for problems in found.values()), found

@@ -13,7 +13,7 @@ import ftloop.config
 from ftloop.config import Config, DataArgs, FSDPArgs, ModelArgs
 from ftloop.errors import ConfigError
 
-from launch import REPO, check, env, python_m, train_flags
+from launch import REPO, check, env, forked_python_m, train_flags
 
 
 @pytest.fixture
@@ -98,6 +98,6 @@ def test_full_determinism_reaches_torch_before_the_run(tiny_bundle, tmp_path, fl
 
 def test_a_deterministic_run_trains_on_the_cpu_and_says_its_attention(tiny_bundle, tmp_path):
     """Every op of a step has a deterministic implementation (torch raises where one has none)."""
-    result = check(python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "2",
-                                                        "--full-determinism", "--logging-steps", "1")))
+    result = check(forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path / "out", "--max-steps", "2",
+                                                               "--full-determinism", "--logging-steps", "1")))
     assert "attention sdpa" in result.stdout

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from scripts.support import widen
 
-from launch import REPO, check, python_m, torchrun, train_flags
+from launch import REPO, check, forked_python_m, forked_torchrun, torchrun, train_flags
 
 WORKER = os.path.join(REPO, "tests", "load_worker.py")
 MEMORY_WORKER = os.path.join(REPO, "tests", "memory_worker.py")
@@ -131,7 +131,7 @@ def test_an_improving_eval_adds_no_copy_of_the_model(larger_tied_model, tiny_bun
     """The best weights stay on disk (`best`, streamed out one unit at a time); memory is not a second model."""
     folder, _, model_bytes = larger_tied_model
     out = tmp_path / "run"
-    check(python_m("ftloop.train", train_flags(
+    check(forked_python_m("ftloop.train", train_flags(
         tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"], "--no-bf16",
         "--max-steps", "3", "--eval-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-4",
         "--max-shard-size", "20MB", "--per-device-eval-batch-size", "4"), timeout=300, extra_env=MMAP))
@@ -145,7 +145,7 @@ def test_an_improving_eval_adds_no_copy_of_the_model(larger_tied_model, tiny_bun
 def test_best_weights_of_step_0_come_back_from_the_model_folder(tiny_bundle, tmp_path):
     out = tmp_path / "run"
     # Two processes: rank 0 reads each unit's tensors and broadcasts them, every rank writes back its shard.
-    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
         tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--eval-on-start", "--max-steps", "2",
         "--eval-steps", "1", "--learning-rate", "1.0", "--per-device-train-batch-size", "2")]))
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]

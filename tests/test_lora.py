@@ -17,7 +17,8 @@ from ftloop.fsdp.checkpoint import check_resumable, read_trainer_state
 from ftloop.lora import add_adapters, initial_adapter, merged
 from ftloop.fsdp.internals import clean_name
 from ftloop.model import build_meta_model, load_config
-from launch import check, checkpoint_state, image_and_text_rows, python_m, resume_a_copy, torchrun, train_flags
+from launch import check, checkpoint_state, forked_python_m, forked_torchrun, image_and_text_rows, resume_a_copy
+from launch import train_flags
 
 peft = pytest.importorskip("peft")
 
@@ -107,7 +108,8 @@ def test_lora_run_exports_adapter_and_merged_folder_and_resumes_exactly(tiny_bun
     run = ["--train-data", image_and_text_rows(tiny_bundle, tmp_path), "--max-steps", "3", "--logging-steps", "1",
            "--per-device-train-batch-size", "1", "--learning-rate", "1e-2", "--lora-rank", "4"]
     out = tmp_path / "run"
-    check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")], timeout=180))
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, *run, "--save-steps", "2")],
+                          timeout=180))
 
     saved = checkpoint_state(out / "checkpoint-2")
     model_state = {k.removeprefix("hf."): v for k, v in saved["model"].items()}
@@ -171,7 +173,7 @@ def test_best_adapters_come_back_and_no_merge_lora_writes_the_adapter_alone(tiny
     """AdamW (flat shards) at an lr that makes the step worse: the best eval is step 0's, whose adapters
     (B = 0, the base itself) are what `final/adapter` holds at the end."""
     out = tmp_path / "run"
-    result = check(python_m("ftloop.train", train_flags(
+    result = check(forked_python_m("ftloop.train", train_flags(
         tiny_bundle, out, "--eval-data", tiny_bundle["eval_json"], "--eval-on-start", "--max-steps", "1",
         "--eval-steps", "1", "--learning-rate", "1.0", "--lora-rank", "4", "--no-merge-lora", "--optim", "adamw")))
     evals = [r["eval_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch import REPO, check, torchrun
+from launch import REPO, check, forked_torchrun
 from ftloop.loss import IGNORE_INDEX, LOSS_CHUNK_SIZE, supervised_loss, supervised_tokens
 from scripts.bench_loss import LiveTensors, logits_shaped
 
@@ -193,7 +193,7 @@ def test_at_most_one_chunk_of_logits_is_alive_at_a_time(grad, dtype):
 
 def test_inside_an_fsdp1_root_forward_chunks_give_the_gradients_of_all_positions_at_once(tmp_path):
     out = tmp_path / "found.json"
-    check(torchrun(2, [os.path.join(REPO, "tests", "test_loss.py"), str(out)]))
+    check(forked_torchrun(2, [os.path.join(REPO, "tests", "test_loss.py"), str(out)]))
     found = json.loads(out.read_text())
     assert sorted(found) == ["tied orig_params=False", "tied orig_params=True", "untied orig_params=False",
                              "untied orig_params=True"], found

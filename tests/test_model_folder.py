@@ -27,7 +27,7 @@ from ftloop.data.model_folder import (CONFIG_TOKENS, INPUTS, PROCESSOR_SIZES, ch
 from ftloop.policies import Saver, last_good_checkpoint, skip_nonfinite_step
 from ftloop.data.check import main as check_main
 from ftloop.train import main as train_main
-from launch import REPO, torchrun, train_flags
+from launch import REPO, forked_torchrun, train_flags
 from test_folder_weights import materialize
 
 NONFINITE_WORKER = os.path.join(REPO, "tests", "nonfinite_worker.py")
@@ -275,7 +275,7 @@ def test_nan_in_the_weights_is_one_line_naming_tensor_and_file(nan_folder):
 def test_nan_in_the_weights_stops_every_rank_whoever_reads(tiny_bundle, nan_folder, tmp_path):
     folder, key = nan_folder
     prefix = str(tmp_path / "nonfinite")
-    result = torchrun(2, [NONFINITE_WORKER, tiny_bundle["model_dir"], folder, prefix], timeout=180)
+    result = forked_torchrun(2, [NONFINITE_WORKER, tiny_bundle["model_dir"], folder, prefix], timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     line = f"--model-name-or-path {folder}: tensor {key} in model.safetensors holds 2 NaN/inf values; "
     for rank in range(2):

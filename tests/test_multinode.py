@@ -13,7 +13,7 @@ import pytest
 
 from ftloop.errors import ConfigError
 from ftloop.fsdp.wrap import check_node_sizes
-from launch import REPO, check, env, free_port, logged_losses, torchrun, train_flags
+from launch import REPO, check, env, forked_torchrun, free_port, logged_losses, train_flags
 
 SBATCH = os.path.join(REPO, "scripts", "slurm", "train.sbatch")
 
@@ -97,7 +97,7 @@ def test_a_two_node_checkpoint_resumes_on_one_node(tiny_bundle, two_nodes, tmp_p
     out.mkdir()
     os.system(f"cp -r {reference / 'checkpoint-2'} {out}")
     started = time.perf_counter()
-    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
         tiny_bundle, out, "--sharding-strategy", strategy, *RUN, "--gradient-accumulation-steps", "2",
         "--resume-from-checkpoint", "auto")]))
     load_s = float(re.search(r"at step 2 \(epoch 0, row 8\) in ([\d.]+)s", result.stdout).group(1))

@@ -14,7 +14,7 @@ from ftloop.data.media import load_image_processor
 from ftloop.data.rows import Row
 from ftloop.distributed import World
 from ftloop.errors import ConfigError, DataErrors
-from launch import python_m, train_flags
+from launch import forked_python_m, train_flags
 from test_cli import config_for, one_error_line
 
 
@@ -89,7 +89,8 @@ def test_check_cli_takes_the_limits(tiny_bundle, tmp_path, capsys):
 
 def test_train_loads_the_processor_with_the_limits(tiny_bundle, tmp_path):
     # Valid on its own (Config.check passes), wrong against the checkpoint's min_pixels: found where train loads it.
-    result = python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--max-pixels", "1000"))
+    result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--max-pixels",
+                                                         "1000"))
     assert "the checkpoint's min_pixels 3136 is above --max-pixels 1000" in one_error_line(result)
 
 

@@ -17,7 +17,7 @@ from ftloop.model import build_skeleton
 from ftloop.plan import (GIB, decoder_layer_activation_bytes, fsdp_units, plan_memory,
                          vision_block_activation_bytes)
 from ftloop.plan import main as plan_main
-from launch import python_m
+from launch import forked_python_m
 
 # The dimensions of Qwen2.5-VL-3B/7B/72B-Instruct's config.json (no weights).
 VISION = dict(depth=32, hidden_size=1280, num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -124,7 +124,7 @@ def test_72b_with_fp32_masters_does_not_fit_and_the_plan_names_the_flag(tmp_path
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config_dict("72b")))
     args = ["--model-name-or-path", str(folder), "--nproc-per-node", "8", "--gpu-memory-gib", "80"]
-    refused = python_m("ftloop.plan", args)  # as users run it: needs no data, no tokenizer, no weights
+    refused = forked_python_m("ftloop.plan", args)  # its command line: needs no data, no tokenizer, no weights
     assert refused.returncode == 2, refused.stderr
     verdict = refused.stdout.strip().splitlines()[-1]
     assert "does not fit" in verdict and "--param-dtype bf16 brings it to" in verdict

@@ -25,7 +25,7 @@ from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
 from ftloop.data.batches import make_collate
 from ftloop.model import VisionLanguageSFT
-from launch import check, checkpoint_state, python_m, resume_a_copy, torchrun, train_flags
+from launch import check, checkpoint_state, forked_python_m, forked_torchrun, resume_a_copy, train_flags
 from test_vision_forward import qwen3_case
 
 
@@ -34,8 +34,8 @@ def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bun
            "--eval-data", qwen3_bundle["eval_json"], "--eval-steps", "3", "--no-load-best-model-at-end"]
     two = ["--per-device-train-batch-size", "2"]
     out = tmp_path / "run"
-    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, out, *run, *two, "--save-steps",
-                                                                   "2")]))
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, out, *run, *two, "--save-steps",
+                                                                          "2")]))
     assert "eval_loss" in result.stdout
     final = load_file(out / "final" / "model.safetensors")
     source = load_file(f"{qwen3_bundle['model_dir']}/model.safetensors")
@@ -65,8 +65,8 @@ def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bun
     # One process, the same global batch of 4 rows in two micro-batches: the same weights (Adafactor on other
     # shards, its factored statistics of whole matrices).
     alone = tmp_path / "alone"
-    check(python_m("ftloop.train", train_flags(qwen3_bundle, alone, *run, "--per-device-train-batch-size", "2",
-                                               "--gradient-accumulation-steps", "2")))
+    check(forked_python_m("ftloop.train", train_flags(qwen3_bundle, alone, *run, "--per-device-train-batch-size", "2",
+                                                      "--gradient-accumulation-steps", "2")))
     one = load_file(alone / "final" / "model.safetensors")
     for name, tensor in final.items():  # atol: 1% of one update at lr 1e-3 (sums in another order differ so)
         assert torch.allclose(one[name], tensor, rtol=1e-5, atol=1e-5), (name, (one[name] - tensor).abs().max())
@@ -76,7 +76,7 @@ def test_a_qwen3_vl_moe_folder_is_refused_in_one_line(tmp_path):
     Qwen3VLMoeConfig().save_pretrained(tmp_path / "moe")
     with pytest.raises(ConfigError, match=r"a Qwen3-VL-MoE model \(qwen3_vl_moe\), which ftloop does not train yet"):
         load_config(ModelArgs(model_name_or_path=str(tmp_path / "moe")))
-    result = python_m("ftloop.plan", ["--model-name-or-path", str(tmp_path / "moe")])
+    result = forked_python_m("ftloop.plan", ["--model-name-or-path", str(tmp_path / "moe")])
     assert result.returncode == 2 and "does not train yet" in result.stderr.strip().splitlines()[-1]
 
 

@@ -24,7 +24,8 @@ from ftloop.distributed import World
 from ftloop.export import main as export_main
 from ftloop.fsdp.checkpoint import COMPLETE_MARKER, check_resumable, latest_checkpoint, resolve_resume, verify_checkpoint
 from ftloop.model import load_config
-from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, GLOO_EXIT_ABORT, REPO, check, env, forked_python_m, forked_torchrun, torchrun
+from launch import train_flags
 from launch import logged_losses as losses
 
 # Warmup and a cosine decay make the schedule part of what must be restored; grad accumulation and length
@@ -68,7 +69,7 @@ def dropout_bundle(tiny_bundle, tmp_path_factory) -> dict:
 
 def reference_run(bundle, out, save_steps: int = 4):
     """8 uninterrupted steps on 2 processes (4 steps an epoch), with a checkpoint every `save_steps`."""
-    check(torchrun(2, ["-m", "ftloop.train", *flags(bundle, out, "--save-steps", str(save_steps))]))
+    check(forked_torchrun(2, ["-m", "ftloop.train", *flags(bundle, out, "--save-steps", str(save_steps))]))
     return out
 
 
@@ -196,8 +197,8 @@ def test_a_stop_signal_however_delivered_ends_in_one_checkpoint(dropout_bundle, 
     assert sorted(os.listdir(out)) == [".ftloop", ".ftloop.lock", f"checkpoint-{stopped_at}", "metrics.jsonl"]
     assert latest_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
     if loader_workers == 2 and delivery == "launcher":  # the exact continuation (one rank's: the restart test above)
-        check(torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",
-                                                         "--dataloader-num-workers", "2")]))
+        check(forked_torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",
+                                                                "--dataloader-num-workers", "2")]))
         assert losses(out, once=False) == losses(reference)
 
 
@@ -232,7 +233,7 @@ def test_resume_at_another_world_size_and_save_total_limit(tiny_bundle, tmp_path
     out = tmp_path / "one_process"
     out.mkdir()
     shutil.copytree(reference / "checkpoint-3", out / "checkpoint-3")
-    result = check(python_m("ftloop.train", flags(
+    result = check(forked_python_m("ftloop.train", flags(
         tiny_bundle, out, "--gradient-accumulation-steps", "4", "--resume-from-checkpoint", "auto",
         "--save-steps", "1", "--save-total-limit", "2")))
     assert "resumed from" in result.stdout and "at step 3 (epoch 0, row 12)" in result.stdout
@@ -269,8 +270,8 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(dropout_bundle, refe
     damaged = out / "checkpoint-5"
     shutil.copytree(out / "checkpoint-4", damaged)
     flipped = damage(damaged, "flip")
-    result = check(torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint", "auto",
-                                                             "--save-steps", "0")]))
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *flags(dropout_bundle, out, "--resume-from-checkpoint",
+                                                                    "auto", "--save-steps", "0")]))
     assert f"removed {saving}" in result.stdout
     assert (f"--resume-from-checkpoint auto: skipped {damaged}: damaged: {flipped} is damaged (its SHA-256 differs"
             in result.stdout)
@@ -291,8 +292,9 @@ def test_nonfinite_steps_are_skipped_on_every_rank_then_the_run_stops(tiny_bundl
     # The NaN is in rank 1's gradient shard only: rank 0 must skip the step too (its shard of the checkpoint
     # would change otherwise), since the decision is taken on the global gradient norm.
     out = tmp_path / "nan"
-    result = torchrun(2, [FAULTY_TRAIN, "--fault-nan-gradient-at-steps", "3,5,6", "--fault-nan-gradient-on-rank", "1",
-                          *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
+    result = forked_torchrun(2, [FAULTY_TRAIN, "--fault-nan-gradient-at-steps", "3,5,6",
+                                 "--fault-nan-gradient-on-rank", "1",
+                                 *flags(tiny_bundle, out, "--save-steps", "1", "--max-bad-steps", "2")])
     assert result.returncode == 1, result.stderr[-3000:]
     assert "ftloop: error: 2 non-finite steps in a row (up to step 6)" in result.stderr
     # checkpoint-5 holds step 4's weights, from which steps 5 and 6 went wrong: it is not named
@@ -327,15 +329,16 @@ def resumable(bundle, out, checkpoint: str, *extra: str) -> dict:
 def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path):
     out = tmp_path / "refused"
     checkpoint = str(reference / "checkpoint-4")
-    result = python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint,
-                                            "--param-dtype", "bf16"))
+    result = forked_python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint,
+                                                   "--param-dtype", "bf16"))
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"ftloop: error: --resume-from-checkpoint {checkpoint}: parameters saved as float32, "
                             "this run configures bfloat16") and "--allow-dtype-change" in error
 
-    result = check(python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint,
-                                                  "--param-dtype", "bf16", "--allow-dtype-change", "--max-steps", "5")))
+    result = check(forked_python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint,
+                                                         "--param-dtype", "bf16", "--allow-dtype-change",
+                                                         "--max-steps", "5")))
     assert "at step 4" in result.stdout
 
     # The Kahan buffer of bf16 masters is optimizer state the fp32 checkpoint does not hold: said, even with
@@ -347,7 +350,8 @@ def test_mismatched_checkpoints_are_refused(dropout_bundle, reference, tmp_path)
     assert "saved without the Kahan buffer of --bf16-master-rounding kahan" in str(refused.value)
     assert "resume with --param-dtype fp32 --bf16-master-rounding stochastic" in str(refused.value)
 
-    result = python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint, "--seed", "1"))
+    result = forked_python_m("ftloop.train", flags(dropout_bundle, out, "--resume-from-checkpoint", checkpoint,
+                                                   "--seed", "1"))
     assert result.returncode == 2 and "the training rows or --seed changed" in result.stderr
     assert "Loading weights" not in result.stderr  # refused before the model is loaded
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ftloop.errors import ConfigError
-from launch import check, logged_losses, python_m, torchrun
+from launch import check, forked_python_m, forked_torchrun, logged_losses
 from test_resume import final_weights, flags, resumable
 
 
@@ -19,7 +19,7 @@ def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_p
     above). No dropout: its masks are drawn per rank (the exact resume of the generators is tested above)."""
     packed = ["--packing", "--max-seq-length", "80"]
     reference = tmp_path / "reference"
-    check(torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, reference, *packed, "--save-steps", "3")]))
+    check(forked_torchrun(2, ["-m", "ftloop.train", *flags(tiny_bundle, reference, *packed, "--save-steps", "3")]))
     records = [json.loads(line) for line in open(reference / "metrics.jsonl")]
     assert all(r["padding_ratio"] < 0.1 and r["rank_tokens_max_over_mean"] < 1.1 for r in records if "loss" in r)
     expected, expected_weights = logged_losses(reference), final_weights(reference)
@@ -29,7 +29,8 @@ def test_packed_runs_resume_exactly_and_at_another_world_size(tiny_bundle, tmp_p
         shutil.copytree(reference / "checkpoint-3", out / "checkpoint-3")
         args = flags(tiny_bundle, out, *packed, "--gradient-accumulation-steps", accumulation,
                      "--resume-from-checkpoint", "auto", "--save-steps", "0")
-        result = check(torchrun(2, ["-m", "ftloop.train", *args]) if nproc == 2 else python_m("ftloop.train", args))
+        result = check(forked_torchrun(2, ["-m", "ftloop.train", *args]) if nproc == 2
+                       else forked_python_m("ftloop.train", args))
         assert "at step 3 (epoch 1, packed sequence 4)" in result.stdout
         got, weights = logged_losses(out), final_weights(out)
         assert sorted(got) == [4, 5, 6, 7, 8]

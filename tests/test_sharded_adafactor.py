@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from launch import REPO, check, torchrun
+from launch import REPO, check, forked_torchrun
 
 WORKER = os.path.join(REPO, "tests", "adafactor_worker.py")
 
@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     results = {}
     for world in (1, 2, 4):
         path = out / f"w{world}.pt"
-        check(torchrun(world, [WORKER, str(path), "0,1"], timeout=300))  # flat shards and original parameters
+        check(forked_torchrun(world, [WORKER, str(path), "0,1"], timeout=300))  # flat shards and original parameters
         for orig, results_of_one in torch.load(path).items():
             results[world, orig] = results_of_one
     return results
@@ -107,7 +107,7 @@ SAVE_WORLD = 2
 def dcp_checkpoint(tmp_path_factory):
     """Half the steps at world size 2, then model and optimizer saved with torch.distributed.checkpoint."""
     folder = tmp_path_factory.mktemp("dcp") / "checkpoint"
-    check(torchrun(SAVE_WORLD, [WORKER, str(folder) + ".unused", "1", "save", str(folder)]))
+    check(forked_torchrun(SAVE_WORLD, [WORKER, str(folder) + ".unused", "1", "save", str(folder)]))
     return folder
 
 
@@ -115,7 +115,7 @@ def dcp_checkpoint(tmp_path_factory):
 def test_dcp_checkpoint_reshards_optimizer_state(runs, dcp_checkpoint, tmp_path, load_world):
     """Optimizer state saved with torch.distributed.checkpoint at one world size continues at another."""
     out = tmp_path / "params.pt"
-    check(torchrun(load_world, [WORKER, str(out), "1", "load", str(dcp_checkpoint)]))
+    check(forked_torchrun(load_world, [WORKER, str(out), "1", "load", str(dcp_checkpoint)]))
     resumed = torch.load(out)
     straight = runs[load_world, 1]["hf_trainer_beta1_wd"]["params"]
     if load_world == SAVE_WORLD:

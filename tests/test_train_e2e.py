@@ -15,7 +15,8 @@ from ftloop.distributed import World
 from ftloop.config import Config, DataArgs, TrainArgs
 from ftloop.data.loaders import build_eval_loader
 from ftloop.model import VisionLanguageSFT
-from launch import FAULTY_TRAIN, REPO, check, logged_losses, python_m, torchrun, train_flags
+from launch import FAULTY_TRAIN, REPO, check, forked_python_m, forked_torchrun, logged_losses, python_m, torchrun
+from launch import train_flags
 from launch import env as launch_env
 
 
@@ -166,7 +167,7 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
         shutil.copy(os.path.join(tiny_bundle["model_dir"], name), folder)
     out = tmp_path / "out"
-    check(python_m("ftloop.train", train_flags(
+    check(forked_python_m("ftloop.train", train_flags(
         tiny_bundle, out, "--model-name-or-path", str(folder), "--eval-data", tiny_bundle["eval_json"],
         "--max-steps", "2", "--eval-steps", "2", "--per-device-train-batch-size", "2", "--no-bf16", "--save-dtype",
         "fp32", "--no-load-best-model-at-end", "--learning-rate", "1e-3")))
@@ -185,12 +186,12 @@ def test_qwen2_vl_trains_through_the_same_path(tiny_bundle, tmp_path):
 def test_other_fsdp_and_optimizer_options_train_and_export(tiny_bundle, tmp_path, flags):
     out = tmp_path / "run"
     common = ["--max-steps", "3", "--per-device-train-batch-size", "2", "--logging-steps", "1", *flags]
-    check(torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, "--save-steps", "1", *common)]))
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, out, "--save-steps", "1", *common)]))
     records = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in records)
     assert exported_dtypes(out / "final") == {"BF16"}
     if "adamw" in flags:  # AdamW's moments come back from a checkpoint too: step 3 follows step 2's update of them
         resumed = tmp_path / "resumed"
-        check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+        check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
             tiny_bundle, resumed, "--resume-from-checkpoint", str(out / "checkpoint-1"), *common)]))
         assert logged_losses(resumed)[3] == logged_losses(out)[3]

@@ -4,7 +4,7 @@ batches are grouped by length."""
 import json
 
 from ftloop.data.sampler import StepBatchSampler
-from launch import check, python_m, torchrun, train_flags
+from launch import check, forked_python_m, forked_torchrun, train_flags
 
 
 def bundle_rows(bundle) -> list[dict]:
@@ -28,8 +28,8 @@ def write_with_bad_rows(bundle, tmp_path):
 
 def test_every_bad_row_is_listed_by_the_ranks_together(tiny_bundle, tmp_path):
     data, _ = write_with_bad_rows(tiny_bundle, tmp_path)
-    result = torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, tmp_path / "out", "--train-data",
-                                                             str(data), "--max-steps", "1")])
+    result = forked_torchrun(2, ["-m", "ftloop.train", *train_flags(tiny_bundle, tmp_path / "out", "--train-data",
+                                                                    str(data), "--max-steps", "1")])
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ftloop: error:")]
     assert [e.split(": row ")[1].split(":")[0] for e in errors[:-1]] == ["5", "6", "7", "8"], errors
@@ -40,7 +40,7 @@ def test_every_bad_row_is_listed_by_the_ranks_together(tiny_bundle, tmp_path):
 
 def test_skip_bad_rows_trains_on_the_rest(tiny_bundle, tmp_path):
     data, good = write_with_bad_rows(tiny_bundle, tmp_path)
-    result = check(torchrun(2, ["-m", "ftloop.train", *train_flags(
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
         tiny_bundle, tmp_path / "out", "--train-data", str(data), "--max-steps", "1", "--skip-bad-rows")]))
     assert f"using {good} rows; skipped 4 bad rows" in result.stdout
 
@@ -48,19 +48,19 @@ def test_skip_bad_rows_trains_on_the_rest(tiny_bundle, tmp_path):
 def test_long_rows_are_dropped_and_counted_or_cut_after_the_image(tiny_bundle, tmp_path):
     # Image rows of the bundle are ~40 tokens, text rows ~30: a limit of 35 drops the image rows.
     flags = train_flags(tiny_bundle, tmp_path / "drop", "--max-steps", "1", "--max-seq-length", "35")
-    result = check(python_m("ftloop.train", flags))
+    result = check(forked_python_m("ftloop.train", flags))
     dropped = int(result.stdout.split("rows; skipped 0 bad rows and ")[1].split()[0])
     assert 0 < dropped < len(bundle_rows(tiny_bundle))
     # --truncation right keeps them, cut after the image: training runs on every row.
     flags = train_flags(tiny_bundle, tmp_path / "right", "--max-steps", "1", "--max-seq-length", "35",
                         "--truncation", "right")
-    result = check(python_m("ftloop.train", flags))
+    result = check(forked_python_m("ftloop.train", flags))
     assert "skipped" not in result.stdout
 
 
 def test_padding_ratio_is_logged(tiny_bundle, tmp_path):
-    check(python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "2",
-                                               "--per-device-train-batch-size", "4", "--logging-steps", "1")))
+    check(forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "2",
+                                                      "--per-device-train-batch-size", "4", "--logging-steps", "1")))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(0 <= r["padding_ratio"] < 1 for r in records)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import REPO, check, torchrun, train_flags
+from launch import REPO, check, forked_torchrun, train_flags
 from test_distributed import max_relative_difference
 
 WORKER = os.path.join(REPO, "tests", "mix_worker.py")
@@ -39,7 +39,7 @@ def step(bundle, tmp_path, scenarios, nproc: int) -> dict:
     flags = train_flags(bundle, tmp_path / "unused", "--max-steps", "1", "--use-orig-params", "--no-bf16",
                         "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", str(2 // nproc))
     # A rank waiting in an all-gather the other never starts would hang: the timeout fails the test instead.
-    check(torchrun(nproc, [WORKER, str(scenarios), str(out), "--", *flags], timeout=150))
+    check(forked_torchrun(nproc, [WORKER, str(scenarios), str(out), "--", *flags], timeout=150))
     return torch.load(out)
 
 
