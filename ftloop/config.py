@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal, get_type_hints
 
 import torch
 import tyro
@@ -128,13 +129,14 @@ class LoraArgs:
 
 @dataclass
 class DataArgs:
-    train_data: str = ""
-    """Training rows: a .json (array) or .jsonl file, a Hugging Face dataset folder (`save_to_disk`; its
-    `train` split), a .parquet or .arrow file, or a hub dataset name (org/name; needs network or the HF cache).
-    Rows in LLaVA layout (`conversations`, `image`, `video`) or messages layout (`messages`, `images`)."""
-    eval_data: str = ""
-    """Held-out rows, in any form --train-data takes (a DatasetDict gives its `validation`, else `test`
-    split); empty disables evaluation unless --eval-ratio is set."""
+    train_data: Annotated[str, tyro.conf.arg(aliases=("--data-path",))] = ""
+    """Training rows: a .json (array) or .jsonl file, a Hugging Face dataset folder (`save_to_disk`; its `train`
+    split), a .parquet or .arrow file, or a hub dataset name (org/name; needs network or the HF cache). Rows in
+    LLaVA layout (`conversations`, `image`, `video`) or messages layout (`messages`, `images`). Also
+    --data-path, the name in 2U1's and Qwen's older scripts."""
+    eval_data: Annotated[str, tyro.conf.arg(aliases=("--eval-path",))] = ""
+    """Held-out rows, in any form --train-data takes (a DatasetDict gives its `validation`, else `test` split);
+    empty disables evaluation unless --eval-ratio is set. Also --eval-path, 2U1's name."""
     eval_ratio: float = 0.0
     """Without --eval-data: hold out this fraction of the training rows (at least 1) for evaluation, chosen
     by --seed, the same at every world size. 0: no held-out set."""
@@ -144,8 +146,10 @@ class DataArgs:
     image_folder: str = ""
     """Folder that relative image paths in the data are resolved against (default: the data file's folder,
     a dataset folder itself, or the working directory for a hub dataset)."""
-    max_seq_length: int = 2048
-    """Longest token sequence, image tokens included."""
+    max_seq_length: Annotated[int, tyro.conf.arg(aliases=("--model-max-length", "--cutoff-len",
+                                                          "--max-length"))] = 2048
+    """Longest token sequence, image tokens included (also --model-max-length, the name in the HF Trainer's and
+    Qwen's scripts; --cutoff-len, LLaMA-Factory's; --max-length, ms-swift's and TRL's)."""
     truncation: Literal["drop", "right"] = "drop"
     """Rows longer than --max-seq-length: `drop` them (counted), or `right`: cut their text after the last
     image (never through an image: its tokens and features must stay paired)."""
@@ -452,10 +456,35 @@ def previous_run(output_dir: str) -> list[str]:
                   if name in RUN_OUTPUTS or re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?", name))
 
 
+def with_switch_values(argv: list[str]) -> list[str]:
+    """`argv` with the HF Trainer's spelling of an on/off flag, `--bf16 True`, `--gradient_checkpointing=false` (as
+    the scripts of Qwen, LLaMA-Factory and 2U1 pass them), written as tyro takes it: `--bf16`,
+    `--no-gradient-checkpointing`."""
+    switches = {name.replace("_", "-") for group in get_type_hints(Config).values()
+                for name, kind in get_type_hints(group).items() if kind is bool}
+    words, out, i = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}, [], 0
+    while i < len(argv):
+        flag, has_value, value = argv[i].partition("=")
+        name = flag[2:].replace("_", "-")
+        if flag.startswith("--") and name in switches:
+            if not has_value and i + 1 < len(argv) and argv[i + 1].lower() in words:
+                has_value, value, i = True, argv[i + 1], i + 1
+            if has_value and value.lower() not in words:
+                raise ConfigError(f"{argv[i]}: --{name} is on or off; give --{name} or --no-{name} (or --{name} "
+                                  "True/False)")
+            out.append(flag if not has_value else f"--{name}" if words[value.lower()] else f"--no-{name}")
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
+    """The flags in `argv` (default: the command line), in our spelling or the HF Trainer's (`--bf16 True`, and the
+    aliases of other tools' names that --help lists beside ours)."""
     return tyro.cli(
         Config,
-        args=argv,
+        args=with_switch_values(sys.argv[1:] if argv is None else argv),
         config=(tyro.conf.OmitArgPrefixes,),
         prog="python -m ftloop.train",
         description="Fine-tune a Qwen2.5-VL, Qwen2-VL or Qwen3-VL model with FSDP. Run under torchrun for several "

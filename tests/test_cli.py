@@ -192,6 +192,44 @@ def bad_row_lines(result, data, rows: int) -> list[str]:
     return lines[:-1]
 
 
+# A run line in the HF Trainer's spelling, as the scripts of Qwen's finetune and 2U1 write it (`--bf16 True`,
+# `--model_max_length`; `--data_path` is 2U1's), less the flags ftloop has no use for (--deepspeed, --tune_mm_*).
+QWEN_SCRIPT = ["--model_name_or_path", "M", "--data_path", "train.json", "--bf16", "True", "--output_dir", "out",
+               "--num_train_epochs", "0.5", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+               "--max_pixels", "50176", "--min_pixels", "784", "--save_steps", "1000", "--save_total_limit", "1",
+               "--learning_rate", "2e-7", "--weight_decay", "0", "--warmup_ratio", "0.03", "--max_grad_norm", "1",
+               "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--model_max_length", "8192",
+               "--gradient_checkpointing", "True", "--dataloader_num_workers", "4", "--run_name", "qwen2vl",
+               "--report_to", "wandb"]
+
+
+def test_the_hf_trainer_s_spelling_and_other_tools_names_are_taken():
+    cfg = parse_args(QWEN_SCRIPT)
+    assert cfg.model.model_name_or_path == "M" and cfg.data.train_data == "train.json"
+    assert cfg.fsdp.bf16 and cfg.model.gradient_checkpointing and cfg.data.max_seq_length == 8192
+    assert cfg.optim.lr_scheduler_type == "cosine" and cfg.train.per_device_train_batch_size == 4
+    required = ["--model-name-or-path", "M", "--train-data", "t"]
+    for given, read in [(["--bf16", "False"], False), (["--bf16=false"], False), (["--bf16=TRUE"], True),
+                        (["--no-bf16"], False), (["--bf16", "0"], False), (["--bf16", "yes"], True)]:
+        assert parse_args(required + given).fsdp.bf16 is read, given
+    cfg = parse_args(required + ["--packing", "--gradient_checkpointing", "false", "--eval-on-start", "1"])
+    assert cfg.data.packing and not cfg.model.gradient_checkpointing and cfg.train.eval_on_start
+    for alias in ("--model_max_length", "--cutoff_len", "--max-length", "--max-seq-length"):
+        assert parse_args(required + [alias, "99"]).data.max_seq_length == 99, alias
+    assert parse_args(["--model-name-or-path", "M", "--data_path", "a.json", "--eval_path", "b.json"]).data.eval_data \
+        == "b.json"
+    with pytest.raises(ConfigError, match=r"^--bf16=maybe: --bf16 is on or off; give --bf16 or --no-bf16"):
+        parse_args(required + ["--bf16=maybe"])
+
+
+def test_an_unknown_flag_is_answered_with_the_nearest_ones(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--model-name-or-path", "M", "--train-data", "t", "--learning_rat", "1e-5"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--learning_rat" in err and "Perhaps you meant" in err and "--learning-rate" in err
+
+
 def test_cli_exits_2_with_one_line_for_a_bad_flag(tiny_bundle, tmp_path, monkeypatch):
     # ftloop.train's entry point checks every flag first (BAD_FLAGS has every check), before any process group.
     monkeypatch.setattr("ftloop.train.init_distributed", lambda *_: pytest.fail("a process group was started"))
