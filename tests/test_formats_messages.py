@@ -119,8 +119,20 @@ BAD_MESSAGES = {
     "empty messages": ({"messages": []}, "`messages`"),
     "no assistant": ({"messages": [msg("user", "hi"), msg("user", "again")]}, "no assistant turn"),
     "no content": ({"messages": [msg("user", None), msg("assistant", "x")]}, "no `content`"),
-    "unknown part": ({"messages": [msg("user", [{"type": "audio"}]), msg("assistant", "x")]},
-                     "unknown content part 'audio'"),
+    "unknown part": ({"messages": [msg("user", [{"type": "table"}]), msg("assistant", "x")]},
+                     "unknown content part 'table'"),
+    "audio part": ({"messages": [msg("user", [{"type": "audio", "audio": "a.wav"}]), msg("assistant", "x")]},
+                   "an audio part: Qwen-VL models have no audio input"),
+    "audios (ms-swift)": ({"audios": ["a.wav"], "messages": [msg("user", "What is said?"), msg("assistant", "x")]},
+                          "the row has audio (`audios`): Qwen-VL models have no audio input"),
+    "audio placeholder": ({"messages": [msg("user", "<audio>What?"), msg("assistant", "x")]},
+                          "an `<audio>` placeholder: Qwen-VL models have no audio input"),
+    "every reply loss false": ({"messages": [msg("user", "hi"), dict(msg("assistant", "x"), loss=False)]},
+                               "every assistant turn has `loss`: false, so nothing to learn from"),
+    "loss not a bool": ({"messages": [msg("user", "hi"), dict(msg("assistant", "x"), loss="no")]},
+                        "a message's `loss` is 'no'; give true, false or leave it out"),
+    "loss on a user turn": ({"messages": [dict(msg("user", "hi"), loss=True), msg("assistant", "x")]},
+                            "a user message has `loss`: true; only assistant replies are learnt"),
     "text part without text": ({"messages": [msg("user", [{"type": "text"}]), msg("assistant", "x")]},
                                "string `text`"),
     "too few images": ({"images": ["a.png"], "messages": [msg("user", [image(), image()]),
@@ -165,6 +177,47 @@ def test_bad_messages_row_is_one_line_naming_file_and_row(data_dir, case):
     one_line_error(excinfo, path, "row 3", needle)
     errors = []
     assert len(load_rows(path, errors=errors)) == 2 and len(errors) == 1 and "row 3" in errors[0]
+
+
+def test_llama_factory_sharegpt_images_and_ms_swift_roles_read_as_llava(data_dir):
+    """LLaMA-Factory's default sharegpt rows list their images in `images`; ms-swift's `conversations` use
+    user/assistant/system: both are the LLaVA row they stand for (before, the first was "1 `<image>` placeholders
+    but 0 images")."""
+    llama_factory = {"conversations": turns(("human", "<image>What color?"), ("gpt", "red")), "images": ["a.png"]}
+    ms_swift = {"conversations": turns(("system", "Be brief."), ("user", "<image> and <image>: same?"),
+                                       ("assistant", "yes"), ("user", "sure?"), ("assistant", "sure")),
+                "images": ["b.png", "c.png"]}
+    assert load_rows(write_json(data_dir / "lf.json", [llama_factory, ms_swift])) == \
+        load_rows(write_json(data_dir / "llava.json", LLAVA[:2]))
+    both = dict(llama_factory, image="a.png")
+    with pytest.raises(DataError) as excinfo:
+        load_rows(write_json(data_dir / "both.json", [both]))
+    one_line_error(excinfo, str(data_dir / "both.json"), "row 1", "both `image` and `images`")
+
+
+@pytest.mark.parametrize("layout", ["messages", "llava"])
+def test_a_reply_marked_loss_false_is_context_and_not_learnt(data_dir, tokenizer, layout):
+    """ms-swift's per-message `"loss": false`: that reply is rendered as before and none of its tokens is
+    supervised; the other replies are learnt as before."""
+    from ftloop.data.encode import encode_chat
+    from ftloop.loss import IGNORE_INDEX
+
+    def row(loss):
+        first = {"loss": False} if not loss else {}
+        if layout == "messages":
+            return {"messages": [msg("user", "Say one."), dict(msg("assistant", "one"), **first),
+                                 msg("user", "Say two."), msg("assistant", "two")]}
+        return {"conversations": [{"from": "human", "value": "Say one."}, {"from": "gpt", "value": "one", **first},
+                                  {"from": "human", "value": "Say two."}, {"from": "gpt", "value": "two"}]}
+
+    learnt, context = load_rows(write_json(data_dir / "r.json", [row(True), row(False)]))
+    ids, labels = encode_chat(learnt.messages, [], tokenizer, "")
+    same_ids, context_labels = encode_chat(context.messages, [], tokenizer, "")
+    assert same_ids == ids
+    changed = [i for i, (a, b) in enumerate(zip(labels, context_labels)) if a != b]
+    assert tokenizer.decode([ids[i] for i in changed]) == "one<|im_end|>"  # the first reply and its end token
+    assert all(context_labels[i] == IGNORE_INDEX for i in changed)
+    assert tokenizer.decode([t for t in context_labels if t != IGNORE_INDEX]) == "two<|im_end|>"
 
 
 BAD_LLAVA_VIDEOS = {

@@ -7,7 +7,8 @@ The conversation is rendered to one string exactly as Qwen2.5-VL's chat template
 its default system prompt and its videos' layout: ChatFormat), each `<image>` replaced by `<|vision_start|>` +
 one `<|image_pad|>` per merged vision patch + `<|vision_end|>` (each `<video>` likewise with `<|video_pad|>`:
 t*h*w / merge^2 of them, as Qwen's processor expands it), and tokenised once. Labels come from character spans: a
-token is supervised when it starts inside an assistant reply or its closing `<|im_end|>`; every other position is
+token is supervised when it starts inside an assistant reply (one the row marks `"loss": false` excepted: context
+only) or its closing `<|im_end|>`; every other position is
 labelled IGNORE_INDEX (ftloop.loss). Tokenising once (rather than piece by piece) guarantees the ids are the ones
 the model sees at inference.
 
@@ -168,7 +169,7 @@ def render_chat(messages: list[dict], image_token_counts: list[int], system_prom
                                 video_token_counts[videos_used:videos_used + n_videos], times)
         images_used, videos_used = images_used + n_images, videos_used + n_videos
         text += f"{IM_START}{message['role']}\n"
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and message.get("loss", True):
             spans.append((len(text), len(text) + len(content) + len(IM_END)))
         text += f"{content}{IM_END}\n"
     return text, spans

@@ -1,8 +1,9 @@
 """The row layouts ftloop reads, each into the normal form (ftloop.data.rows.Row), and picking one per source.
 
-- LLaVA: `conversations` of human/gpt turns (`from`, `value`), `image` (a path or a list, relative to the image
-  folder), `video` (the frame paths of one video, or a list of such lists) and `video_fps` (one frame rate for all
-  the row's videos, or a list of one per video).
+- LLaVA: `conversations` of human/gpt turns (`from`, `value`; ms-swift's user/assistant/system too), `image` (a
+  path or a list, relative to the image folder; or `images`, as LLaMA-Factory's sharegpt rows name it), `video`
+  (the frame paths of one video, or a list of such lists) and `video_fps` (one frame rate for all the row's
+  videos, or a list of one per video).
 - messages (OpenAI / TRL / Qwen): `messages` with `role` system, user or assistant and `content` either a string
   or a list of parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path}` and `{"type": "video",
   "video": [frame paths]}`. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
@@ -11,6 +12,9 @@
   `<image>` and each video part `<video>`. A string content may itself hold `<image>` / `<video>` placeholders,
   which take their media from the top-level lists like bare parts. A video's frame rate is its part's `fps` (as
   in qwen-vl-utils) or, for videos from the top-level list, the row's `video_fps` (one number, or one per video).
+
+In both, a turn may carry ms-swift's `"loss": false`: an assistant reply kept as context and not learnt. Audio
+(`audios`, `<audio>`, audio parts) is refused: Qwen-VL models have no audio input, and it would train as text.
 
 The layout of a source is told from its first rows' keys (--data-format forces one). Every problem is reported
 as one line naming the source and the row.
@@ -22,7 +26,7 @@ import dataclasses
 import typing
 
 from ftloop.config import DataArgs
-from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image,
+from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image, message,
                               per_video_fps)
 from ftloop.data.sources import default_image_folder, is_dataset_source, read_dataset_rows, read_json_rows, where
 from ftloop.errors import DataError
@@ -77,6 +81,13 @@ def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None
     return good
 
 
+def refuse_audio(row: dict, where: str) -> None:
+    """Audio (LLaMA-Factory's and ms-swift's `audios`) would otherwise train as plain text beside its placeholder."""
+    if row.get("audios") or row.get("audio"):
+        raise DataError(f"{where}: the row has audio (`audios`): Qwen-VL models have no audio input; drop the audio "
+                        "or the row")
+
+
 # ---- LLaVA ------------------------------------------------------------------------------------------------
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -87,7 +98,10 @@ def normalize_llava_row(row: dict, where: str, image_folder: str) -> Row:
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: missing or empty `conversations` list")
-    images = row.get("image") or []
+    refuse_audio(row, where)
+    if row.get("image") and row.get("images"):
+        raise DataError(f"{where}: the row has both `image` and `images`; give its images in one of them")
+    images = row.get("image") or row.get("images") or []  # `images`: LLaMA-Factory's sharegpt rows
     images = [images] if is_image(images) else images
     if not isinstance(images, list) or not all(is_image(p) for p in images):
         raise DataError(f"{where}: `image` must be a path or a list of paths")
@@ -103,7 +117,7 @@ def normalize_llava_row(row: dict, where: str, image_folder: str) -> Row:
                             "use human, gpt or system")
         if not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: a `{turn.get('from')}` turn has no text `value`")
-        messages.append({"role": role, "content": turn["value"]})
+        messages.append(message(role, turn["value"], turn, where))
     return finish_row(messages, images, videos, where, image_folder,
                       video_fps=per_video_fps(row.get("video_fps"), len(videos)))
 
@@ -150,6 +164,8 @@ def _render(content: list, where: str, images: list, videos: list, fps: list) ->
                 raise DataError(f"{where}: a bare video part has an `fps`; give the frame rates of the top-level "
                                 "`videos` in the row's `video_fps`")
             text.append(VIDEO_PLACEHOLDER)
+        elif kind == "audio":
+            raise DataError(f"{where}: an audio part: Qwen-VL models have no audio input; drop the audio or the row")
         else:
             shown = part.get("type") if isinstance(part, dict) else part
             raise DataError(f"{where}: unknown content part {shown!r}; use type text, image or video")
@@ -187,6 +203,7 @@ def normalize_messages_row(row: dict, where: str, image_folder: str) -> Row:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: missing or empty `messages` list")
+    refuse_audio(row, where)
     images, videos, part_fps = [], [], []
     messages = []
     for turn in turns:
@@ -199,7 +216,7 @@ def normalize_messages_row(row: dict, where: str, image_folder: str) -> Row:
             content = _render(content, where, images, videos, part_fps)
         elif not isinstance(content, str):
             raise DataError(f"{where}: a `{role}` message has no `content` (a string or a list of parts)")
-        messages.append({"role": role, "content": content})
+        messages.append(message(role, content, turn, where))
     counts = {p: sum(m["content"].count(p) for m in messages) for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
     image_list = _media(row, where, images, "image", counts[IMAGE_PLACEHOLDER])
     video_list = _media(row, where, videos, "video", counts[VIDEO_PLACEHOLDER])

@@ -14,6 +14,7 @@ from ftloop.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"  # LLaMA-Factory's and ms-swift's: refused, Qwen-VL models have no audio input
 
 
 @dataclass
@@ -21,7 +22,8 @@ class Row:
     """One training row, as every layout normalises it."""
     messages: list[dict]
     """{"role": "system" | "user" | "assistant", "content": text}, the text holding one `<image>` / `<video>`
-    placeholder where each image / video goes."""
+    placeholder where each image / video goes; an assistant message the row marks `"loss": false` (ms-swift's
+    key) also holds "loss": False, and is context, not learnt."""
     images: list = field(default_factory=list)
     """Each image: an absolute path, or an `ImageRef` into a Hugging Face dataset (read only when opened)."""
     videos: list[list] = field(default_factory=list)
@@ -73,11 +75,27 @@ def per_video_fps(value, videos: int) -> list:
     return list(value) if isinstance(value, list) else [value] * max(videos, 1)  # kept when there is no video: refused
 
 
+def message(role: str, content: str, turn: dict, where: str) -> dict:
+    """One message of the normal form; `turn` is the row's own, whose `loss` (ms-swift: true, false or null) says
+    whether an assistant reply is learnt (the default) or only context."""
+    loss = turn.get("loss")
+    if loss is not None and not isinstance(loss, bool):
+        raise DataError(f"{where}: a message's `loss` is {loss!r}; give true, false or leave it out")
+    if loss and role != "assistant":
+        raise DataError(f"{where}: a {role} message has `loss`: true; only assistant replies are learnt")
+    return {"role": role, "content": content, "loss": False} if loss is False else {"role": role, "content": content}
+
+
 def finish_row(messages: list[dict], images: list, videos: list[list[str]], where: str, folder: str,
                user: str = "human", assistant: str = "gpt", video_fps: list | None = None) -> Row:
     """The checks every layout shares, on the normal form; `user`/`assistant` are the layout's role names."""
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no {assistant} turn, so nothing to learn from")
+    if not any(m["role"] == "assistant" and m.get("loss", True) for m in messages):
+        raise DataError(f"{where}: every {assistant} turn has `loss`: false, so nothing to learn from")
+    if any(AUDIO_PLACEHOLDER in m["content"] for m in messages):
+        raise DataError(f"{where}: an `{AUDIO_PLACEHOLDER}` placeholder: Qwen-VL models have no audio input; drop "
+                        "the audio or the row")
     first = next(m for m in messages if m["role"] != "system")
     if first["role"] == "assistant":
         raise DataError(f"{where}: the conversation starts with a {assistant} turn: a reply to no prompt; begin "
