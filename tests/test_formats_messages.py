@@ -220,6 +220,63 @@ def test_a_reply_marked_loss_false_is_context_and_not_learnt(data_dir, tokenizer
     assert tokenizer.decode([t for t in context_labels if t != IGNORE_INDEX]) == "two<|im_end|>"
 
 
+def test_openai_and_llama_factory_v1_blocks_read_as_ours(data_dir):
+    """OpenAI's `image_url` blocks (`{"url": ...}` or a bare string, `file://` URIs) and LLaMA-Factory v1's
+    `{"type": ..., "value": ...}` blocks are the parts they stand for (before: "unknown content part")."""
+    def openai(path, bare=False):
+        return {"type": "image_url", "image_url": path if bare else {"url": path}}
+
+    def v1(kind, value):
+        return {"type": kind, "value": value}
+
+    absolute = "file://" + str(data_dir / "b.png")
+    rows = [
+        {"messages": [msg("user", [openai("a.png"), text("What color?")]), msg("assistant", "red")]},
+        {"messages": [msg("system", "Be brief."), msg("user", [openai(absolute), v1("text", " and "),
+                                                               openai("c.png", bare=True), v1("text", ": same?")]),
+                      msg("assistant", [v1("text", "yes")]), msg("user", "sure?"), msg("assistant", "sure")]},
+        {"messages": [msg("user", [v1("text", "hi")]), msg("assistant", [v1("text", "hello")])]},
+    ]
+    assert load_rows(write_json(data_dir / "o.json", rows)) == load_rows(write_json(data_dir / "m.json", MESSAGES))
+    v1_rows = [{"messages": [msg("user", [v1("image_url", "a.png"), v1("text", "What color?")]),
+                             msg("assistant", [v1("text", "red")])]}]
+    assert load_rows(write_json(data_dir / "v1.json", v1_rows)) == load_rows(write_json(data_dir / "m1.json",
+                                                                                         MESSAGES[:1]))
+
+
+def test_a_data_uri_image_is_decoded_in_memory(data_dir):
+    """OpenAI's and ms-swift's `data:image/...;base64,...` images: decoded when the row is read, opened as the
+    same pixels as the file they were made from, carried to the loader workers (pickled) intact, and named in
+    one line when broken."""
+    import base64
+    import pickle
+
+    from ftloop.data.check_cache import rows_digest
+    from ftloop.data.media import open_rgb
+    from ftloop.data.sources import InlineImage
+
+    def row_with(path):
+        uri = "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
+        return {"messages": [msg("user", [{"type": "image_url", "image_url": {"url": uri}}, text("What color?")]),
+                             msg("assistant", "red")]}
+
+    blue = save_rgb(data_dir / "blue.png", size=(28, 42), color=(0, 0, 200))
+    [row] = load_rows(write_json(data_dir / "d.json", [row_with(blue)]))
+    [red_row] = load_rows(write_json(data_dir / "r.json", [row_with(data_dir / "a.png")]))
+    [image] = row.images
+    assert isinstance(image, InlineImage) and pickle.loads(pickle.dumps(image)) == image
+    pixels = open_rgb(image, "w")
+    assert pixels.size == (28, 42) and pixels.tobytes() == open_rgb(blue, "w").tobytes()
+    # the check's cache key: the same for the same bytes, another for other bytes
+    assert rows_digest([row]) == rows_digest(load_rows(str(data_dir / "d.json"))) != rows_digest([red_row])
+    for bad, needle in [("data:image/png;base64,{base64_encoded}", "is not valid base64"),
+                        ("data:image/png,rawbytes", "must be `data:<type>;base64,<data>`")]:
+        path = write_json(data_dir / "bad.json", [{"messages": user_image(bad)}])
+        with pytest.raises(DataError) as excinfo:
+            load_rows(path)
+        one_line_error(excinfo, path, "row 1", needle)
+
+
 BAD_LLAVA_VIDEOS = {
     "too few videos": ({"video": ["f1.png"], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
                        "2 `<video>` placeholders but 1 videos"),

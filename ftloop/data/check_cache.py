@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from ftloop.data.rows import Row
-from ftloop.data.sources import ImageRef
+from ftloop.data.sources import ImageRef, InlineImage
 from ftloop.distributed import World, agree, print0
 
 FORMAT = 1  # bump when the file's layout or the key's meaning changes
@@ -99,6 +99,8 @@ def _image_identity(image, dataset_files: dict) -> list:
     """What an image's token count depends on, besides the processor: for a file, its path, size and mtime
     (None when missing: the check reports it); for an image inside a dataset, the dataset's files and the
     cell (the bytes themselves are covered by the source's fingerprint)."""
+    if isinstance(image, InlineImage):
+        return ["data:", image.digest]
     if isinstance(image, ImageRef):
         key = id(image.source)
         if key not in dataset_files:

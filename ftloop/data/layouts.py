@@ -6,7 +6,9 @@
   videos, or a list of one per video).
 - messages (OpenAI / TRL / Qwen): `messages` with `role` system, user or assistant and `content` either a string
   or a list of parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path}` and `{"type": "video",
-  "video": [frame paths]}`. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
+  "video": [frame paths]}`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` (or a bare string) and
+  LLaMA-Factory v1's `{"type": "image_url" | "text", "value": ...}`; an image may be a `file://` or a `data:`
+  (base64) URI. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
   media then come, in order, from the row's top-level `images` (or `image`) and `videos` lists. The parts of a
   message are joined with nothing in between, as Qwen's chat template renders them, each image part becoming
   `<image>` and each video part `<video>`. A string content may itself hold `<image>` / `<video>` placeholders,
@@ -28,7 +30,8 @@ import typing
 from ftloop.config import DataArgs
 from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image, message,
                               per_video_fps)
-from ftloop.data.sources import default_image_folder, is_dataset_source, read_dataset_rows, read_json_rows, where
+from ftloop.data.sources import (decode_data_uri, default_image_folder, is_dataset_source, read_dataset_rows,
+                                 read_json_rows, where)
 from ftloop.errors import DataError
 
 
@@ -132,11 +135,25 @@ def _path(value, where: str, kind: str):
     """An image part's path (or ImageRef) without a file:// prefix (a URL is refused with the other paths,
     ftloop.data.rows.resolve_images)."""
     if isinstance(value, str):
+        if value.startswith("data:"):
+            return decode_data_uri(value, where)
         return value[len(LOCAL_SCHEME):] if value.startswith(LOCAL_SCHEME) else value
     if is_image(value):
         return value
     raise DataError(f"{where}: an {kind} part's `{kind}` must be a path (or leave it out and list the "
                     f"{kind}s in the row's top-level `{kind}s`)")
+
+
+def _part_value(part: dict, kind: str):
+    """What a `kind` part (text, image or video) holds, in whichever shape the row's tool writes it: ours and Qwen's
+    (`{"type": "image", "image": path}`), OpenAI's (`{"type": "image_url", "image_url": {"url": ...}}` or a bare
+    string) or LLaMA-Factory v1's (`{"type": "image_url", "value": path}`, `{"type": "text", "value": ...}`)."""
+    if kind in part:
+        return part[kind]
+    url = part.get(f"{kind}_url")
+    if url is not None:
+        return url.get("url") if isinstance(url, dict) else url
+    return part.get("value")
 
 
 def _render(content: list, where: str, images: list, videos: list, fps: list) -> str:
@@ -145,16 +162,17 @@ def _render(content: list, where: str, images: list, videos: list, fps: list) ->
     text = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind[:-len("_url")] if kind in ("image_url", "video_url") else kind
         if kind == "text":
-            if not isinstance(part.get("text"), str):
+            if not isinstance(_part_value(part, "text"), str):
                 raise DataError(f"{where}: a text part has no string `text`")
-            text.append(part["text"])
+            text.append(_part_value(part, "text"))
         elif kind == "image":
-            if part.get("image") is not None:  # else bare: its image comes from the top-level list
-                images.append(_path(part["image"], where, "image"))
+            if _part_value(part, "image") is not None:  # else bare: its image comes from the top-level list
+                images.append(_path(_part_value(part, "image"), where, "image"))
             text.append(IMAGE_PLACEHOLDER)
         elif kind == "video":
-            frames = part.get("video")
+            frames = _part_value(part, "video")
             if frames is not None:
                 if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
                     raise DataError(f"{where}: a video part's `video` must be a non-empty list of frame paths")
@@ -168,7 +186,8 @@ def _render(content: list, where: str, images: list, videos: list, fps: list) ->
             raise DataError(f"{where}: an audio part: Qwen-VL models have no audio input; drop the audio or the row")
         else:
             shown = part.get("type") if isinstance(part, dict) else part
-            raise DataError(f"{where}: unknown content part {shown!r}; use type text, image or video")
+            raise DataError(f"{where}: unknown content part {shown!r}; use type text, image or video (or OpenAI's "
+                            "image_url, video_url)")
     return "".join(text)
 
 

@@ -22,6 +22,9 @@ sorted back into file order (`row_number`).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import os
 import pickle
@@ -353,3 +356,42 @@ def _batches(dataset):
     for batch in dataset.iter(batch_size=BATCH):
         yield start, batch
         start += len(batch) if hasattr(batch, "num_rows") else len(next(iter(batch.values())))
+
+
+class InlineImage(ImageRef):
+    """An image carried in the row itself, as a `data:` URI (OpenAI's and ms-swift's rows): decoded from base64
+    when the row is read, opened from memory like an image stored in a dataset."""
+
+    __slots__ = ("data", "digest")
+
+    def __init__(self, data: bytes):  # not ImageRef.__init__: it lies in no dataset
+        self.data, self.digest = data, hashlib.sha256(data).hexdigest()
+
+    def __getstate__(self):
+        return self.data
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state)
+
+    def read(self) -> tuple[bytes | None, str | None]:
+        return self.data, None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, InlineImage) and self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __str__(self) -> str:
+        return f"the data: URI image of {len(self.data)} bytes (sha256 {self.digest[:12]})"
+
+
+def decode_data_uri(uri: str, where: str) -> InlineImage:
+    """`data:[<media type>];base64,<data>` as an InlineImage; anything else is the row's error."""
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise DataError(f"{where}: a data: URI must be `data:<type>;base64,<data>`; got {uri[:40]!r}")
+    try:
+        return InlineImage(base64.b64decode(payload, validate=True))
+    except (binascii.Error, ValueError):
+        raise DataError(f"{where}: the data: URI {uri[:40]!r}... is not valid base64") from None
