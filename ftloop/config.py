@@ -140,9 +140,9 @@ class DataArgs:
     eval_ratio: float = 0.0
     """Without --eval-data: hold out this fraction of the training rows (at least 1) for evaluation, chosen
     by --seed, the same at every world size. 0: no held-out set."""
-    data_format: Literal["auto", "llava", "messages"] = "auto"
+    data_format: Literal["auto", "llava", "messages", "query"] = "auto"
     """Row layout: `auto` tells it per file from the first rows' keys (`conversations`: llava, `messages`:
-    messages)."""
+    messages, `query` or `conversation`: query, ms-swift's query/response/history rows)."""
     image_folder: str = ""
     """Folder that relative image paths in the data are resolved against (default: the data file's folder,
     a dataset folder itself, or the working directory for a hub dataset)."""

@@ -277,6 +277,32 @@ def test_a_data_uri_image_is_decoded_in_memory(data_dir):
         one_line_error(excinfo, path, "row 1", needle)
 
 
+def test_ms_swift_query_rows_are_the_conversations_they_stand_for(data_dir):
+    """ms-swift's query/response/history rows and its `conversation` pairs are conversations; `<img>path</img>`
+    (Qwen-VL's tags) places an image; images beyond the `<image>` tags get theirs at the start of the first
+    query, as ms-swift does."""
+    query = [
+        {"query": "What color?", "response": "red", "images": ["a.png"]},  # no tag: added
+        {"system": "Be brief.", "history": [["<img>b.png</img> and <img>c.png</img>: same?", "yes"]],
+         "query": "sure?", "response": "sure"},
+        {"conversation": [{"human": "hi", "assistant": "hello"}]},
+    ]
+    assert load_rows(write_jsonl(data_dir / "q.jsonl", query)) == load_rows(write_json(data_dir / "m.json", MESSAGES))
+    tagged = [{"query": "<image>What color?", "response": "red", "images": ["a.png"]}]
+    assert load_rows(write_jsonl(data_dir / "t.jsonl", tagged)) == load_rows(write_json(data_dir / "m1.json",
+                                                                                        MESSAGES[:1]))
+    assert load_rows(write_jsonl(data_dir / "f.jsonl", query), data_format="query")[2].messages[1]["content"] == \
+        "hello"
+    for bad, needle in [({"query": "q", "response": "r", "history": [["only one"]]}, "[query, response] pairs"),
+                        ({"query": "q", "response": None}, "every query and response must be text"),
+                        ({"query": "<img>a.png</img>", "response": "r", "images": ["a.png"]}, "in one of the two"),
+                        ({"conversation": []}, "`conversation` must be a non-empty list")]:
+        path = write_jsonl(data_dir / "bad.jsonl", [query[0], bad])
+        with pytest.raises(DataError) as excinfo:
+            load_rows(path)
+        one_line_error(excinfo, path, "row 2", needle)
+
+
 BAD_LLAVA_VIDEOS = {
     "too few videos": ({"video": ["f1.png"], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
                        "2 `<video>` placeholders but 1 videos"),
@@ -308,7 +334,7 @@ def test_detection_and_data_format_override(data_dir):
     neither = write_jsonl(data_dir / "n.jsonl", [{"prompt": "hi", "completion": "x"}] * 2)
     both = write_jsonl(data_dir / "b.jsonl", [dict(LLAVA[2], **MESSAGES[2])])
     assert load_rows(llava, data_format="llava") == load_rows(messages, data_format="messages")
-    for path, needles in ((neither, ["neither `conversations`", "`messages`", "completion, prompt"]),
+    for path, needles in ((neither, ["none of `conversations`", "`messages`", "`query`", "completion, prompt"]),
                           (both, ["both", "--data-format"])):
         with pytest.raises(DataError) as excinfo:
             load_rows(path, errors=[])  # a layout problem is about the whole file: it raises even with errors=

@@ -17,6 +17,11 @@
 
 In both, a turn may carry ms-swift's `"loss": false`: an assistant reply kept as context and not learnt. Audio
 (`audios`, `<audio>`, audio parts) is refused: Qwen-VL models have no audio input, and it would train as text.
+- query (ms-swift's older layouts): `query` and `response`, earlier turns in `history` (`[[query, response],
+  ...]`), or `conversation` pairs (`[{"human": ..., "assistant": ...}]`), an optional `system`; images in
+  `images` (videos in `videos`) placed by `<image>` tags or by Qwen-VL's `<img>path</img>` in the text. As
+  ms-swift does, images beyond the `<image>` tags get their tags at the start of the first query (this layout
+  only: elsewhere, a count that does not match is a bad row).
 
 The layout of a source is told from its first rows' keys (--data-format forces one). Every problem is reported
 as one line naming the source and the row.
@@ -25,6 +30,7 @@ as one line naming the source and the row.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 from ftloop.config import DataArgs
@@ -49,9 +55,11 @@ def detect_format(path: str, rows: list[tuple[int, dict]], data_format: str = "a
                         "pass --data-format llava or messages")
     if "conversations" in keys or "messages" in keys:
         return "llava" if "conversations" in keys else "messages"
+    if "query" in keys or "conversation" in keys:
+        return "query"
     shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
-    raise DataError(f"{path}: rows have neither `conversations` (LLaVA layout) nor `messages` (messages "
-                    f"layout); their keys: {shown}")
+    raise DataError(f"{path}: rows have none of `conversations` (LLaVA layout), `messages` (messages layout) or "
+                    f"`query` / `conversation` (query layout); their keys: {shown}")
 
 
 def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None, data_format: str = "auto",
@@ -72,7 +80,7 @@ def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None
             raise DataError(f"{path}: no rows")
         return []
     layout = detect_format(path, rows, data_format)
-    normalize = normalize_llava_row if layout == "llava" else normalize_messages_row
+    normalize = {"llava": normalize_llava_row, "messages": normalize_messages_row, "query": normalize_query_row}[layout]
     if errors is None:
         return [dataclasses.replace(normalize(row, where(path, n), folder), number=n) for n, row in rows]
     good = []
@@ -248,3 +256,40 @@ def normalize_messages_row(row: dict, where: str, image_folder: str) -> Row:
         fps = per_video_fps(row.get("video_fps"), len(video_list))
     return finish_row(messages, image_list, video_list, where, image_folder, user="user", assistant="assistant",
                       video_fps=fps)
+
+
+# ---- query (ms-swift) -------------------------------------------------------------------------------------
+
+QWEN_VL_IMAGE = re.compile(r"<img>(.*?)</img>")  # Qwen-VL's inline image, which ms-swift reads too
+
+
+def normalize_query_row(row: dict, where: str, image_folder: str) -> Row:
+    """Query layout -> the messages layout's row -> the normal form."""
+    if "conversation" in row:
+        pairs = row["conversation"]
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, dict) for p in pairs):
+            raise DataError(f"{where}: `conversation` must be a non-empty list of "
+                            '{"human": ..., "assistant": ...}')
+        pairs = [(p.get("human"), p.get("assistant")) for p in pairs]
+    else:
+        history = row.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise DataError(f"{where}: `history` must be a list of [query, response] pairs")
+        pairs = [*map(tuple, history), (row.get("query"), row.get("response"))]
+    if not all(isinstance(text, str) for pair in pairs for text in pair):
+        raise DataError(f"{where}: every query and response must be text (`query`, `response`, `history`)")
+    inline = [QWEN_VL_IMAGE.findall(query) for query, _ in pairs]
+    images = row.get("images") or []
+    if any(inline) and images:
+        raise DataError(f"{where}: images both in `<img>` tags and in `images`; give them in one of the two")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
+    for query, response in pairs:
+        messages += [{"role": "user", "content": QWEN_VL_IMAGE.sub(IMAGE_PLACEHOLDER, query)},
+                     {"role": "assistant", "content": response}]
+    images = [path for paths in inline for path in paths] or images
+    tags = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if isinstance(images, list) and len(images) > tags:  # ms-swift's rule: the missing tags open the first query
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"] = IMAGE_PLACEHOLDER * (len(images) - tags) + first["content"]
+    return normalize_messages_row({"messages": messages, "images": images, "videos": row.get("videos"),
+                                   "audios": row.get("audios")}, where, image_folder)
