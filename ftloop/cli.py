@@ -57,15 +57,20 @@ def finish_reporting(exit_code: int) -> None:
 
 def say(err: BaseException) -> None:
     """A user error's lines on stderr: by rank 0 (every rank stops with the same one), or by the rank whose row
-    failed; and its last line to the launcher, from every rank."""
+    failed; and its last word (its one line, or the first bad rows and their count) to the launcher, from every
+    rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     on_this_rank = getattr(err, "on_this_rank", False)
     prefix = "ftloop: " if isinstance(err, Stopped) else "ftloop: error: "
     prefix += f"[rank {rank}] " if on_this_rank else ""
-    lines = [prefix + line for line in getattr(err, "lines", None) or [one_line(err)]]
+    said = getattr(err, "lines", None) or [one_line(err)]
+    lines = [prefix + line for line in said]
+    last_word = [prefix + line for line in getattr(err, "last_word", None) or said[-1:]]
+    if len(lines) > len(last_word):  # many bad rows: all of them, then the first few again and the count
+        lines = lines[:-1] + last_word[:-1] + lines[-1:]
     if rank == 0 or on_this_rank:
         print("\n" + "\n".join(lines), file=sys.stderr, flush=True)
-    tell_launcher(lines[-1])  # one line, or the bad rows' count and what to do
+    tell_launcher("\n".join(last_word))  # one line, or the first bad rows and their count
 
 
 def tell_launcher(line: str) -> None:

@@ -25,11 +25,17 @@ class DataError(ValueError):
 
 
 class DataErrors(DataError):
-    """Several bad rows: one line each, all reported before the run stops."""
+    """Several bad rows: one line each, all reported before the run stops. `last_word` is what the run ends with,
+    where a user looks first (the end of the output, torchrun's closing summary): the first few rows and the
+    count, not a count whose reasons scrolled away."""
+    shown_last = 3
 
     def __init__(self, lines: list[str], hint: str):
         super().__init__("\n".join(lines + [hint]))
         self.lines = lines + [hint]
+        first = lines[:self.shown_last]
+        again = [f"the first {len(first)} of them again:", *first] if len(lines) > self.shown_last else []
+        self.last_word = again + [hint] if again else first + [hint]
 
 
 class RowFailedMidRun(DataError):

@@ -282,6 +282,27 @@ def test_cli_corrupt_image_is_found_before_training(tiny_bundle, tmp_path):
     assert "train:" not in result.stderr  # stopped before the first step
 
 
+def test_many_bad_rows_end_with_the_first_ones_and_their_count_in_torchrun_s_summary(tiny_bundle, tmp_path):
+    """Before: a run with many bad rows ended in torchrun's summary saying only "N bad rows; fix, or pass
+    --skip-bad-rows", the reasons some 30 lines up. Now the output, and the summary, end with the first three."""
+    rows = json.loads(open(tiny_bundle["train_json"]).read())
+    image_row = next(r for r in rows if "image" in r)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([image_row] + [dict(image_row, image=f"gone-{n}.png") for n in range(2, 7)]))
+    result = torchrun(1, ["-m", "ftloop.train", *train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(data),
+                                                             "--max-steps", "1")])
+    assert result.returncode != 0
+    reasons = [f"{data}: row {n}: image not found: {tiny_bundle['image_folder']}/gone-{n}.png" for n in (2, 3, 4)]
+    count = f"{data}: 5 bad rows; fix, or pass --skip-bad-rows to train without them"
+    lines = result.stderr.splitlines()
+    summary = lines.index(f"  traceback : ftloop: error: the first 3 of them again:")
+    assert lines[summary + 1:summary + 5] == [f"  ftloop: error: {line}" for line in reasons + [count]], \
+        lines[summary:]
+    said = [line for line in lines if line.startswith("ftloop: error: ")]  # rank 0's own lines, before it
+    assert said[:5] == [f"ftloop: error: {data}: row {n}: image not found: {tiny_bundle['image_folder']}/gone-{n}.png"
+                        for n in range(2, 7)]
+    assert said[5:] == [f"ftloop: error: {line}" for line in ["the first 3 of them again:", *reasons, count]]
+
 def test_adamw_with_weight_decay_on_flat_shards_is_refused(tiny_bundle, tmp_path):
     result = forked_python_m("ftloop.train", train_flags(tiny_bundle, tmp_path, "--max-steps", "1", "--optim", "adamw",
                                                          "--weight-decay", "0.1"))
