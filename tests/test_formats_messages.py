@@ -303,6 +303,52 @@ def test_ms_swift_query_rows_are_the_conversations_they_stand_for(data_dir):
         one_line_error(excinfo, path, "row 2", needle)
 
 
+def test_llama_factory_dataset_info_entries_are_read_as_llama_factory_reads_them(data_dir, tmp_path):
+    """`--train-data DIR/dataset_info.json:NAME`: the entry's file, formatting, columns and tags, media relative to
+    DIR (LLaMA-Factory's media_dir), whatever folder the file itself lies in."""
+    os.makedirs(data_dir / "sets")
+    sharegpt = [{"chat": [{"speaker": "person", "text": "<image>What color?"}, {"speaker": "bot", "text": "red"}],
+                 "pictures": ["a.png"]},
+                {"chat": [{"speaker": "person", "text": "hi"}, {"speaker": "bot", "text": "hello"}], "pictures": []}]
+    alpaca = [{"instruction": "Say hi.", "input": "Politely.", "output": "Hello.", "history": [["Ready?", "Yes."]],
+               "sys": "Be brief."}]
+    write_json(data_dir / "sets" / "share.json", sharegpt)
+    write_json(data_dir / "sets" / "alpaca.json", alpaca)
+    table = data_dir / "dataset_info.json"
+    write_json(table, {
+        "share": {"file_name": "sets/share.json", "formatting": "sharegpt",
+                  "columns": {"messages": "chat", "images": "pictures"},
+                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot"}},
+        "plain": {"file_name": "sets/alpaca.json", "columns": {"history": "history", "system": "sys"}},
+        "remote": {"hf_hub_url": "org/set"}, "gone": {"file_name": "sets/gone.json"}})
+    assert load_rows(f"{table}:share") == load_rows(write_json(data_dir / "m.json", [MESSAGES[0], MESSAGES[2]]))
+    [row] = load_rows(f"{table}:plain")
+    assert row.messages == [msg("system", "Be brief."), msg("user", "Ready?"), msg("assistant", "Yes."),
+                            msg("user", "Say hi.\nPolitely."), msg("assistant", "Hello.")]
+    for name, needle in [("nope", "no data set named 'nope' (it names: gone, plain, remote, share)"),
+                         ("remote", "its `hf_hub_url` is a download")]:
+        with pytest.raises(DataError) as excinfo:
+            load_rows(f"{table}:{name}")
+        one_line_error(excinfo, str(table), needle)
+    # the flag is checked before anything loads; the check's cache knows the entry (its file changes: another key)
+    from ftloop.config import DataArgs
+    from ftloop.data.check_cache import source_fingerprint
+    from ftloop.data.sources import check_sources
+    from ftloop.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^--train-data .*dataset_info.json:nope: no data set named 'nope'"):
+        check_sources(DataArgs(train_data=f"{table}:nope"))
+    with pytest.raises(ConfigError, match=r"^--train-data .*:gone: its data file .*sets/gone.json is not found$"):
+        check_sources(DataArgs(train_data=f"{table}:gone"))
+    check_sources(DataArgs(train_data=f"{table}:share"))
+    before = source_fingerprint(f"{table}:share")
+    assert before is not None and before != source_fingerprint(f"{table}:plain")
+    bad = write_json(data_dir / "sets" / "share.json", [sharegpt[0], {"chat": [{"speaker": "tool", "text": "x"}]}])
+    assert source_fingerprint(f"{table}:share") != before
+    with pytest.raises(DataError) as excinfo:
+        load_rows(f"{table}:share")
+    one_line_error(excinfo, bad, "row 2", "role 'tool' is none of dataset_info.json's tags")
+
+
 BAD_LLAVA_VIDEOS = {
     "too few videos": ({"video": ["f1.png"], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
                        "2 `<video>` placeholders but 1 videos"),

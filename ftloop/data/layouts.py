@@ -36,8 +36,8 @@ import typing
 from ftloop.config import DataArgs
 from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image, message,
                               per_video_fps)
-from ftloop.data.sources import (decode_data_uri, default_image_folder, is_dataset_source, read_dataset_rows,
-                                 read_json_rows, where)
+from ftloop.data.sources import (dataset_info_entry, decode_data_uri, default_image_folder, is_dataset_source,
+                                 read_dataset_rows, read_json_rows, where)
 from ftloop.errors import DataError
 
 
@@ -74,13 +74,21 @@ def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, not {data_format!r}")
     folder = image_folder or default_image_folder(path)
+    listed = dataset_info_entry(path)  # LLaMA-Factory's DIR/dataset_info.json:NAME
+    if listed is not None:
+        path, entry = listed
     rows = read_dataset_rows(path, split) if is_dataset_source(path) else read_json_rows(path, errors)
     if not rows:
         if not errors:
             raise DataError(f"{path}: no rows")
         return []
-    layout = detect_format(path, rows, data_format)
-    normalize = {"llava": normalize_llava_row, "messages": normalize_messages_row, "query": normalize_query_row}[layout]
+    if listed is not None:
+        layout, normalize = "llama-factory", lambda row, where, folder: normalize_llama_factory_row(row, entry, where,
+                                                                                                    folder)
+    else:
+        layout = detect_format(path, rows, data_format)
+        normalize = {"llava": normalize_llava_row, "messages": normalize_messages_row,
+                     "query": normalize_query_row}[layout]
     if errors is None:
         return [dataclasses.replace(normalize(row, where(path, n), folder), number=n) for n, row in rows]
     good = []
@@ -293,3 +301,45 @@ def normalize_query_row(row: dict, where: str, image_folder: str) -> Row:
         first["content"] = IMAGE_PLACEHOLDER * (len(images) - tags) + first["content"]
     return normalize_messages_row({"messages": messages, "images": images, "videos": row.get("videos"),
                                    "audios": row.get("audios")}, where, image_folder)
+
+
+# ---- LLaMA-Factory's dataset_info.json ---------------------------------------------------------------------
+
+SHAREGPT_DEFAULTS = {"messages": "conversations", "role_tag": "from", "content_tag": "value", "user_tag": "human",
+                     "assistant_tag": "gpt", "system_tag": "system"}
+ALPACA_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output"}
+
+
+def normalize_llama_factory_row(row: dict, entry: dict, where: str, image_folder: str) -> Row:
+    """A row of a data set listed in LLaMA-Factory's dataset_info.json, read as LLaMA-Factory reads it: its
+    `formatting` (sharegpt or alpaca), `columns` and `tags` name the row's keys and roles; -> the messages layout."""
+    names = {**(entry.get("columns") or {}), **(entry.get("tags") or {})}
+    formatting = entry.get("formatting", "alpaca")
+    system = row.get(names["system"]) if names.get("system") else None
+    messages = [{"role": "system", "content": system}] if system else []
+    if formatting == "sharegpt":
+        names = {**SHAREGPT_DEFAULTS, **names}
+        roles = {names["user_tag"]: "user", names["assistant_tag"]: "assistant", names["system_tag"]: "system"}
+        turns = row.get(names["messages"])
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: missing or empty `{names['messages']}` list (dataset_info.json's columns)")
+        for turn in turns:
+            role = roles.get(turn.get(names["role_tag"])) if isinstance(turn, dict) else None
+            if role is None:
+                shown = turn.get(names["role_tag"]) if isinstance(turn, dict) else turn
+                raise DataError(f"{where}: role {shown!r} is none of dataset_info.json's tags "
+                                f"{sorted(map(str, roles))} (tool turns are not trained)")
+            messages.append({"role": role, "content": turn.get(names["content_tag"])})
+    elif formatting == "alpaca":
+        names = {**ALPACA_DEFAULTS, **names}
+        history = (row.get(names["history"]) if names.get("history") else None) or []
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise DataError(f"{where}: `{names['history']}` must be a list of [query, response] pairs")
+        for query, response in history:
+            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+        prompt = "\n".join(part for part in (row.get(names["prompt"]), row.get(names["query"])) if part)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": row.get(names["response"])}]
+    else:
+        raise DataError(f"{where}: dataset_info.json's formatting {formatting!r}: ftloop reads sharegpt and alpaca")
+    media = {kind: row.get(names[kind]) for kind in ("images", "videos") if names.get(kind)}
+    return normalize_messages_row({"messages": messages, **media}, where, image_folder)

@@ -60,9 +60,42 @@ def looks_like_hub_id(path: str) -> bool:
             and not path.lower().endswith(JSON_SUFFIXES + DATASET_SUFFIXES))
 
 
+DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's table of data sets: name -> file, layout, column names
+
+
+def dataset_info_entry(path: str) -> tuple[str, dict] | None:
+    """For `DIR/dataset_info.json:NAME`, (the data file, NAME's entry in LLaMA-Factory's table); None for any other
+    source. DataError naming the table when it cannot be read, NAME is not in it, or it names no local file."""
+    table, colon, name = path.rpartition(":")
+    if not colon or os.path.basename(table) != DATASET_INFO:
+        return None
+    try:
+        with open(table, encoding="utf-8-sig") as f:
+            entries = json.load(f)
+    except OSError as err:
+        raise DataError(f"{table}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{table}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    entry = entries.get(name) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict):
+        known = ", ".join(sorted(entries)[:10]) if isinstance(entries, dict) else "none"
+        raise DataError(f"{table}: no data set named {name!r} (it names: {known})")
+    if not isinstance(entry.get("file_name"), str):
+        kind = next((key for key in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if key in entry), None)
+        raise DataError(f"{table}: data set {name!r} has no `file_name`" + (
+            f" (its `{kind}` is a download; ftloop reads local files: download it and give its file)" if kind else ""))
+    return os.path.join(os.path.dirname(table), entry["file_name"]), entry
+
+
 def source_problem(path: str) -> str | None:
     """None when `path` can be tried as data (an existing file or folder, or a hub dataset name, which may
     still fail to load later), else what is wrong with it."""
+    try:
+        entry = dataset_info_entry(path)
+    except DataError as err:
+        return str(err).split(": ", 1)[1]
+    if entry is not None:
+        return None if os.path.isfile(entry[0]) else f"its data file {entry[0]} is not found"
     if os.path.exists(path) or looks_like_hub_id(path):
         return None
     if path.lower().endswith(JSON_SUFFIXES + DATASET_SUFFIXES):
@@ -85,7 +118,11 @@ def is_dataset_source(path: str) -> bool:
 
 def default_image_folder(path: str) -> str:
     """Where relative image paths point without --image-folder: the data file's folder, a dataset folder
-    itself, or the working directory for a hub dataset."""
+    itself, the folder of LLaMA-Factory's dataset_info.json (its media_dir), or the working directory for a hub
+    dataset."""
+    table, colon, _ = path.rpartition(":")
+    if colon and os.path.basename(table) == DATASET_INFO:
+        return os.path.dirname(os.path.abspath(table))
     if os.path.isdir(path):
         return os.path.abspath(path)
     return os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else os.getcwd()
