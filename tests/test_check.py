@@ -175,3 +175,38 @@ def test_cli_checks_the_data_flags_as_train_does(tiny_bundle, flags, message):
     with pytest.raises(ConfigError) as refused:  # one line, exit 2 (ftloop.cli)
         main(["--train-data", tiny_bundle["train_json"], "--model-name-or-path", tiny_bundle["model_dir"], *flags])
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value), refused.value
+
+
+def test_show_prints_rows_as_the_model_sees_them(tiny_bundle, tmp_path, capsys):
+    """`--show N`: the rendered chat with its special tokens, an image as its merged patch grid (as many tokens as
+    the row carries), what is learnt between [[ and ]] (a reply marked "loss": false is not)."""
+    import re
+
+    from ftloop.data.encode import IMAGE_PAD
+
+    save_rgb(tmp_path / "wide.png", size=(112, 56))
+    rows = [{"messages": [{"role": "user", "content": "<image>Which shape?"},
+                          {"role": "assistant", "content": "A circle.", "loss": False},
+                          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}],
+             "images": ["wide.png"]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    data = write_json(tmp_path / "d.json", rows)
+    assert main(["--train-data", data, "--model-name-or-path", tiny_bundle["model_dir"], "--workers", "1",
+                 "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    shown = out[out.index(f"--- {data}: row 1"):out.index("\ntotal:")].strip()
+    assert f"{data}: row 2" not in out  # one row only
+    width, height = map(int, re.search(r"<image (\d+)x(\d+) patches>", shown).groups())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])
+    processor = AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])
+    [row] = load_rows(data)[:1]
+    from ftloop.data.encode import encode_row
+    _, ids, labels = encode_row(row, tokenizer, processor, ChatFormat(), "w")
+    assert width * height == ids.count(tokenizer.convert_tokens_to_ids(IMAGE_PAD)) and width == 2 * height
+    learnt = sum(label != -100 for label in labels)
+    assert shown.splitlines() == [
+        f"--- {data}: row 1 ({len(ids)} tokens, {learnt} learnt)",
+        "<|im_start|>system", "You are a helpful assistant.<|im_end|>", "<|im_start|>user",
+        f"<|vision_start|><image {width}x{height} patches><|vision_end|>Which shape?<|im_end|>",
+        "<|im_start|>assistant", "A circle.<|im_end|>", "<|im_start|>user", "Sure?<|im_end|>",
+        "<|im_start|>assistant", "[[Yes.<|im_end|>]]"]

@@ -33,13 +33,15 @@ import tyro
 from ftloop.cli import run_command
 from ftloop.config import DataArgs, check_model_path
 from ftloop.data.check_cache import Measured, cache_folder, cached_measurement
-from ftloop.data.encode import ChatFormat, chat_format, check_system_prompt, measure, vision_past_limit
+from ftloop.data.encode import (IMAGE_PAD, VIDEO_PAD, ChatFormat, chat_format, check_system_prompt, encode_row, measure,
+                                vision_past_limit)
 from ftloop.data.layouts import load_rows
 from ftloop.data.rows import Row
 from ftloop.data.sources import check_sources, row_number, where
 from ftloop.distributed import World
 from ftloop.errors import ConfigError, DataError, DataErrors, one_line
 from ftloop.data.model_folder import read_model_folder
+from ftloop.loss import IGNORE_INDEX
 
 CHUNK = 64  # rows per task handed to a pool worker
 
@@ -215,6 +217,40 @@ def report(path: str, measuring: Measuring, across: World | multiprocessing.pool
     return result
 
 
+def shown(row: Row, measuring: Measuring, where: str) -> str:
+    """A row as the model sees it, as LLaMA-Factory prints a sample before training: the rendered chat with its
+    special tokens, each image's pad tokens as `<image WxH patches>` (merged patches, one token each) and each
+    video's as `<video: N tokens>`, and what is learnt between `[[` and `]]`."""
+    tensors, ids, labels = encode_row(row, measuring.tokenizer, measuring.image_processor, measuring.chat, where)
+    tokenizer, merge = measuring.tokenizer, getattr(measuring.image_processor, "merge_size", 2)
+    image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PAD, VIDEO_PAD))
+    grids = iter(tensors["image_grid_thw"].tolist() if "image_grid_thw" in tensors else [])
+    out, text, learnt, i = [], [], False, 0
+    while i < len(ids):
+        if (labels[i] != IGNORE_INDEX) != learnt or ids[i] in (image_pad, video_pad):
+            out.append(tokenizer.decode(text))
+            text = []
+        if (labels[i] != IGNORE_INDEX) != learnt:
+            learnt = not learnt
+            out.append("[[" if learnt else "]]")
+        if ids[i] in (image_pad, video_pad):
+            end = i
+            while end < len(ids) and ids[end] == ids[i]:
+                end += 1
+            if ids[i] == image_pad:
+                _, height, width = next(grids)
+                out.append(f"<image {width // merge}x{height // merge} patches>")
+            else:
+                out.append(f"<video: {end - i} tokens>")
+            i = end
+            continue
+        text.append(ids[i])
+        i += 1
+    out.append(tokenizer.decode(text) + ("]]" if learnt else ""))
+    supervised = sum(label != IGNORE_INDEX for label in labels)
+    return f"--- {where} ({len(ids)} tokens, {supervised} learnt)\n" + "".join(out).rstrip("\n")
+
+
 @dataclass
 class CheckCommand:
     model_name_or_path: str = ""
@@ -222,6 +258,10 @@ class CheckCommand:
     data: DataArgs = field(default_factory=DataArgs)
     workers: int = os.cpu_count() or 1
     """Worker processes that measure rows (default: the CPU count); 1 measures in this process."""
+    show: int = 0
+    """Print the first N readable rows of each file as the model will see them (the rendered chat with its special
+    tokens, media as `<image 12x8 patches>`, what is learnt between `[[` and `]]`), as LLaMA-Factory prints a
+    sample before training."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     check_sources(data)
     if args.workers <= 0:
         raise ConfigError("--workers must be positive")
+    if args.show < 0:
+        raise ConfigError("--show must be 0 (no rows) or positive")
     try:
         hf_config, tokenizer, image_processor = read_model_folder(model, data.min_pixels, data.max_pixels)
         model_type = hf_config.model_type
@@ -255,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             across.join()
     for found in reports:
         print(found.summary())
+    for path, split in files if args.show > 0 else []:
+        print()
+        rows = load_rows(path, data.image_folder, [], data.data_format, split)
+        for row in rows[:args.show]:
+            try:
+                print(shown(row, measuring, where(path, row.number)))
+            except DataError as err:  # reported with the others below
+                print(f"--- {err}")
     total = sum(len(r.errors) for r in reports)
     if total:
         print()
