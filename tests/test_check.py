@@ -135,6 +135,7 @@ def test_cli_clean_data_exits_0_and_counts_long_rows(tiny_bundle, tmp_path):
     result = forked_python_m("ftloop.data.check", flags)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "total: 0 errors in 2 files" in result.stdout and "p99" in result.stdout
+    assert "checking train.json:   0%|" in result.stderr and "| 0/16 " in result.stderr  # the check's bar, 16 rows
     # rows over a small limit are counted (under --truncation right, image rows whose images end past it are
     # errors: test_the_check_finds_what_the_check_before_training_finds)
     text = [r for r in bundle_rows(b) if not r.get("image")]
