@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -233,7 +234,7 @@ def _unit_tensors(units, rank0: bool) -> Iterator[tuple[str, torch.Tensor]]:
     yielded there. No offload_to_cpu: on a GPU the unit is gathered on rank 0's GPU, as in a forward pass, and
     each tensor reaches the host already cast; so the host holds the pending shard only (and FSDP refuses
     offload_to_cpu for NO_SHARD anyway)."""
-    for unit, entries in units:
+    for unit, entries in tqdm(units, desc="exporting", unit="unit", leave=False, disable=not rank0):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=False):
             if rank0:
                 for name, module, attribute in entries:

@@ -11,7 +11,9 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import ShardingStrategy
+from tqdm import tqdm
 
 from ftloop.distributed import World, all_reduce_sum
 from ftloop.errors import DataError, RowFailedMidRun
@@ -63,7 +65,8 @@ def evaluate(model, loader, device: torch.device) -> float:
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     with stop_signals_held():  # the workers start here the first time
         batches = iter(loader)
-    for _ in range(len(loader)):
+    first = not dist.is_initialized() or dist.get_rank() == 0  # a long eval set is minutes: a bar on rank 0
+    for _ in tqdm(range(len(loader)), desc="eval", unit="batch", leave=False, dynamic_ncols=True, disable=not first):
         batch, failed = None, None
         try:
             batch = next(batches)

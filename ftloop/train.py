@@ -109,6 +109,7 @@ def prepare(cfg: Config, world: World) -> Setup:
                                    functools.partial(initial_adapter, seed=args.seed) if cfg.lora.lora_rank else None)
     model = wrap_fsdp(VisionLanguageSFT(skeleton.model, cfg.model.loss_chunk_size), skeleton.units, cfg.fsdp,
                       materialize, world)
+    materialize.progress.close()
     if weights is not None:
         weights.close()
     return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,

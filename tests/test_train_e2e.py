@@ -57,6 +57,10 @@ def test_metrics_record_every_logged_and_eval_step(fp32_run):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
     assert evals[-1]["best_eval_loss"] == min(r["eval_loss"] for r in evals)
     assert "exported" in result.stdout
+    # the long phases show a bar on rank 0 (the row check, the load, each evaluation, the export)
+    bars = {line.split(":")[0] for line in result.stderr.replace("\r", "\n").splitlines()}
+    assert {"checking train.json", "checking eval.json", "loading weights", "eval", "exporting"} <= bars, bars
+    assert result.stderr.count("loading weights: 0tensor") == 1  # rank 0's alone
 
 
 def test_sharded_checkpoint_written_by_every_rank(fp32_run):

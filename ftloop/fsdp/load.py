@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 
@@ -67,6 +68,8 @@ class UnitMaterializer:
         # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
         # flattened and sharded them; the meta tensor is kept so that its id is never reused.
         self.done: dict[int, tuple[torch.Tensor, weakref.ref]] = {}
+        # minutes at 72B: a count of the tensors loaded on rank 0 (closed by the caller once FSDP has wrapped)
+        self.progress = tqdm(desc="loading weights", unit="tensor", leave=False, disable=not world.is_main)
 
     def __call__(self, module: nn.Module) -> None:
         path = self.names.get(module)
@@ -100,6 +103,7 @@ class UnitMaterializer:
             self._compute_buffers(module, path, computed)
 
     def _receive(self, name: str, meta: torch.Tensor) -> torch.Tensor:
+        self.progress.update()
         if self.reads:  # shapes were checked against the headers by FolderWeights
             tensor = self.weights.read(name, meta.dtype).to(self.device).contiguous()
         else:
@@ -199,7 +203,8 @@ def load_weights_into(model: FSDP, weights: FolderWeights | None, world: World, 
     broadcasts them, and every rank writes its shard back: no rank holds more than one unit beyond its shards.
     `only(name)`: the parameters to overwrite (units holding none of them are left alone); default all. A tensor that
     is not finite stops every rank with rank 0's line (`stop_nonfinite`): each checks the values broadcast."""
-    for unit, entries in unit_parameters(model):
+    units = unit_parameters(model)  # minutes at 72B: a bar on rank 0
+    for unit, entries in tqdm(units, desc="loading weights", unit="unit", leave=False, disable=not world.is_main):
         if only is not None:
             entries = [entry for entry in entries if only(entry[0].removeprefix(prefix))]
             if not entries:
