@@ -22,6 +22,9 @@ In both, a turn may carry ms-swift's `"loss": false`: an assistant reply kept as
   `images` (videos in `videos`) placed by `<image>` tags or by Qwen-VL's `<img>path</img>` in the text. As
   ms-swift does, images beyond the `<image>` tags get their tags at the start of the first query (this layout
   only: elsewhere, a count that does not match is a bad row).
+- a data set of LLaMA-Factory's `dataset_info.json` (`DIR/dataset_info.json:NAME`): its entry names the layout
+  (`formatting`: sharegpt or alpaca) and the row's keys and roles (`columns`, `tags`), read into the messages
+  layout.
 
 The layout of a source is told from its first rows' keys (--data-format forces one). Every problem is reported
 as one line naming the source and the row.
@@ -30,6 +33,7 @@ as one line naming the source and the row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 
@@ -82,13 +86,11 @@ def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None
         if not errors:
             raise DataError(f"{path}: no rows")
         return []
-    if listed is not None:
-        layout, normalize = "llama-factory", lambda row, where, folder: normalize_llama_factory_row(row, entry, where,
-                                                                                                    folder)
+    if listed is not None:  # the entry names the layout and its keys
+        normalize = functools.partial(normalize_llama_factory_row, entry=entry)
     else:
-        layout = detect_format(path, rows, data_format)
         normalize = {"llava": normalize_llava_row, "messages": normalize_messages_row,
-                     "query": normalize_query_row}[layout]
+                     "query": normalize_query_row}[detect_format(path, rows, data_format)]
     if errors is None:
         return [dataclasses.replace(normalize(row, where(path, n), folder), number=n) for n, row in rows]
     good = []
@@ -310,7 +312,7 @@ SHAREGPT_DEFAULTS = {"messages": "conversations", "role_tag": "from", "content_t
 ALPACA_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
-def normalize_llama_factory_row(row: dict, entry: dict, where: str, image_folder: str) -> Row:
+def normalize_llama_factory_row(row: dict, where: str, image_folder: str, entry: dict) -> Row:
     """A row of a data set listed in LLaMA-Factory's dataset_info.json, read as LLaMA-Factory reads it: its
     `formatting` (sharegpt or alpaca), `columns` and `tags` name the row's keys and roles; -> the messages layout."""
     names = {**(entry.get("columns") or {}), **(entry.get("tags") or {})}
