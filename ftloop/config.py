@@ -133,7 +133,8 @@ class DataArgs:
     """Training rows: a .json (array) or .jsonl file, a Hugging Face dataset folder (`save_to_disk`; its `train`
     split), a .parquet or .arrow file, or a hub dataset name (org/name; needs network or the HF cache). Rows in
     LLaVA layout (`conversations`, `image`, `video`) or messages layout (`messages`, `images`); or
-    `DIR/dataset_info.json:NAME`, data set NAME of LLaMA-Factory's table, read as LLaMA-Factory reads it. Also
+    `DIR/dataset_info.json:NAME`, data set NAME of LLaMA-Factory's table, read as LLaMA-Factory reads it; or a
+    mixture file (`.yaml`: a list of `- path: ...` with optional `image_folder` and `weight`) for several. Also
     --data-path, the name in 2U1's and Qwen's older scripts."""
     eval_data: Annotated[str, tyro.conf.arg(aliases=("--eval-path",))] = ""
     """Held-out rows, in any form --train-data takes (a DatasetDict gives its `validation`, else `test` split);

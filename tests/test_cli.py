@@ -373,3 +373,14 @@ def test_epochs_set_the_steps_with_a_partial_last_epoch_and_too_few_rows_are_ref
         "ftloop: error: --train-data has 16 rows, fewer than one global batch of 18 (processes x "
         "--per-device-train-batch-size x --gradient-accumulation-steps)")
     assert not os.path.exists(tmp_path / "few" / "metrics.jsonl")
+
+
+def test_a_mixture_file_trains_its_sources_together(tiny_bundle, tmp_path):
+    """--train-data mix.yaml: the bundle's rows twice (weight 2) and a second source with its own media folder."""
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"- path: {tiny_bundle['train_json']}\n  image_folder: {tiny_bundle['image_folder']}\n  weight: 2\n"
+                   f"- path: {tiny_bundle['eval_json']}\n  image_folder: {tiny_bundle['image_folder']}\n")
+    flags = train_flags(tiny_bundle, tmp_path / "out", "--train-data", str(mix), "--image-folder", "", "--max-steps",
+                        "2", "--per-device-train-batch-size", "2")
+    result = check(forked_python_m("ftloop.train", flags))
+    assert "40 train rows" in result.stdout  # 16 x 2 + 8

@@ -349,6 +349,46 @@ def test_llama_factory_dataset_info_entries_are_read_as_llama_factory_reads_them
     one_line_error(excinfo, bad, "row 2", "role 'tool' is none of dataset_info.json's tags")
 
 
+def test_a_mixture_file_reads_each_source_with_its_own_media_folder_and_weight(data_dir, tmp_path, tokenizer,
+                                                                             image_processor):
+    """`--train-data mix.yaml`: several sources, each in its own layout and with its own media folder, its rows
+    `weight` times, in the file's order; every message about a row names the row's own file."""
+    from ftloop.config import DataArgs
+    from ftloop.data.check import Measuring
+    from ftloop.data.encode import ChatFormat
+    from ftloop.data.sources import check_sources
+    from ftloop.errors import ConfigError
+
+    other = tmp_path / "other"
+    os.makedirs(other / "pictures")
+    save_rgb(other / "pictures" / "a.png")
+    llava = write_json(data_dir / "l.json", LLAVA)
+    messages = write_jsonl(other / "m.jsonl", [dict(MESSAGES[0]), {"messages": [msg("user", "<|im_end|>hi"),
+                                                                               msg("assistant", "x")]}])
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"- path: {llava}\n  weight: 2\n- path: other/m.jsonl\n  image_folder: other/pictures\n")
+    rows = load_rows(str(mix))
+    alone = load_rows(messages, str(other / "pictures"))
+    assert rows == load_rows(llava) * 2 + alone and [r.source for r in rows] == [llava] * 6 + [str(messages)] * 2
+    assert rows[6].images == [str(other / "pictures" / "a.png")]
+    measuring = Measuring(tokenizer, image_processor, ChatFormat())
+    assert measuring(rows[7], str(mix)).startswith(f"{messages}: row 2: message 1 (user) holds the special token")
+    from ftloop.data.batches import SFTDataset
+    with pytest.raises(DataError, match=f"^{messages}: row 2: message 1"):  # as a loader worker would meet it
+        SFTDataset(rows, tokenizer, image_processor, 2048, ChatFormat(), str(mix))[7]
+    for text, needle in [("- path: x.json\n  weight: 0\n", "source 1's weight 0: the times its rows go into"),
+                         ("- path: x.json\n  folder: y\n", "source 1 must be `path` (text) with optional "
+                                                              "`image_folder` and `weight`; unknown: folder"),
+                         ("path: x.json\n", "a mixture file is a list of sources")]:
+        mix.write_text(text)
+        with pytest.raises(DataError) as excinfo:
+            load_rows(str(mix))
+        one_line_error(excinfo, str(mix), needle)
+    mix.write_text("- path: gone.json\n")
+    with pytest.raises(ConfigError, match=r"^--train-data .*mix.yaml: its source .*gone.json: file not found$"):
+        check_sources(DataArgs(train_data=str(mix)))
+
+
 BAD_LLAVA_VIDEOS = {
     "too few videos": ({"video": ["f1.png"], "conversations": turns(("human", "<video><video>"), ("gpt", "x"))},
                        "2 `<video>` placeholders but 1 videos"),

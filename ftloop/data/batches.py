@@ -32,7 +32,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        where = row_where(self.source, row.number)
+        where = row_where(row.source or self.source, row.number)
         sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.chat, where)
         if len(input_ids) > self.max_seq_length:
             input_ids, labels = cut_to_length(input_ids, labels, self.max_seq_length, self.tokenizer, where)

@@ -70,7 +70,7 @@ class Measuring:
 
     def __call__(self, row: Row, source: str) -> int | str:
         """The row's token length (uncut), or its one-line problem."""
-        row_at = where(source, row.number)
+        row_at = where(row.source or source, row.number)
         try:
             length, vision_end = measure(row, self.tokenizer, self.image_processor, self.chat, row_at, self.max_images)
         except DataError as err:
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_rows(path, data.image_folder, [], data.data_format, split)
         for row in rows[:args.show]:
             try:
-                print(shown(row, measuring, where(path, row.number)))
+                print(shown(row, measuring, where(row.source or path, row.number)))
             except DataError as err:  # reported with the others below
                 print(f"--- {err}")
     total = sum(len(r.errors) for r in reports)

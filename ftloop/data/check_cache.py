@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from ftloop.data.rows import Row
-from ftloop.data.sources import ImageRef, InlineImage, dataset_info_entry
+from ftloop.data.sources import ImageRef, InlineImage, dataset_info_entry, read_mixture
 from ftloop.distributed import World, agree, print0
 
 FORMAT = 1  # bump when the file's layout or the key's meaning changes
@@ -82,6 +82,10 @@ def _file_digest(path: str) -> list:
 def source_fingerprint(path: str) -> str | None:
     """A digest of a data file, or of a dataset folder's files (sorted); None for a hub dataset name, whose
     rows may change with each download: it is always checked. OSError when the source cannot be read."""
+    mixed = read_mixture(path)
+    if mixed is not None:  # the file (weights, folders) and every source's own fingerprint
+        parts = [source_fingerprint(source.path) for source in mixed]
+        return None if None in parts else hashlib.sha256(json.dumps([_file_digest(path), parts]).encode()).hexdigest()
     listed = dataset_info_entry(path)
     if listed is not None:  # LLaMA-Factory's entry (its column names) and its data file
         return hashlib.sha256(json.dumps([listed[1], _file_digest(listed[0])]).encode()).hexdigest()

@@ -22,6 +22,8 @@ In both, a turn may carry ms-swift's `"loss": false`: an assistant reply kept as
   `images` (videos in `videos`) placed by `<image>` tags or by Qwen-VL's `<img>path</img>` in the text. As
   ms-swift does, images beyond the `<image>` tags get their tags at the start of the first query (this layout
   only: elsewhere, a count that does not match is a bad row).
+- several sources in one mixture file (`.yaml`: a list of `{path, image_folder, weight}`), each read as its own
+  layout, its rows repeated `weight` times, concatenated in the file's order (the sampler then orders them all).
 - a data set of LLaMA-Factory's `dataset_info.json` (`DIR/dataset_info.json:NAME`): its entry names the layout
   (`formatting`: sharegpt or alpaca) and the row's keys and roles (`columns`, `tags`), read into the messages
   layout.
@@ -41,7 +43,7 @@ from ftloop.config import DataArgs
 from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image, message,
                               per_video_fps)
 from ftloop.data.sources import (dataset_info_entry, decode_data_uri, default_image_folder, is_dataset_source,
-                                 read_dataset_rows, read_json_rows, where)
+                                 read_dataset_rows, read_json_rows, read_mixture, where)
 from ftloop.errors import DataError
 
 
@@ -77,6 +79,11 @@ def load_rows(path: str, image_folder: str = "", errors: list[str] | None = None
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, not {data_format!r}")
+    mixed = read_mixture(path)
+    if mixed is not None:  # each source with its own media folder (else `image_folder`), its rows `weight` times
+        return [dataclasses.replace(row, source=source.path) for source in mixed
+                for row in load_rows(source.path, source.image_folder or image_folder, errors, data_format, split)
+                * source.weight]
     folder = image_folder or default_image_folder(path)
     listed = dataset_info_entry(path)  # LLaMA-Factory's DIR/dataset_info.json:NAME
     if listed is not None:

@@ -32,6 +32,8 @@ class Row:
     """Frames per second of each video (None for Qwen's default), when the row gives any."""
     number: int = 0
     """Its 1-based number in its source: the N of every message about it."""
+    source: str = field(default="", compare=False)
+    """The file it was read from, where that is not the --train-data / --eval-data given (a mixture's sources)."""
 
 
 def is_image(value) -> bool:

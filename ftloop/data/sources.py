@@ -30,6 +30,9 @@ import os
 import pickle
 import re
 import uuid
+from dataclasses import dataclass
+
+import yaml
 
 from ftloop.config import DataArgs
 from ftloop.errors import ConfigError, DataError, one_line
@@ -58,6 +61,49 @@ def looks_like_hub_id(path: str) -> bool:
     """`name` or `org/name` that is not a local path and not a data file name (`x.json` is a missing file)."""
     return (not os.path.exists(path) and HUB_ID.fullmatch(path) is not None
             and not path.lower().endswith(JSON_SUFFIXES + DATASET_SUFFIXES))
+
+
+MIXTURE_SUFFIXES = (".yaml", ".yml")  # several sources in one --train-data / --eval-data
+
+
+@dataclass(frozen=True)
+class MixedSource:
+    """One source of a mixture file: its path, its own media folder ("" for the source's default) and how many
+    times its rows go into the run (`weight`)."""
+    path: str
+    image_folder: str = ""
+    weight: int = 1
+
+
+def read_mixture(path: str) -> list[MixedSource] | None:
+    """The sources of a mixture file (`.yaml`: a list of `{path, image_folder, weight}`, paths relative to the
+    file's folder); None for any other source. DataError naming the file and the entry when it cannot be one."""
+    if not path.lower().endswith(MIXTURE_SUFFIXES):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = yaml.safe_load(f)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({one_line(err)})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: a mixture file is a list of sources (`- path: ...`, with optional `image_folder` "
+                        "and `weight`)")
+    folder, sources = os.path.dirname(os.path.abspath(path)), []
+    for number, entry in enumerate(entries, start=1):
+        unknown = sorted(set(entry) - {"path", "image_folder", "weight"}) if isinstance(entry, dict) else None
+        if unknown is None or not isinstance(entry.get("path"), str) or unknown:
+            raise DataError(f"{path}: source {number} must be `path` (text) with optional `image_folder` and "
+                            f"`weight`" + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else ""))
+        weight = entry.get("weight", 1)
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise DataError(f"{path}: source {number}'s weight {weight!r}: the times its rows go into the run, a "
+                            "whole number of at least 1")
+        media = entry.get("image_folder") or ""
+        sources.append(MixedSource(os.path.join(folder, entry["path"]), media and os.path.join(folder, media),
+                                   weight))
+    return sources
 
 
 DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's table of data sets: name -> file, layout, column names
@@ -91,9 +137,12 @@ def source_problem(path: str) -> str | None:
     """None when `path` can be tried as data (an existing file or folder, or a hub dataset name, which may
     still fail to load later), else what is wrong with it."""
     try:
-        entry = dataset_info_entry(path)
+        mixed, entry = read_mixture(path), dataset_info_entry(path)
     except DataError as err:
         return str(err).split(": ", 1)[1]
+    if mixed is not None:
+        problems = ((source.path, source_problem(source.path)) for source in mixed)
+        return next((f"its source {where_}: {problem}" for where_, problem in problems if problem), None)
     if entry is not None:
         return None if os.path.isfile(entry[0]) else f"its data file {entry[0]} is not found"
     if os.path.exists(path) or looks_like_hub_id(path):
