@@ -379,7 +379,8 @@ def test_a_mixture_file_reads_each_source_with_its_own_media_folder_and_weight(d
     for text, needle in [("- path: x.json\n  weight: 0\n", "source 1's weight 0: the times its rows go into"),
                          ("- path: x.json\n  folder: y\n", "source 1 must be `path` (text) with optional "
                                                               "`image_folder` and `weight`; unknown: folder"),
-                         ("path: x.json\n", "a mixture file is a list of sources")]:
+                         ("path: x.json\n", "a mixture file is a list of sources"),
+                         ("- path: [x.json\n", "not valid YAML")]:
         mix.write_text(text)
         with pytest.raises(DataError) as excinfo:
             load_rows(str(mix))

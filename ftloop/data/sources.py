@@ -63,6 +63,20 @@ def looks_like_hub_id(path: str) -> bool:
             and not path.lower().endswith(JSON_SUFFIXES + DATASET_SUFFIXES))
 
 
+def read_table(path: str, parse):
+    """`parse(file)` (json.load, yaml.safe_load) of the small file at `path` that says where the data is; a file
+    that cannot be read or parsed is one DataError line naming it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return parse(f)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({one_line(err)})") from None
+
+
 MIXTURE_SUFFIXES = (".yaml", ".yml")  # several sources in one --train-data / --eval-data
 
 
@@ -80,13 +94,7 @@ def read_mixture(path: str) -> list[MixedSource] | None:
     file's folder); None for any other source. DataError naming the file and the entry when it cannot be one."""
     if not path.lower().endswith(MIXTURE_SUFFIXES):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = yaml.safe_load(f)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({one_line(err)})") from None
+    entries = read_table(path, yaml.safe_load)
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: a mixture file is a list of sources (`- path: ...`, with optional `image_folder` "
                         "and `weight`)")
@@ -115,13 +123,7 @@ def dataset_info_entry(path: str) -> tuple[str, dict] | None:
     table, colon, name = path.rpartition(":")
     if not colon or os.path.basename(table) != DATASET_INFO:
         return None
-    try:
-        with open(table, encoding="utf-8-sig") as f:
-            entries = json.load(f)
-    except OSError as err:
-        raise DataError(f"{table}: cannot read ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{table}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    entries = read_table(table, json.load)
     entry = entries.get(name) if isinstance(entries, dict) else None
     if not isinstance(entry, dict):
         known = ", ".join(sorted(entries)[:10]) if isinstance(entries, dict) else "none"
