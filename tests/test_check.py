@@ -211,3 +211,16 @@ def test_show_prints_rows_as_the_model_sees_them(tiny_bundle, tmp_path, capsys):
         f"<|vision_start|><image {width}x{height} patches><|vision_end|>Which shape?<|im_end|>",
         "<|im_start|>assistant", "A circle.<|im_end|>", "<|im_start|>user", "Sure?<|im_end|>",
         "<|im_start|>assistant", "[[Yes.<|im_end|>]]"]
+
+
+def test_a_mixture_is_reported_source_by_source(tiny_bundle, tmp_path, capsys):
+    """Each source of a mixture file gets its own report, read with its own media folder (weights shape training
+    only)."""
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"- path: {tiny_bundle['train_json']}\n  image_folder: {tiny_bundle['image_folder']}\n  weight: 3\n"
+                   f"- path: {tiny_bundle['eval_json']}\n  image_folder: {tmp_path}\n")
+    assert main(["--train-data", str(mix), "--model-name-or-path", tiny_bundle["model_dir"], "--workers", "1"]) == 2
+    out = capsys.readouterr().out
+    assert f"{tiny_bundle['train_json']}: 16 rows, 14 images" in out and "0 errors\n" in out
+    assert f"{tiny_bundle['eval_json']}: 8 rows" in out and "image not found" in out  # its own (wrong) folder
+    assert "errors in 2 files" in out

@@ -38,7 +38,7 @@ from ftloop.data.encode import (IMAGE_PAD, VIDEO_PAD, ChatFormat, chat_format, c
                                 vision_past_limit)
 from ftloop.data.layouts import load_rows
 from ftloop.data.rows import Row
-from ftloop.data.sources import check_sources, row_number, where
+from ftloop.data.sources import check_sources, read_mixture, row_number, where
 from ftloop.distributed import World
 from ftloop.errors import ConfigError, DataError, DataErrors, one_line
 from ftloop.data.model_folder import read_model_folder
@@ -295,24 +295,28 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--model-name-or-path {model}: cannot load the tokenizer and image processor "
                           f"({one_line(err)})") from None
 
-    files = [(path, split) for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path]
+    # (source, its media folder, split): a mixture's sources each on their own (their weights shape training only)
+    files = [(source.path, source.image_folder or data.image_folder, split) if mixed
+             else (path, data.image_folder, split)
+             for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path
+             for mixed in [read_mixture(path)] for source in (mixed or [None])]
     measuring = Measuring(tokenizer, image_processor, chat_format(data.system_prompt, model_type), data.max_seq_length,
                           data.truncation, data.max_images_per_sample)
     across = make_pool(args.workers, measuring) if args.workers > 1 else World.single()
     try:
-        reports = [report(path, measuring, across, data.image_folder, data.data_format, split) for path, split in files]
+        reports = [report(path, measuring, across, folder, data.data_format, split) for path, folder, split in files]
     finally:
         if not isinstance(across, World):
             across.close()
             across.join()
     for found in reports:
         print(found.summary())
-    for path, split in files if args.show > 0 else []:
+    for path, folder, split in files if args.show > 0 else []:
         print()
-        rows = load_rows(path, data.image_folder, [], data.data_format, split)
+        rows = load_rows(path, folder, [], data.data_format, split)
         for row in rows[:args.show]:
             try:
-                print(shown(row, measuring, where(row.source or path, row.number)))
+                print(shown(row, measuring, where(path, row.number)))
             except DataError as err:  # reported with the others below
                 print(f"--- {err}")
     total = sum(len(r.errors) for r in reports)
