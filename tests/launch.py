@@ -88,7 +88,8 @@ def _forked(target: list[str], environments: list[dict], timeout: float) -> subp
     """One forked process per environment, their output gathered as a terminal would show it."""
     with tempfile.TemporaryDirectory() as folder:
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        open(out, "w").close(), open(err, "w").close()
+        for path in (out, err):
+            open(path, "w").close()
         processes = [_FORK_SERVER.Process(target=_run_forked, args=(target, e, out, err)) for e in environments]
         for p in processes:
             p.start()

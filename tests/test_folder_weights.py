@@ -29,6 +29,19 @@ def materialize(folder, dtype=torch.float32):
     return model
 
 
+def test_the_load_counts_every_tensor_it_reads_on_its_bar(tiny_bundle):
+    """The load's progress bar (rank 0) advances once per tensor read: as many as the folder holds."""
+    from safetensors import safe_open
+
+    folder = tiny_bundle["model_dir"]
+    model = meta_model(folder)
+    fill = UnitMaterializer(model, FolderWeights(folder, model), World.single())
+    for module in model.modules():
+        fill(module)
+    with safe_open(os.path.join(folder, SINGLE_FILE), "pt") as f:
+        assert fill.progress.n == len(list(f.keys())) > 0
+    fill.progress.close()
+
 def copy_folder(src, dst, tensors: dict | None = None, filename=SINGLE_FILE):
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
