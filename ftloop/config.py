@@ -8,6 +8,9 @@ the Hugging Face TrainingArguments names without a group prefix (`--learning-rat
 the ones of the guide this project grew from: Adafactor without relative steps or parameter scaling,
 constant schedule with warmup, bf16 compute and eval, FSDP full shard with backward prefetch, gradient
 checkpointing (non-reentrant), best model by eval loss, wandb reporting.
+
+This file is long because it is the one home of every flag: each group's fields, their `--help` text and their
+checks, and the parsing that turns a command line (HF spellings included) into a Config.
 """
 
 from __future__ import annotations
@@ -127,6 +130,46 @@ class LoraArgs:
               "--lora-rank with no --lora-target-modules or --lora-vision-target-modules: name the projections")
 
 
+@dataclass(frozen=True)
+class VideoArgs:
+    """How a video file is sampled and sized, as Qwen's own tools do (qwen-vl-utils; ftloop.data.video): frames at
+    --video-fps between --video-min-frames and --video-max-frames (an even count: the temporal patch), each
+    resized within --video-min-pixels .. --video-max-pixels and within the video's share of --video-total-pixels.
+    The pixel defaults are qwen-vl-utils', in tokens of the model's patch: with f = patch_size x merge_size (28
+    for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL), 128 f^2, 768 f^2 and 0.9 x 128000 f^2. A video given as a list
+    of frame images takes all its frames, each within --min-pixels / --max-pixels, as qwen-vl-utils does."""
+    video_fps: float = 2.0
+    """Frames sampled per second of a video file (a row's own `fps` / `video_fps` for a video wins)."""
+    video_min_frames: int = 4
+    """Fewest frames sampled from a video file (rounded up to an even count; a shorter video gives all it has)."""
+    video_max_frames: int = 768
+    """Most frames sampled from a video file (rounded down to an even count)."""
+    video_min_pixels: int | None = None
+    """Smallest area (pixels) of a video file's frames (default: 128 f^2 = 100,352 for Qwen2/2.5-VL, 131,072 for
+    Qwen3-VL)."""
+    video_max_pixels: int | None = None
+    """Largest area (pixels) of a video file's frames (default: 768 f^2 = 602,112 for Qwen2/2.5-VL, 786,432 for
+    Qwen3-VL)."""
+    video_total_pixels: int | None = None
+    """Pixels of all a video file's frames together: each frame gets at most 2 x this / frames, never below 1.05 x
+    --video-min-pixels (default: 0.9 x 128000 f^2 = 90,316,800 for Qwen2/2.5-VL, 117,964,800 for Qwen3-VL; lower
+    it to fit long videos in --max-seq-length)."""
+
+    def check(self) -> None:
+        _need(self.video_fps > 0, "--video-fps must be positive")
+        _need(self.video_min_frames >= 1, "--video-min-frames must be 1 or more")
+        _need(self.video_max_frames >= 2, "--video-max-frames must be 2 or more (frames go in pairs)")
+        _need(self.video_min_frames <= self.video_max_frames,
+              f"--video-min-frames {self.video_min_frames} is above --video-max-frames {self.video_max_frames}")
+        for name in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
+            value = getattr(self, name)
+            _need(value is None or value > 0, f"--{name.replace('_', '-')} must be positive")
+        low, high = self.video_min_pixels, self.video_max_pixels
+        _need(low is None or high is None or low <= high,
+              f"--video-min-pixels {low} is above --video-max-pixels {high}; give --video-min-pixels <= "
+              "--video-max-pixels")
+
+
 @dataclass
 class DataArgs:
     train_data: Annotated[str, tyro.conf.arg(aliases=("--data-path",))] = ""
@@ -182,6 +225,8 @@ class DataArgs:
     max_pixels: int | None = None
     """Largest area (pixels) an image or video frame is resized to: fewer pixels, fewer vision tokens (default:
     the checkpoint's preprocessor config). Exported with the image processor."""
+    video: VideoArgs = field(default_factory=VideoArgs)
+    """Video files: how their frames are sampled and sized."""
     max_images_per_sample: int = 0
     """Rows with more images are bad rows (see --skip-bad-rows); videos do not count. 0: no limit."""
     dataloader_num_workers: int = 1
@@ -222,6 +267,7 @@ class DataArgs:
               f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}; give --min-pixels <= "
               "--max-pixels")
         _need(self.max_images_per_sample >= 0, "--max-images-per-sample must be 0 (no limit) or positive")
+        self.video.check()
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from datautil import save_rgb, write_json
+from ftloop.config import VideoArgs
 from ftloop.data.batches import SFTDataset
 from ftloop.data.check import Measuring, checked_rows, main, make_pool, report
 from ftloop.data.encode import ChatFormat
@@ -202,7 +203,7 @@ def test_show_prints_rows_as_the_model_sees_them(tiny_bundle, tmp_path, capsys):
     processor = AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])
     [row] = load_rows(data)[:1]
     from ftloop.data.encode import encode_row
-    _, ids, labels = encode_row(row, tokenizer, processor, ChatFormat(), "w")
+    _, ids, labels = encode_row(row, tokenizer, processor, VideoArgs(), ChatFormat(), "w")
     assert width * height == ids.count(tokenizer.convert_tokens_to_ids(IMAGE_PAD)) and width == 2 * height
     learnt = sum(label != -100 for label in labels)
     assert shown.splitlines() == [

@@ -100,8 +100,8 @@ def test_train_loads_the_processor_with_the_limits(tiny_bundle, tmp_path):
 def test_too_many_images_is_a_bad_row(tmp_path, tokenizer, image_processor):
     paths = [save_rgb(tmp_path / f"{k}.png") for k in range(3)]
     row = dataclasses.replace(image_row(paths), number=12, videos=[paths])  # a video's frames do not count as images
-    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=3)(row, "train.json") > 0
-    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=0)(row, "train.json") > 0  # 0: no limit
+    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=3)(row, "train.json")[0] > 0
+    assert Measuring(tokenizer, image_processor, SYSTEM, max_images=0)(row, "train.json")[0] > 0  # 0: no limit
     assert Measuring(tokenizer, image_processor, SYSTEM, max_images=2)(row, "train.json") == \
         "train.json: row 12: 3 images, more than --max-images-per-sample 2"
 

@@ -120,7 +120,7 @@ def test_a_qwen3_vl_video_is_written_as_its_processor_writes_its_frame_groups(fr
     inputs = {"video_grid_thw": torch.tensor([[groups, 4, 6]]),
               "video_metadata": [SimpleNamespace(fps=fps, frames_indices=list(range(frames)))]}
     expected = processor.replace_video_token(inputs, video_idx=0)
-    assert video_block(groups * 4 * 6 // 4, group_times(frames, 2, fps)) == expected
+    assert video_block(groups * 4 * 6 // 4, group_times([k / fps for k in range(frames)], 2)) == expected
     assert expected.count("<|vision_start|>") == groups
 
 

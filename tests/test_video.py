@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from datautil import SYSTEM, one_line_error, save_rgb
+from videoutil import qwen_video_layout
+from ftloop.config import VideoArgs
 from ftloop.loss import IGNORE_INDEX
 from ftloop.data.batches import SFTDataset, make_collate
 from ftloop.errors import DataError
@@ -22,18 +24,8 @@ def noise_frame(path, seed, size=(56, 56)):
     return str(path)
 
 
-def qwen_video_layout(frames: np.ndarray, processor) -> tuple[torch.Tensor, list[int]]:
-    """Reference: transformers' Qwen2VLVideoProcessor.patchify (padding by the last frame, view, permute),
-    written out here because that class cannot be imported without torchvision. frames: (F, C, H, W)."""
-    video = torch.from_numpy(frames)[None]
-    temporal, patch, merge = processor.temporal_patch_size, processor.patch_size, processor.merge_size
-    if pad := -video.shape[1] % temporal:
-        video = torch.cat([video, video[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
-    _, num_frames, channel, height, width = video.shape
-    t, h, w = num_frames // temporal, height // patch, width // patch
-    patches = video.reshape(1, t, temporal, channel, h // merge, merge, patch, w // merge, merge, patch)
-    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    return patches.reshape(t * h * w, channel * temporal * patch * patch), [t, h, w]
+def rgb(path) -> Image.Image:
+    return Image.open(path).convert("RGB")
 
 
 def normalized(path, processor) -> np.ndarray:
@@ -46,7 +38,7 @@ def normalized(path, processor) -> np.ndarray:
 
 def test_video_of_one_repeated_frame_equals_the_image(tmp_path, image_processor):
     frame = noise_frame(tmp_path / "f.png", 0, size=(70, 45))  # resized by the processor
-    pixels, grid = video_patches([frame] * image_processor.temporal_patch_size, image_processor, "row 1")
+    pixels, grid = video_patches([rgb(frame)] * image_processor.temporal_patch_size, image_processor, "row 1")
     image = image_processor(images=[Image.open(frame).convert("RGB")], return_tensors="pt")
     assert [grid] == image["image_grid_thw"].tolist()
     assert torch.equal(pixels, image["pixel_values"])  # exactly: same patches, same order, same values
@@ -55,21 +47,22 @@ def test_video_of_one_repeated_frame_equals_the_image(tmp_path, image_processor)
 @pytest.mark.parametrize("num_frames", [1, 2, 3, 4])
 def test_distinct_frames_follow_qwens_video_layout(tmp_path, image_processor, num_frames):
     frames = [noise_frame(tmp_path / f"{k}.png", k) for k in range(num_frames)]
-    pixels, grid = video_patches(frames, image_processor, "row 1")
-    want, want_grid = qwen_video_layout(np.stack([normalized(f, image_processor) for f in frames]), image_processor)
+    pixels, grid = video_patches([rgb(f) for f in frames], image_processor, "row 1")
+    want, want_grid = qwen_video_layout(torch.from_numpy(np.stack([normalized(f, image_processor) for f in frames])),
+                                        image_processor)
     assert grid == want_grid == [-(-num_frames // 2), 4, 4]  # frames padded up to a multiple of 2
     torch.testing.assert_close(pixels, want, rtol=0, atol=1e-5)
 
 
 def test_frames_of_another_size_take_the_first_frames_size(tmp_path, image_processor):
     frames = [noise_frame(tmp_path / "a.png", 1), noise_frame(tmp_path / "b.png", 2, size=(112, 84))]
-    pixels, grid = video_patches(frames, image_processor, "row 1")
+    pixels, grid = video_patches([rgb(f) for f in frames], image_processor, "row 1")
     assert grid == [1, 4, 4] and pixels.shape == (16, 3 * 2 * 14 * 14)
 
 
 def test_video_inputs_grids_and_seconds(tmp_path, image_processor):
     frames = [noise_frame(tmp_path / f"{k}.png", k) for k in range(5)]
-    out, times = video_inputs([frames[:3], frames], image_processor, "row 1", fps=[None, 4.0])
+    out, times = video_inputs([frames[:3], frames], image_processor, VideoArgs(), "row 1", fps=[None, 4.0])
     assert out["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 4]]
     assert out["pixel_values_videos"].shape[0] == 2 * 16 + 3 * 16
     assert out["second_per_grid_ts"].tolist() == [2 / DEFAULT_FPS, 2 / 4.0]  # temporal_patch_size / fps
@@ -81,13 +74,13 @@ def test_video_inputs_grids_and_seconds(tmp_path, image_processor):
 def test_video_errors_name_the_row(tmp_path, image_processor):
     frame = save_rgb(tmp_path / "a.png")
     with pytest.raises(DataError) as excinfo:
-        video_inputs([[frame, str(tmp_path / "gone.png")]], image_processor, "train.json: row 4")
+        video_inputs([[frame, str(tmp_path / "gone.png")]], image_processor, VideoArgs(), "train.json: row 4")
     one_line_error(excinfo, "train.json: row 4", "gone.png")
     with pytest.raises(DataError) as excinfo:
-        video_inputs([[]], image_processor, "train.json: row 5")
+        video_inputs([[]], image_processor, VideoArgs(), "train.json: row 5")
     one_line_error(excinfo, "train.json: row 5", "no frames")
     with pytest.raises(DataError) as excinfo:
-        video_inputs([[frame]], image_processor, "train.json: row 6", fps=[0])
+        video_inputs([[frame]], image_processor, VideoArgs(), "train.json: row 6", fps=[0])
     one_line_error(excinfo, "train.json: row 6", "fps")
 
 
@@ -160,10 +153,11 @@ def test_check_measures_video_rows_as_the_dataset_tokenises_them(tokenizer, imag
 
     r = dataclasses.replace(row([frames[0]], [frames[1:6]], reply="a long answer " * 6), number=3)
     sample = SFTDataset([r], tokenizer, image_processor, 4096, SYSTEM)[0]
-    assert Measuring(tokenizer, image_processor, SYSTEM)(r, "t.json") == len(sample["input_ids"])
+    # the length, and each video's frames as fed (5, padded to 6) and tokens (3 groups x 4 x 4 patches / 2^2)
+    assert Measuring(tokenizer, image_processor, SYSTEM)(r, "t.json") == [len(sample["input_ids"]), [[6, 12]]]
     last_video_end = len(sample["input_ids"]) - 1 - sample["input_ids"].tolist()[::-1].index(pads[2])
     right = Measuring(tokenizer, image_processor, SYSTEM, last_video_end + 1, "right")
-    assert right(r, "t.json") > last_video_end  # its text is cut after the video
+    assert right(r, "t.json")[0] > last_video_end  # its text is cut after the video
     problem = Measuring(tokenizer, image_processor, SYSTEM, last_video_end, "right")(r, "t.json")
     assert problem.startswith("t.json: row 3") and f"end at token {last_video_end + 1}" in problem  # not without it
-    assert Measuring(tokenizer, image_processor, SYSTEM, last_video_end, "drop")(r, "t.json") > last_video_end
+    assert Measuring(tokenizer, image_processor, SYSTEM, last_video_end, "drop")(r, "t.json")[0] > last_video_end

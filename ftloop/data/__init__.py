@@ -3,7 +3,8 @@
 read     sources      what a path is; a source's rows as stored (.json/.jsonl, Hugging Face datasets, image refs)
          rows         the normal form (Row) and the checks every layout shares
          layouts      the LLaVA and messages layouts, each into the normal form; picking one per source
-encode   media        images, video frames, the image processor with the run's pixel limits
+encode   video        video files decoded with PyAV, sampled and sized as Qwen's tools do (qwen-vl-utils)
+         media        images, video frames, the image processor with the run's pixel limits
          encode       ChatML rendering, tokenisation and labels: one row as training sees it
 check    check_cache  what the check found, kept in --output-dir for a resumed run
          model_folder the model folder agreeing with itself (tokenizer, processor, config); what a resume compares

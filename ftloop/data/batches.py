@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ftloop.config import VideoArgs
 from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
 from ftloop.data.rows import Row
 from ftloop.data.sources import where as row_where
@@ -23,9 +24,9 @@ class SFTDataset(Dataset):
     out for its video path by ftloop.data.media), ChatML token ids, labels."""
 
     def __init__(self, rows: list[Row], tokenizer, image_processor, max_seq_length: int, chat: ChatFormat,
-                 source: str = "data"):
+                 source: str = "data", video: VideoArgs = VideoArgs()):
         self.rows, self.tokenizer, self.image_processor = rows, tokenizer, image_processor
-        self.max_seq_length, self.chat, self.source = max_seq_length, chat, source
+        self.max_seq_length, self.chat, self.source, self.video = max_seq_length, chat, source, video
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -33,7 +34,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         where = row_where(row.source or self.source, row.number)
-        sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.chat, where)
+        sample, input_ids, labels = encode_row(row, self.tokenizer, self.image_processor, self.video, self.chat, where)
         if len(input_ids) > self.max_seq_length:
             input_ids, labels = cut_to_length(input_ids, labels, self.max_seq_length, self.tokenizer, where)
         sample["input_ids"] = torch.tensor(input_ids)

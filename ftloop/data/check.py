@@ -21,6 +21,7 @@ training drops (and counts). A row whose text holds one of the tokenizer's speci
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import multiprocessing.pool
@@ -32,7 +33,7 @@ import tyro
 from tqdm import tqdm
 
 from ftloop.cli import run_command
-from ftloop.config import DataArgs, check_model_path
+from ftloop.config import DataArgs, VideoArgs, check_model_path
 from ftloop.data.check_cache import Measured, cache_folder, cached_measurement
 from ftloop.data.encode import (IMAGE_PAD, VIDEO_PAD, ChatFormat, chat_format, check_system_prompt, encode_row, measure,
                                 vision_past_limit)
@@ -57,6 +58,7 @@ class Measuring:
     max_seq_length: int = DataArgs.max_seq_length
     truncation: str = "drop"
     max_images: int = 0
+    video: VideoArgs = field(default_factory=VideoArgs)
 
     def __post_init__(self):
         # a flag's problem, refused once before any row is measured (each row's own text: encode_row)
@@ -68,16 +70,18 @@ class Measuring:
         the last image is cut; none under `drop`, where a longer row is dropped whatever it holds."""
         return self.max_seq_length if self.truncation == "right" else None
 
-    def __call__(self, row: Row, source: str) -> int | str:
-        """The row's token length (uncut), or its one-line problem."""
+    def __call__(self, row: Row, source: str) -> int | str | list:
+        """The row's token length (uncut), or its one-line problem; a row with videos: [length, [[frames, tokens]
+        of each video]]."""
         row_at = where(row.source or source, row.number)
         try:
-            length, vision_end = measure(row, self.tokenizer, self.image_processor, self.chat, row_at, self.max_images)
+            length, vision_end, videos = measure(row, self.tokenizer, self.image_processor, self.video, self.chat,
+                                                 row_at, self.max_images)
         except DataError as err:
             return str(err)
         if self.limit is not None and vision_end >= self.limit:
             return vision_past_limit(row_at, length, vision_end, self.limit)
-        return length
+        return [length, videos] if videos else length
 
 
 def measure_rows(rows: list[Row], source: str, measuring: Measuring,
@@ -152,7 +156,8 @@ def checked_rows(path: str, rows: list[Row], read_errors: list[str], measuring: 
     measured, entry = None, None
     if output_dir is not None:
         flags = {"system_prompt": measuring.chat.system_prompt, "timestamped_videos": measuring.chat.timestamped_videos,
-                 "limit": measuring.limit, "max_images": measuring.max_images}
+                 "limit": measuring.limit, "max_images": measuring.max_images,
+                 "video": dataclasses.asdict(measuring.video)}
         measured, entry = cached_measurement(cache_folder(output_dir), path, rows, measuring.tokenizer,
                                              measuring.image_processor, flags, world)
     if measured is None:
@@ -183,6 +188,8 @@ class Report:
     images: int = 0
     videos: int = 0
     text_only: int = 0
+    video_frames: list[int] = field(default_factory=list)  # of each video measured, as fed (sampled, padded)
+    video_tokens: list[int] = field(default_factory=list)
     too_long: int = 0
     max_seq_length: int = DataArgs.max_seq_length
     lengths: list[int] = field(default_factory=list)
@@ -201,6 +208,9 @@ class Report:
         if self.lengths:
             p50, p90, p99 = (self.percentile(q) for q in (0.5, 0.9, 0.99))
             lines.append(f"  tokens: p50 {p50}  p90 {p90}  p99 {p99}  max {max(self.lengths)}")
+        if self.video_frames:
+            lines.append(f"  per video: {min(self.video_frames)}-{max(self.video_frames)} frames, "
+                         f"{min(self.video_tokens)}-{max(self.video_tokens)} tokens")
         lines.append(f"  {self.too_long} rows longer than --max-seq-length {self.max_seq_length}")
         lines.append(f"  {len(self.errors)} errors")
         return "\n".join(lines)
@@ -222,6 +232,10 @@ def report(path: str, measuring: Measuring, across: World | multiprocessing.pool
     result.text_only = sum(1 for r in rows if not r.images and not r.videos)
     measured = measure_rows(rows, path, measuring, across)
     result.lengths = [measured.lengths[i] for i in sorted(measured.lengths)]
+    for index in sorted(measured.videos):
+        for frames, tokens in measured.videos[index]:
+            result.video_frames.append(frames)
+            result.video_tokens.append(tokens)
     result.too_long = sum(length > measuring.max_seq_length for length in result.lengths)
     result.errors = sorted(read_errors + list(measured.errors.values()), key=row_number)
     return result
@@ -230,11 +244,17 @@ def report(path: str, measuring: Measuring, across: World | multiprocessing.pool
 def shown(row: Row, measuring: Measuring, where: str) -> str:
     """A row as the model sees it, as LLaMA-Factory prints a sample before training: the rendered chat with its
     special tokens, each image's pad tokens as `<image WxH patches>` (merged patches, one token each) and each
-    video's as `<video: N tokens>`, and what is learnt between `[[` and `]]`."""
-    tensors, ids, labels = encode_row(row, measuring.tokenizer, measuring.image_processor, measuring.chat, where)
+    video's as `<video F frames, N tokens>` (a Qwen3-VL video: each frame group's, after its time), and what is
+    learnt between `[[` and `]]`."""
+    tensors, ids, labels = encode_row(row, measuring.tokenizer, measuring.image_processor, measuring.video,
+                                      measuring.chat, where)
     tokenizer, merge = measuring.tokenizer, getattr(measuring.image_processor, "merge_size", 2)
     image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PAD, VIDEO_PAD))
     grids = iter(tensors["image_grid_thw"].tolist() if "image_grid_thw" in tensors else [])
+    temporal = getattr(measuring.image_processor, "temporal_patch_size", 2)
+    # a block of video pads: a whole video, or (Qwen3-VL, timestamped) one group of `temporal` frames
+    blocks = iter([t * temporal for t, _, _ in tensors["video_grid_thw"].tolist()] if "video_grid_thw" in tensors
+                  and not measuring.chat.timestamped_videos else [])
     out, text, learnt, i = [], [], False, 0
     while i < len(ids):
         if (labels[i] != IGNORE_INDEX) != learnt or ids[i] in (image_pad, video_pad):
@@ -251,7 +271,7 @@ def shown(row: Row, measuring: Measuring, where: str) -> str:
                 _, height, width = next(grids)
                 out.append(f"<image {width // merge}x{height // merge} patches>")
             else:
-                out.append(f"<video: {end - i} tokens>")
+                out.append(f"<video {next(blocks, temporal)} frames, {end - i} tokens>")
             i = end
             continue
         text.append(ids[i])
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
              for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path
              for mixed in [read_mixture(path)] for source in (mixed or [None])]
     measuring = Measuring(tokenizer, image_processor, chat_format(data.system_prompt, model_type), data.max_seq_length,
-                          data.truncation, data.max_images_per_sample)
+                          data.truncation, data.max_images_per_sample, data.video)
     across = make_pool(args.workers, measuring) if args.workers > 1 else World.single()
     try:
         reports = [report(path, measuring, across, folder, data.data_format, split) for path, folder, split in files]

@@ -1,6 +1,6 @@
-"""The cache of the check before training (ftloop.data.check): what it found for each row (a token length, or the
-row's one-line error), kept in the run's --output-dir so that a resumed run does not open every image and tokenise
-every row again.
+"""The cache of the check before training (ftloop.data.check): what it found for each row (a token length with the
+frames and tokens of each of its videos, or the row's one-line error), kept in the run's --output-dir so that a
+resumed run does not open every image and tokenise every row again.
 
 A cache file holds the key it was made under and is used only when the key is the same again. The key is
 everything the measurement depends on:
@@ -8,14 +8,15 @@ everything the measurement depends on:
 - the data source's fingerprint: size, mtime and a hash of the first and last MiB of the file, or of every
   file of a dataset folder (a hub dataset name is not fingerprinted, so never cached);
 - the rows as read, hashed: their text, row numbers and order (so --eval-ratio's held-out rows and the rows
-  it keeps are told apart), resolved image and frame paths with each file's size and mtime (so an image
-  replaced in place counts), and for an image stored in a dataset, that dataset's files (so the splits of
+  it keeps are told apart), resolved image, frame and video file paths with each file's size and mtime (so an
+  image or video replaced in place counts), and for an image stored in a dataset, that dataset's files (so the splits of
   one folder are told apart). --image-folder and --data-format act through these rows;
 - the tokenizer (its class, name, size and serialised vocabulary) and the image processor's settings
   (`to_dict`, which holds the pixel limits);
 - the rest of what measuring depends on (ftloop.data.check.Measuring): --system-prompt, the length limit it
   enforces (--max-seq-length, only under --truncation right: with `drop` the lengths are measured uncut and the
-  limit applied after, so a changed --max-seq-length reuses them) and --max-images-per-sample;
+  limit applied after, so a changed --max-seq-length reuses them), --max-images-per-sample and the video flags
+  (--video-fps, ...);
 - the code that measures (ftloop's data package and the transformers version): a fix there must not be
   hidden by lengths measured before it.
 
@@ -43,7 +44,7 @@ from ftloop.data.rows import Row
 from ftloop.data.sources import ImageRef, InlineImage, dataset_info_entry, read_mixture
 from ftloop.distributed import World, agree, print0
 
-FORMAT = 1  # bump when the file's layout or the key's meaning changes
+FORMAT = 2  # bump when the file's layout or the key's meaning changes
 EDGE_BYTES = 1 << 20  # hashed at each end of a data file: catches an edit that keeps the size and mtime
 _CODE = os.path.dirname(os.path.abspath(__file__))  # ftloop/data: the code that reads and measures rows
 
@@ -53,8 +54,13 @@ class Measured:
     """What measuring found, by index in the rows measured: a token length, or one problem line."""
     lengths: dict[int, int] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    videos: dict[int, list[list[int]]] = field(default_factory=dict)
+    """[frames, tokens] of each video of the rows that have videos."""
 
-    def add(self, index: int, found: int | str) -> None:
+    def add(self, index: int, found: int | str | list) -> None:
+        """`found`: a length, a problem line, or [length, [[frames, tokens] of each video]]."""
+        if isinstance(found, list):
+            found, self.videos[index] = found
         if isinstance(found, str):
             self.errors[index] = found
         else:
@@ -125,7 +131,8 @@ def rows_digest(rows: list[Row]) -> str:
     sha, dataset_files = hashlib.sha256(), {}
     for row in rows:
         row = dict(dataclasses.asdict(row), images=[_image_identity(i, dataset_files) for i in row.images],
-                   videos=[[_image_identity(f, dataset_files) for f in video] for video in row.videos])
+                   videos=[[_image_identity(f, dataset_files) for f in video] if isinstance(video, list)
+                           else _image_identity(video, dataset_files) for video in row.videos])
         sha.update(json.dumps(row, sort_keys=True, default=str).encode())
         sha.update(b"\n")
     return sha.hexdigest()
@@ -173,8 +180,16 @@ def _file_name(path: str, rows: list[Row]) -> str:
     return f"{stem}-{hashlib.sha256(numbers).hexdigest()[:16]}.json"
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _found_value(value) -> bool:
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    """A length, a problem line, or [length, [[frames, tokens], ...]] (Measured.add)."""
+    if isinstance(value, list):
+        return len(value) == 2 and _is_count(value[0]) and isinstance(value[1], list) and all(
+            isinstance(v, list) and len(v) == 2 and all(map(_is_count, v)) for v in value[1])
+    return isinstance(value, str) or _is_count(value)
 
 
 @dataclass
@@ -203,16 +218,17 @@ class CacheEntry:
         return measured
 
     def save(self, measured: Measured) -> None:
-        """Write `measured` (each row's length, or its error line) atomically (a temporary file in the same folder, then os.replace): a run killed while
-        writing leaves the previous file or none, never half of one. A failed write is said and otherwise
-        ignored: the cache only saves time, and the next run checks again."""
+        """Write `measured` (each row's length, or its error line) atomically (a temporary file in the same folder,
+        then os.replace): a run killed while writing leaves the previous file or none, never half of one. A failed
+        write is said and otherwise ignored: the cache only saves time, and the next run checks again."""
         folder, tmp = os.path.dirname(self.file), None
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+            found = [measured.errors.get(i, measured.lengths.get(i)) for i in range(self.rows)]
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": self.key, "lengths": [measured.errors.get(i, measured.lengths.get(i))
-                                                        for i in range(self.rows)]}, f)
+                json.dump({"key": self.key, "lengths": [[length, measured.videos[i]] if i in measured.videos
+                                                        else length for i, length in enumerate(found)]}, f)
             os.replace(tmp, self.file)
         except OSError as err:
             print0(f"{self.file}: could not write the row check cache ({err.strerror or err}); the next run checks "

@@ -31,6 +31,7 @@ import re
 import weakref
 from dataclasses import dataclass
 
+from ftloop.config import VideoArgs
 from ftloop.data.media import load_image_processor, row_vision_inputs
 from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row
 from ftloop.errors import ConfigError, DataError
@@ -201,7 +202,8 @@ def last_vision_end(input_ids: list[int], tokenizer) -> int:
 def vision_past_limit(where: str, length: int, last_vision_end: int, max_seq_length: int) -> str:
     """The one line for a row that cannot be cut to max_seq_length: an image or video ends past it."""
     return (f"{where}: {length} tokens and its images/videos end at token {last_vision_end + 1}, past "
-            f"--max-seq-length {max_seq_length}; raise it or lower --max-pixels")
+            f"--max-seq-length {max_seq_length}; raise it or lower --max-pixels (videos: --video-total-pixels, "
+            "--video-max-frames)")
 
 
 # ---- a row as training sees it ------------------------------------------------------------------------
@@ -213,26 +215,30 @@ def load_tokenizer_and_processor(model: str, min_pixels: int | None = None, max_
     return AutoTokenizer.from_pretrained(model), load_image_processor(model, min_pixels, max_pixels)
 
 
-def encode_row(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str):
-    """(vision tensors, input_ids, labels) of one normalised row, uncut, in the family's `chat` format;
-    DataError naming `where` for text holding a special token (`check_text`) or an unreadable image or frame."""
+def encode_row(row: Row, tokenizer, image_processor, video: VideoArgs, chat: ChatFormat, where: str):
+    """(vision tensors, input_ids, labels) of one normalised row, uncut, in the family's `chat` format, its video
+    files sampled as `video` says; DataError naming `where` for text holding a special token (`check_text`) or an
+    unreadable image, frame or video."""
     check_text(row.messages, tokenizer, where)
     if row.messages[0]["role"] != "system":
         check_system_prompt(chat, tokenizer)  # refused before any row is measured (ftloop.data.check.Measuring)
-    tensors, image_counts, video_counts, video_times = row_vision_inputs(row, image_processor, where)
+    tensors, image_counts, video_counts, video_times = row_vision_inputs(row, image_processor, video, where)
     input_ids, labels = encode_chat(row.messages, image_counts, tokenizer, chat.system_prompt, video_counts,
                                     video_times if chat.timestamped_videos else None)
     return tensors, input_ids, labels
 
 
-def measure(row: Row, tokenizer, image_processor, chat: ChatFormat, where: str,
-            max_images: int = 0) -> tuple[int, int]:
-    """(token length, index of the last `<|vision_end|>` or -1) of a row. More than `max_images` images
-    (0: no limit; videos do not count) is a DataError."""
+def measure(row: Row, tokenizer, image_processor, video: VideoArgs, chat: ChatFormat, where: str,
+            max_images: int = 0) -> tuple[int, int, list[list[int]]]:
+    """(token length, index of the last `<|vision_end|>` or -1, [frames, tokens] of each video) of a row. More
+    than `max_images` images (0: no limit; videos do not count) is a DataError."""
     if max_images and len(row.images) > max_images:
         raise DataError(f"{where}: {len(row.images)} images, more than --max-images-per-sample {max_images}")
-    _, input_ids, _ = encode_row(row, tokenizer, image_processor, chat, where)
-    return len(input_ids), last_vision_end(input_ids, tokenizer)
+    tensors, input_ids, _ = encode_row(row, tokenizer, image_processor, video, chat, where)
+    grids = tensors["video_grid_thw"].tolist() if "video_grid_thw" in tensors else []
+    videos = [[t * image_processor.temporal_patch_size, t * h * w // image_processor.merge_size ** 2]
+              for t, h, w in grids]
+    return len(input_ids), last_vision_end(input_ids, tokenizer), videos
 
 
 def cut_to_length(input_ids: list[int], labels: list[int], max_seq_length: int, tokenizer, where: str):

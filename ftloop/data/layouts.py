@@ -2,13 +2,16 @@
 
 - LLaVA: `conversations` of human/gpt turns (`from`, `value`; ms-swift's user/assistant/system too), `image` (a
   path or a list, relative to the image folder; or `images`, as LLaMA-Factory's sharegpt rows name it), `video`
-  (the frame paths of one video, or a list of such lists) and `video_fps` (one frame rate for all the row's
-  videos, or a list of one per video).
+  (or `videos`: a video file, a list of video files, the frame paths of one video, or a list of frame lists; a
+  list of paths is files when every one has a video suffix, .mp4 and the like, and one video's frames when none
+  has) and `video_fps` (one frame rate for all the row's videos, or a list of one per video: a file's sampling
+  rate, a frame list's own rate).
 - messages (OpenAI / TRL / Qwen): `messages` with `role` system, user or assistant and `content` either a string
   or a list of parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path}` and `{"type": "video",
-  "video": [frame paths]}`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` (or a bare string) and
-  LLaMA-Factory v1's `{"type": "image_url" | "text", "value": ...}`; an image may be a `file://` or a `data:`
-  (base64) URI. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
+  "video": file or [frame paths]}`, or OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` (or a bare
+  string; `video_url` alike) and LLaMA-Factory v1's `{"type": "image_url" | "video_url" | "text", "value": ...}`;
+  an image or video file may be a `file://` or a `data:` (base64) URI. A top-level `videos` entry is a video file
+  (a string) or a frame list. An image or video part may instead be bare (`{"type": "image"}`, TRL's layout): its
   media then come, in order, from the row's top-level `images` (or `image`) and `videos` lists. The parts of a
   message are joined with nothing in between, as Qwen's chat template renders them, each image part becoming
   `<image>` and each video part `<video>`. A string content may itself hold `<image>` / `<video>` placeholders,
@@ -40,8 +43,8 @@ import re
 import typing
 
 from ftloop.config import DataArgs
-from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image, message,
-                              per_video_fps)
+from ftloop.data.rows import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row, check_videos, finish_row, is_image,
+                              is_video_file, message, per_video_fps)
 from ftloop.data.sources import (dataset_info_entry, decode_data_uri, default_image_folder, is_dataset_source,
                                  read_dataset_rows, read_json_rows, read_mixture, where)
 from ftloop.errors import DataError
@@ -133,9 +136,18 @@ def normalize_llava_row(row: dict, where: str, image_folder: str) -> Row:
     images = [images] if is_image(images) else images
     if not isinstance(images, list) or not all(is_image(p) for p in images):
         raise DataError(f"{where}: `image` must be a path or a list of paths")
-    videos = row.get("video") or []
-    if isinstance(videos, list) and all(isinstance(p, str) for p in videos) and videos:
-        videos = [videos]  # the frames of one video
+    if row.get("video") and row.get("videos"):
+        raise DataError(f"{where}: the row has both `video` and `videos`; give its videos in one of them")
+    videos = row.get("video") or row.get("videos") or []  # `videos`: LLaMA-Factory's sharegpt rows
+    if is_image(videos):
+        videos = [videos]  # one video file
+    elif isinstance(videos, list) and videos and all(isinstance(p, str) for p in videos):
+        files = [is_video_file(p) for p in videos]
+        if not any(files):
+            videos = [videos]  # the frames of one video
+        elif not all(files):
+            raise DataError(f"{where}: `video` mixes video files and frame images; give video files (.mp4, ...), "
+                            "or the frames of one video, or a list of frame lists")
     videos = check_videos(videos, where, "video")
     messages = []
     for turn in turns:
@@ -197,11 +209,15 @@ def _render(content: list, where: str, images: list, videos: list, fps: list) ->
                 images.append(_path(_part_value(part, "image"), where, "image"))
             text.append(IMAGE_PLACEHOLDER)
         elif kind == "video":
-            frames = _part_value(part, "video")
-            if frames is not None:
-                if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
-                    raise DataError(f"{where}: a video part's `video` must be a non-empty list of frame paths")
-                videos.append([_path(f, where, "video frame") for f in frames])
+            value = _part_value(part, "video")
+            if value is not None:
+                if isinstance(value, str):  # a video file (a path, file:// or data: URI)
+                    videos.append(_path(value, where, "video"))
+                elif isinstance(value, list) and value and all(isinstance(f, str) for f in value):
+                    videos.append([_path(f, where, "video frame") for f in value])
+                else:
+                    raise DataError(f"{where}: a video part's `video` must be a video file or a non-empty list of "
+                                    "frame paths")
                 fps.append(part.get("fps"))
             elif part.get("fps") is not None:
                 raise DataError(f"{where}: a bare video part has an `fps`; give the frame rates of the top-level "

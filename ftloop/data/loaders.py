@@ -87,7 +87,7 @@ def check(cfg: Config, path: str, read: SourceRows, tokenizer, image_processor, 
     a resume with the same data and flags); what was dropped is said once."""
     data = cfg.data
     measuring = Measuring(tokenizer, image_processor, chat, data.max_seq_length, data.truncation,
-                          data.max_images_per_sample)
+                          data.max_images_per_sample, data.video)
     checked = checked_rows(path, read.rows, read.errors, measuring, data.skip_bad_rows, world, cfg.train.output_dir)
     if checked.skipped_bad or checked.dropped_long:
         print0(f"{path}: using {len(checked.rows)} rows; skipped {checked.skipped_bad} bad rows and "
@@ -106,7 +106,8 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config,
         raise ConfigError(f"--train-data {data.train_data}: all {checked.dropped_long} readable rows are longer than "
                           f"--max-seq-length {data.max_seq_length}; raise it, or pass --truncation right to cut their "
                           "text after the last image")
-    dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, chat, data.train_data)
+    dataset = SFTDataset(checked.rows, tokenizer, image_processor, data.max_seq_length, chat, data.train_data,
+                         data.video)
     sampler = StepBatchSampler(len(checked.rows), world.world_size, world.rank, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps, train.seed, lengths=checked.lengths,
                                group_by_length=data.group_by_length, mega_steps=data.length_group_steps,
@@ -138,7 +139,7 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world:
     if not rows:
         print0(f"{path}: no evaluation rows left; evaluation is off")
         return None
-    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, chat, path))
+    dataset = EvalDataset(SFTDataset(rows, tokenizer, image_processor, data.max_seq_length, chat, path, data.video))
     batches = eval_batches(len(rows), world.world_size, world.rank, cfg.train.per_device_eval_batch_size)
     return _loader(dataset, batches, _collate_for(tokenizer, hf_config), data.dataloader_num_workers, world)
 

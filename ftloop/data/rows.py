@@ -26,10 +26,12 @@ class Row:
     key) also holds "loss": False, and is context, not learnt."""
     images: list = field(default_factory=list)
     """Each image: an absolute path, or an `ImageRef` into a Hugging Face dataset (read only when opened)."""
-    videos: list[list] = field(default_factory=list)
-    """Each video: the absolute paths of its frames."""
+    videos: list = field(default_factory=list)
+    """Each video: the absolute path of a video file (or an `InlineImage` holding one: a data: URI), or the list of
+    the absolute paths of its frames."""
     video_fps: list | None = None
-    """Frames per second of each video (None for Qwen's default), when the row gives any."""
+    """Frames per second of each video, when the row gives any: a file's sampling rate (None: --video-fps), a
+    frame list's own rate (None: Qwen's default, 2)."""
     number: int = 0
     """Its 1-based number in its source: the N of every message about it."""
     source: str = field(default="", compare=False)
@@ -52,19 +54,38 @@ def resolve_images(images: list, folder: str, where: str, what: str = "image") -
         path = os.path.join(folder, image)
         # a stat per image is cheap, and finding a typo now beats finding it at step 5000
         if not os.path.isfile(path):
-            problem = "is a folder, not an image" if os.path.isdir(path) else "not found"
+            problem = f"is a folder, not {'a video file' if what == 'video' else 'an image'}" \
+                if os.path.isdir(path) else "not found"
             raise DataError(f"{where}: {what} {problem}: {path}")
         resolved.append(path)
     return resolved
 
 
-def check_videos(value, where: str, field_name: str) -> list[list[str]]:
-    """`value` if it is a list of videos, each a non-empty list of frame paths."""
-    if not isinstance(value, list) or not all(isinstance(v, list) for v in value):
-        raise DataError(f"{where}: `{field_name}` must be a list of videos, each a list of frame paths")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts")
+
+
+def is_video_file(path: str) -> bool:
+    """Whether a path names a video file by its suffix (what tells LLaVA's `video` list of files from a list of
+    one video's frames)."""
+    return path.lower().endswith(VIDEO_SUFFIXES)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def check_videos(value, where: str, field_name: str) -> list:
+    """`value` if it is a list of videos, each a video file's path or a non-empty list of frame paths (a single
+    frame image where a video goes is refused: the frames of a video are a list)."""
+    if not isinstance(value, list) or not all(is_image(v) or isinstance(v, list) for v in value):
+        raise DataError(f"{where}: `{field_name}` must be a list of videos, each a video file or a list of frame "
+                        "paths")
     for number, video in enumerate(value, start=1):
-        if not video or not all(isinstance(p, str) for p in video):
-            raise DataError(f"{where}: video {number} of `{field_name}` must be a non-empty list of frame paths")
+        if isinstance(video, list) and (not video or not all(isinstance(p, str) for p in video)):
+            raise DataError(f"{where}: video {number} of `{field_name}` must be a video file or a non-empty list of "
+                            "frame paths")
+        if isinstance(video, str) and video.lower().endswith(IMAGE_SUFFIXES):
+            raise DataError(f"{where}: video {number} of `{field_name}` is an image ({video}); give a video file, or "
+                            "the frames of one video as a list")
     return value
 
 
@@ -88,7 +109,7 @@ def message(role: str, content: str, turn: dict, where: str) -> dict:
     return {"role": role, "content": content, "loss": False} if loss is False else {"role": role, "content": content}
 
 
-def finish_row(messages: list[dict], images: list, videos: list[list[str]], where: str, folder: str,
+def finish_row(messages: list[dict], images: list, videos: list, where: str, folder: str,
                user: str = "human", assistant: str = "gpt", video_fps: list | None = None) -> Row:
     """The checks every layout shares, on the normal form; `user`/`assistant` are the layout's role names."""
     if not any(m["role"] == "assistant" for m in messages):
@@ -112,7 +133,8 @@ def finish_row(messages: list[dict], images: list, videos: list[list[str]], wher
         if any(placeholder in m["content"] for m in messages if m["role"] != "user"):
             raise DataError(f"{where}: `{placeholder}` placeholders belong in {user} turns")
     paths = resolve_images(images, folder, where)
-    frames = [resolve_images(video, folder, where, f"video {n} frame") for n, video in enumerate(videos, start=1)]
+    frames = [resolve_images(video, folder, where, f"video {n} frame") if isinstance(video, list)
+              else resolve_images([video], folder, where, "video")[0] for n, video in enumerate(videos, start=1)]
     fps = video_fps or [None] * len(videos)
     if any(rate is not None for rate in fps):
         if not videos:
