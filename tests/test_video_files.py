@@ -67,7 +67,7 @@ def test_frames_are_sampled_and_sized_by_qwen_vl_utils_rule(videos, name, factor
     assert {f.size for f in decoded.frames} == {(want[1], want[0])}
 
 
-def test_the_flags_change_the_sampling_and_the_sizes(videos):
+def test_the_flags_change_the_sampling_and_the_sizes(videos, tmp_path):
     path, (frames, fps, (width, height), _, _) = videos["h264 1 min 29.97 fps"], VIDEOS["h264 1 min 29.97 fps"]
     flags = VideoArgs(video_fps=1.0, video_min_frames=3, video_max_frames=41, video_min_pixels=28 * 28 * 4,
                       video_max_pixels=28 * 28 * 9, video_total_pixels=28 * 28 * 100)
@@ -81,9 +81,18 @@ def test_the_flags_change_the_sampling_and_the_sizes(videos):
     # a row's own rate wins over --video-fps, as an element's `fps` does in qwen-vl-utils
     assert len(decode_video(path, flags, 28, 2, "row 1", fps=0.5).frames) == qwen_nframes(frames, float(fps), 0.5, 3,
                                                                                            41) == 28  # 29.99
-    # a short video gives what it has, an even count
+    # a short video gives what it has, an even count; an odd least count is rounded up
     short = decode_video(videos["h264 1 s 30 fps"], VideoArgs(video_min_frames=40), 28, 2, "row 1")
     assert len(short.frames) == 30
+    at_least_5 = decode_video(videos["h264 1 s 30 fps"], VideoArgs(video_min_frames=5), 28, 2, "row 1")
+    assert len(at_least_5.frames) == qwen_nframes(30, 30, min_frames=5) == 6
+    # the whole video's budget: 4 frames share 2 x 15,680 pixels, so each is cut to about 7,840
+    big = make_video(tmp_path / "big.mp4", 10, 10, (200, 150))
+    budget = VideoArgs(video_min_pixels=28 * 28 * 2, video_total_pixels=28 * 28 * 20)
+    frame = decode_video(big, budget, 28, 2, "row 1").frames[0]
+    want = smart_resize(150, 200, factor=28, min_pixels=28 * 28 * 2,
+                        max_pixels=qwen_max_pixels(4, 28, 28 * 28 * 2, None, 28 * 28 * 20))
+    assert frame.size == (want[1], want[0]) == (84, 56)
 
 
 def test_a_variable_frame_rate_video_takes_its_frames_real_times(tmp_path):
@@ -98,9 +107,10 @@ def test_a_variable_frame_rate_video_takes_its_frames_real_times(tmp_path):
     assert decoded.times != pytest.approx([i / 25 for i in indices], abs=1e-3)
 
 
-def test_decoded_pixels_are_the_image_processors_in_qwens_video_layout(videos, tiny_bundle):
+def test_decoded_pixels_are_the_image_processors_in_qwens_video_layout(tiny_bundle, tmp_path):
     processor = AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"], min_pixels=28 * 28, max_pixels=10 ** 6)
-    decoded = decode_video(videos["mpeg4 odd size 2.4 s 25 fps"], VideoArgs(video_min_pixels=56 * 84), 28, 2, "r")
+    video = make_video(tmp_path / "noise.avi", 12, 5, (65, 47), "mpeg4", textured=True)
+    decoded = decode_video(video, VideoArgs(video_min_pixels=56 * 84), 28, 2, "r")
     pixels, grid = decoded_video_patches(decoded.frames, processor)
     # the image processor on each frame (the frames already sized: it keeps them), in Qwen's patchify layout
     each = [processor(images=[f], return_tensors="pt")["pixel_values"] for f in decoded.frames]
@@ -116,14 +126,15 @@ def test_decoded_pixels_are_the_image_processors_in_qwens_video_layout(videos, t
     torch.testing.assert_close(pixels, slow, rtol=0, atol=1e-6)
 
 
-def test_decoded_pixels_equal_transformers_qwen2vl_video_processor(videos, tiny_bundle):
+def test_decoded_pixels_equal_transformers_qwen2vl_video_processor(tiny_bundle, tmp_path):
     """Against the reference itself, where torchvision can be imported (not beside torch 2.13's CPU build: CI skips
     this; it was run in a torch 2.14.1 + torchvision 0.29.1 environment, README: Videos)."""
     pytest.importorskip("torchvision")
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     processor = AutoImageProcessor.from_pretrained(tiny_bundle["model_dir"])
-    decoded = decode_video(videos["h264 1 min 29.97 fps"], VideoArgs(), 28, 2, "r")
+    decoded = decode_video(make_video(tmp_path / "noise.mp4", 30, 10, (66, 46), textured=True), VideoArgs(), 28, 2,
+                           "r")
     reference = Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2,
                                       image_mean=processor.image_mean, image_std=processor.image_std)
     clip = np.stack([np.asarray(f) for f in decoded.frames])  # (T, H, W, C)
@@ -239,6 +250,8 @@ def test_video_files_in_every_layout(videos, tmp_path):
         {"messages": [{"role": "user", "content": [{"type": "video", "video": "file://" + a}]}, reply]},
         {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "b.avi"}}]}, reply]},
         {"messages": [{"role": "user", "content": [{"type": "video_url", "value": "a.mp4"}]}, reply]},  # LF v1
+        # LLaMA-Factory's default sharegpt layout: conversations with a top-level `videos`
+        {"conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "x"}], "videos": ["b.avi"]},
     ]
     for number, row in enumerate(rows, start=1):
         write_json(tmp_path / "d.json", [row])
@@ -247,7 +260,7 @@ def test_video_files_in_every_layout(videos, tmp_path):
         assert not errors, (number, errors)
         expected = {1: [a], 2: [a, b], 3: [[str(tmp_path / "f/0.png"), str(tmp_path / "f/1.png")]],
                     4: [b, [str(tmp_path / "f/0.png"), str(tmp_path / "f/1.png")]], 5: [a],
-                    6: [b], 7: [a]}[number]
+                    6: [b], 7: [a], 8: [b]}[number]
         assert read.videos == expected, number
 
 
@@ -286,6 +299,11 @@ def bad_files(folder, good: str) -> dict:
         data = f.read()
     (folder / "cut.mp4").write_bytes(data[:len(data) // 2])  # the index (moov) at the end is gone
     files["truncated"] = (str(folder / "cut.mp4"), "cannot decode video")
+    streamed = make_video(folder / "streamed.mp4", 60, 30, index_first=True)  # its index says 60 frames
+    with open(streamed, "rb") as f:
+        data = f.read()
+    (folder / "cut_streamed.mp4").write_bytes(data[:len(data) * 9 // 10])
+    files["truncated, index first"] = (str(folder / "cut_streamed.mp4"), "(truncated or damaged)")
     (folder / "notes.mp4").write_text("these are my notes, not a video\n")
     files["not a video"] = (str(folder / "notes.mp4"), "cannot decode video")
     files["missing"] = (str(folder / "gone.mp4"), "video not found")

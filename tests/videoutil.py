@@ -21,10 +21,13 @@ def frame_index(pixels: np.ndarray) -> int:
     return sum(int(round((mean[c] - 12) / 25)) * LEVELS ** c for c in range(3))
 
 
-def make_video(path, frames: int, fps=30, size=(64, 48), codec: str = "libx264", durations_ms=None) -> str:
+def make_video(path, frames: int, fps=30, size=(64, 48), codec: str = "libx264", durations_ms=None,
+               index_first: bool = False, textured: bool = False) -> str:
     """A video of `frames` flat frames (frame k in `frame_colour(k)`), `size` = (width, height). `fps`: a number
-    or Fraction; `durations_ms`: each frame's duration instead (a variable frame rate, millisecond timestamps)."""
-    with av.open(str(path), "w") as out:
+    or Fraction; `durations_ms`: each frame's duration instead (a variable frame rate, millisecond timestamps);
+    `index_first`: an .mp4's index before its frames (`-movflags faststart`, as files made for streaming);
+    `textured`: random pixels instead (no two patches alike: a wrong layout shows)."""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if index_first else {}) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(100000))
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
@@ -33,7 +36,7 @@ def make_video(path, frames: int, fps=30, size=(64, 48), codec: str = "libx264",
         start = 0
         for k in range(frames):
             pixels = np.empty((size[1], size[0], 3), dtype=np.uint8)
-            pixels[:] = frame_colour(k)
+            pixels[:] = np.random.default_rng(k).integers(0, 256, pixels.shape) if textured else frame_colour(k)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             if durations_ms is not None:
                 frame.pts, frame.time_base = start, Fraction(1, 1000)
