@@ -220,11 +220,12 @@ class DataArgs:
     """System prompt of a conversation that has none (default: the family's, as its chat template inserts it:
     "You are a helpful assistant." for Qwen2-VL and Qwen2.5-VL, none for Qwen3-VL; "" for none)."""
     min_pixels: int | None = None
-    """Smallest area (pixels) an image or video frame is resized to (default: the checkpoint's preprocessor
-    config). Exported with the image processor."""
+    """Smallest area (pixels) an image or a listed video frame is resized to (default: the checkpoint's
+    preprocessor config; video files: --video-min-pixels). Exported with the image processor."""
     max_pixels: int | None = None
-    """Largest area (pixels) an image or video frame is resized to: fewer pixels, fewer vision tokens (default:
-    the checkpoint's preprocessor config). Exported with the image processor."""
+    """Largest area (pixels) an image or a listed video frame is resized to: fewer pixels, fewer vision tokens
+    (default: the checkpoint's preprocessor config; video files: --video-max-pixels). Exported with the image
+    processor."""
     video: VideoArgs = field(default_factory=VideoArgs)
     """Video files: how their frames are sampled and sized."""
     max_images_per_sample: int = 0

@@ -22,7 +22,7 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from datautil import SYSTEM, one_line_error, write_json
 from ftloop.config import VideoArgs
 from ftloop.data.batches import SFTDataset, make_collate
-from ftloop.data.check import Measuring, report
+from ftloop.data.check import Measuring, report, shown
 from ftloop.data.encode import ChatFormat, video_block
 from ftloop.data.layouts import load_rows
 from ftloop.data.media import decoded_video_patches, group_times, video_inputs, video_patches
@@ -229,6 +229,9 @@ def test_the_check_reports_frames_and_tokens_per_video(videos, tokenizer, image_
     # 4 frames each (1 s and 2.4 s at 2 fps: at least 4), 2 groups of 4 x 4 patches merged 2 x 2: 8 tokens
     assert found.video_frames == [4, 4, 4] and found.video_tokens == [8, 8, 8]
     assert "per video: 4-4 frames, 8-8 tokens" in found.summary()
+    [first] = load_rows(str(folder / "train.json"), "", [])[:1]  # and --show prints each video so
+    assert "<|vision_start|><video 4 frames, 8 tokens><|vision_end|>Why?" in shown(
+        first, Measuring(tokenizer, image_processor, SYSTEM, video=SMALL), "train.json: row 1")
 
 
 def test_video_files_in_every_layout(videos, tmp_path):

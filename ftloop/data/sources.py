@@ -471,7 +471,7 @@ class InlineImage(ImageRef):
         return hash(self.digest)
 
     def __str__(self) -> str:
-        return f"the data: URI image of {len(self.data)} bytes (sha256 {self.digest[:12]})"
+        return f"the data: URI of {len(self.data)} bytes (sha256 {self.digest[:12]})"
 
 
 def decode_data_uri(uri: str, where: str) -> InlineImage:
