@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ftloop.distributed import World, all_reduce_sum
 from ftloop.errors import DataError, RowFailedMidRun
+from ftloop.loss import IGNORE_INDEX
 from ftloop.signals import stop_signals_held
 
 
@@ -56,28 +57,31 @@ def clip_gradients(model, max_grad_norm: float) -> float:
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy over the whole eval set, all ranks together.
+    """Token-weighted mean cross-entropy over the whole eval set, all ranks together, in one all-reduce at the end
+    (no collective and no host read per batch: on a GPU the batches' forwards queue up back to back).
 
-    Every rank has the same number of batches. Before each forward the ranks agree that all of them have
-    their batch: an eval row whose file changed since the check would otherwise leave the others waiting in
-    the forward's all-gathers."""
+    Every rank has the same number of batches and runs a forward for each, so the ranks' FSDP all-gathers stay in
+    step without a vote per batch. A batch that fails to load (an eval row whose file changed since the check) is
+    replaced by a one-token text batch that supervises nothing; the failure travels in the final reduction, and
+    every rank raises it there (the failing rank naming the row)."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, supervised tokens, ranks that failed
+    failed = None
     with stop_signals_held():  # the workers start here the first time
         batches = iter(loader)
     first = not dist.is_initialized() or dist.get_rank() == 0  # a long eval set is minutes: a bar on rank 0
     for _ in tqdm(range(len(loader)), desc="eval", unit="batch", leave=False, dynamic_ncols=True, disable=not first):
-        batch, failed = None, None
         try:
             batch = next(batches)
         except DataError as err:
-            failed = RowFailedMidRun(str(err))
-        failed_ranks = int(all_reduce_sum([float(failed is not None)], device).item())
-        if failed_ranks:
-            model.train()
-            raise failed or RowFailedMidRun.elsewhere(failed_ranks, "an eval row")
+            failed = failed or RowFailedMidRun(str(err))
+            batch = loader.collate_fn([{"input_ids": torch.zeros(1, dtype=torch.long),
+                                        "labels": torch.full((1,), IGNORE_INDEX)}])
         loss_sum, count = model(**to_device(batch, device))
-        totals += torch.stack([loss_sum.double(), count.double()])
+        totals[:2] += torch.stack([loss_sum.double(), count.double()])
     model.train()
+    totals[2] = float(failed is not None)
     totals = all_reduce_sum(totals, device)
+    if totals[2]:
+        raise failed or RowFailedMidRun.elsewhere(int(totals[2]), "an eval row")
     return float(totals[0] / totals[1].clamp(min=1))
