@@ -347,6 +347,9 @@ class TrainArgs:
     """Sequences per evaluation batch on each rank."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step on each rank."""
+    peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s of one device, for the `mfu` in the log and on the bar (default: from the GPU's name: A100
+    312, H100 and H200 989, B200 2250, dense; none on a CPU or an unknown GPU)."""
     logging_steps: int = 10
     """Log loss, lr, grad norm, throughput and memory every this many optimizer steps."""
     eval_steps: int = 100
@@ -406,6 +409,7 @@ class TrainArgs:
         _need(self.max_steps > 0 or self.num_train_epochs > 0,
               "--num-train-epochs must be positive when --max-steps is -1")
         _need(self.logging_steps > 0, "--logging-steps must be positive")
+        _need(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be positive")
         _need(self.eval_steps > 0, "--eval-steps must be positive")
         _need(self.save_steps >= 0, "--save-steps must be 0 (off) or positive")
         _need(self.save_grace_s > 0, "--save-grace-s must be positive (seconds)")

@@ -13,6 +13,7 @@ import torch
 
 from ftloop.data.loaders import Step
 from ftloop.distributed import World, all_gather_rows, print0
+from ftloop.flops import FlopModel
 
 
 def _have_wandb_credentials() -> bool:
@@ -91,8 +92,12 @@ class StepWindow:
 
     DATA_WAIT_WARNING = 0.10  # of the step time: above it, the GPUs are idle waiting for data
 
-    def __init__(self, world: World, loader_workers: int):
+    def __init__(self, world: World, loader_workers: int, flops: FlopModel | None = None,
+                 peak_flops: float | None = None):
+        """`flops`, `peak_flops` (of one device): the model's FLOPs per step and the device's peak, for `mfu`
+        (ftloop.flops); without a peak there is no `mfu`."""
         self.world, self.loader_workers = world, loader_workers
+        self.flop_model, self.peak_flops = flops, peak_flops
         self.warned, self.first = False, True
         self._restart()
 
@@ -101,6 +106,7 @@ class StepWindow:
         self.loss = torch.zeros((), device=world.device)  # this rank's shares of the steps' mean losses
         self.tokens = torch.zeros(2, dtype=torch.float64, device=world.device)  # real tokens, padded positions
         self.rank_balance = torch.zeros((), dtype=torch.float64, device=world.device)
+        self.flops = torch.zeros((), dtype=torch.float64, device=world.device)  # model FLOPs, all ranks
         self.data_wait = 0.0  # seconds this rank waited for its micro-batches
         self.steps = 0
         self.started = time.perf_counter()
@@ -110,6 +116,8 @@ class StepWindow:
         self.loss += loss_share
         self.tokens += step.tokens
         self.rank_balance += step.rank_balance
+        if self.flop_model is not None:
+            self.flops += self.flop_model.step_flops(step.tokens[0], step.targets, step.work[0], step.work[1])
         self.data_wait += step.data_wait
         self.steps += 1
 
@@ -130,8 +138,12 @@ class StepWindow:
                   "rank_tokens_max_over_mean": float(self.rank_balance) / self.steps,
                   "peak_allocated_gib": float(ranks[:, 2].max()), "peak_reserved_gib": float(ranks[:, 3].max()),
                   "epoch": epoch, "tokens_seen": tokens_seen}
+        shown = {}
+        if self.peak_flops and self.flop_model is not None:  # the work of all ranks over all their peaks
+            record["mfu"] = float(self.flops) / elapsed / (self.peak_flops * self.world.world_size)
+            shown["mfu"] = f"{record['mfu']:.1%}"
         logger.log(step, record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **shown,
                              wait=f"{record['data_wait_s']:.2f}s")
         self._warn_if_waiting(record["data_wait_s"], record["step_time_s"])
         self._restart()

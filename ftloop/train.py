@@ -46,6 +46,7 @@ from ftloop.fsdp.load import UnitMaterializer, open_weights
 from ftloop.fsdp.wrap import shard_group_size, wrap_fsdp
 from ftloop.hf_folder import ModelFiles, local_folder
 from ftloop.lora import initial_adapter
+from ftloop.flops import FlopModel, flop_model, peak_flops
 from ftloop.metrics import MetricsLogger, StepWindow
 from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
@@ -67,6 +68,7 @@ class Setup:
     sampler: StepBatchSampler
     eval_loader: DataLoader | None
     model: FSDP
+    flops: FlopModel  # what a step's model FLOPs are computed from (for `mfu`)
     total_steps: int
     resume_from: str | None  # the checkpoint to continue from, checked against the model and data
     saved: dict  # its trainer_state.json ({} for a fresh start)
@@ -112,8 +114,9 @@ def prepare(cfg: Config, world: World) -> Setup:
     materialize.progress.close()
     if weights is not None:
         weights.close()
-    return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, total_steps,
-                 resume_from, saved)
+    flops = flop_model(skeleton.model, getattr(hf_config, "text_config", hf_config))
+    return Setup(hf_config, tokenizer, image_processor, train_loader, sampler, eval_loader, model, flops,
+                 total_steps, resume_from, saved)
 
 
 def run(cfg: Config, world: World) -> dict:
@@ -143,7 +146,7 @@ def run(cfg: Config, world: World) -> dict:
         evaluator()
 
     batches = StepBatches(setup.train_loader, sampler, args.gradient_accumulation_steps, world, stop)
-    window = StepWindow(world, cfg.data.dataloader_num_workers)
+    window = StepWindow(world, cfg.data.dataloader_num_workers, setup.flops, peak_flops(world.device, args.peak_tflops))
     progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc="train", dynamic_ncols=True)
     model.train()
     try:

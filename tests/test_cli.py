@@ -80,6 +80,7 @@ BAD_FLAGS = [  # (flags, the start of the one line they get): every check Config
     (["--max-pixels", "-4"], "--max-pixels must be positive"),
     (["--min-pixels", "800", "--max-pixels", "400"], "--min-pixels 800 is above --max-pixels 400"),
     (["--max-images-per-sample", "-1"], "--max-images-per-sample must be 0"),
+    (["--peak-tflops", "0"], "--peak-tflops must be positive"),
     (["--video-fps", "0"], "--video-fps must be positive"),
     (["--video-min-frames", "0"], "--video-min-frames must be 1 or more"),
     (["--video-max-frames", "1"], "--video-max-frames must be 2 or more"),

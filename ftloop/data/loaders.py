@@ -21,6 +21,7 @@ from ftloop.data.rows import Row
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.distributed import World, all_gather_rows, print0
 from ftloop.errors import ConfigError, DataError, RowFailedMidRun, Stopped
+from ftloop.flops import batch_work
 from ftloop.loss import supervised_tokens
 from ftloop.signals import StopRequest, ignore_stop_signals, stop_signals_held
 
@@ -152,6 +153,7 @@ class Step:
     tokens: torch.Tensor  # [real tokens, positions (with padding)] on all ranks
     rank_balance: torch.Tensor  # how much longer the step took than if ranks shared the work evenly (1: even)
     data_wait: float  # seconds this rank waited for its micro-batches (the loader's workers did not keep up)
+    work: torch.Tensor  # [sum of squared sequence lengths, vision patches] on all ranks: its FLOPs (ftloop.flops)
 
 
 def count_step(micro_batches: list[dict], world: World, rounds: int, stop_signum: int = 0, row_failed: bool = False,
@@ -166,14 +168,16 @@ def count_step(micro_batches: list[dict], world: World, rounds: int, stop_signum
     had, over the sum of the mean over ranks."""
     positions = [float(b["attention_mask"].numel()) for b in micro_batches]
     positions += [0.0] * (rounds - len(positions))  # a rank whose row failed
+    work = [sum(values) for values in zip(*map(batch_work, micro_batches))] or [0.0, 0.0]
     ranks = all_gather_rows([sum(supervised_tokens(b["labels"]) for b in micro_batches),
                              sum(int(b["attention_mask"].sum()) for b in micro_batches), sum(positions),
                              float(stop_signum == signal.SIGTERM), float(stop_signum == signal.SIGINT),
-                             float(row_failed), *positions], world.device)
-    counts = ranks[:, :6].sum(0)
-    per_round = ranks[:, 6:]
+                             float(row_failed), *work, *positions], world.device)
+    counts = ranks[:, :8].sum(0)
+    per_round = ranks[:, 8:]
     balance = per_round.max(0).values.sum() / per_round.mean(0).sum().clamp(min=1)
-    return Step(micro_batches, counts[0].clamp(min=1).float(), counts[1:3], balance, data_wait), counts[3:].tolist()
+    return (Step(micro_batches, counts[0].clamp(min=1).float(), counts[1:3], balance, data_wait, counts[6:8]),
+            counts[3:6].tolist())
 
 
 class StepBatches:
