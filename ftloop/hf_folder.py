@@ -162,8 +162,13 @@ class FolderWeights:
                               "download?)")
         return files
 
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor the model calls `name`, read from its file alone, floating point cast to `dtype`.
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each tensor is stored in, by the name the model calls it."""
+        return {name: self.headers[file][1][key][0] for name, (file, key) in self.location.items()}
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor the model calls `name`, read from its file alone, floating point cast to `dtype` (None: as
+        stored, for a cast on the device).
 
         Read with plain positioned reads into a fresh tensor, not through a memory map: the pages of a mapped
         file count in the process's resident memory for as long as the mapping lives, which would make a
@@ -183,7 +188,7 @@ class FolderWeights:
                 raise ValueError(f"{os.path.join(self.folder, file)}: ends inside tensor {key} (truncated file?)")
             done += count
         tensor = raw.view(stored).reshape(shape)
-        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     def nonfinite_line(self, name: str, count: int) -> str:
         """The one line for the tensor the model calls `name` holding `count` NaN or infinite values (as read, cast

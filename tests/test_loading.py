@@ -62,6 +62,28 @@ def test_every_rank_gets_the_checkpoint_and_only_its_shard(larger_tied_model, ti
         assert growth[rank] < 1 / nproc * model_bytes + 0.25 * model_bytes, (rank, growth[rank] / model_bytes)
 
 
+def test_weights_cross_as_stored_and_are_cast_on_the_device(tiny_bundle, tmp_path):
+    """A bf16 folder into fp32 masters: rank 0 broadcasts the stored bf16 (2 bytes a value, not the 4 of an fp32
+    copy cast on its host), and every rank holds the values cast exactly."""
+    folder = tmp_path / "bf16"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_bundle["model_dir"]).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in os.listdir(tiny_bundle["model_dir"]):
+        if not name.endswith(".safetensors") and name not in ("config.json", "generation_config.json"):
+            shutil.copy(os.path.join(tiny_bundle["model_dir"], name), folder)
+    prefix = str(tmp_path / "load")
+    flags = train_flags(tiny_bundle, tmp_path / "out", "--model-name-or-path", str(folder), "--max-steps", "1",
+                        "--param-dtype", "fp32")
+    check(forked_torchrun(2, [WORKER, prefix, "--", *flags], timeout=300))
+    stored = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+    with open(f"{prefix}.rank1.json") as f:
+        received = json.load(f)["broadcast_bytes"]
+    assert stored <= received <= stored * 1.01, (received, stored)  # the values, plus a few small objects
+    state = torch.load(f"{prefix}.state.pt")
+    for name, tensor in model.state_dict().items():
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], tensor.float()), name
+
+
 def wide_folder(tiny_bundle, folder, layers: int) -> int:
     """A random Qwen2.5-VL of width 1024 and `layers` decoder layers (one layer: 11.8M parameters, 47 MB in
     fp32), saved in bf16 as hub checkpoints are; returns its parameter count."""

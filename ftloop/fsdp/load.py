@@ -65,6 +65,12 @@ class UnitMaterializer:
         self.weights, self.device, self.world = weights, world.device, world
         self.broadcast = world.world_size > 1 and not every_rank_reads
         self.reads = weights is not None
+        # Tensors cross to the device, and from rank 0 to the others, as stored (bf16 in most folders) and are cast
+        # to the master dtype there: on the GPUs, not by rank 0's one host core while the others wait in the
+        # broadcast, and with half the bytes to send when the masters are fp32. The receivers need the stored
+        # dtypes to receive into: rank 0 shares them once (one collective).
+        self.stored = agree(world, weights.stored_dtypes if self.reads else lambda: None, "rank 0",
+                            share=True) if self.broadcast else None
         # id(meta) -> (meta, weak ref to its real tensor). Weak, so that a unit's tensors die as soon as FSDP has
         # flattened and sharded them; the meta tensor is kept so that its id is never reused.
         self.done: dict[int, tuple[torch.Tensor, weakref.ref]] = {}
@@ -105,11 +111,13 @@ class UnitMaterializer:
     def _receive(self, name: str, meta: torch.Tensor) -> torch.Tensor:
         self.progress.update()
         if self.reads:  # shapes were checked against the headers by FolderWeights
-            tensor = self.weights.read(name, meta.dtype).to(self.device).contiguous()
+            tensor = self.weights.read(name).to(self.device).contiguous()
         else:
-            tensor = torch.empty_like(meta, device=self.device)
+            tensor = torch.empty(meta.shape, dtype=self.stored[name], device=self.device)
         if self.broadcast:
             dist.broadcast(tensor, src=0)
+        if tensor.is_floating_point() and tensor.dtype != meta.dtype:
+            tensor = tensor.to(meta.dtype)  # on the device
         count = nonfinite_count(tensor)  # this rank's values: rank 0's after a broadcast, else its own copy's
         anywhere = count
         if self.world.world_size > 1 and not self.broadcast:  # every rank read its own copy: agree
