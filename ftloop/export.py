@@ -112,6 +112,17 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
     return shards
 
 
+def host_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous host copy of `tensor` in `dtype`, never sharing its memory. The cast is done where the tensor is
+    (on a GPU by its kernels, not by one host core after the copy), so a bf16 export moves half an fp32 master's
+    bytes over PCIe, into pinned memory (a direct DMA, no staging through pageable memory)."""
+    cast = tensor.detach().to(dtype)
+    if cast.device.type == "cpu":
+        return cast.contiguous().clone() if cast.data_ptr() == tensor.data_ptr() else cast.contiguous()
+    host = torch.empty(cast.shape, dtype=dtype, pin_memory=True)
+    return host.copy_(cast)
+
+
 class ShardWriter:
     """Writes the planned shards: collects host copies of their tensors, cast to the save dtype, and writes each
     shard as soon as its last tensor has arrived. Shard names carry the shard count, so `close()` renames them
@@ -127,7 +138,7 @@ class ShardWriter:
     def add(self, name: str, saved_name: str, tensor: torch.Tensor) -> None:
         """Queue a copy of the tensor the model calls `name`, saved as `saved_name`."""
         dtype = self.save_dtype if tensor.is_floating_point() else tensor.dtype
-        self.pending[saved_name] = tensor.detach().to("cpu", dtype, copy=True).contiguous()
+        self.pending[saved_name] = host_copy(tensor, dtype)
         nbytes = tensor.numel() * dtype.itemsize
         self.pending_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.pending_bytes)

@@ -199,3 +199,18 @@ def test_cli_errors_are_one_line(run, tmp_path, capsys):
     assert "would replace the checkpoint" in error_line(capsys, [str(good), str(run[0])])
     assert "--max-shard-size" in error_line(capsys, [str(good), out, "--max-shard-size", "lots"])
     assert not os.path.exists(out)
+
+
+def test_a_host_copy_is_cast_where_the_tensor_is_and_never_aliases_it():
+    """ftloop.export.host_copy: the values in the save dtype, contiguous, in memory of their own (on CPU the copy
+    and the cast are the same thing; that the cast runs on the GPU before the copy, into pinned memory, only a GPU
+    shows: scripts/gpu_smoke.py)."""
+    from ftloop.export import host_copy
+
+    master = torch.randn(6, 4).t()  # not contiguous
+    saved = host_copy(master, torch.bfloat16)
+    assert saved.dtype == torch.bfloat16 and saved.is_contiguous() and torch.equal(saved, master.to(torch.bfloat16))
+    contiguous = torch.randn(4, 6)
+    same = host_copy(contiguous, torch.float32)
+    contiguous.zero_()
+    assert same.abs().sum() > 0  # a copy, not a view of the master
