@@ -35,25 +35,42 @@ IGNORE_INDEX = -100  # the label of a position that is not supervised
 LOSS_CHUNK_SIZE = 1024
 
 
+def supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    """The positions that count, as indices into the flattened (batch x length) positions: t = b x length + i where
+    label i + 1 of row b is supervised. Computed on the host by the loader's collate (ftloop.data.batches), so that
+    the loss picks its positions on the device without a boolean mask, whose size the host would wait to learn."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep.view(-1).nonzero().view(-1)
+
+
 def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_size: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the token cross-entropies at the supervised positions in fp32, how many there are). Only those
     positions are projected onto the vocabulary, which saves the (batch x length x vocab) logits of prompts and
     padding; `chunk_size` of them at a time, or all at once through plain autograd with 0.
 
     Chunked, lm_head's weight is read directly (every Qwen-VL's lm_head is a bias-free Linear), also in backward:
     under FSDP it lives in the root unit, which keeps its flat parameter gathered from forward to its
-    post-backward. The weight's gradient goes back through autograd, so a tie to the embeddings adds up."""
+    post-backward. The weight's gradient goes back through autograd, so a tie to the embeddings adds up.
+
+    `index`: `supervised_index(labels)`, computed ahead on the host (the training and evaluation batches carry it);
+    without it the positions are found here, by a boolean mask (on a GPU, a wait for the device)."""
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be 0 (all positions at once) or positive, not {chunk_size}")
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    kept, wanted = hidden[:, :-1][keep], targets[keep]
+    if index is None:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        kept, wanted, count = hidden[:, :-1][keep], targets[keep], keep.sum()
+    else:
+        kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        wanted = labels.reshape(-1).index_select(0, index + 1)
+        count = torch.full((), index.numel(), dtype=torch.long, device=hidden.device)
     if chunk_size == 0:
-        return F.cross_entropy(lm_head(kept).float(), wanted, reduction="sum"), keep.sum()
+        return F.cross_entropy(lm_head(kept).float(), wanted, reduction="sum"), count
     if not isinstance(lm_head, nn.Linear) or lm_head.bias is not None:
         raise TypeError(f"a chunked loss needs a bias-free nn.Linear lm_head, not {lm_head}")
-    return _ChunkedCrossEntropy.apply(kept, lm_head.weight, wanted, chunk_size), keep.sum()
+    return _ChunkedCrossEntropy.apply(kept, lm_head.weight, wanted, chunk_size), count
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -157,22 +157,26 @@ class VisionLanguageSFT(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                second_per_grid_ts=None, segment_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+                second_per_grid_ts=None, segment_lengths=None, segment_mask=None, segment_index=None,
+                supervised_index=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
-        `segment_lengths`: a packed micro-batch (ftloop.data.batches), whose rows attend only to themselves."""
+        `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches;
+        its `segment_lengths` are for counting only), each row attending only to itself; `supervised_index`: the
+        positions the loss counts (ftloop.loss.supervised_index). The collate computes all three on the host, so
+        that nothing here waits for the device to learn a size."""
         encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                               input_ids.device)
         extra = {}
         if second_per_grid_ts is not None and self.takes_seconds:  # Qwen2.5-VL's video time positions
             extra["second_per_grid_ts"] = second_per_grid_ts
-        if segment_lengths is not None:
+        if segment_mask is not None:
             if self.packs_in_one_sequence:  # each sequence starts a row, whose first label is ignored
                 input_ids, labels, mm_token_type_ids = (t.reshape(1, -1) for t in (input_ids, labels,
                                                                                    mm_token_type_ids))
             # No attention mask: transformers then builds one from the text positions, attending only within
             # each run of consecutive positions, i.e. within each row (sdpa's mask; flash-attention's varlen
             # path, for one sequence).
-            extra["position_ids"] = self._packed_positions(input_ids, mm_token_type_ids, segment_lengths,
+            extra["position_ids"] = self._packed_positions(input_ids, mm_token_type_ids, segment_mask, segment_index,
                                                            image_grid_thw, video_grid_thw, extra)
             attention_mask = None
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
@@ -181,27 +185,25 @@ class VisionLanguageSFT(nn.Module):
             image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_encoder_outputs=encoder_outputs,
             use_cache=False, **extra,
         ).last_hidden_state
-        loss_sum, count = supervised_loss(hidden, labels, self.hf.lm_head, self.loss_chunk_size)
+        loss_sum, count = supervised_loss(hidden, labels, self.hf.lm_head, self.loss_chunk_size, supervised_index)
         if dummy is not None:
             loss_sum = loss_sum + 0.0 * dummy
         return loss_sum, count
 
-    def _packed_positions(self, input_ids, mm_token_type_ids, segment_lengths, image_grid_thw, video_grid_thw,
-                          extra: dict) -> torch.Tensor:
+    def _packed_positions(self, input_ids, mm_token_type_ids, segment_mask, segment_index, image_grid_thw,
+                          video_grid_thw, extra: dict) -> torch.Tensor:
         """(4, batch, length) positions of a packed micro-batch: text positions restarting at 0 in each
         segment, then the model's own 3D rope positions computed for each row on its own (its rope-index
-        function, on the segments laid out one per line)."""
-        lengths = segment_lengths.tolist()
-        longest = max(lengths)
-        inside = torch.arange(longest, device=input_ids.device) < segment_lengths[:, None]  # (segments, longest)
-        per_row_ids = torch.zeros(inside.shape, dtype=input_ids.dtype, device=input_ids.device)
-        per_row_ids[inside] = input_ids.reshape(-1)
-        per_row_types = torch.zeros(inside.shape, dtype=mm_token_type_ids.dtype, device=input_ids.device)
-        per_row_types[inside] = mm_token_type_ids.reshape(-1)
-        rope, _ = self.hf.model.get_rope_index(per_row_ids, per_row_types, image_grid_thw, video_grid_thw,
-                                               attention_mask=inside.long(), **extra)
-        text = torch.arange(longest, device=input_ids.device).expand(inside.shape)[inside]
-        return torch.cat([text[None], rope[:, inside]]).view(4, *input_ids.shape)
+        function, on the segments laid out one per line: `segment_mask`, (segments, longest), and
+        `segment_index`, where each position of the batch goes in it)."""
+        lines = segment_mask.shape
+        per_row_ids = input_ids.new_zeros(lines.numel()).index_copy_(0, segment_index, input_ids.reshape(-1))
+        per_row_types = mm_token_type_ids.new_zeros(lines.numel()).index_copy_(0, segment_index,
+                                                                                mm_token_type_ids.reshape(-1))
+        rope, _ = self.hf.model.get_rope_index(per_row_ids.view(lines), per_row_types.view(lines), image_grid_thw,
+                                               video_grid_thw, attention_mask=segment_mask.long(), **extra)
+        text = torch.arange(lines[1], device=input_ids.device).expand(lines).reshape(-1).index_select(0, segment_index)
+        return torch.cat([text[None], rope.reshape(3, -1).index_select(1, segment_index)]).view(4, *input_ids.shape)
 
     def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device):
         """({"image": ..., "video": ...} encoder outputs for the HF model, or None; the dummy output, or None).

@@ -169,7 +169,9 @@ def test_collate_synthetic_pad_and_video():
     assert batch["labels"].tolist() == [[-100, -100, -100, 9], [-100, 6, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["mm_token_type_ids"].tolist() == [[0, 1, 1, 0], [2, 0, 0, 0]]
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "mm_token_type_ids"}
+    # the positions the loss counts, flattened (row x 4 + position): those whose next label is supervised
+    assert batch["supervised_index"].tolist() == [2, 4]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "mm_token_type_ids", "supervised_index"}
 
 
 # ------------------------------------------------------------------------------------------------ samplers

@@ -19,7 +19,8 @@ class Bar:
 def window_of(window: StepWindow, steps: int, step_time: float, data_wait: float, balance: float = 1.0):
     for _ in range(steps):
         window.add(torch.tensor(0.5), Step([], torch.tensor(10.0), torch.tensor([90.0, 100.0], dtype=torch.float64),
-                                         torch.tensor(balance, dtype=torch.float64), data_wait))
+                                         torch.tensor(balance, dtype=torch.float64), data_wait,
+                                         torch.tensor([400.0, 16.0], dtype=torch.float64)))
     window.started -= steps * step_time  # as if the steps had taken that long
 
 
@@ -57,7 +58,7 @@ def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatc
         mask.view(-1)[:real] = 1
         return {"attention_mask": mask, "labels": torch.where(mask.bool(), 5, -100)}
 
-    other_rank = [3.0, 7.0, 10.0, 0.0, 0.0, 0.0, 4.0, 6.0]
+    other_rank = [3.0, 7.0, 10.0, 0.0, 0.0, 0.0, 50.0, 16.0, 4.0, 6.0]
     monkeypatch.setattr(ftloop.data.loaders, "all_gather_rows",
                         lambda values, device: torch.tensor([values, other_rank], dtype=torch.float64))
     world = World(0, 0, 2, torch.device("cpu"), "gloo", 2)
@@ -65,3 +66,21 @@ def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatc
     assert votes == [0.0, 0.0, 0.0]
     assert float(counts.rank_balance) == pytest.approx(1.4)
     assert counts.tokens.tolist() == [16.0, 20.0] and float(counts.targets) == 3 + (3 + 2) + 1  # labels shifted
+    # the work its FLOPs are counted from: squared row lengths (4^2 + 3^2 + 2^2 here) and patches, both ranks
+    assert counts.work.tolist() == [4 * 4 + 3 * 3 + 2 * 2 + 50.0, 16.0]
+
+
+def test_mfu_is_the_window_s_model_flops_over_its_time_and_the_ranks_peaks(tmp_path):
+    from ftloop.flops import FlopModel
+
+    world = World(0, 0, 1, torch.device("cpu"), "gloo", 1)
+    logger, bar = MetricsLogger(str(tmp_path), True, "none", "", "", {}), Bar()
+    flops = FlopModel(per_token=6, per_supervised_token=60, per_patch=2, layers=1, attention_width=3)
+    window = StepWindow(world, 1, flops, peak_flops=1000.0)
+    window_of(window, 2, step_time=1.0, data_wait=0.0)  # 90 tokens, 10 supervised, 400 pairs, 16 patches a step
+    window.log(logger, bar, 2, 1e-3, 1.0, 0, 100)
+    logger.close()
+    [record] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    per_step = 6 * 90 + 60 * 10 + 12 * 1 * 3 * 400 + 2 * 16
+    assert record["mfu"] == pytest.approx(per_step / 1000.0, rel=1e-3)  # 2 steps in 2 s, 1 rank of 1000 FLOP/s
+    assert bar.postfix["mfu"] == f"{record['mfu']:.1%}"

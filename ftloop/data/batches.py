@@ -16,7 +16,7 @@ from ftloop.config import VideoArgs
 from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
 from ftloop.data.rows import Row
 from ftloop.data.sources import where as row_where
-from ftloop.loss import IGNORE_INDEX
+from ftloop.loss import IGNORE_INDEX, supervised_index
 
 
 class SFTDataset(Dataset):
@@ -56,7 +56,8 @@ def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | N
             n = len(s["input_ids"])
             input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id)}
+                 "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
+                 "supervised_index": supervised_index(labels)}
         return {**batch, **vision_inputs(samples)}
 
     return collate
@@ -128,6 +129,14 @@ class PackedRows(Dataset):
         return [self.inner[i] for i in pack]
 
 
+def segment_layout(lengths: torch.Tensor) -> dict:
+    """A packed micro-batch's segments laid out one per line, for the model's rope positions (ftloop.model):
+    `segment_lengths`; `segment_mask`, (segments, longest), True where a line holds a position; `segment_index`,
+    where each position of the batch (flattened) goes in the flattened lines."""
+    mask = torch.arange(int(lengths.max())) < lengths[:, None]
+    return {"segment_lengths": lengths, "segment_mask": mask, "segment_index": mask.view(-1).nonzero().view(-1)}
+
+
 def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
     """A micro-batch of packs: each pack one sequence (its rows concatenated), right-padded to the longest.
 
@@ -156,7 +165,7 @@ def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: 
                 segments.append(length - at)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
-                 "segment_lengths": torch.tensor(segments)}
+                 **segment_layout(torch.tensor(segments)), "supervised_index": supervised_index(labels)}
         return {**batch, **vision_inputs([s for pack in packs for s in pack])}
 
     return collate

@@ -1,0 +1,79 @@
+"""No op of ftloop's own that waits for the device inside a micro-batch (issue 24, point 2, ftloop's part): the
+loss's positions and a packed batch's layout come from the loader's collate, computed on the host. Counted with a
+dispatch mode over the forward and backward of a micro-batch on CPU: the ops that sync on CUDA (`nonzero`, boolean
+masks, `_local_scalar_dense`) whose caller is in ftloop/. (transformers' own rope index and vision code still sync;
+the note of issue 24 counts them.)"""
+
+import os
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForImageTextToText
+
+import ftloop
+from datautil import SYSTEM, noise_frames
+from ftloop.data.batches import SFTDataset, make_collate, make_packed_collate
+from ftloop.data.layouts import load_rows
+from ftloop.data.rows import Row
+from ftloop.loss import supervised_loss
+from ftloop.model import VisionLanguageSFT
+
+FTLOOP = os.path.dirname(ftloop.__file__)
+SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select"}
+
+
+class FtloopSyncs(TorchDispatchMode):
+    """Syncing ops whose nearest caller outside torch is ftloop's code (the collate's host work left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name in ("index", "index_put_", "index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if name in SYNCING or masked:
+            frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+                      and not f.filename.endswith("test_host_syncs.py")]
+            if frames and frames[-1].filename.startswith(FTLOOP) and frames[-1].name != "collate":
+                self.seen.append(f"{name} at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_bundle, tokenizer, image_processor, tmp_path_factory):
+    rows = load_rows(tiny_bundle["train_json"], tiny_bundle["image_folder"], [])
+    with_image = next(r for r in rows if r.images)
+    text_only = next(r for r in rows if not r.images)
+    video = Row([dict(m, content=m["content"].replace("<image>", "<video>")) for m in with_image.messages],
+                videos=[noise_frames(tmp_path_factory.mktemp("frames"), 3)], number=9)
+    dataset = SFTDataset([with_image, text_only, video], tokenizer, image_processor, 4096, SYSTEM)
+    return [dataset[i] for i in range(3)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_micro_batch_waits_for_the_device_nowhere_in_ftloop(tiny_bundle, tokenizer, samples, packed):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"])
+    config = model.config
+    if packed:
+        batch = make_packed_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(
+            [samples[:2], samples[2:]])
+    else:
+        batch = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(samples)
+    with FtloopSyncs() as syncs:
+        loss, count = VisionLanguageSFT(model)(**batch)
+        loss.backward()
+    assert syncs.seen == [] and count > 0
+
+
+def test_the_loss_at_the_collates_positions_equals_the_masked_one(tiny_bundle, tokenizer, samples):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"])
+    batch = make_collate(tokenizer.pad_token_id, model.config.image_token_id, model.config.video_token_id)(samples)
+    hidden = torch.randn(*batch["input_ids"].shape, model.config.text_config.hidden_size)
+    for chunk in (0, 5):
+        masked = supervised_loss(hidden, batch["labels"], model.lm_head, chunk)
+        indexed = supervised_loss(hidden, batch["labels"], model.lm_head, chunk, batch["supervised_index"])
+        assert torch.equal(masked[0], indexed[0]) and int(masked[1]) == int(indexed[1]) > 0
