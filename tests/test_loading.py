@@ -163,7 +163,7 @@ def test_an_improving_eval_adds_no_copy_of_the_model(larger_tied_model, tiny_bun
     assert improved and improved[0] == 1  # logged at step 1 before its eval; every later peak includes it
     print("GROWTH", (peak[3] - peak[1]) / model_bytes)
     # a second copy of the model would add 1.0 x its bytes; the host allocator's noise in the peak RSS measured
-    # here is -0.6 to 0.28 x (ten runs; the 0.25 this test first allowed failed one full-suite run in eight)
+    # here was -0.61 to 0.28 x in six runs (the 0.25 this test first allowed failed one full-suite run)
     assert peak[3] - peak[1] < 0.5 * model_bytes, (peak, model_bytes)
 
 
