@@ -19,6 +19,7 @@ from ftloop.config import Config, ModelArgs
 from ftloop.data.model_folder import read_config
 from ftloop.errors import ConfigError
 from ftloop.lora import add_adapters, base_dtype
+from ftloop.data.positions import packed_positions
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -158,12 +159,13 @@ class VisionLanguageSFT(nn.Module):
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                 second_per_grid_ts=None, segment_lengths=None, segment_mask=None, segment_index=None,
-                supervised_index=None) -> tuple[torch.Tensor, torch.Tensor]:
+                supervised_index=None, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
         `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches;
         its `segment_lengths` are for counting only), each row attending only to itself; `supervised_index`: the
-        positions the loss counts (ftloop.loss.supervised_index). The collate computes all three on the host, so
-        that nothing here waits for the device to learn a size."""
+        positions the loss counts (ftloop.loss.supervised_index); `position_ids`: the rope positions
+        (ftloop.data.positions). The collate computes them all on the host, so that nothing here waits for the
+        device to learn a size; without `position_ids` the model computes them here."""
         encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                               input_ids.device)
         extra = {}
@@ -176,9 +178,13 @@ class VisionLanguageSFT(nn.Module):
             # No attention mask: transformers then builds one from the text positions, attending only within
             # each run of consecutive positions, i.e. within each row (sdpa's mask; flash-attention's varlen
             # path, for one sequence).
-            extra["position_ids"] = self._packed_positions(input_ids, mm_token_type_ids, segment_mask, segment_index,
-                                                           image_grid_thw, video_grid_thw, extra)
+            if position_ids is None:
+                position_ids = packed_positions(input_ids, mm_token_type_ids, segment_mask, segment_index,
+                                                image_grid_thw, video_grid_thw, self.hf.model.get_rope_index, **extra)
+            extra["position_ids"] = position_ids.view(4, *input_ids.shape)
             attention_mask = None
+        elif position_ids is not None:
+            extra["position_ids"] = position_ids
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
         hidden = self.hf.model(
             input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
@@ -189,21 +195,6 @@ class VisionLanguageSFT(nn.Module):
         if dummy is not None:
             loss_sum = loss_sum + 0.0 * dummy
         return loss_sum, count
-
-    def _packed_positions(self, input_ids, mm_token_type_ids, segment_mask, segment_index, image_grid_thw,
-                          video_grid_thw, extra: dict) -> torch.Tensor:
-        """(4, batch, length) positions of a packed micro-batch: text positions restarting at 0 in each
-        segment, then the model's own 3D rope positions computed for each row on its own (its rope-index
-        function, on the segments laid out one per line: `segment_mask`, (segments, longest), and
-        `segment_index`, where each position of the batch goes in it)."""
-        lines = segment_mask.shape
-        per_row_ids = input_ids.new_zeros(lines.numel()).index_copy_(0, segment_index, input_ids.reshape(-1))
-        per_row_types = mm_token_type_ids.new_zeros(lines.numel()).index_copy_(0, segment_index,
-                                                                                mm_token_type_ids.reshape(-1))
-        rope, _ = self.hf.model.get_rope_index(per_row_ids.view(lines), per_row_types.view(lines), image_grid_thw,
-                                               video_grid_thw, attention_mask=segment_mask.long(), **extra)
-        text = torch.arange(lines[1], device=input_ids.device).expand(lines).reshape(-1).index_select(0, segment_index)
-        return torch.cat([text[None], rope.reshape(3, -1).index_select(1, segment_index)]).view(4, *input_ids.shape)
 
     def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device):
         """({"image": ..., "video": ...} encoder outputs for the HF model, or None; the dummy output, or None).

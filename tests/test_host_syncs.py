@@ -49,7 +49,7 @@ def samples(tiny_bundle, tokenizer, image_processor, tmp_path_factory):
     with_image = next(r for r in rows if r.images)
     text_only = next(r for r in rows if not r.images)
     video = Row([dict(m, content=m["content"].replace("<image>", "<video>")) for m in with_image.messages],
-                videos=[noise_frames(tmp_path_factory.mktemp("frames"), 3)], number=9)
+                videos=[noise_frames(tmp_path_factory.mktemp("frames"), 3)], video_fps=[1.0], number=9)  # 2 s a group
     dataset = SFTDataset([with_image, text_only, video], tokenizer, image_processor, 4096, SYSTEM)
     return [dataset[i] for i in range(3)]
 
@@ -77,3 +77,56 @@ def test_the_loss_at_the_collates_positions_equals_the_masked_one(tiny_bundle, t
         masked = supervised_loss(hidden, batch["labels"], model.lm_head, chunk)
         indexed = supervised_loss(hidden, batch["labels"], model.lm_head, chunk, batch["supervised_index"])
         assert torch.equal(masked[0], indexed[0]) and int(masked[1]) == int(indexed[1]) > 0
+
+
+ROPE = ("get_rope_index", "get_vision_position_ids")  # transformers' code that the collate's positions replace
+
+
+class RopeSyncs(TorchDispatchMode):
+    """Syncing ops anywhere inside transformers' rope index."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING | {"index"} and any(
+                frame.name in ROPE for frame in traceback.extract_stack()):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_collate_s_positions_are_the_model_s_and_spare_its_reads(tiny_bundle, tokenizer, samples, packed):
+    """Positions computed on the host by the model's own rope index equal those the model computes on the device
+    (and so the loss); with them, the forward reads nothing in transformers' rope index (11 syncing ops per
+    micro-batch of these 3 rows before, on the demo model)."""
+    import pickle
+
+    from ftloop.data.positions import HostRopeIndex
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"])
+    config = model.config
+    make = make_packed_collate if packed else make_collate
+    rows = [samples[:2], samples[2:]] if packed else samples
+    rope = pickle.loads(pickle.dumps(HostRopeIndex(config)))  # as the loader's workers get it
+    plain = make(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(rows)
+    placed = make(tokenizer.pad_token_id, config.image_token_id, config.video_token_id, rope)(rows)
+    if packed:
+        from ftloop.data.positions import packed_positions
+
+        wanted = packed_positions(plain["input_ids"], plain["mm_token_type_ids"], plain["segment_mask"],
+                                  plain["segment_index"], plain["image_grid_thw"], plain["video_grid_thw"],
+                                  model.model.get_rope_index, second_per_grid_ts=plain["second_per_grid_ts"])
+    else:
+        wanted, _ = model.model.get_rope_index(plain["input_ids"], plain["mm_token_type_ids"],
+                                               plain["image_grid_thw"], plain["video_grid_thw"],
+                                               second_per_grid_ts=plain["second_per_grid_ts"],
+                                               attention_mask=plain["attention_mask"])
+    assert torch.equal(placed["position_ids"], wanted)
+    scorer = VisionLanguageSFT(model)
+    with torch.no_grad():
+        with RopeSyncs() as syncs:
+            loss, count = scorer(**placed)
+        reference, _ = scorer(**plain)
+    assert syncs.count == 0 and torch.equal(loss, reference)

@@ -11,6 +11,7 @@ check    check_cache  what the check found, kept in --output-dir for a resumed r
          check        every row measured with one rule (over the ranks before training, or over a process pool
                       in `python -m ftloop.data.check`, the command)
 batch    sampler      the order of rows across ranks and steps; packing rows into sequences
+         positions    a micro-batch's rope positions, computed on the host by the model's own rope index
          batches      rows -> tensors: padded or packed micro-batches, evaluation batches
          loaders      the DataLoaders, --eval-ratio, and each step's micro-batches counted across the ranks
 

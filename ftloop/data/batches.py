@@ -16,6 +16,7 @@ from ftloop.config import VideoArgs
 from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
 from ftloop.data.rows import Row
 from ftloop.data.sources import where as row_where
+from ftloop.data.positions import HostRopeIndex, batch_positions
 from ftloop.loss import IGNORE_INDEX, supervised_index
 
 
@@ -42,9 +43,11 @@ class SFTDataset(Dataset):
         return sample
 
 
-def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
+def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None,
+                 rope_index: HostRopeIndex | None = None):
     """Right-pad a list of samples into one micro-batch; the image and video inputs of all rows are
-    concatenated in row order (the order of their placeholders in the batch)."""
+    concatenated in row order (the order of their placeholders in the batch). With `rope_index`, the batch
+    carries its rope positions (`position_ids`, ftloop.data.positions), computed here on the host."""
 
     def collate(samples: list[dict]) -> dict:
         length = max(len(s["input_ids"]) for s in samples)
@@ -58,7 +61,7 @@ def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | N
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
                  "supervised_index": supervised_index(labels)}
-        return {**batch, **vision_inputs(samples)}
+        return with_positions({**batch, **vision_inputs(samples)}, rope_index)
 
     return collate
 
@@ -137,7 +140,13 @@ def segment_layout(lengths: torch.Tensor) -> dict:
     return {"segment_lengths": lengths, "segment_mask": mask, "segment_index": mask.view(-1).nonzero().view(-1)}
 
 
-def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None):
+def with_positions(batch: dict, rope_index: HostRopeIndex | None) -> dict:
+    positions = batch_positions(batch, rope_index) if rope_index is not None else None
+    return batch if positions is None else {**batch, "position_ids": positions}
+
+
+def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None,
+                        rope_index: HostRopeIndex | None = None):
     """A micro-batch of packs: each pack one sequence (its rows concatenated), right-padded to the longest.
 
     `segment_lengths` lists, sequence by sequence, the length of each row and of the padding after the
@@ -166,6 +175,6 @@ def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
                  **segment_layout(torch.tensor(segments)), "supervised_index": supervised_index(labels)}
-        return {**batch, **vision_inputs([s for pack in packs for s in pack])}
+        return with_positions({**batch, **vision_inputs([s for pack in packs for s in pack])}, rope_index)
 
     return collate

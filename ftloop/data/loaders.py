@@ -17,6 +17,7 @@ from ftloop.data.batches import EvalDataset, PackedRows, SFTDataset, eval_batche
 from ftloop.data.check import CheckedRows, Measuring, checked_rows
 from ftloop.data.encode import ChatFormat, chat_format
 from ftloop.data.layouts import load_rows
+from ftloop.data.positions import HostRopeIndex
 from ftloop.data.rows import Row
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.distributed import World, all_gather_rows, print0
@@ -28,7 +29,7 @@ from ftloop.signals import StopRequest, ignore_stop_signals, stop_signals_held
 
 def _collate_for(tokenizer, hf_config, make=make_collate):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None))
+    return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None), HostRopeIndex(hf_config))
 
 
 def _loader(dataset, batch_sampler, collate, workers: int, world: World) -> DataLoader:
