@@ -16,7 +16,9 @@ it holds no GPU memory while the children train:
      and 4 (per-device batch 2); a run that saves checkpoint-5, and one that resumes from it in a new folder;
   5. one table: step time and tokens/s (after the first window), the allocator's allocated and reserved peaks
      (metrics.jsonl), the plan's peak without its reserve, the reserve, its main terms, reserved / plan peak, a
-     verdict per run, and the save/resume window (steps 6-10) of the three runs that share it.
+     verdict per run, and the save/resume window (steps 6-10) of the three runs that share it;
+  6. two steps of the sdpa run under torch.profiler (scripts/profile_step.py): the optimizer's time and kernel
+     launches, the vision tower's launches, the host's waits for the device per step, and MFU.
 Each run is planned before it starts, against a fresh --output-dir, as ftloop.train checks it (against the memory
 free after start-up: the reserve is then the 5% fragmentation). Exit 1 when a run fails or, on CUDA, a measured
 peak is above the plan. On the CPU the peaks are the process's RSS, which the plan does not model: shown, not judged.
@@ -235,9 +237,25 @@ def main() -> None:
         if resume:
             shutil.rmtree(os.path.join(runs_dir, resume), ignore_errors=True)
 
+    # The profiled steps: the first run's flags (sdpa, accumulation 1) in a folder of their own; MFU needs a peak
+    # on the CPU, where any will do (the figure is the mechanism's, not a speed).
+    profiled = os.path.join(runs_dir, "profile")
+    flags = ["--model-name-or-path", model_dir, "--train-data", data, "--output-dir", profiled,
+             "--attn-implementation", "sdpa", "--max-steps", str(2 * every), "--per-device-train-batch-size",
+             str(S["batch"]), "--max-seq-length", str(S["seq"]), "--truncation", "right", "--save-steps", "0",
+             "--report-to", "none", "--dataloader-num-workers", str(S["workers"])]
+    flags += [] if cuda else ["--no-bf16", "--peak-tflops", "1"]
+    profile = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "profile_step.py"), *flags], cwd=REPO,
+                             env=env, capture_output=True, text=True)
+    profile_line = next((line for line in profile.stdout.splitlines() if line.startswith("profile_step: ")), None)
+
     print(f"\ngpu_smoke summary: {args.size}, {device['device']}, {nproc} process(es); mem_get_info after init: " +
           (f"{device['free'] / GIB:.2f} GiB free of {device['total'] / GIB:.2f} GiB" if cuda else "n/a (no CUDA)"))
     failed = summary(results, S["unit"], every, cuda)
+    if profile_line is None:
+        failed.append(f"profile_step exit {profile.returncode}: {profile.stderr[-2000:]}")
+    else:
+        print(profile_line)
     import torch
 
     if torch.cuda.is_initialized():  # the parent must leave the GPU to the children

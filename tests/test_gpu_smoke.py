@@ -2,6 +2,7 @@
 CPU, the same runs, plans and table as `--size 3b`), so that a renamed flag, a metrics key or a refused plan breaks
 the suite and not the GPU slot."""
 
+import json
 import os
 import re
 import subprocess
@@ -50,4 +51,10 @@ def test_tiny_smoke_runs_and_prints_its_table(tmp_path):
     assert save, out[-3000:]
     assert not cpu or save[1] == save[2] == save[3]  # on the CPU the resumed run continues the others exactly
     assert float(save[4]) > 0
+    profiled = re.search(r"^profile_step: (\{.*\})$", out, re.M)  # the profiled steps' counts
+    assert profiled, out[-3000:]
+    counts = json.loads(profiled[1])
+    assert counts["optimizer_launches"] > 0 and counts["vision_launches"] > 0 and counts["host_syncs"] >= 1
+    assert counts["optimizer_s"] > 0 and counts["step_s"] > counts["optimizer_s"] and counts["mfu"] > 0
+    assert counts["launch_unit"] == ("aten op" if cpu else "cudaLaunchKernel")
     assert out.rstrip().endswith("gpu_smoke: OK")
