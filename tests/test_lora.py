@@ -185,3 +185,31 @@ def test_best_adapters_come_back_and_no_merge_lora_writes_the_adapter_alone(tiny
     final = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
     b = [v for k, v in final.items() if "lora_B" in k]
     assert len(b) == 14 and all(not v.any() for v in b)
+
+
+def test_why_a_layer_s_adapters_are_units_of_their_own():
+    """README (LoRA): FSDP1 will not flatten a frozen projection with its trainable adapter under
+    use_orig_params=False, and under use_orig_params=True keeps a gradient for all of it (the frozen weight
+    included): so each adapter matrix is its own unit."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    class Projection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(256, 256, bias=False).requires_grad_(False)
+            self.lora_A, self.lora_B = nn.Linear(256, 8, bias=False), nn.Linear(8, 256, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_B(self.lora_A(x))
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="uniform `requires_grad`"):
+            FSDP(Projection(), use_orig_params=False, device_id=torch.device("cpu"))
+        unit = FSDP(Projection(), use_orig_params=True, device_id=torch.device("cpu"))
+        unit(torch.randn(4, 256)).sum().backward()
+        assert unit._handle.flat_param.grad.numel() == 256 * 256 + 2 * 256 * 8 == 69632  # trainable: 4,096
+    finally:
+        dist.destroy_process_group()
