@@ -222,14 +222,16 @@ class VisionLanguageSFT(nn.Module):
         features, deepstack, output_type = self._features(
             visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts])))
         outputs, offset = {}, 0
-        for name, _, grid in parts:  # tokens per image / video, in the order the HF model scatters them
-            sizes = (grid.prod(-1) // self.merge**2).tolist()
-            mine = slice(offset, offset + sum(sizes))
-            fields = {"pooler_output": torch.split(features[mine], sizes)}
-            if deepstack is not None:  # Qwen3-VL: split per image (video) too, for each block feeding the decoder
-                fields["deepstack_features"] = [torch.split(f[mine], sizes) for f in deepstack]
+        for name, pixels, _ in parts:
+            # The images' (videos') tokens: one per merge^2 patches, counted from the pixels' shape, which the host
+            # knows, not from the grids' values, which it would wait to read. One chunk for them all: the HF model
+            # concatenates the per-image chunks it is given before it places them.
+            mine = slice(offset, offset + pixels.shape[0] // self.merge**2)
+            fields = {"pooler_output": (features[mine],)}
+            if deepstack is not None:  # Qwen3-VL: the same for each block feeding the decoder
+                fields["deepstack_features"] = [(f[mine],) for f in deepstack]
             outputs[name] = output_type(**fields)
-            offset += sum(sizes)
+            offset = mine.stop
         return outputs, None
 
     @staticmethod

@@ -54,8 +54,16 @@ def samples(tiny_bundle, tokenizer, image_processor, tmp_path_factory):
     return [dataset[i] for i in range(3)]
 
 
+def ftloop_caller() -> str | None:
+    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+              and not f.filename.endswith("test_host_syncs.py")]
+    if frames and frames[-1].filename.startswith(FTLOOP) and frames[-1].name != "collate":
+        return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}"
+    return None
+
+
 @pytest.mark.parametrize("packed", [False, True])
-def test_a_micro_batch_waits_for_the_device_nowhere_in_ftloop(tiny_bundle, tokenizer, samples, packed):
+def test_a_micro_batch_waits_for_the_device_nowhere_in_ftloop(tiny_bundle, tokenizer, samples, packed, monkeypatch):
     model = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"])
     config = model.config
     if packed:
@@ -63,10 +71,16 @@ def test_a_micro_batch_waits_for_the_device_nowhere_in_ftloop(tiny_bundle, token
             [samples[:2], samples[2:]])
     else:
         batch = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(samples)
+    reads = []  # .tolist() and .item() are no dispatched ops: watched by themselves
+    for method in ("tolist", "item"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _original=original, _name=method: (
+            reads.append((_name, ftloop_caller())) or _original(self, *a)))
     with FtloopSyncs() as syncs:
         loss, count = VisionLanguageSFT(model)(**batch)
         loss.backward()
     assert syncs.seen == [] and count > 0
+    assert [read for read in reads if read[1] is not None] == []  # transformers' own are left (README)
 
 
 def test_the_loss_at_the_collates_positions_equals_the_masked_one(tiny_bundle, tokenizer, samples):
