@@ -19,7 +19,7 @@ from ftloop.config import Config, ModelArgs
 from ftloop.data.model_folder import read_config
 from ftloop.errors import ConfigError
 from ftloop.lora import add_adapters, base_dtype
-from ftloop.data.positions import packed_positions
+from ftloop.data.positions import packed_positions, vision_layout
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -159,15 +159,23 @@ class VisionLanguageSFT(nn.Module):
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                 second_per_grid_ts=None, segment_lengths=None, segment_mask=None, segment_index=None,
-                supervised_index=None, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+                supervised_index=None, position_ids=None, vision_position_ids=None, vision_cu_seqlens=None,
+                vision_max_seqlen=None, vision_window_index=None, vision_cu_window_seqlens=None,
+                vision_max_window_seqlen=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
         `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches;
         its `segment_lengths` are for counting only), each row attending only to itself; `supervised_index`: the
         positions the loss counts (ftloop.loss.supervised_index); `position_ids`: the rope positions
         (ftloop.data.positions). The collate computes them all on the host, so that nothing here waits for the
-        device to learn a size; without `position_ids` the model computes them here."""
+        device to learn a size; without `position_ids` the model computes them here. The `vision_` arguments: the
+        vision tower's layout of this batch's patches (ftloop.data.positions.vision_layout), which the tower
+        computes itself without them."""
+        layout = {key: value for key, value in (
+            ("position_ids", vision_position_ids), ("cu_seqlens", vision_cu_seqlens), ("max_seqlen", vision_max_seqlen),
+            ("window_index", vision_window_index), ("cu_window_seqlens", vision_cu_window_seqlens),
+            ("max_window_seqlen", vision_max_window_seqlen)) if value is not None}
         encoder_outputs, dummy = self._vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                              input_ids.device)
+                                              input_ids.device, layout)
         extra = {}
         if second_per_grid_ts is not None and self.takes_seconds:  # Qwen2.5-VL's video time positions
             extra["second_per_grid_ts"] = second_per_grid_ts
@@ -196,7 +204,8 @@ class VisionLanguageSFT(nn.Module):
             loss_sum = loss_sum + 0.0 * dummy
         return loss_sum, count
 
-    def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device):
+    def _vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, device: torch.device,
+                layout: dict):
         """({"image": ..., "video": ...} encoder outputs for the HF model, or None; the dummy output, or None).
 
         FSDP gathers a vision block's weights when that block runs. Every rank must run the same vision
@@ -214,13 +223,15 @@ class VisionLanguageSFT(nn.Module):
                  (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
                  if pixels is not None]
         if not parts:
-            grid = torch.tensor([[1, self.merge, self.merge]], device=device)
+            grid = torch.tensor([[1, self.merge, self.merge]])
+            blank = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                     for key, value in vision_layout(grid, self.hf.config.vision_config).items()}
             pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
-            features, deepstack, _ = self._features(visual(pixels, grid_thw=grid))
+            features, deepstack, _ = self._features(visual(pixels, grid_thw=grid.to(device), **blank))
             return None, sum(f.float().sum() for f in [features, *(deepstack or [])])
         pixels = torch.cat([pixels for _, pixels, _ in parts]).to(dtype)
         features, deepstack, output_type = self._features(
-            visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts])))
+            visual(pixels, grid_thw=torch.cat([grid for _, _, grid in parts]), **layout))
         outputs, offset = {}, 0
         for name, pixels, _ in parts:
             # The images' (videos') tokens: one per merge^2 patches, counted from the pixels' shape, which the host

@@ -22,7 +22,8 @@ from ftloop.signals import stop_signals_held
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on `device`; its numbers (the vision tower's longest spans) stay on the host."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def accumulate_gradients(model, micro_batches: list[dict], step_targets: torch.Tensor, world: World) -> torch.Tensor:

@@ -49,7 +49,8 @@ def samples(tiny_bundle, tokenizer, image_processor, tmp_path_factory):
     with_image = next(r for r in rows if r.images)
     text_only = next(r for r in rows if not r.images)
     video = Row([dict(m, content=m["content"].replace("<image>", "<video>")) for m in with_image.messages],
-                videos=[noise_frames(tmp_path_factory.mktemp("frames"), 3)], video_fps=[1.0], number=9)  # 2 s a group
+                videos=[noise_frames(tmp_path_factory.mktemp("frames"), 3)[::-1]],  # 56x84 first: its own grid
+                video_fps=[1.0], number=9)  # 2 s a group
     dataset = SFTDataset([with_image, text_only, video], tokenizer, image_processor, 4096, SYSTEM)
     return [dataset[i] for i in range(3)]
 
@@ -94,6 +95,7 @@ def test_the_loss_at_the_collates_positions_equals_the_masked_one(tiny_bundle, t
 
 
 ROPE = ("get_rope_index", "get_vision_position_ids")  # transformers' code that the collate's positions replace
+VISION_LAYOUT_CODE = ("get_vision_position_ids", "get_vision_window_index", "get_vision_cu_seqlens")  # and layout
 
 
 class RopeSyncs(TorchDispatchMode):
@@ -105,7 +107,7 @@ class RopeSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in SYNCING | {"index"} and any(
-                frame.name in ROPE for frame in traceback.extract_stack()):
+                frame.name in ROPE + VISION_LAYOUT_CODE for frame in traceback.extract_stack()):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -113,8 +115,8 @@ class RopeSyncs(TorchDispatchMode):
 @pytest.mark.parametrize("packed", [False, True])
 def test_the_collate_s_positions_are_the_model_s_and_spare_its_reads(tiny_bundle, tokenizer, samples, packed):
     """Positions computed on the host by the model's own rope index equal those the model computes on the device
-    (and so the loss); with them, the forward reads nothing in transformers' rope index (11 syncing ops per
-    micro-batch of these 3 rows before, on the demo model)."""
+    (and so the loss); with them and the vision layout, the forward reads nothing in transformers' rope index or
+    the vision tower's layout code (23 syncing ops per micro-batch of these 3 rows before, on the demo model)."""
     import pickle
 
     from ftloop.data.positions import HostRopeIndex
@@ -144,3 +146,39 @@ def test_the_collate_s_positions_are_the_model_s_and_spare_its_reads(tiny_bundle
             loss, count = scorer(**placed)
         reference, _ = scorer(**plain)
     assert syncs.count == 0 and torch.equal(loss, reference)
+
+
+
+def test_qwen3_vl_takes_the_collate_s_positions_and_vision_layout_as_its_own(qwen3_bundle):
+    """Qwen3-VL (16-pixel patches, interleaved mRoPE, no windows): the collate's positions and vision layout give
+    the loss the model gives on its own, and the tower computes none of its layout."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from ftloop.data.encode import ChatFormat
+    from ftloop.data.positions import HostRopeIndex
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_bundle["model_dir"])
+    processor = AutoImageProcessor.from_pretrained(qwen3_bundle["model_dir"])
+    model = AutoModelForImageTextToText.from_pretrained(qwen3_bundle["model_dir"])
+    config = model.config
+    rows = load_rows(qwen3_bundle["train_json"], qwen3_bundle["image_folder"], [])[:3]
+    samples = [SFTDataset(rows, tokenizer, processor, 4096, ChatFormat("", True))[i] for i in range(3)]
+    plain = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(samples)
+    placed = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id,
+                          HostRopeIndex(config))(samples)
+    assert "vision_cu_seqlens" in placed and "vision_window_index" not in placed
+
+    class LayoutSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(frame.name in VISION_LAYOUT_CODE + ROPE for frame in traceback.extract_stack()):
+                LayoutSyncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    scorer = VisionLanguageSFT(model)
+    with torch.no_grad():
+        with LayoutSyncs():
+            loss, _ = scorer(**placed)
+        reference, _ = scorer(**plain)
+    assert LayoutSyncs.count == 0 and torch.equal(loss, reference)

@@ -16,7 +16,7 @@ from ftloop.config import VideoArgs
 from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
 from ftloop.data.rows import Row
 from ftloop.data.sources import where as row_where
-from ftloop.data.positions import HostRopeIndex, batch_positions
+from ftloop.data.positions import HostRopeIndex, batch_positions, batch_vision_layout
 from ftloop.loss import IGNORE_INDEX, supervised_index
 
 
@@ -141,8 +141,13 @@ def segment_layout(lengths: torch.Tensor) -> dict:
 
 
 def with_positions(batch: dict, rope_index: HostRopeIndex | None) -> dict:
-    positions = batch_positions(batch, rope_index) if rope_index is not None else None
-    return batch if positions is None else {**batch, "position_ids": positions}
+    """The batch with its rope positions and its vision tower layout (ftloop.data.positions), when `rope_index`
+    (whose config says the tower's) is given."""
+    if rope_index is None:
+        return batch
+    positions = batch_positions(batch, rope_index)
+    batch = batch if positions is None else {**batch, "position_ids": positions}
+    return {**batch, **batch_vision_layout(batch, rope_index.config.vision_config)}
 
 
 def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: int | None = None,

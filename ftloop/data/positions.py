@@ -6,6 +6,10 @@ when it runs inside the model's forward on a GPU (`.tolist()`, boolean masks), e
 queueing work ahead of the device. The same function, run by the collate on the CPU tensors of the batch (in the
 loader's worker processes), costs the device nothing; the model then takes the positions as its `position_ids`.
 
+The vision tower likewise lays its patches out from their grids before it runs (rotary position ids, attention
+boundaries, Qwen2.5-VL's window order: `vision_layout`, with transformers' own functions), reading the grids each
+time; the collate computes that layout too, and the tower takes it precomputed.
+
 `HostRopeIndex` is the family's own `get_rope_index` (transformers' code, unchanged), bound to the checkpoint's
 config without a model. `batch_positions` gives a batch's positions: the model's (3, batch, length) ones for a
 batch with images or videos (a text-only batch needs none: the model counts 0, 1, 2, ... itself, without a read),
@@ -43,6 +47,35 @@ class HostRopeIndex:
         positions, _ = self.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                            attention_mask=attention_mask, **extra)
         return positions
+
+
+VISION_LAYOUT = ("position_ids", "cu_seqlens", "window_index", "cu_window_seqlens", "max_seqlen", "max_window_seqlen")
+
+
+def vision_layout(grid_thw: torch.Tensor, vision_config) -> dict:
+    """What the vision tower computes from its grids before it runs (transformers' own vision_utils functions, which
+    take these precomputed in their `kwargs`): rotary position ids, attention boundaries and their longest span,
+    and Qwen2.5-VL's window order. `grid_thw` on the host; keys as the tower's keyword arguments."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    merge = vision_config.spatial_merge_size
+    layout = {"position_ids": get_vision_position_ids(grid_thw, merge), "cu_seqlens": get_vision_cu_seqlens(grid_thw)}
+    layout["max_seqlen"] = int((layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).max())
+    if getattr(vision_config, "window_size", None):  # Qwen2.5-VL's windowed attention
+        index, cumulative = get_vision_window_index(grid_thw, merge, vision_config.window_size,
+                                                    vision_config.patch_size)
+        layout.update(window_index=index, cu_window_seqlens=cumulative,
+                      max_window_seqlen=int((cumulative[1:] - cumulative[:-1]).max()))
+    return layout
+
+
+def batch_vision_layout(batch: dict, vision_config) -> dict:
+    """`vision_layout` of a collated batch's images and videos, in the order the model runs them through the tower
+    (images, then videos), under `vision_` keys; {} for a batch without either."""
+    grids = [batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch]
+    if not grids:
+        return {}
+    return {f"vision_{key}": value for key, value in vision_layout(torch.cat(grids), vision_config).items()}
 
 
 def packed_positions(input_ids, mm_token_type_ids, segment_mask, segment_index, image_grid_thw, video_grid_thw,
