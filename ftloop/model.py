@@ -17,9 +17,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ftloop.config import Config, ModelArgs
 from ftloop.data.model_folder import read_config
+from ftloop.data.positions import packed_positions, vision_layout
 from ftloop.errors import ConfigError
 from ftloop.lora import add_adapters, base_dtype
-from ftloop.data.positions import packed_positions, vision_layout
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -153,6 +153,10 @@ class VisionLanguageSFT(nn.Module):
         in_channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
         self.patch_dim = in_channels * vision.temporal_patch_size * vision.patch_size**2
         self.merge = vision.spatial_merge_size
+        # The blank image of a text-only micro-batch (`_vision`): its grid and the tower's layout of it, made once on
+        # the host (ftloop.data.positions.vision_layout), so that no micro-batch makes the tower read its grid.
+        self.blank_grid = torch.tensor([[1, self.merge, self.merge]])
+        self.blank_layout = vision_layout(self.blank_grid, vision)
         # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
 
@@ -223,11 +227,10 @@ class VisionLanguageSFT(nn.Module):
                  (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
                  if pixels is not None]
         if not parts:
-            grid = torch.tensor([[1, self.merge, self.merge]])
-            blank = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in vision_layout(grid, self.hf.config.vision_config).items()}
+            blank = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                     for key, value in self.blank_layout.items()}
             pixels = torch.zeros(self.merge * self.merge, self.patch_dim, device=device, dtype=dtype)
-            features, deepstack, _ = self._features(visual(pixels, grid_thw=grid.to(device), **blank))
+            features, deepstack, _ = self._features(visual(pixels, grid_thw=self.blank_grid.to(device), **blank))
             return None, sum(f.float().sum() for f in [features, *(deepstack or [])])
         pixels = torch.cat([pixels for _, pixels, _ in parts]).to(dtype)
         features, deepstack, output_type = self._features(

@@ -72,13 +72,14 @@ def test_a_micro_batch_waits_for_the_device_nowhere_in_ftloop(tiny_bundle, token
             [samples[:2], samples[2:]])
     else:
         batch = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id)(samples)
+    scorer = VisionLanguageSFT(model)  # built at start-up, on the host
     reads = []  # .tolist() and .item() are no dispatched ops: watched by themselves
     for method in ("tolist", "item"):
         original = getattr(torch.Tensor, method)
         monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _original=original, _name=method: (
             reads.append((_name, ftloop_caller())) or _original(self, *a)))
     with FtloopSyncs() as syncs:
-        loss, count = VisionLanguageSFT(model)(**batch)
+        loss, count = scorer(**batch)
         loss.backward()
     assert syncs.seen == [] and count > 0
     assert [read for read in reads if read[1] is not None] == []  # transformers' own are left (README)
@@ -182,3 +183,19 @@ def test_qwen3_vl_takes_the_collate_s_positions_and_vision_layout_as_its_own(qwe
             loss, _ = scorer(**placed)
         reference, _ = scorer(**plain)
     assert LayoutSyncs.count == 0 and torch.equal(loss, reference)
+
+
+def test_a_text_only_micro_batch_s_blank_image_reads_nothing_either(tiny_bundle, tokenizer, samples):
+    """The blank image every rank runs through the tower on a text-only micro-batch has its layout made once, on
+    the host (ftloop.model.VisionLanguageSFT.blank_layout)."""
+    from ftloop.data.positions import HostRopeIndex
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bundle["model_dir"])
+    config = model.config
+    text_only = make_collate(tokenizer.pad_token_id, config.image_token_id, config.video_token_id,
+                             HostRopeIndex(config))([samples[1]])
+    assert "pixel_values" not in text_only
+    scorer = VisionLanguageSFT(model)
+    with torch.no_grad(), RopeSyncs() as syncs:
+        loss, count = scorer(**text_only)
+    assert syncs.count == 0 and count > 0

@@ -29,7 +29,8 @@ from ftloop.signals import StopRequest, ignore_stop_signals, stop_signals_held
 
 def _collate_for(tokenizer, hf_config, make=make_collate):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None), HostRopeIndex(hf_config))
+    return make(pad_id, hf_config.image_token_id, getattr(hf_config, "video_token_id", None),
+                HostRopeIndex(hf_config))
 
 
 def _loader(dataset, batch_sampler, collate, workers: int, world: World) -> DataLoader:

@@ -49,9 +49,6 @@ class HostRopeIndex:
         return positions
 
 
-VISION_LAYOUT = ("position_ids", "cu_seqlens", "window_index", "cu_window_seqlens", "max_seqlen", "max_window_seqlen")
-
-
 def vision_layout(grid_thw: torch.Tensor, vision_config) -> dict:
     """What the vision tower computes from its grids before it runs (transformers' own vision_utils functions, which
     take these precomputed in their `kwargs`): rotary position ids, attention boundaries and their longest span,
