@@ -70,10 +70,16 @@ def test_rank_balance_is_the_slowest_rank_of_each_round_over_the_mean(monkeypatc
     assert counts.work.tolist() == [4 * 4 + 3 * 3 + 2 * 2 + 50.0, 16.0]
 
 
-def test_mfu_is_the_window_s_model_flops_over_its_time_and_the_ranks_peaks(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_mfu_is_the_window_s_model_flops_over_its_time_and_the_ranks_peaks(tmp_path, monkeypatch, ranks):
+    """The step's counts are already every rank's (the step's collective), so the FLOPs are divided by the peak
+    of all the ranks."""
+    import ftloop.metrics
     from ftloop.flops import FlopModel
 
-    world = World(0, 0, 1, torch.device("cpu"), "gloo", 1)
+    monkeypatch.setattr(ftloop.metrics, "all_gather_rows",  # every rank logs what this one does
+                        lambda values, device: torch.tensor([values] * ranks, dtype=torch.float64))
+    world = World(0, 0, ranks, torch.device("cpu"), "gloo", ranks)
     logger, bar = MetricsLogger(str(tmp_path), True, "none", "", "", {}), Bar()
     flops = FlopModel(per_token=6, per_supervised_token=60, per_patch=2, layers=1, attention_width=3)
     window = StepWindow(world, 1, flops, peak_flops=1000.0)
@@ -82,5 +88,5 @@ def test_mfu_is_the_window_s_model_flops_over_its_time_and_the_ranks_peaks(tmp_p
     logger.close()
     [record] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     per_step = 6 * 90 + 60 * 10 + 12 * 1 * 3 * 400 + 2 * 16
-    assert record["mfu"] == pytest.approx(per_step / 1000.0, rel=1e-3)  # 2 steps in 2 s, 1 rank of 1000 FLOP/s
+    assert record["mfu"] == pytest.approx(per_step / 1000.0 / ranks, rel=1e-3)  # 2 steps in 2 s, ranks x 1000 FLOP/s
     assert bar.postfix["mfu"] == f"{record['mfu']:.1%}"
