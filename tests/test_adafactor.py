@@ -62,7 +62,7 @@ def _run(opt_cls, kwargs, dtype, steps=STEPS, seed=0):
 
 def _ours_as_transformers(ours: ShardedAdafactor, index: int, p: torch.Tensor) -> dict:
     """Our state of parameter `index` (keyed by segment name, flattened) in transformers' keys and shapes."""
-    state, name = ours.state[p], f"p{index}"
+    state, name = ours.segment_state(ours.layout[index]) | {"step": ours.state[p]["step"]}, f"p{index}"
     out = {"step": state["step"], "RMS": state[f"{name}.RMS"]}
     if p.dim() >= 2:
         out["exp_avg_sq_row"] = state[f"{name}.exp_avg_sq_row"].view(p.shape[:-1])
@@ -88,9 +88,12 @@ def _assert_state_close(ours, ref, params_ours, params_ref):
             torch.testing.assert_close(so[key], sr[key].float(), rtol=0, atol=1e-6 * scale, msg=key)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 7], ids=["one-chunk", "chunks-of-7"])
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_matches_transformers_fp32(kwargs):
-    ours, opt_ours = _run(plain_layout, kwargs, torch.float32)
+def test_matches_transformers_fp32(kwargs, chunk_elements):
+    """Also in chunks of 7 elements, which cut every parameter here (a step works a chunk at a time, cut between
+    rows: the (1, 8) matrix's row is a chunk of its own)."""
+    ours, opt_ours = _run(plain_layout, {**kwargs, "chunk_elements": chunk_elements}, torch.float32)
     ref, opt_ref = _run(HFAdafactor, kwargs, torch.float32)
     p0 = _make_params(torch.float32)
     for po, pr, init in zip(ours, ref, p0):
@@ -201,7 +204,7 @@ def test_factored_state_memory(shape):
     p.grad = torch.randn(shape)
     opt = plain_layout([p])
     opt.step()
-    state = opt.state[p]
+    state = opt.segment_state(opt.layout[0])
     assert "p0.exp_avg_sq" not in state and "p0.exp_avg" not in state
     *batch, rows, cols = shape
     batch_size = batch[0] if batch else 1
@@ -214,9 +217,10 @@ def test_vector_keeps_full_second_moment():
     p.grad = torch.randn(10)
     opt = plain_layout([p], beta1=0.9)
     opt.step()
-    assert opt.state[p]["p0.exp_avg_sq"].shape == (10,)
-    assert opt.state[p]["p0.exp_avg"].shape == (10,)
-    assert "p0.exp_avg_sq_row" not in opt.state[p]
+    state = opt.segment_state(opt.layout[0])
+    assert state["p0.exp_avg_sq"].shape == (10,)
+    assert state["p0.exp_avg"].shape == (10,)
+    assert "p0.exp_avg_sq_row" not in state
 
 
 class _FailOnHostSync(TorchDispatchMode):

@@ -18,7 +18,7 @@ on the parameter before the update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import math
@@ -27,11 +27,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ftloop.fsdp.internals import local_slice, sharded_tensor
-from ftloop.optim.segments import Segment, SteppedTensor, row_pieces
+from ftloop.optim.segments import Segment, SteppedTensor
+from ftloop.optim.tables import Bank, Chunk, build_banks, spread
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 ROUNDINGS = ("nearest", "stochastic", "kahan")  # how a bf16 weight takes its update (--bf16-master-rounding)
-CHUNK = 1 << 20  # elements per piece when a low-precision weight is read or written: bounds the fp32 temporaries
+# Elements of a stepped tensor worked on at once: bounds a step's temporaries (~30 bytes an element) against its
+# kernel count (~40 per chunk). Large on CUDA, where every kernel costs a launch: a 7B decoder layer's shard on 8
+# GPUs (29M elements) is one chunk, the temporaries ~1 GB when activations are freed. --bf16-master-rounding's
+# fp32 copies of bf16 weights are made a chunk at a time too.
+CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
 
 
 def beta2_at(step: int, decay_rate: float) -> float:
@@ -61,66 +66,30 @@ def clip_by_rms_(update: Tensor, update_rms: Tensor, clip_threshold: float) -> T
     return update.div_((update_rms / clip_threshold).clamp_(min=1.0))
 
 
-def _sum_of_squares(t: Tensor) -> Tensor:
-    """sum(t^2) in fp32; a low-precision tensor goes through fp32 in pieces of CHUNK elements."""
-    if t.dtype not in _LOW_PRECISION:
-        return torch.dot(t, t)  # no parameter-sized temporary
-    total = torch.zeros((), device=t.device)
-    for start in range(0, t.numel(), CHUNK):
-        piece = t[start:start + CHUNK].float()
-        total += torch.dot(piece, piece)
-    return total
-
-
-class _Slot:
-    """One segment's static layout: rectangular pieces of its local slice, each inside one matrix of the
-    batch (leading dims), as (start in the stepped tensor, first row, rows, first col, end col, batch)."""
-
-    def __init__(self, segment: Segment):
-        self.segment = segment
-        shape = segment.shape
-        self.cols = shape[-1] if segment.factored else 0
-        self.rows_per_batch = shape[-2] if segment.factored else 0
-        self.batches = segment.rows // self.rows_per_batch if segment.factored else 0
-        self.pieces = []
-        if not segment.factored:
-            return
-        for local, row, n, c0, c1 in row_pieces(segment.first, segment.numel, self.cols):
-            while n:  # split blocks of whole rows where one matrix of the batch ends and the next begins
-                batch = row // self.rows_per_batch
-                take = min(n, (batch + 1) * self.rows_per_batch - row)
-                self.pieces.append((segment.offset + local, row, take, c0, c1, batch))
-                local, row, n = local + take * (c1 - c0), row + take, n - take
-
-
-@dataclass
-class _StepWork:
-    """One stepped tensor's step in progress, between the all-reduces."""
-    entry: SteppedTensor
-    state: dict
-    sums: list[Tensor]  # per segment: row sums, column sums, sum of p^2 (local, then all-reduced)
-    update: Tensor | None = None  # the preconditioned update, kept only where it overwrote an fp32 gradient
-    update_sq: list[Tensor] = field(default_factory=list)  # per segment: sum of update^2
-
-
 class ShardedAdafactor(torch.optim.Optimizer):
     """Adafactor over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
 
     Build the layout with `ftloop.optim.segments.describe_fsdp(model)` (one segment per whole tensor without
-    FSDP); every rank must pass the same layout order. The other arguments are transformers' Adafactor's. To save memory, `step` turns fp32
-    gradients into the update in place: read gradients before stepping, clear them after.
+    FSDP); every rank must pass the same layout order. The other arguments are transformers' Adafactor's. To save
+    memory, `step` turns fp32 gradients into the update in place: read gradients before stepping, clear them after.
 
-    Memory: with fp32 parameters and gradients nothing parameter-sized is allocated. With bf16 ones the fp32
-    work copies exist for one stepped tensor (one FSDP unit's local shard) at a time: its gradient in fp32,
-    plus pieces of at most CHUNK elements while the weights are written. The update is then computed twice
-    (once for its RMS, once to apply it) instead of being held for every tensor until the RMS all-reduce.
-    `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and --bf16-master-rounding.
+    Kernels: a step runs a fixed number of ops per chunk of each stepped tensor (at most `chunk_elements`, default
+    CHUNK_ELEMENTS of the device: one chunk per FSDP unit on a GPU but the largest) and a fixed number per process
+    group, however many original parameters a unit holds (tests/test_optimizer_ops.py counts them); 2 all-reduces.
+
+    Memory: the statistics are flat buffers per process group (ftloop.optim.tables): R + C floats per matrix, a
+    float per local element of a vector, one per parameter; each stepped tensor's state holds views of its part,
+    `segment_state` each parameter's. A step's temporaries are a few fp32 and int32 copies of one chunk; with bf16
+    gradients the update is computed twice (once for its RMS, once to apply it) rather than held for every tensor
+    until the RMS all-reduce. `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and
+    --bf16-master-rounding.
     """
 
     def __init__(self, layout: list[SteppedTensor], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False, bf16_rounding: str = "nearest", rounding_seed: int = 0):
+                 warmup_init: bool = False, bf16_rounding: str = "nearest", rounding_seed: int = 0,
+                 chunk_elements: int | None = None):
         if lr is not None and relative_step:  # transformers' checks, with its messages
             raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
         if warmup_init and not relative_step:
@@ -141,35 +110,90 @@ class ShardedAdafactor(torch.optim.Optimizer):
         # and a resumed run draws what the uninterrupted one did.
         self.rounding_seed = rounding_seed
         self.layout = layout
-        self.slots = {id(entry.tensor): [_Slot(segment) for segment in entry.segments] for entry in layout}
+        sizes = {kind: chunk_elements for kind in CHUNK_ELEMENTS} if chunk_elements else CHUNK_ELEMENTS
+        self.banks = build_banks(layout, sizes)
+        self.units = {id(unit.entry.tensor): (bank, unit) for bank in self.banks for unit in bank.units}
+        self.statistics: list[dict | None] = [None] * len(self.banks)  # per bank: row, col, vector, RMS
 
     def _compensated(self, p: Tensor) -> bool:
         return self.bf16_rounding == "kahan" and p.dtype in _LOW_PRECISION
 
-    def _new_state(self, p: Tensor, slots: list[_Slot], first_moment: bool) -> dict:
-        state = {"step": 0}
-        for slot in slots:
-            seg = slot.segment
-            if seg.factored:
-                state[f"{seg.name}.exp_avg_sq_row"] = torch.zeros(seg.rows, device=p.device)
-                state[f"{seg.name}.exp_avg_sq_col"] = torch.zeros(slot.batches, slot.cols, device=p.device)
-            else:
-                state[f"{seg.name}.exp_avg_sq"] = torch.zeros(seg.numel, device=p.device)
-            if first_moment:
-                state[f"{seg.name}.exp_avg"] = torch.zeros(seg.numel, device=p.device)
-            if self._compensated(p):  # what rounding took from the weight, given back at the next update
-                state[f"{seg.name}.compensation"] = torch.zeros(seg.numel, device=p.device, dtype=p.dtype)
-            state[f"{seg.name}.RMS"] = torch.zeros((), device=p.device)
+    # ---- state: flat per bank, each stepped tensor's part as views, each parameter's as views of those -----------
+    def _fresh(self, entry: SteppedTensor) -> dict:
+        """Zeroed state of one stepped tensor, in tensors of its own."""
+        p, (_, unit) = entry.tensor, self.units[id(entry.tensor)]
+        state = {"step": 0, **{key: torch.zeros(len(span), device=p.device) for key, span in unit.spans.items()}}
+        if self.param_groups[0]["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(p.numel(), device=p.device)
+        if self._compensated(p):  # what rounding took from the weight, given back at the next update
+            state["compensation"] = torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
         return state
 
+    def _attach(self) -> None:
+        """Make the banks' statistics (zeros) where missing, and point every tensor's state at its part of them."""
+        for number, bank in enumerate(self.banks):
+            if self.statistics[number] is None:
+                self.statistics[number] = {key: torch.zeros(size, device=bank.ones.device) for key, size in
+                                           dict(row=bank.rows, col=bank.cols, vector=bank.vector,
+                                                RMS=bank.segments).items()}
+            flat = self.statistics[number]
+            for unit in bank.units:
+                state = self.state[unit.entry.tensor]
+                if not state:
+                    state.update(self._fresh(unit.entry))
+                for key, span in unit.spans.items():
+                    view = flat[key][span.start:span.stop]
+                    if state[key].data_ptr() != view.data_ptr() or state[key].numel() != view.numel():
+                        state[key] = view.copy_(state[key])  # a loaded or fresh tensor: its values into the bank
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then the loaded statistics copied into the banks (torch's replaces the state's tensors)."""
+        super().load_state_dict(state_dict)
+        self._attach()
+
+    def segment_state(self, entry: SteppedTensor, state: dict | None = None) -> dict:
+        """Each original parameter's state as views of a stepped tensor's (by default its live state), keyed
+        "<param>.<state>" in transformers' names: exp_avg_sq_row (the rows of every matrix of a batch, flattened),
+        exp_avg_sq_col (matrices x columns), exp_avg_sq (a vector's local slice), exp_avg and compensation (the local
+        slice), RMS (0-dim)."""
+        if state is None:
+            self._attach()
+            state = self.state[entry.tensor]
+        _, unit = self.units[id(entry.tensor)]
+        spans, out = unit.spans, {}
+        for place in unit.places:
+            seg = place.segment
+            if seg.factored:
+                row, col = place.row - spans["row"].start, place.col - spans["col"].start
+                out[f"{seg.name}.exp_avg_sq_row"] = state["row"][row:row + seg.rows]
+                cols = place.batches * seg.shape[-1]
+                out[f"{seg.name}.exp_avg_sq_col"] = state["col"][col:col + cols].view(place.batches, -1)
+            else:
+                vector = place.vector - spans["vector"].start
+                out[f"{seg.name}.exp_avg_sq"] = state["vector"][vector:vector + seg.numel]
+            for key in ("exp_avg", "compensation"):
+                if key in state:
+                    out[f"{seg.name}.{key}"] = state[key][seg.offset:seg.offset + seg.numel]
+            out[f"{seg.name}.RMS"] = state["RMS"][place.index - spans["RMS"].start]
+        return out
+
+    # ---- the step -------------------------------------------------------------------------------------------------
     @staticmethod
-    def _fp32_grad(p: Tensor) -> tuple[Tensor, bool]:
-        """The flattened gradient in fp32, and whether it is the gradient's own buffer (fp32 gradients: the
-        update may be written over it) rather than a copy (bf16 gradients)."""
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+    def _fp32_grad(p: Tensor, chunk: Chunk) -> tuple[Tensor, bool]:
+        """One chunk of the flattened gradient in fp32, and whether it is the gradient's own memory (fp32
+        gradients: the update may be written over it) rather than a copy (bf16 gradients)."""
+        if p.grad is None:
+            return torch.zeros(chunk.numel, device=p.device), False
+        grad = p.grad.view(-1)[chunk.start:chunk.stop]
         if grad.dtype in _LOW_PRECISION:
-            return grad.float().view(-1), False
-        return grad.view(-1), p.grad is not None
+            return grad.float(), False
+        return grad, True
+
+    @staticmethod
+    def _columns(chunk: Chunk) -> Tensor:
+        """Each element's column in its bank's sums (the spare after the parameters for vectors and padding)."""
+        positions = torch.arange(chunk.numel, dtype=torch.int32, device=chunk.lengths.device)
+        return positions.add_(chunk.piece_col.repeat_interleave(chunk.lengths, output_size=chunk.numel))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -180,62 +204,109 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("ShardedAdafactor takes one parameter group; per-parameter settings live in Segments")
         group = self.param_groups[0]
-        eps1 = group["eps"][0]
-
-        # Stage 1: local sums for every segment (fp32 copies of one tensor at a time), one all-reduce.
-        works = []
+        self._attach()
         for entry in self.layout:
-            p = entry.tensor
-            state = self.state[p]
-            if not state:
-                state.update(self._new_state(p, self.slots[id(p)], group["beta1"] is not None))
-            state["step"] += 1
-            grad, _ = self._fp32_grad(p)
-            sums = [self._local_sums(slot, grad, p.view(-1), eps1) for slot in self.slots[id(p)]]
-            works.append(_StepWork(entry, state, sums))
-            del grad
-        self._all_reduce_by_group(works, lambda w: w.sums)
+            self.state[entry.tensor]["step"] += 1
+        steps = [self.state[bank.units[0].entry.tensor]["step"] for bank in self.banks]
 
-        # Stage 2: second moments and preconditioned updates, for their RMS; again one all-reduce.
-        for w in works:
-            beta2t = beta2_at(w.state["step"], group["decay_rate"])
-            grad, owned = self._fp32_grad(w.entry.tensor)
-            for slot, sums in zip(self.slots[id(w.entry.tensor)], w.sums):
-                self._update_second_moment(slot, grad, w.state, sums, beta2t, eps1)
-                u = self._precondition(slot, grad, w.state)
-                w.update_sq.append(torch.dot(u, u).view(1))
-            w.update = grad if owned else None  # a bf16 gradient's copy is dropped and made again below
-            del grad
-        self._all_reduce_by_group(works, lambda w: w.update_sq)
+        # Stage 1: each bank's local sums, a chunk at a time; one all-reduce.
+        sums = [self._local_sums(bank, group["eps"][0]) for bank in self.banks]
+        for bank, bank_sums in zip(self.banks, sums):
+            _all_reduce(bank_sums[:bank.reduced], bank.group)
+
+        # Stage 2: second moments, then each parameter's sum of update^2; one all-reduce.
+        factors, updates_sq = [], []
+        for bank, bank_sums, flat, step in zip(self.banks, sums, self.statistics, steps):
+            factors.append(self._second_moments(bank, flat, bank_sums, beta2_at(step, group["decay_rate"])))
+            update_sq = torch.zeros(bank.segments + 1, device=bank_sums.device)
+            for unit in bank.units:
+                for chunk in unit.chunks:
+                    update, _ = self._fp32_grad(unit.entry.tensor, chunk)
+                    self._precondition(factors[-1], chunk, update)  # kept in an fp32 gradient, else made again
+                    update_sq.index_add_(0, chunk.run_segment, torch.segment_reduce(
+                        update * update, "sum", lengths=chunk.run_lengths, unsafe=True))
+            _all_reduce(update_sq, bank.group)
+            updates_sq.append(update_sq)
 
         # Stage 3: clip, scale, momentum, decay, apply.
-        for index, w in enumerate(works):
-            p = w.entry.tensor
+        for bank, bank_sums, flat, step, table, update_sq in zip(self.banks, sums, self.statistics, steps, factors,
+                                                                 updates_sq):
+            self._apply_updates(bank, flat, bank_sums, step, table, update_sq, group)
+        return loss
+
+    def _local_sums(self, bank: Bank, eps1: float) -> Tensor:
+        """This rank's share of the bank's sums: per piece grad^2 + eps (on its row, or its vector element), per
+        column the same, per parameter p^2; laid out as ftloop.optim.tables describes."""
+        sums = torch.zeros(bank.sums_size, device=bank.ones.device)
+        per_parameter = sums[bank.rows + bank.cols:bank.reduced]
+        for unit in bank.units:
+            weights = unit.entry.tensor.view(-1)
+            for chunk in unit.chunks:
+                grad, _ = self._fp32_grad(unit.entry.tensor, chunk)
+                squares = grad.square().add_(eps1)
+                sums.index_add_(0, chunk.piece_row, torch.segment_reduce(
+                    squares, "sum", lengths=chunk.lengths, unsafe=True))
+                sums.index_add_(0, self._columns(chunk), squares)
+                del grad, squares
+                piece = weights[chunk.start:chunk.stop]
+                piece = piece.float() if piece.dtype in _LOW_PRECISION else piece
+                per_parameter.index_add_(0, chunk.run_segment, torch.segment_reduce(
+                    piece * piece, "sum", lengths=chunk.run_lengths, unsafe=True))
+        return sums
+
+    @staticmethod
+    def _second_moments(bank: Bank, flat: dict, sums: Tensor, beta2t: float) -> Tensor:
+        """The EMAs of grad^2 (row and column means for matrices, per element for vectors), and the table of the
+        factors grad / sqrt(second moment) takes: rsqrt(row / mean of its matrix's rows) x rsqrt(column), as
+        transformers' _approx_sq_grad, or rsqrt(second moment) for a vector element."""
+        rows, cols = bank.rows, bank.cols
+        ema_(flat["row"], sums[:rows] / bank.row_cols, beta2t)  # mean over columns
+        ema_(flat["col"], sums[rows:rows + cols] / bank.col_rows, beta2t)  # mean over rows
+        ema_(flat["vector"], sums[bank.reduced:bank.reduced + bank.vector], beta2t)
+        means = torch.segment_reduce(flat["row"], "sum", lengths=bank.row_groups, unsafe=True).div_(bank.group_rows)
+        row_factor = (flat["row"] / means.repeat_interleave(bank.row_groups, output_size=rows)).rsqrt_()
+        return torch.cat([row_factor, flat["col"].rsqrt(), bank.ones, flat["vector"].rsqrt(), bank.zero])
+
+    def _precondition(self, table: Tensor, chunk: Chunk, grad: Tensor) -> None:
+        """grad / sqrt(second moment), written over `grad` (one chunk, fp32)."""
+        factor = spread(table, chunk.piece_row, chunk.lengths, chunk.numel)
+        grad.mul_(factor.mul_(table.index_select(0, self._columns(chunk))))
+
+    def _apply_updates(self, bank: Bank, flat: dict, sums: Tensor, step: int, table: Tensor, update_sq: Tensor,
+                       group: dict) -> None:
+        """Clip each parameter's update to RMS <= clip_threshold, scale it by its learning rate, through the first
+        moment, decay the weights and apply, a chunk at a time."""
+        rms = (sums[bank.rows + bank.cols:bank.reduced] / bank.full_numel).sqrt()
+        flat["RMS"].copy_(rms[:bank.segments])
+        if group["scale_parameter"]:
+            lr = learning_rate(group, step, rms) * bank.lr_scale
+            decay = lr * (-group["weight_decay"]) * bank.decays.float()
+        else:  # the python lr times each scale in float64, as a python product of the two would be
+            lr64 = bank.lr_scale64 * learning_rate(group, step, rms)
+            lr, decay = lr64.float(), (lr64 * (-group["weight_decay"]) * bank.decays).float()
+        clip = ((update_sq / bank.full_numel).sqrt() / group["clip_threshold"]).clamp_(min=1.0)
+        for unit in bank.units:
+            p, state = unit.entry.tensor, self.state[unit.entry.tensor]
             noise = None
             if self.bf16_rounding == "stochastic" and p.dtype in _LOW_PRECISION:
                 noise = torch.Generator(device=p.device)
-                noise.manual_seed(hash((self.rounding_seed, w.state["step"], index)) % 2**63)
-            update = w.update
-            if update is None:  # the same update again, from the second moments stage 2 left
-                update, _ = self._fp32_grad(p)
-                for slot in self.slots[id(p)]:
-                    self._precondition(slot, update, w.state)
-            for slot, sums, u_sq in zip(self.slots[id(p)], w.sums, w.update_sq):
-                seg = slot.segment
-                w.state[f"{seg.name}.RMS"] = (sums[-1] / seg.full_numel).sqrt()
-                lr = learning_rate(group, w.state["step"], w.state[f"{seg.name}.RMS"]) * seg.lr_scale
-                u = update[seg.offset:seg.offset + seg.numel]
-                clip_by_rms_(u, (u_sq / seg.full_numel).sqrt().squeeze(0), group["clip_threshold"])
-                u.mul_(lr)
+                noise.manual_seed(hash((self.rounding_seed, step, unit.number)) % 2**63)
+            weights = p.view(-1)
+            for chunk in unit.chunks:
+                update, owned = self._fp32_grad(p, chunk)
+                if not owned:  # the same update again, from the second moments stage 2 left
+                    self._precondition(table, chunk, update)
+                per_run = (chunk.run_segment, chunk.run_lengths, chunk.numel)
+                update.div_(spread(clip, *per_run)).mul_(spread(lr, *per_run))
                 if group["beta1"] is not None:
-                    u = ema_(w.state[f"{seg.name}.exp_avg"], u, group["beta1"])
-                decay = -group["weight_decay"] * lr if group["weight_decay"] != 0 and seg.decay else None
-                self._apply(p.view(-1)[seg.offset:seg.offset + seg.numel], u, decay,
-                            w.state.get(f"{seg.name}.compensation"), noise)
-            w.update = update = None
-        return loss
+                    update = ema_(state["exp_avg"][chunk.start:chunk.stop], update, group["beta1"])
+                compensation = state.get("compensation")
+                self._apply(weights[chunk.start:chunk.stop], update,
+                            spread(decay, *per_run) if group["weight_decay"] != 0 else None,
+                            None if compensation is None else compensation[chunk.start:chunk.stop], noise)
 
-    def _apply(self, weight: Tensor, u: Tensor, decay, compensation: Tensor | None,
+    @staticmethod
+    def _apply(weight: Tensor, u: Tensor, decay: Tensor | None, compensation: Tensor | None,
                noise: torch.Generator | None) -> None:
         """weight += decay * weight - u (decay on the weight before the update, as transformers does it); a
         bf16 weight is rounded with `noise` (stochastic), through `compensation` (Kahan), or to nearest."""
@@ -244,19 +315,16 @@ class ShardedAdafactor(torch.optim.Optimizer):
                 weight.add_(weight * decay)
             weight.sub_(u)
             return
-        for start in range(0, weight.numel(), CHUNK):
-            piece, step = weight[start:start + CHUNK], u[start:start + CHUNK]
-            w32 = piece.float()
-            if decay is not None:
-                w32.add_(w32 * decay)
-            w32.sub_(step)
-            if compensation is None:
-                self._round_into(piece, w32, noise)
-            else:  # Kahan: add back what the last rounding lost, round, keep what this rounding loses
-                lost = compensation[start:start + CHUNK]
-                w32.add_(lost.float())
-                piece.copy_(w32)
-                lost.copy_(w32.sub_(piece.float()))
+        w32 = weight.float()
+        if decay is not None:
+            w32.add_(w32 * decay)
+        w32.sub_(u)
+        if compensation is None:
+            ShardedAdafactor._round_into(weight, w32, noise)
+        else:  # Kahan: add back what the last rounding lost, round, keep what this rounding loses
+            w32.add_(compensation.float())
+            weight.copy_(w32)
+            compensation.copy_(w32.sub_(weight.float()))
 
     @staticmethod
     def _round_into(piece: Tensor, value: Tensor, noise: torch.Generator | None) -> None:
@@ -268,50 +336,6 @@ class ShardedAdafactor(torch.optim.Optimizer):
             bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=noise)).bitwise_and_(-65536)
         piece.copy_(value)
 
-    @staticmethod
-    def _local_sums(slot: _Slot, grad: Tensor, weights: Tensor, eps1: float) -> Tensor:
-        """This rank's row sums and column sums of grad^2 + eps, and sum of p^2, for one segment."""
-        seg = slot.segment
-        p_sq = _sum_of_squares(weights[seg.offset:seg.offset + seg.numel]).view(1)
-        if not seg.factored:
-            return p_sq
-        row_sum = grad.new_zeros(seg.rows)
-        col_sum = grad.new_zeros(slot.batches, slot.cols)
-        for start, row, n, c0, c1, batch in slot.pieces:
-            sq = grad[start:start + n * (c1 - c0)].view(n, c1 - c0).square().add_(eps1)
-            row_sum[row:row + n] += sq.sum(dim=1)
-            col_sum[batch, c0:c1] += sq.sum(dim=0)
-        return torch.cat([row_sum, col_sum.view(-1), p_sq])
-
-    @staticmethod
-    def _update_second_moment(slot: _Slot, grad: Tensor, state: dict, sums: Tensor, beta2t: float,
-                              eps1: float) -> None:
-        """The EMA of grad^2: factored from the all-reduced row and column sums, or per element of the slice."""
-        seg = slot.segment
-        if not seg.factored:
-            ema_(state[f"{seg.name}.exp_avg_sq"], grad[seg.offset:seg.offset + seg.numel].square().add_(eps1), beta2t)
-            return
-        ema_(state[f"{seg.name}.exp_avg_sq_row"], sums[:seg.rows] / slot.cols, beta2t)  # mean over columns
-        ema_(state[f"{seg.name}.exp_avg_sq_col"], sums[seg.rows:-1].view(slot.batches, slot.cols) / slot.rows_per_batch,
-             beta2t)  # mean over rows
-
-    @staticmethod
-    def _precondition(slot: _Slot, grad: Tensor, state: dict) -> Tensor:
-        """grad / sqrt(second moment) for this rank's slice, written over `grad` in place (no parameter-sized
-        buffer is made); returns the segment's view of it."""
-        seg = slot.segment
-        g = grad[seg.offset:seg.offset + seg.numel]
-        if not seg.factored:
-            return g.mul_(state[f"{seg.name}.exp_avg_sq"].rsqrt())
-        rows = state[f"{seg.name}.exp_avg_sq_row"].view(slot.batches, slot.rows_per_batch)
-        row_mean = rows.sum(dim=-1, keepdim=True) / slot.rows_per_batch
-        r_factor = (rows / row_mean).rsqrt_().view(-1)
-        c_factor = state[f"{seg.name}.exp_avg_sq_col"].rsqrt()
-        for start, row_index, n, c0, c1, batch in slot.pieces:
-            view = grad[start:start + n * (c1 - c0)].view(n, c1 - c0)
-            view.mul_(r_factor[row_index:row_index + n, None]).mul_(c_factor[batch, c0:c1])
-        return g
-
     # ---- checkpoints: state by original parameter name, in a form torch.distributed.checkpoint reshards --
     SLICED = ("exp_avg_sq", "exp_avg", "compensation")  # held per local slice; the row/column statistics are replicated
 
@@ -319,23 +343,22 @@ class ShardedAdafactor(torch.optim.Optimizer):
         """{"step", "<param>.<state>": tensor}. Row/column statistics and RMS are the same on every rank;
         per-element state is a ShardedTensor over the flattened full parameter, so a checkpoint written at
         one world size loads at another. No collective."""
-        return self._packaged(lambda entry: self.state[entry.tensor] or self._fresh(entry))
+        self._attach()
+        return self._packaged(lambda entry: self.state[entry.tensor])
 
     def sharded_state_template(self) -> dict:
         """Zeroed tensors of the right shapes and shardings for `dcp.load` to fill."""
         return self._packaged(self._fresh)
-
-    def _fresh(self, entry: SteppedTensor) -> dict:
-        return self._new_state(entry.tensor, self.slots[id(entry.tensor)], self.param_groups[0]["beta1"] is not None)
 
     def _packaged(self, state_of) -> dict:
         out = {}
         for entry in self.layout:
             state = state_of(entry)
             out["step"] = torch.tensor(state["step"])
+            views = self.segment_state(entry, state)
             for segment in entry.segments:
                 for key in self._state_keys(segment, entry.tensor):
-                    value = state[f"{segment.name}.{key}"]
+                    value = views[f"{segment.name}.{key}"]
                     sliced = key in self.SLICED and entry.group is not None
                     out[f"{segment.name}.{key}"] = (sharded_tensor(value, segment.full_numel, segment.pieces,
                                                                    entry.group) if sliced else value)
@@ -347,16 +370,20 @@ class ShardedAdafactor(torch.optim.Optimizer):
             state = self.state[entry.tensor]
             state.clear()
             state.update(self._fresh(entry))
+        self._attach()  # the fresh zeros into the banks
+        for entry in self.layout:
+            state = self.state[entry.tensor]
             state["step"] = int(loaded["step"])
+            views = self.segment_state(entry, state)
             for segment in entry.segments:
                 for key in self._state_keys(segment, entry.tensor):
-                    value = loaded[f"{segment.name}.{key}"]
+                    value, view = loaded[f"{segment.name}.{key}"], views[f"{segment.name}.{key}"]
                     mine = local_slice(value)
                     if mine is not value:  # saved sharded: this rank's slice (none held: the fresh zeros stay)
-                        value = state[f"{segment.name}.{key}"] if mine is None else mine
+                        value = view if mine is None else mine
                     elif key in self.SLICED:  # saved unsharded, loaded into a slice
                         value = value[segment.first:segment.first + segment.numel]
-                    state[f"{segment.name}.{key}"].copy_(value.view_as(state[f"{segment.name}.{key}"]))
+                    view.copy_(value.view_as(view))
 
     def _state_keys(self, segment: Segment, p: Tensor) -> list[str]:
         keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if segment.factored else ["exp_avg_sq"]
@@ -366,27 +393,14 @@ class ShardedAdafactor(torch.optim.Optimizer):
             keys.append("compensation")
         return keys + ["RMS"]
 
-    def _all_reduce_by_group(self, works: list[_StepWork], parts_of) -> None:
-        """All-reduce `parts_of(work)` of every stepped tensor: one collective per process group."""
-        by_group: dict = {}
-        for w in works:
-            by_group.setdefault(w.entry.group, []).append(parts_of(w))
-        for pg, parts in by_group.items():
-            self._all_reduce(parts, pg)
 
-    @staticmethod
-    def _all_reduce(parts: list[list[Tensor]], pg) -> None:
-        """Sum every tensor in `parts` over the process group with one collective, in place."""
-        if pg is None:
-            return
-        flat = [t for per_tensor in parts for t in per_tensor]
-        if not flat:
-            return
-        buffer = torch.cat(flat)
-        if buffer.device.type == "cpu" and dist.get_backend(pg) == "nccl":  # shards offloaded to the host
-            buffer = buffer.cuda()
-        dist.all_reduce(buffer, group=pg)
-        offset = 0
-        for t in flat:
-            t.copy_(buffer[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+def _all_reduce(buffer: Tensor, pg) -> None:
+    """Sum `buffer` over the process group in place (nothing to do when nothing is sharded)."""
+    if pg is None:
+        return
+    if buffer.device.type == "cpu" and dist.get_backend(pg) == "nccl":  # shards offloaded to the host
+        on_device = buffer.cuda()
+        dist.all_reduce(on_device, group=pg)
+        buffer.copy_(on_device)
+        return
+    dist.all_reduce(buffer, group=pg)
