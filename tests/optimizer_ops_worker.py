@@ -1,7 +1,9 @@
 """Run by tests/test_optimizer_ops.py under forked torchrun: the aten ops one ShardedAdafactor step dispatches on an
-FSDP1 model of DEPTH units, each holding PARTS blocks of 6 parameters (so 6 x PARTS parameters a unit).
+FSDP1 model of DEPTH units, each holding PARTS blocks of 6 parameters (so 6 x PARTS parameters a unit), in chunks of
+CHUNK elements (0: the default).
 
-Usage: optimizer_ops_worker.py OUT.json DEPTH,PARTS [DEPTH,PARTS ...]; rank 0 writes {"DEPTH,PARTS": ops}.
+Usage: optimizer_ops_worker.py OUT.json DEPTH,PARTS,CHUNK [...]; rank 0 writes {"DEPTH,PARTS,CHUNK": {"kernels":
+ops that compute (views left out: they launch nothing), "views": view ops, "chunks": the optimizer's chunks}}.
 """
 
 import json
@@ -47,18 +49,21 @@ class Model(nn.Module):
 class Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.kernels = self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        if func.is_view:
+            self.views += 1
+        else:
+            self.kernels += 1
         return func(*args, **(kwargs or {}))
 
 
-def ops_in_a_step(depth: int, parts: int) -> int:
+def ops_in_a_step(depth: int, parts: int, chunk: int) -> dict:
     torch.manual_seed(0)
     model = FSDP(Model(depth, parts), auto_wrap_policy=ModuleWrapPolicy({Unit}), device_id=torch.device("cpu"))
     # Every option that adds work: momentum, weight decay, scale_parameter.
-    optimizer = ShardedAdafactor(describe_fsdp(model), beta1=0.9, weight_decay=0.1)
+    optimizer = ShardedAdafactor(describe_fsdp(model), beta1=0.9, weight_decay=0.1, chunk_elements=chunk or None)
     for step in range(2):  # the first step makes the state; the second is counted
         model(torch.randn(4, DIM)).square().sum().backward()
         if step == 0:
@@ -66,7 +71,7 @@ def ops_in_a_step(depth: int, parts: int) -> int:
             optimizer.zero_grad()
     with Ops() as ops:
         optimizer.step()
-    return ops.count
+    return {"kernels": ops.kernels, "views": ops.views, "chunks": sum(len(bank.chunks) for bank in optimizer.banks)}
 
 
 def main() -> None:

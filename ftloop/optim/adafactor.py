@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ftloop.fsdp.internals import local_slice, sharded_tensor
 from ftloop.optim.segments import Segment, SteppedTensor
-from ftloop.optim.tables import Bank, Chunk, build_banks, spread
+from ftloop.optim.tables import Bank, Chunk, build_banks
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 ROUNDINGS = ("nearest", "stochastic", "kahan")  # how a bf16 weight takes its update (--bf16-master-rounding)
@@ -37,6 +37,11 @@ ROUNDINGS = ("nearest", "stochastic", "kahan")  # how a bf16 weight takes its up
 # GPUs (29M elements) is one chunk, the temporaries ~1 GB when activations are freed. --bf16-master-rounding's
 # fp32 copies of bf16 weights are made a chunk at a time too.
 CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
+# Tensors smaller than this are packed together into shared chunks: packing copies a tensor's gradient and weights
+# (~7 passes over its elements) to save a chunk's ~40 kernels. The break-even: a CUDA launch (~5 us) costs what
+# copying ~2M fp32 elements does at 3 TB/s, so on a GPU ~10M elements; a CPU op's dispatch (~3 us) what ~8k
+# elements cost, so ~30k.
+PACK_BELOW = {"cuda": 1 << 23, "cpu": 1 << 15}
 
 
 def beta2_at(step: int, decay_rate: float) -> float:
@@ -66,6 +71,15 @@ def clip_by_rms_(update: Tensor, update_rms: Tensor, clip_threshold: float) -> T
     return update.div_((update_rms / clip_threshold).clamp_(min=1.0))
 
 
+def round_stochastically_(value: Tensor, noise: torch.Generator) -> Tensor:
+    """In place: fp32 `value` made exactly representable in bf16, rounded stochastically. Uniform noise is added
+    below the 16 bits bf16 drops, then they are dropped: a value rounds away from zero with probability (distance
+    to the lower magnitude) / (bf16 step), so its expected value is exact."""
+    bits = value.view(torch.int32)
+    bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=noise)).bitwise_and_(-65536)
+    return value
+
+
 class ShardedAdafactor(torch.optim.Optimizer):
     """Adafactor over FSDP1 shards (or plain tensors), with per-parameter weight decay and lr scale.
 
@@ -73,16 +87,17 @@ class ShardedAdafactor(torch.optim.Optimizer):
     FSDP); every rank must pass the same layout order. The other arguments are transformers' Adafactor's. To save
     memory, `step` turns fp32 gradients into the update in place: read gradients before stepping, clear them after.
 
-    Kernels: a step runs a fixed number of ops per chunk of each stepped tensor (at most `chunk_elements`, default
-    CHUNK_ELEMENTS of the device: one chunk per FSDP unit on a GPU but the largest) and a fixed number per process
-    group, however many original parameters a unit holds (tests/test_optimizer_ops.py counts them); 2 all-reduces.
+    Kernels: a step runs a fixed number of ops per chunk of at most `chunk_elements` elements (default
+    CHUNK_ELEMENTS of the device; small tensors share one, a larger one is cut into several) and a fixed number per
+    process group, however many parameters and FSDP units there are (tests/test_optimizer_ops.py counts them); and
+    2 all-reduces.
 
     Memory: the statistics are flat buffers per process group (ftloop.optim.tables): R + C floats per matrix, a
-    float per local element of a vector, one per parameter; each stepped tensor's state holds views of its part,
-    `segment_state` each parameter's. A step's temporaries are a few fp32 and int32 copies of one chunk; with bf16
-    gradients the update is computed twice (once for its RMS, once to apply it) rather than held for every tensor
-    until the RMS all-reduce. `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and
-    --bf16-master-rounding.
+    float per local element of a vector, one per parameter, and per local element the first moment (beta1) and the
+    Kahan buffer (bf16_rounding="kahan"); each stepped tensor's state holds views of its part, `segment_state` each
+    parameter's. A step's temporaries are a few fp32 and int32 copies of one chunk; with bf16 gradients the update
+    is computed twice (once for its RMS, once to apply it) rather than held for every tensor until the RMS
+    all-reduce. `bf16_rounding` is how a bf16 weight takes its update: see ROUNDINGS and --bf16-master-rounding.
     """
 
     def __init__(self, layout: list[SteppedTensor], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
@@ -105,24 +120,26 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if bf16_rounding not in ROUNDINGS:
             raise ValueError(f"bf16_rounding must be one of {ROUNDINGS}, not {bf16_rounding!r}")
         self.bf16_rounding = bf16_rounding
-        # Stochastic rounding draws from its own generator, seeded by (rounding_seed, step, tensor): every
+        # Stochastic rounding draws from its own generator, seeded by (rounding_seed, step, chunk): every
         # replica of a tensor (NO_SHARD, HYBRID_SHARD) rounds alike whatever else used the global generators,
         # and a resumed run draws what the uninterrupted one did.
         self.rounding_seed = rounding_seed
         self.layout = layout
         sizes = {kind: chunk_elements for kind in CHUNK_ELEMENTS} if chunk_elements else CHUNK_ELEMENTS
-        self.banks = build_banks(layout, sizes)
-        self.units = {id(unit.entry.tensor): (bank, unit) for bank in self.banks for unit in bank.units}
-        self.statistics: list[dict | None] = [None] * len(self.banks)  # per bank: row, col, vector, RMS
+        self.banks = build_banks(layout, sizes, PACK_BELOW)
+        self.units = {id(unit.entry.tensor): unit for bank in self.banks for unit in bank.units}
+        self.flat: list[dict | None] = [None] * len(self.banks)  # per bank: its statistics (made at the first step)
+        self.attached = False  # whether every tensor's state is views of the banks' buffers
 
     def _compensated(self, p: Tensor) -> bool:
         return self.bf16_rounding == "kahan" and p.dtype in _LOW_PRECISION
 
-    # ---- state: flat per bank, each stepped tensor's part as views, each parameter's as views of those -----------
+    # ---- state: flat per bank; each stepped tensor's state is views of its part, each parameter's views of those ---
     def _fresh(self, entry: SteppedTensor) -> dict:
         """Zeroed state of one stepped tensor, in tensors of its own."""
-        p, (_, unit) = entry.tensor, self.units[id(entry.tensor)]
-        state = {"step": 0, **{key: torch.zeros(len(span), device=p.device) for key, span in unit.spans.items()}}
+        p, spans = entry.tensor, self.units[id(entry.tensor)].spans
+        state = {"step": 0, **{key: torch.zeros(len(spans[key]), device=p.device)
+                               for key in ("row", "col", "vector", "RMS")}}
         if self.param_groups[0]["beta1"] is not None:
             state["exp_avg"] = torch.zeros(p.numel(), device=p.device)
         if self._compensated(p):  # what rounding took from the weight, given back at the next update
@@ -130,25 +147,37 @@ class ShardedAdafactor(torch.optim.Optimizer):
         return state
 
     def _attach(self) -> None:
-        """Make the banks' statistics (zeros) where missing, and point every tensor's state at its part of them."""
+        """Make the banks' buffers (zeros) where missing, and point every tensor's state at its part of them."""
+        if self.attached:
+            return
         for number, bank in enumerate(self.banks):
-            if self.statistics[number] is None:
-                self.statistics[number] = {key: torch.zeros(size, device=bank.ones.device) for key, size in
-                                           dict(row=bank.rows, col=bank.cols, vector=bank.vector,
-                                                RMS=bank.segments).items()}
-            flat = self.statistics[number]
+            if self.flat[number] is None:
+                sizes = dict(row=bank.rows, col=bank.cols, vector=bank.vector, RMS=bank.segments)
+                flat = {key: torch.zeros(size, device=bank.device) for key, size in sizes.items()}
+                if self.param_groups[0]["beta1"] is not None:
+                    flat["exp_avg"] = torch.zeros(bank.elements, device=bank.device)
+                compensated = [u.entry.tensor.dtype for u in bank.units if self._compensated(u.entry.tensor)]
+                if compensated:
+                    flat["compensation"] = torch.zeros(bank.elements, device=bank.device, dtype=compensated[0])
+                self.flat[number] = flat
+            flat = self.flat[number]
             for unit in bank.units:
                 state = self.state[unit.entry.tensor]
                 if not state:
                     state.update(self._fresh(unit.entry))
-                for key, span in unit.spans.items():
+                for key, value in state.items():
+                    if key == "step":
+                        continue
+                    span = unit.spans["element" if key in ("exp_avg", "compensation") else key]
                     view = flat[key][span.start:span.stop]
-                    if state[key].data_ptr() != view.data_ptr() or state[key].numel() != view.numel():
-                        state[key] = view.copy_(state[key])  # a loaded or fresh tensor: its values into the bank
+                    if value.data_ptr() != view.data_ptr() or value.numel() != view.numel():
+                        state[key] = view.copy_(value)  # a loaded or fresh tensor: its values into the bank
+        self.attached = True
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, then the loaded statistics copied into the banks (torch's replaces the state's tensors)."""
+        """torch's, then the loaded state copied into the banks (torch's replaces the state's tensors)."""
         super().load_state_dict(state_dict)
+        self.attached = False
         self._attach()
 
     def segment_state(self, entry: SteppedTensor, state: dict | None = None) -> dict:
@@ -159,7 +188,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if state is None:
             self._attach()
             state = self.state[entry.tensor]
-        _, unit = self.units[id(entry.tensor)]
+        unit = self.units[id(entry.tensor)]
         spans, out = unit.spans, {}
         for place in unit.places:
             seg = place.segment
@@ -179,21 +208,42 @@ class ShardedAdafactor(torch.optim.Optimizer):
 
     # ---- the step -------------------------------------------------------------------------------------------------
     @staticmethod
-    def _fp32_grad(p: Tensor, chunk: Chunk) -> tuple[Tensor, bool]:
-        """One chunk of the flattened gradient in fp32, and whether it is the gradient's own memory (fp32
-        gradients: the update may be written over it) rather than a copy (bf16 gradients)."""
-        if p.grad is None:
-            return torch.zeros(chunk.numel, device=p.device), False
-        grad = p.grad.view(-1)[chunk.start:chunk.stop]
-        if grad.dtype in _LOW_PRECISION:
-            return grad.float(), False
-        return grad, True
+    def _views(bank: Bank, chunk: Chunk, gradients: bool) -> list[Tensor | None]:
+        """The chunk's parts of its tensors' flattened weights, or gradients (None where a tensor has none)."""
+        out = []
+        for unit, first, last in chunk.parts:
+            p = bank.units[unit].entry.tensor
+            t = p.grad if gradients else p
+            out.append(None if t is None else t.view(-1)[first:last])
+        return out
+
+    def _fp32_grad(self, bank: Bank, chunk: Chunk) -> tuple[Tensor, list[Tensor] | None]:
+        """The chunk's gradient in fp32, and the gradients' own memory where what is written there is kept: the
+        gradient itself (one tensor's fp32 gradient), the views a copy can be written back to (fp32 gradients of
+        small tensors packed together), or None (bf16 gradients: their copy is made again when needed)."""
+        views = self._views(bank, chunk, gradients=True)
+        kept = all(v is not None and v.dtype not in _LOW_PRECISION for v in views)
+        if kept and len(views) == 1:
+            return views[0], views
+        views = [torch.zeros(last - first, device=bank.device) if v is None else v
+                 for v, (_, first, last) in zip(views, chunk.parts)]
+        return (views[0] if len(views) == 1 else torch.cat(views)).float(), views if kept else None
+
+    def _fp32_weights(self, bank: Bank, chunk: Chunk) -> Tensor:
+        views = self._views(bank, chunk, gradients=False)
+        return (views[0] if len(views) == 1 else torch.cat(views)).float()
 
     @staticmethod
-    def _columns(chunk: Chunk) -> Tensor:
-        """Each element's column in its bank's sums (the spare after the parameters for vectors and padding)."""
-        positions = torch.arange(chunk.numel, dtype=torch.int32, device=chunk.lengths.device)
-        return positions.add_(chunk.piece_col.repeat_interleave(chunk.lengths, output_size=chunk.numel))
+    def _columns(chunk: Chunk, pieces: Tensor) -> Tensor:
+        """Each element's column in its bank's sums (the spare after the parameters for vectors and padding), from
+        each element's piece."""
+        columns = chunk.piece_col.index_select(0, pieces)
+        return columns.add_(torch.arange(chunk.numel, dtype=torch.int32, device=columns.device))
+
+    @staticmethod
+    def _pieces(chunk: Chunk) -> Tensor:
+        """Each element's piece in the chunk."""
+        return torch.repeat_interleave(chunk.lengths, output_size=chunk.numel)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -210,48 +260,50 @@ class ShardedAdafactor(torch.optim.Optimizer):
         steps = [self.state[bank.units[0].entry.tensor]["step"] for bank in self.banks]
 
         # Stage 1: each bank's local sums, a chunk at a time; one all-reduce.
-        sums = [self._local_sums(bank, group["eps"][0]) for bank in self.banks]
+        # The weights' RMS is only read to scale the step size (scale_parameter): transformers records it every step.
+        sums = [self._local_sums(bank, group["eps"][0], group["scale_parameter"]) for bank in self.banks]
         for bank, bank_sums in zip(self.banks, sums):
             _all_reduce(bank_sums[:bank.reduced], bank.group)
 
         # Stage 2: second moments, then each parameter's sum of update^2; one all-reduce.
-        factors, updates_sq = [], []
-        for bank, bank_sums, flat, step in zip(self.banks, sums, self.statistics, steps):
-            factors.append(self._second_moments(bank, flat, bank_sums, beta2_at(step, group["decay_rate"])))
-            update_sq = torch.zeros(bank.segments + 1, device=bank_sums.device)
-            for unit in bank.units:
-                for chunk in unit.chunks:
-                    update, _ = self._fp32_grad(unit.entry.tensor, chunk)
-                    self._precondition(factors[-1], chunk, update)  # kept in an fp32 gradient, else made again
-                    update_sq.index_add_(0, chunk.run_segment, torch.segment_reduce(
-                        update * update, "sum", lengths=chunk.run_lengths, unsafe=True))
+        tables, updates_sq = [], []
+        for bank, bank_sums, flat, step in zip(self.banks, sums, self.flat, steps):
+            tables.append(self._second_moments(bank, flat, bank_sums, beta2_at(step, group["decay_rate"])))
+            update_sq = torch.zeros(bank.segments + 1, device=bank.device)
+            for chunk in bank.chunks:
+                update, kept = self._fp32_grad(bank, chunk)
+                self._precondition(tables[-1], chunk, update)
+                if kept is not None and len(kept) > 1:  # kept in the fp32 gradients (else made again in stage 3)
+                    torch._foreach_copy_(kept, list(update.split([v.numel() for v in kept])))
+                update_sq.index_add_(0, chunk.run_segment, torch.segment_reduce(
+                    update * update, "sum", lengths=chunk.run_lengths, unsafe=True))
             _all_reduce(update_sq, bank.group)
             updates_sq.append(update_sq)
 
         # Stage 3: clip, scale, momentum, decay, apply.
-        for bank, bank_sums, flat, step, table, update_sq in zip(self.banks, sums, self.statistics, steps, factors,
-                                                                 updates_sq):
-            self._apply_updates(bank, flat, bank_sums, step, table, update_sq, group)
+        for number, (bank, bank_sums, step, table, update_sq) in enumerate(zip(self.banks, sums, steps, tables,
+                                                                               updates_sq)):
+            self._apply_updates(number, bank_sums, step, table, update_sq, group)
         return loss
 
-    def _local_sums(self, bank: Bank, eps1: float) -> Tensor:
+    def _local_sums(self, bank: Bank, eps1: float, weights_too: bool) -> Tensor:
         """This rank's share of the bank's sums: per piece grad^2 + eps (on its row, or its vector element), per
-        column the same, per parameter p^2; laid out as ftloop.optim.tables describes."""
-        sums = torch.zeros(bank.sums_size, device=bank.ones.device)
+        column the same, per parameter p^2 (`weights_too`); laid out as ftloop.optim.tables describes."""
+        sums = torch.zeros(bank.sums_size, device=bank.device)
         per_parameter = sums[bank.rows + bank.cols:bank.reduced]
-        for unit in bank.units:
-            weights = unit.entry.tensor.view(-1)
-            for chunk in unit.chunks:
-                grad, _ = self._fp32_grad(unit.entry.tensor, chunk)
-                squares = grad.square().add_(eps1)
-                sums.index_add_(0, chunk.piece_row, torch.segment_reduce(
-                    squares, "sum", lengths=chunk.lengths, unsafe=True))
-                sums.index_add_(0, self._columns(chunk), squares)
-                del grad, squares
-                piece = weights[chunk.start:chunk.stop]
-                piece = piece.float() if piece.dtype in _LOW_PRECISION else piece
-                per_parameter.index_add_(0, chunk.run_segment, torch.segment_reduce(
-                    piece * piece, "sum", lengths=chunk.run_lengths, unsafe=True))
+        eps = torch.full((), eps1, device=bank.device)
+        for chunk in bank.chunks:
+            grad, _ = self._fp32_grad(bank, chunk)
+            squares = torch.addcmul(eps, grad, grad)  # grad^2 + eps in one pass
+            sums.index_add_(0, chunk.piece_row, torch.segment_reduce(squares, "sum", lengths=chunk.lengths,
+                                                                     unsafe=True))
+            sums.index_add_(0, self._columns(chunk, self._pieces(chunk)), squares)
+            del grad, squares
+            if not weights_too:
+                continue
+            weights = self._fp32_weights(bank, chunk)
+            per_parameter.index_add_(0, chunk.run_segment, torch.segment_reduce(
+                weights * weights, "sum", lengths=chunk.run_lengths, unsafe=True))
         return sums
 
     @staticmethod
@@ -269,72 +321,75 @@ class ShardedAdafactor(torch.optim.Optimizer):
 
     def _precondition(self, table: Tensor, chunk: Chunk, grad: Tensor) -> None:
         """grad / sqrt(second moment), written over `grad` (one chunk, fp32)."""
-        factor = spread(table, chunk.piece_row, chunk.lengths, chunk.numel)
-        grad.mul_(factor.mul_(table.index_select(0, self._columns(chunk))))
+        pieces = self._pieces(chunk)
+        factor = table.index_select(0, chunk.piece_row).index_select(0, pieces)  # the row's (or vector's) factor
+        grad.mul_(factor.mul_(table.index_select(0, self._columns(chunk, pieces))))
 
-    def _apply_updates(self, bank: Bank, flat: dict, sums: Tensor, step: int, table: Tensor, update_sq: Tensor,
+    def _apply_updates(self, number: int, sums: Tensor, step: int, table: Tensor, update_sq: Tensor,
                        group: dict) -> None:
         """Clip each parameter's update to RMS <= clip_threshold, scale it by its learning rate, through the first
         moment, decay the weights and apply, a chunk at a time."""
-        rms = (sums[bank.rows + bank.cols:bank.reduced] / bank.full_numel).sqrt()
-        flat["RMS"].copy_(rms[:bank.segments])
+        bank, flat = self.banks[number], self.flat[number]
         if group["scale_parameter"]:
+            rms = (sums[bank.rows + bank.cols:bank.reduced] / bank.full_numel).sqrt()
+            flat["RMS"].copy_(rms[:bank.segments])
             lr = learning_rate(group, step, rms) * bank.lr_scale
             decay = lr * (-group["weight_decay"]) * bank.decays.float()
         else:  # the python lr times each scale in float64, as a python product of the two would be
-            lr64 = bank.lr_scale64 * learning_rate(group, step, rms)
+            lr64 = bank.lr_scale64 * learning_rate(group, step, None)
             lr, decay = lr64.float(), (lr64 * (-group["weight_decay"]) * bank.decays).float()
         clip = ((update_sq / bank.full_numel).sqrt() / group["clip_threshold"]).clamp_(min=1.0)
-        for unit in bank.units:
-            p, state = unit.entry.tensor, self.state[unit.entry.tensor]
+        scale = lr / clip  # transformers divides by the clip, then multiplies by lr: an ulp apart at most
+        for index, chunk in enumerate(bank.chunks):
+            update, kept = self._fp32_grad(bank, chunk)
+            if kept is None:  # the same update again, from the second moments stage 2 left
+                self._precondition(table, chunk, update)
+            runs = torch.repeat_interleave(chunk.run_lengths, output_size=chunk.numel)  # each element's run
+
+            def per_element(values: Tensor) -> Tensor:  # each parameter's value on its elements
+                return values.index_select(0, chunk.run_segment).index_select(0, runs)
+
+            update.mul_(per_element(scale))
+            if group["beta1"] is not None:
+                update = ema_(flat["exp_avg"][chunk.start:chunk.stop], update, group["beta1"])
+            views = self._views(bank, chunk, gradients=False)
             noise = None
-            if self.bf16_rounding == "stochastic" and p.dtype in _LOW_PRECISION:
-                noise = torch.Generator(device=p.device)
-                noise.manual_seed(hash((self.rounding_seed, step, unit.number)) % 2**63)
-            weights = p.view(-1)
-            for chunk in unit.chunks:
-                update, owned = self._fp32_grad(p, chunk)
-                if not owned:  # the same update again, from the second moments stage 2 left
-                    self._precondition(table, chunk, update)
-                per_run = (chunk.run_segment, chunk.run_lengths, chunk.numel)
-                update.div_(spread(clip, *per_run)).mul_(spread(lr, *per_run))
-                if group["beta1"] is not None:
-                    update = ema_(state["exp_avg"][chunk.start:chunk.stop], update, group["beta1"])
-                compensation = state.get("compensation")
-                self._apply(weights[chunk.start:chunk.stop], update,
-                            spread(decay, *per_run) if group["weight_decay"] != 0 else None,
-                            None if compensation is None else compensation[chunk.start:chunk.stop], noise)
+            if self.bf16_rounding == "stochastic" and views[0].dtype in _LOW_PRECISION:
+                noise = torch.Generator(device=bank.device)
+                noise.manual_seed(hash((self.rounding_seed, step, number, index)) % 2**63)
+            compensation = flat["compensation"][chunk.start:chunk.stop] if self._compensated(views[0]) else None
+            self._apply(views, update, per_element(decay) if group["weight_decay"] != 0 else None,
+                        compensation, noise)
 
     @staticmethod
-    def _apply(weight: Tensor, u: Tensor, decay: Tensor | None, compensation: Tensor | None,
+    def _apply(views: list[Tensor], u: Tensor, decay: Tensor | None, compensation: Tensor | None,
                noise: torch.Generator | None) -> None:
-        """weight += decay * weight - u (decay on the weight before the update, as transformers does it); a
-        bf16 weight is rounded with `noise` (stochastic), through `compensation` (Kahan), or to nearest."""
-        if weight.dtype not in _LOW_PRECISION:
+        """weights += decay * weights - u (decay on the weights before the update, as transformers does it) for the
+        chunk's `views` of its tensors (one: in place; several: computed on their concatenation and copied back with
+        one foreach copy); bf16 weights are rounded with `noise` (stochastic), through `compensation` (Kahan), or to
+        nearest."""
+        if len(views) == 1 and views[0].dtype not in _LOW_PRECISION:
+            weight = views[0]
             if decay is not None:
                 weight.add_(weight * decay)
             weight.sub_(u)
             return
-        w32 = weight.float()
+        w32 = (views[0] if len(views) == 1 else torch.cat(views)).float()
         if decay is not None:
             w32.add_(w32 * decay)
         w32.sub_(u)
-        if compensation is None:
-            ShardedAdafactor._round_into(weight, w32, noise)
-        else:  # Kahan: add back what the last rounding lost, round, keep what this rounding loses
+        if compensation is not None:  # Kahan: add back what the last rounding lost, round, keep what this loses
             w32.add_(compensation.float())
-            weight.copy_(w32)
-            compensation.copy_(w32.sub_(weight.float()))
-
-    @staticmethod
-    def _round_into(piece: Tensor, value: Tensor, noise: torch.Generator | None) -> None:
-        """piece (bf16) = value (fp32, overwritten), rounded stochastically with `noise`, else to nearest."""
-        if noise is not None:
-            # Add uniform noise below the 16 bits bf16 drops, then drop them: the weight rounds away from zero
-            # with probability (distance to the lower magnitude) / (bf16 step), so its expected value is exact.
-            bits = value.view(torch.int32)
-            bits.add_(torch.empty_like(bits).random_(0, 1 << 16, generator=noise)).bitwise_and_(-65536)
-        piece.copy_(value)
+        elif noise is not None:
+            round_stochastically_(w32, noise)
+        if len(views) == 1:
+            views[0].copy_(w32)
+            rounded = views[0]
+        else:
+            rounded = w32.to(views[0].dtype)
+            torch._foreach_copy_(views, list(rounded.split([v.numel() for v in views])))
+        if compensation is not None:
+            compensation.copy_(w32.sub_(rounded.float()))
 
     # ---- checkpoints: state by original parameter name, in a form torch.distributed.checkpoint reshards --
     SLICED = ("exp_avg_sq", "exp_avg", "compensation")  # held per local slice; the row/column statistics are replicated
@@ -370,6 +425,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
             state = self.state[entry.tensor]
             state.clear()
             state.update(self._fresh(entry))
+        self.attached = False
         self._attach()  # the fresh zeros into the banks
         for entry in self.layout:
             state = self.state[entry.tensor]
