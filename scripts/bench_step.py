@@ -8,7 +8,8 @@ On the demo bundle's mixed variant, in one CPU process each (one thread, as OMP_
 2. the same micro-batches, collated beforehand (ftloop's own sampler and collate), through the plain
    transformers model with ftloop's loss: forward and backward of each micro-batch, gradient clipping and an
    Adafactor step, nothing else; once with the plain Adafactor (transformers' numerics) and once with
-   ftloop's shard-aware one over whole parameters, which tells the optimizer's cost from the loop's.
+   ftloop's shard-aware one over the layout a run hands it (each FSDP unit's parameters in one flat tensor:
+   scripts/support.describe_flat_units), which tells the optimizer's cost from the loop's.
 Both from the same weights; medians over the steps after the first `--warmup`. Prints both step times,
 their ratio (the loop's overhead) and the share of ftloop's step spent waiting for data; then each optimizer's
 time and share of its bare step, and what a GPU pays for that does not show in CPU time: the kernels one
@@ -45,7 +46,7 @@ from ftloop.loss import supervised_tokens  # noqa: E402
 from ftloop.model import VisionLanguageSFT, load_config  # noqa: E402
 from ftloop.optim.adafactor import ShardedAdafactor  # noqa: E402
 from ftloop.signals import StopRequest  # noqa: E402
-from scripts.support import describe_plain  # noqa: E402
+from scripts.support import describe_flat_units  # noqa: E402
 
 
 def flags(bundle: dict, out: str, args) -> list[str]:
@@ -88,12 +89,12 @@ class Counts(TorchDispatchMode):
 
 def bare_step_times(bundle: dict, steps: list[list[dict]], sharded: bool, counts: dict) -> tuple[list, list]:
     """Seconds per step of `steps` through the plain model, and of its optimizer step; `sharded`: with ftloop's
-    shard-aware Adafactor (over whole parameters here) instead of the plain one, to tell the optimizer's cost from
+    shard-aware Adafactor (over flat units, as in a run) instead of the plain one, to tell the optimizer's cost from
     the loop's. The second step is counted (`Counts`) into `counts`."""
     model = VisionLanguageSFT(AutoModelForImageTextToText.from_pretrained(bundle["model_dir"], dtype=torch.float32))
     model.train()
     settings = dict(lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
-    optimizer = ShardedAdafactor(describe_plain(model), **settings) if sharded else \
+    optimizer = ShardedAdafactor(describe_flat_units(model), **settings) if sharded else \
         Adafactor(model.parameters(), **settings)
     times, optimizer_times = [], []
     for number, micro_batches in enumerate(steps):
@@ -106,7 +107,7 @@ def bare_step_times(bundle: dict, steps: list[list[dict]], sharded: bool, counts
         stepping = time.perf_counter()
         optimizer.step()
         optimizer_times.append(time.perf_counter() - stepping)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not sharded)  # the flat units keep their gradients' memory
         times.append(time.perf_counter() - started)
         if number == 1:  # outside the timings: a micro-batch and an optimizer step under the counters
             with Counts() as micro_batch:
@@ -114,7 +115,7 @@ def bare_step_times(bundle: dict, steps: list[list[dict]], sharded: bool, counts
                 (loss_sum / targets).backward()
             with Counts() as stepped:
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not sharded)
             counts.update(micro_batch_syncs=micro_batch.syncs, optimizer_kernels=stepped.kernels,
                           optimizer_syncs=stepped.syncs)
     return times, optimizer_times

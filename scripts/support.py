@@ -43,3 +43,34 @@ def describe_plain(model: nn.Module, settings=default_settings) -> list[SteppedT
         out.append(SteppedTensor(param, [Segment(name, tuple(param.shape), 0, param.numel(), 0, lr_scale, decay)],
                                  None))
     return out
+
+
+def describe_flat_units(model: nn.Module, settings=default_settings) -> list[SteppedTensor]:
+    """ftloop's optimizer layout as FSDP1 hands it over in a run, without FSDP: the parameters of each FSDP unit
+    (ftloop.model.unit_roots: every decoder layer and vision block; the rest is the root unit) moved into one flat
+    tensor, their gradients into one flat gradient, one SteppedTensor a unit. The model's parameters become views
+    of the flat tensors and accumulate their gradients there: clear them with `zero_grad(set_to_none=False)`."""
+    from ftloop.model import unit_roots
+
+    roots = unit_roots(getattr(model, "hf", model))  # the Hugging Face model inside ftloop's VisionLanguageSFT
+    owner = {}
+    for root in roots:
+        for param in root.parameters():
+            owner.setdefault(id(param), root)
+    units: dict = {}
+    for name, param in model.named_parameters():
+        units.setdefault(owner.get(id(param)), []).append((name, param))
+    out = []
+    for params in units.values():
+        flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, p in params]))
+        flat.grad = torch.zeros_like(flat)
+        segments, offset = [], 0
+        for name, param in params:
+            size = param.numel()
+            param.data = flat.data[offset:offset + size].view_as(param)
+            param.grad = flat.grad[offset:offset + size].view_as(param)
+            segments.append(Segment(name, tuple(param.shape), offset, size, 0, *settings(name, tuple(param.shape))))
+            offset += size
+        out.append(SteppedTensor(flat, segments, None))
+    return out
+

@@ -7,7 +7,7 @@ import torch
 
 from datautil import SYSTEM, one_line_error, save_rgb
 from ftloop.loss import IGNORE_INDEX
-from ftloop.data.batches import EvalDataset, SFTDataset, eval_batches, make_collate
+from ftloop.data.batches import EvalDataset, SFTDataset, eval_batches, make_collate, make_packed_collate
 from ftloop.data.sampler import StepBatchSampler
 from ftloop.data.layouts import load_rows
 from ftloop.data.rows import Row
@@ -152,6 +152,38 @@ def test_collate_mixed_batch(tokenizer, image_processor, ids, bundle_rows):
                        torch.cat([samples[0]["image_grid_thw"], samples[2]["image_grid_thw"]]))
     assert int(is_image.sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // image_processor.merge_size**2
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+
+
+class CollatedOnce(torch.utils.data.Dataset):
+    """One item: the batch `collate` makes of `items` (in a DataLoader worker, when the loader has workers)."""
+
+    def __init__(self, items, collate):
+        self.items, self.collate = items, collate
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.collate(self.items)
+
+
+def test_a_loader_worker_sends_a_batch_in_one_buffer(tokenizer, image_processor, ids, bundle_rows):
+    """A worker hands each storage over with a file descriptor of its own, which the training process maps one at a
+    time; the collates put every tensor of a batch (token ids, masks, boolean segment masks, pixels) in one."""
+    ds = SFTDataset(bundle_rows, tokenizer, image_processor, 4096, SYSTEM)
+    samples = [ds[0], ds[3], ds[1]]
+    packed = make_packed_collate(ids["<|endoftext|>"], ids["<|image_pad|>"])
+    assert packed([samples])["segment_mask"].dtype == torch.bool
+    for collate, items in ((make_collate(ids["<|endoftext|>"], ids["<|image_pad|>"]), samples),
+                           (packed, [samples[:2], samples[2:]])):
+        here = collate(items)  # no worker: as it was made
+        there = next(iter(torch.utils.data.DataLoader(CollatedOnce(items, collate), batch_size=None, num_workers=1)))
+        assert here.keys() == there.keys()
+        tensors = [key for key, value in here.items() if torch.is_tensor(value)]
+        for key in tensors:
+            assert there[key].dtype == here[key].dtype and torch.equal(there[key], here[key]), key
+        assert len({there[key].untyped_storage().data_ptr() for key in tensors}) == 1
+        assert len({here[key].untyped_storage().data_ptr() for key in tensors}) == len(tensors) > 5
 
 
 def test_collate_text_only_batch(tokenizer, image_processor, ids, bundle_rows):

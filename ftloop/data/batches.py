@@ -10,7 +10,7 @@ builds a mask that keeps attention inside each row.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ftloop.config import VideoArgs
 from ftloop.data.encode import ChatFormat, cut_to_length, encode_row
@@ -61,9 +61,31 @@ def make_collate(pad_token_id: int, image_token_id: int, video_token_id: int | N
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
                  "supervised_index": supervised_index(labels)}
-        return with_positions({**batch, **vision_inputs(samples)}, rope_index)
+        return in_one_buffer(with_positions({**batch, **vision_inputs(samples)}, rope_index))
 
     return collate
+
+
+def in_one_buffer(batch: dict) -> dict:
+    """In a DataLoader worker, the batch's tensors copied into one buffer and returned as views of it. A worker
+    hands every storage of a batch over with a file descriptor of its own, which the training process receives
+    and maps one at a time (measured on the demo: 12 tensors a micro-batch, ~0.38 ms each, 4.5 ms of a 45 ms
+    step); one buffer is one. Outside a worker (no workers, an evaluation's stand-in batch) the batch is
+    returned as it is."""
+    if get_worker_info() is None:
+        return batch
+    tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+    starts, size = {}, 0
+    for key, tensor in tensors.items():
+        starts[key] = size = -(-size // 16) * 16  # aligned for every dtype
+        size += tensor.numel() * tensor.element_size()
+    buffer = torch.empty(size, dtype=torch.uint8)
+    out = dict(batch)
+    for key, tensor in tensors.items():
+        start = starts[key]
+        view = buffer[start:start + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        out[key] = view.copy_(tensor)
+    return out
 
 
 def token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> torch.Tensor:
@@ -180,6 +202,7 @@ def make_packed_collate(pad_token_id: int, image_token_id: int, video_token_id: 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": token_types(input_ids, image_token_id, video_token_id),
                  **segment_layout(torch.tensor(segments)), "supervised_index": supervised_index(labels)}
-        return with_positions({**batch, **vision_inputs([s for pack in packs for s in pack])}, rope_index)
+        return in_one_buffer(with_positions({**batch, **vision_inputs([s for pack in packs for s in pack])},
+                                            rope_index))
 
     return collate

@@ -7,7 +7,12 @@ so training changes with the number of GPUs. Here every original parameter insid
 with its full shape; each rank computes row and column sums of its slice, one all-reduce per step turns
 them into the full parameter's statistics, and a second all-reduce gives each parameter's update RMS.
 The result equals single-process Adafactor on the unsharded model, up to float summation order (an RMS is
-a sum of squares here, a norm there; scalars stay 0-dim tensors on the device, so nothing syncs the host).
+a sum of squares here, a norm there; the clip and the step size scale the update as one factor, an ulp from
+transformers' division then product; scalars stay on the device, so nothing syncs the host).
+
+The statistics of all tensors live in flat buffers and every step works in chunks driven by static index tables
+(ftloop.optim.tables), so a step costs a fixed number of kernels per chunk, not per parameter: on a GPU, where each
+small op is a launch, that is what bounds the optimizer's time.
 
 The update of one parameter, as transformers computes it: the second moment's EMA with decay 1 - t^decay_rate
 (factored into row and column means for matrices, whose rank-1 product approximates it), the gradient divided by
@@ -17,8 +22,6 @@ on the parameter before the update.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import math
@@ -64,11 +67,6 @@ def learning_rate(group: dict, step: int, param_rms: Tensor):
 def ema_(avg: Tensor, new: Tensor, beta: float) -> Tensor:
     """In place: avg = beta * avg + (1 - beta) * new."""
     return avg.mul_(beta).add_(new, alpha=1.0 - beta)
-
-
-def clip_by_rms_(update: Tensor, update_rms: Tensor, clip_threshold: float) -> Tensor:
-    """In place: scale the update down so its RMS is at most clip_threshold (never scale up)."""
-    return update.div_((update_rms / clip_threshold).clamp_(min=1.0))
 
 
 def round_stochastically_(value: Tensor, noise: torch.Generator) -> Tensor:
