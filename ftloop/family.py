@@ -6,15 +6,17 @@ between them outside the model code (which transformers supplies): how a convers
 - Qwen3-VL (dense): no default system prompt (its chat template inserts none), and each video one block per
   group of `temporal_patch_size` frames, after a `<t seconds>` timestamp, as its processor lays videos out
   (the model's 3D rope takes each group's block as one frame of the grid).
+- Qwen3.5 (dense; Qwen3.6 and Qwen3.8 keep its `model_type`): Qwen3-VL's conversation and video layout (its
+  processor is Qwen3-VL's), a hybrid decoder whose linear-attention layers carry a state from token to token.
 """
 
 from __future__ import annotations
 
 from ftloop.errors import ConfigError
 
-FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_5": "Qwen3.5"}
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat templates' default
-LATER = {"qwen3_vl_moe": "Qwen3-VL-MoE"}  # known, not yet trained: refused rather than trained wrongly
+LATER = {"qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5_moe": "Qwen3.5-MoE"}  # known, not yet trained: refused rather than trained wrongly
 
 
 def check_supported(model_type: str, where: str) -> None:
@@ -28,9 +30,23 @@ def check_supported(model_type: str, where: str) -> None:
     raise ConfigError(f"{where}: model_type {model_type!r} is not a family ftloop trains ({trains})")
 
 
+QWEN3_LAYOUT = ("qwen3_vl", "qwen3_5")  # no default system prompt; timestamped videos
+
+
 def default_system_prompt(model_type: str) -> str:
-    return "" if model_type == "qwen3_vl" else QWEN_SYSTEM_PROMPT
+    return "" if model_type in QWEN3_LAYOUT else QWEN_SYSTEM_PROMPT
 
 
 def timestamped_videos(model_type: str) -> bool:
-    return model_type == "qwen3_vl"
+    return model_type in QWEN3_LAYOUT
+
+
+def check_packing(model_type: str, packing: bool) -> None:
+    """One ConfigError line for --packing with a family whose decoder carries a state from token to token (Qwen3.5's
+    Gated DeltaNet layers and their causal conv1d): a packed row would read the state the row before it left unless
+    the layers are told where each row begins, which transformers' torch path refuses (it takes no `cu_seqlens` or
+    `seq_idx`) and which ftloop does not pass to the flash-linear-attention and causal-conv1d kernels yet."""
+    if packing and model_type == "qwen3_5":
+        raise ConfigError(f"--packing with a {FAMILIES[model_type]} model: its linear-attention layers carry a state "
+                          "from token to token, so a packed row would read the row before it (their torch path "
+                          "cannot be told where rows begin); train it without --packing")

@@ -26,6 +26,15 @@ def qwen3_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen35_bundle(tmp_path_factory):
+    """The same bundle with a tiny random Qwen3.5 (a Gated DeltaNet layer and a full-attention one; Qwen3-VL's tower
+    without DeepStack)."""
+    out = tmp_path_factory.mktemp("qwen35_bundle")
+    return build_demo_bundle(out, num_train=16, num_eval=8, image_size=56, seed=0, model_size="test",
+                             family="qwen3.5")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_bundle):
     """The tiny bundle's tokenizer (Qwen's special tokens, the official chat template)."""
     return AutoTokenizer.from_pretrained(tiny_bundle["model_dir"])

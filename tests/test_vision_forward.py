@@ -56,12 +56,15 @@ def samples(tmp_path_factory, tokenizer, image_processor):
     return make_samples(tmp_path_factory.mktemp("forward_frames"), tokenizer, image_processor, SYSTEM)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-def case(request, qwen25, samples, tokenizer, qwen3_bundle, tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
+def case(request, qwen25, samples, tokenizer, qwen3_bundle, qwen35_bundle, tmp_path_factory):
     """(model, its samples, tokenizer): Qwen2-VL shares Qwen2.5-VL's processor; Qwen3-VL has its own, and
-    writes each video as timestamped frame groups."""
+    writes each video as timestamped frame groups; so does Qwen3.5 (Qwen3-VL's processor and tower without
+    DeepStack, a hybrid decoder)."""
     if request.param == "qwen3_vl":
         return qwen3_case(qwen3_bundle, tokenizer, tmp_path_factory.mktemp("qwen3_frames"))
+    if request.param == "qwen3_5":
+        return qwen3_case(qwen35_bundle, tokenizer, tmp_path_factory.mktemp("qwen35_frames"))
     return (qwen25 if request.param == "qwen2_5_vl" else qwen2_vl(qwen25.config)), samples, tokenizer
 
 

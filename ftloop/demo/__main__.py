@@ -1,8 +1,8 @@
 """`python -m ftloop.demo`: build the demo bundle, fine-tune it with torchrun, check what it learned.
 
-The bundle is a tiny random-weight Qwen2.5-VL (`--family qwen3-vl`: Qwen3-VL) with a locally trained tokenizer
-and a few hundred drawn shapes; the question asks for the shape's colour, so the answer needs the image. Nothing
-is downloaded.
+The bundle is a tiny random-weight Qwen2.5-VL (`--family qwen3-vl`: Qwen3-VL; `--family qwen3.5`: Qwen3.5) with a
+locally trained tokenizer and a few hundred drawn shapes; the question asks for the shape's colour, so the answer
+needs the image. Nothing is downloaded.
 """
 
 from __future__ import annotations

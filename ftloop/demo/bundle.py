@@ -211,7 +211,7 @@ def build_demo_bundle(
         d.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
-    if family == "qwen3-vl":
+    if family in ("qwen3-vl", "qwen3.5"):
         tok.chat_template = QWEN3_CHAT_TEMPLATE
     config = build_config(tok, model_size, family)
     model = build_model(config, seed)

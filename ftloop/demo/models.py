@@ -1,8 +1,10 @@
 """The demo's tiny random models of each family, and their image processors: the configs a real checkpoint of
 that family has (its layer layout, rope, patch grid, processor settings), at a few thousandth of its width.
 
-`family` is "qwen2.5-vl" (the default, what `make demo` trains) or "qwen3-vl" (dense; DeepStack features from
-an intermediate vision block, a learned position embedding, 16-pixel patches, interleaved mRoPE, QK norm).
+`family` is "qwen2.5-vl" (the default, what `make demo` trains), "qwen3-vl" (dense; DeepStack features from
+an intermediate vision block, a learned position embedding, 16-pixel patches, interleaved mRoPE, QK norm) or
+"qwen3.5" (dense; Qwen3-VL's tower without DeepStack, and a hybrid decoder: three of every four layers Gated DeltaNet
+linear attention, every fourth gated full attention with QK norm and partial rotary; zero-centred RMSNorm).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers import AutoModelForImageTextToText, PretrainedConfig, Qwen2_5_VLConfig, Qwen3_5Config, Qwen3VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 
-FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("qwen2.5-vl", "qwen3-vl", "qwen3.5")
 
 # Model sizes. "demo" is small enough to train in minutes on 2 CPU processes; "test" builds and runs in
 # well under a second for the test suite. Text head_dim = hidden / heads; mrope sections sum to head_dim / 2
@@ -27,7 +29,7 @@ MODEL_SIZES = {
     "test": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, mrope=[2, 3, 3], mrope3=[4, 2, 2],
                  v_hidden=32, v_heads=2, v_inter=64),
 }  # fmt: skip
-PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16}  # pixels per patch side; a merged token covers 2 x 2 patches
+PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16, "qwen3.5": 16}  # pixels per patch side; a merged token covers 2 x 2 patches
 
 
 def special_token_ids(tok) -> dict[str, int]:
@@ -64,6 +66,21 @@ def build_config(tok, model_size: str = "demo", family: str = "qwen2.5-vl") -> P
     )
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen3.5":
+        # The real layout at a tiny width: every fourth layer full attention (the last of 4; with 2 layers, the
+        # second), head_dim 32 with a quarter of it rotary (mrope sections sum to 32 x 0.25 / 2), linear attention
+        # with 2 key heads and 4 value heads of 16.
+        layers = s["layers"]
+        text_config.update(
+            head_dim=32, layer_types=["full_attention" if (i + 1) % min(4, layers) == 0 else "linear_attention"
+                                      for i in range(layers)],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_conv_kernel_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                                       "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                                       "mrope_interleaved": True})
+        vision_config.update(in_channels=3, num_position_embeddings=64, hidden_act="gelu_pytorch_tanh")
+        return Qwen3_5Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False,
+                             **tokens)
     if family == "qwen3-vl":
         # head_dim given: Qwen3's default is 128 whatever the width. The first block's features also reach the
         # decoder's first layer (DeepStack; the real models take blocks 8, 16 and 24 of 27).
@@ -83,8 +100,8 @@ def build_image_processor(image_size: int = 56, family: str = "qwen2.5-vl") -> Q
     # requested image size (rounded up) and nothing larger, so token counts stay tiny.
     unit = 2 * PATCH[family]
     side = max(2 * unit, math.ceil(image_size / unit) * unit)
-    # Qwen3-VL normalises with mean and std 0.5 (Qwen2.5-VL with CLIP's).
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3-vl" else {}
+    # Qwen3-VL and Qwen3.5 normalise with mean and std 0.5 (Qwen2.5-VL with CLIP's).
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family in ("qwen3-vl", "qwen3.5") else {}
     return Qwen2VLImageProcessorPil(min_pixels=(2 * unit) ** 2, max_pixels=side * side, patch_size=PATCH[family],
                                     temporal_patch_size=2, merge_size=2, **norm)
 

@@ -1,0 +1,91 @@
+"""Qwen3.5 (dense, model_type qwen3_5: a hybrid decoder of Gated DeltaNet and gated full-attention layers, Qwen3-VL's
+tower without DeepStack) through the same loop: 2-process training of the tiny random Qwen3.5 bundle that resumes
+bit for bit, one process giving the same weights as two, an export that `Qwen3_5ForConditionalGeneration` loads in
+the checkpoint's own key layout with the trained model's logits, the DeltaNet's fp32 scalars updated in fp32 under
+bf16 compute, packing refused in one line, Qwen3.5-MoE refused in one line. (The one vision pass against
+transformers' forward, images, videos, both and text only: test_vision_forward.)"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig
+
+from ftloop.config import ModelArgs
+from ftloop.errors import ConfigError
+from ftloop.export import export_checkpoint
+from ftloop.model import load_config
+from launch import check, checkpoint_state, forked_python_m, forked_torchrun, resume_a_copy, train_flags
+
+RUN = ["--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3", "--no-bf16", "--save-dtype", "fp32",
+       "--no-load-best-model-at-end"]
+TWO = ["--per-device-train-batch-size", "2"]
+
+
+def test_qwen3_5_trains_resumes_exactly_and_exports_the_trained_model(qwen35_bundle, tmp_path):
+    run = [*RUN, "--eval-data", qwen35_bundle["eval_json"], "--eval-steps", "3"]
+    out = tmp_path / "run"
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *run, *TWO,
+                                                                          "--save-steps", "2")]))
+    assert "eval_loss" in result.stdout
+    final = load_file(out / "final" / "model.safetensors")
+    source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
+    assert final.keys() == source.keys()  # the checkpoint's key layout (model.visual.*, model.language_model.*)
+    changed = {k for k in source if not torch.equal(final[k], source[k])}
+    for part in (".linear_attn.in_proj_qkv.", ".linear_attn.A_log", ".linear_attn.dt_bias", ".linear_attn.conv1d.",
+                 ".self_attn.q_proj.", ".visual.pos_embed."):  # both layer kinds and the tower learn
+        assert any(part in k for k in changed), part
+
+    # The checkpoint's weights, exported offline, load with Qwen3_5ForConditionalGeneration and give the trained
+    # model's logits.
+    export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "exported"), save_dtype="fp32")
+    state = {k.removeprefix("hf."): v for k, v in checkpoint_state(out / "checkpoint-2")["model"].items()}
+    trained = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(qwen35_bundle["model_dir"]))
+    assert not trained.load_state_dict(state, strict=False).missing_keys
+    reloaded = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+    # Resumed from step 2 at the same world size: the same step 3, bit for bit.
+    resumed = tmp_path / "resumed"
+    resume_a_copy(qwen35_bundle, out, resumed, [*run, *TWO], step=2)
+    again = load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    # One process, the same global batch of 4 rows in two micro-batches: the same weights.
+    alone = tmp_path / "alone"
+    check(forked_python_m("ftloop.train", train_flags(qwen35_bundle, alone, *run, "--per-device-train-batch-size",
+                                                      "2", "--gradient-accumulation-steps", "2")))
+    one = load_file(alone / "final" / "model.safetensors")
+    for name, tensor in final.items():
+        assert torch.allclose(one[name], tensor, rtol=1e-5, atol=1e-5), (name, (one[name] - tensor).abs().max())
+
+
+def test_the_deltanet_scalars_are_updated_in_fp32_under_bf16_compute(qwen35_bundle, tmp_path):
+    """A_log and dt_bias (as every parameter) keep fp32 master weights under --bf16: FSDP computes in bf16 and the
+    optimizer updates the fp32 shards. 3 steps at lr 1e-5 move them by ~3e-5, far below half a bf16 step of their
+    values (4e-3 at 1, where dt_bias starts): only fp32 masters hold such a move (bf16 ones, --param-dtype bf16,
+    lose it or round it to a whole step: the check fails with them)."""
+    out = tmp_path / "bf16"
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *[f for f in RUN if f != "--no-bf16"],
+                                                                 *TWO, "--learning-rate", "1e-5", "--save-steps", "0")]))
+    final = load_file(out / "final" / "model.safetensors")
+    source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
+    scalars = [k for k in source if k.endswith((".A_log", ".dt_bias"))]
+    assert len(scalars) == 2  # the one DeltaNet layer's
+    for key in scalars:
+        moved = (final[key] - source[key]).abs()
+        assert 0 < moved.max() < 1e-3, (key, moved.max())
+
+
+def test_packing_a_qwen3_5_model_is_refused_in_one_line(qwen35_bundle, tmp_path):
+    result = forked_python_m("ftloop.train", train_flags(qwen35_bundle, tmp_path / "packed", *RUN, "--packing"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "--packing with a Qwen3.5 model" in last and "without --packing" in last
+
+
+def test_a_qwen3_5_moe_folder_is_refused_in_one_line(tmp_path):
+    Qwen3_5MoeConfig().save_pretrained(tmp_path / "moe")
+    with pytest.raises(ConfigError, match=r"a Qwen3.5-MoE model \(qwen3_5_moe\), which ftloop does not train yet"):
+        load_config(ModelArgs(model_name_or_path=str(tmp_path / "moe")))
