@@ -12,6 +12,8 @@ between them outside the model code (which transformers supplies): how a convers
 
 from __future__ import annotations
 
+import importlib.util
+
 from ftloop.errors import ConfigError
 
 FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_5": "Qwen3.5"}
@@ -50,3 +52,19 @@ def check_packing(model_type: str, packing: bool) -> None:
         raise ConfigError(f"--packing with a {FAMILIES[model_type]} model: its linear-attention layers carry a state "
                           "from token to token, so a packed row would read the row before it (their torch path "
                           "cannot be told where rows begin); train it without --packing")
+
+
+def linear_attention_path(model_type: str) -> str | None:
+    """For a family with linear-attention layers (Qwen3.5), which implementation transformers runs them with, in a
+    line for the start of a run; None for the others. transformers takes flash-linear-attention's chunked gated
+    delta rule and causal-conv1d's kernel when they import, else its torch path."""
+    if model_type != "qwen3_5":
+        return None
+    kernels = [name for name, module in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
+               if importlib.util.find_spec(module) is not None]
+    if len(kernels) == 2:
+        return "linear attention: flash-linear-attention and causal-conv1d kernels"
+    missing = " and ".join(sorted({"flash-linear-attention", "causal-conv1d"} - set(kernels)))
+    return (f"linear attention: transformers' torch path ({missing} not installed; on GPUs "
+            "`pip install 'ftloop[qwen3_5]'` runs a step about 2x faster)")
+

@@ -27,6 +27,9 @@ def test_qwen3_5_trains_resumes_exactly_and_exports_the_trained_model(qwen35_bun
     result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *run, *TWO,
                                                                           "--save-steps", "2")]))
     assert "eval_loss" in result.stdout
+    # Said at the start: which implementation runs the linear attention (here, without the kernels, the torch path).
+    assert "linear attention: transformers' torch path (causal-conv1d and flash-linear-attention not installed" \
+        in result.stdout
     final = load_file(out / "final" / "model.safetensors")
     source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
     assert final.keys() == source.keys()  # the checkpoint's key layout (model.visual.*, model.language_model.*)
@@ -89,3 +92,18 @@ def test_a_qwen3_5_moe_folder_is_refused_in_one_line(tmp_path):
     Qwen3_5MoeConfig().save_pretrained(tmp_path / "moe")
     with pytest.raises(ConfigError, match=r"a Qwen3.5-MoE model \(qwen3_5_moe\), which ftloop does not train yet"):
         load_config(ModelArgs(model_name_or_path=str(tmp_path / "moe")))
+
+
+def test_the_start_of_a_run_says_which_linear_attention_runs(monkeypatch):
+    import importlib.util
+
+    from ftloop.family import linear_attention_path
+
+    assert linear_attention_path("qwen3_vl") is None and linear_attention_path("qwen2_5_vl") is None
+    assert "torch path (causal-conv1d and flash-linear-attention not installed" in linear_attention_path("qwen3_5")
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("fla", "causal_conv1d")
+                        else found(name, *a))
+    assert linear_attention_path("qwen3_5") == "linear attention: flash-linear-attention and causal-conv1d kernels"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "fla" else found(name, *a))
+    assert "torch path (causal-conv1d not installed" in linear_attention_path("qwen3_5")
