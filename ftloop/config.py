@@ -97,7 +97,11 @@ class ModelArgs:
         return vision or llm or not self.freeze_merger
 
 
-LORA_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The attention and MLP projections, and Qwen3.5's Gated DeltaNet projections (its query-key-value, output-gate and
+# output projections; the per-head decay and beta inputs, in_proj_a and in_proj_b, are a few outputs wide). A default
+# name a model does not have is skipped (ftloop.lora.check_targets); a name given by flag must exist.
+LORA_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "in_proj_qkv", "in_proj_z", "out_proj")
 
 
 @dataclass
@@ -110,7 +114,8 @@ class LoraArgs:
     lora_dropout: float = 0.05
     """Dropout on the adapters' input."""
     lora_target_modules: tuple[str, ...] = LORA_LLM_TARGETS
-    """Projections of every decoder layer that get an adapter (names inside the layer)."""
+    """Projections of the decoder layers that get an adapter (names inside a layer; default: attention and MLP
+    projections, and Qwen3.5's DeltaNet in_proj_qkv, in_proj_z and out_proj, each where the model has it)."""
     lora_vision_target_modules: tuple[str, ...] = ()
     """Projections of every vision block that get one (Qwen2.5-VL: qkv proj gate_proj up_proj down_proj);
     none by default: the vision tower stays as it is."""

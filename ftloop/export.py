@@ -15,7 +15,8 @@ it arrives, and a shard is written as soon as its last tensor has: so the writer
 unit it is fed from (`python scripts/bench_export.py` measures it). The folder is what `save_pretrained` writes:
 the same tensor names (transformers' renaming back to the checkpoint layout, a tied lm_head left out), config,
 generation config, index, tokenizer, chat template and image processor; for a LoRA run the adapters in
-`adapter/` (what `PeftModel.from_pretrained(base, ...)` loads) beside the merged weights (W + alpha/rank x B A).
+`adapter/` (what `PeftModel.from_pretrained(base, ...)` loads) beside the merged weights (W + alpha/rank x B A);
+and the source folder's tensors the model leaves out on load (Qwen3.5's multi-token-prediction head), unchanged.
 It is written whole or not at all (ftloop.atomic).
 """
 
@@ -47,7 +48,7 @@ from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import (COMPLETE_MARKER, FORMAT, MODEL_FILES, PARAMETERS, RUN_CONFIG, TRAINER_STATE,
                                     is_complete, latest_checkpoint, verify_checkpoint)
 from ftloop.fsdp.internals import clean_name, unit_parameters
-from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, meta_skeleton
+from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, carried_tensors, meta_skeleton, read_carried
 from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
 from ftloop.model import DTYPES, WRAPPER_PREFIX
 
@@ -66,12 +67,13 @@ class ExportStats:
 
 def write_folder(out_dir: str, files: ModelFiles, names: list[str], tensors: Tensors, save_dtype: str,
                  max_shard_size: str, lora: LoraArgs | None = None, adapters: dict[str, torch.Tensor] | None = None,
-                 base_model: str = "", merge: bool = True) -> ExportStats:
+                 base_model: str = "", merge: bool = True, carry_from: str | None = None) -> ExportStats:
     """Write the folder `out_dir`. `names`: the model's parameter names, in the order `tensors` yields them (checked
     against the model before anything is written); `tensors(shards)` yields (name, tensor) pairs, and may use the
     planned output shards (lists of names) to read one shard at a time. With `lora`: `adapters` (by parameter
     name) go to `adapter/`, and unless `merge` is False the weights carry them merged (else `tensors` is never
-    called)."""
+    called). `carry_from`: the source folder whose tensors the model leaves out on load (Qwen3.5's `mtp.*`) are
+    copied into shards of their own after the model's, byte for byte (ftloop.hf_folder.carried_tensors)."""
     dtype = DTYPES[save_dtype]
     tmp = temporary_folder(out_dir)
     try:
@@ -86,10 +88,15 @@ def write_folder(out_dir: str, files: ModelFiles, names: list[str], tensors: Ten
             shapes = skeleton.state_dict(keep_vars=True)  # the tensors as the writer holds them: cast, on the host
             plan = plan_shards([(name, shapes[name].numel() * shapes[name].dtype.itemsize) for name in names
                                 if name in saved], parse_size(max_shard_size))
-            writer = ShardWriter(tmp, dtype, plan)
+            carried = carried_tensors(carry_from, skeleton) if carry_from else {}
+            carried_plan = plan_shards([(key, nbytes) for key, (_, nbytes) in carried.items()],
+                                       parse_size(max_shard_size)) if carried else []
+            writer = ShardWriter(tmp, dtype, plan + carried_plan)
             for name, tensor in tensors(plan):
                 if name in saved:
                     writer.add(name, saved[name], merged(name, tensor, adapters or {}, lora) if lora else tensor)
+            for key, tensor in read_carried(carry_from, carried):
+                writer.add(key, key, tensor, as_stored=True)
             written, total, peak = writer.close(), writer.total_bytes, writer.peak_bytes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +142,10 @@ class ShardWriter:
         self.pending_bytes = self.peak_bytes = self.total_bytes = self.total_numel = 0
         self.files: list[tuple[str, list[str]]] = []  # (temporary file name, saved tensor names)
 
-    def add(self, name: str, saved_name: str, tensor: torch.Tensor) -> None:
-        """Queue a copy of the tensor the model calls `name`, saved as `saved_name`."""
-        dtype = self.save_dtype if tensor.is_floating_point() else tensor.dtype
+    def add(self, name: str, saved_name: str, tensor: torch.Tensor, as_stored: bool = False) -> None:
+        """Queue a copy of the tensor the model calls `name`, saved as `saved_name` (in the save dtype, or with
+        `as_stored` in its own)."""
+        dtype = self.save_dtype if tensor.is_floating_point() and not as_stored else tensor.dtype
         self.pending[saved_name] = host_copy(tensor, dtype)
         nbytes = tensor.numel() * dtype.itemsize
         self.pending_bytes += nbytes
@@ -225,7 +233,7 @@ def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, 
         names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
         try:
             return write_folder(out_dir, files, names, lambda _: stream, save_dtype, max_shard_size, lora, adapters,
-                                base_model, merge)
+                                base_model, merge, carry_from=files.source_dir)
         except WRITE_ERRORS as err:  # a full disk: the other ranks are in the gathers, finish them first
             for _ in stream:
                 pass
@@ -294,7 +302,22 @@ def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_sha
     files = ModelFiles.load(os.path.join(path, MODEL_FILES))
     weights = [name for name in names.values() if not is_adapter(name)]
     return write_folder(out_dir, files, weights, shard_by_shard, save_dtype, max_shard_size, lora, adapters,
-                        base_model).files
+                        base_model, carry_from=run_source(path, files)).files
+
+
+def run_source(path: str, files: ModelFiles) -> str | None:
+    """The folder checkpoint `path`'s run started from, for the tensors its model leaves out on load (Qwen3.5's
+    `mtp.*`), which exports carry from there; None, said in one line, when the model has such tensors and the
+    folder is not here any more (a hub id, or moved)."""
+    if not meta_skeleton(files.hf_config, torch.float32)._keys_to_ignore_on_load_unexpected:
+        return None
+    with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
+        source = json.load(f)["model"]["model_name_or_path"]
+    if os.path.isdir(source):
+        return source
+    print(f"export: {source}, the folder this run started from, is not here: the tensors the model leaves out on "
+          "load (such as Qwen3.5's mtp.* head) are not carried into the export")
+    return None
 
 
 def check_checkpoint(path: str) -> None:

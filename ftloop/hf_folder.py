@@ -204,6 +204,30 @@ class FolderWeights:
         self._handles.clear()
 
 
+def carried_tensors(folder: str, model: PreTrainedModel) -> dict[str, tuple[str, int]]:
+    """The tensors of `folder`'s safetensors files that `model` leaves out on load by its own rule
+    (`_keys_to_ignore_on_load_unexpected`: Qwen3.5's multi-token-prediction head, `mtp.*`), as key -> (file, bytes).
+    Exports carry them through unchanged (`read_carried`), so an exported folder is a drop-in for its source."""
+    patterns = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or [])]
+    if not patterns:
+        return {}
+    out = {}
+    for file in FolderWeights._files(folder, "--model-name-or-path"):
+        for key, (_, _, begin, end) in _read_header(os.path.join(folder, file))[1].items():
+            if any(p.search(key) for p in patterns):
+                out[key] = (file, end - begin)
+    return out
+
+
+def read_carried(folder: str, carried: dict[str, tuple[str, int]]):
+    """Yield (key, tensor) for the `carried_tensors` of `folder`, one at a time, as stored (dtype and bytes)."""
+    from safetensors import safe_open
+
+    for key, (file, _) in carried.items():
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            yield key, f.get_tensor(key)
+
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,

@@ -12,6 +12,7 @@ when adapters are asked for: it is an optional dependency (`pip install 'ftloop[
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -53,15 +54,19 @@ def target_pattern(args: LoraArgs) -> str:
 
 
 def check_targets(hf_model: nn.Module, args: LoraArgs) -> None:
-    """Every projection name given must be a linear layer of every decoder layer (or vision block)."""
+    """Every projection name given by flag must be a linear layer of some decoder layer (or vision block); of the
+    default names, those a model lacks are skipped (Qwen2.5-VL has no DeltaNet), but one must be there."""
     linear = [name for name, module in hf_model.named_modules() if isinstance(module, nn.Linear)]
     for flag, attribute, scope, what in SCOPES:
         inside = [name for name in linear if re.match(rf"{scope}\.", name)]
-        for target in getattr(args, attribute):
-            if not any(re.fullmatch(rf"{scope}\.(?:.+\.)?{re.escape(target)}", name) for name in inside):
-                known = sorted({re.sub(rf"^{scope}\.", "", name) for name in inside})
-                raise ConfigError(f"{flag} {target}: no linear layer of that name in a {what} of "
-                                  f"{type(hf_model).__name__}; its {what}s have {', '.join(known)}")
+        targets = getattr(args, attribute)
+        default = targets == next(f.default for f in dataclasses.fields(LoraArgs) if f.name == attribute)
+        missing = [target for target in targets
+                   if not any(re.fullmatch(rf"{scope}\.(?:.+\.)?{re.escape(target)}", name) for name in inside)]
+        if missing and (not default or len(missing) == len(targets)):
+            known = sorted({re.sub(rf"^{scope}\.", "", name) for name in inside})
+            raise ConfigError(f"{flag} {missing[0]}: no linear layer of that name in a {what} of "
+                              f"{type(hf_model).__name__}; its {what}s have {', '.join(known)}")
 
 
 def lora_config(args: LoraArgs, base_model_name_or_path: str | None = None):

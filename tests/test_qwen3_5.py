@@ -107,3 +107,76 @@ def test_the_start_of_a_run_says_which_linear_attention_runs(monkeypatch):
     assert linear_attention_path("qwen3_5") == "linear attention: flash-linear-attention and causal-conv1d kernels"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "fla" else found(name, *a))
     assert "torch path (causal-conv1d not installed" in linear_attention_path("qwen3_5")
+
+
+def test_lora_adapts_both_layer_kinds_and_trains(qwen35_bundle, tmp_path):
+    """The default targets reach the DeltaNet's in_proj_qkv, in_proj_z and out_proj besides the full-attention and
+    MLP projections (a default name a model lacks is skipped; Qwen2.5-VL's 28 adapters are unchanged:
+    test_lora); a 2-process LoRA run trains only the adapters and exports a merged folder that
+    Qwen3_5ForConditionalGeneration loads."""
+    from ftloop.config import LoraArgs
+    from ftloop.lora import add_adapters
+    from ftloop.model import build_meta_model
+
+    args = ModelArgs(model_name_or_path=qwen35_bundle["model_dir"])
+    model = build_meta_model(load_config(args), args, "bf16")
+    add_adapters(model, LoraArgs(lora_rank=4), torch.float32)
+    adapted = {n.rsplit(".lora_", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    layer0, layer1 = "model.language_model.layers.0.", "model.language_model.layers.1."  # DeltaNet, full attention
+    assert {f"{layer0}linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "out_proj")} <= adapted
+    assert {f"{layer1}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} <= adapted
+    assert len(adapted) == 6 + 7  # and each layer's gate, up and down projections
+
+    out = tmp_path / "lora"
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *RUN, *TWO, "--lora-rank", "4",
+                                                                 "--learning-rate", "1e-2", "--save-steps", "0")]))
+    final = load_file(out / "final" / "model.safetensors")
+    source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
+    merged = {k for k in source if not torch.equal(final[k], source[k])}
+    assert {k.removesuffix(".weight") for k in merged} == adapted  # the adapted projections moved, nothing else
+    reloaded = Qwen3_5ForConditionalGeneration.from_pretrained(out / "final", dtype=torch.float32)
+    assert torch.equal(reloaded.state_dict()["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"],
+                       final["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"])
+
+
+def test_exports_carry_the_mtp_head_through_byte_for_byte(qwen35_bundle, tmp_path):
+    """Every Qwen3.5 checkpoint holds a multi-token-prediction head (`mtp.*`) that transformers leaves out on load;
+    the run's exports (and `python -m ftloop.export` while the source folder is there) copy its tensors unchanged,
+    in the source's names and dtypes, so the exported folder serves as the original does (speculative decoding)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = tmp_path / "with_mtp"
+    shutil.copytree(qwen35_bundle["model_dir"], source)
+    weights = load_file(source / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    mtp = {"mtp.fc.weight": torch.randn(64, 128, generator=g).bfloat16(),
+           "mtp.layers.0.input_layernorm.weight": torch.randn(64, generator=g),
+           "mtp.norm.weight": torch.randn(64, generator=g).bfloat16()}
+    save_file({**weights, **mtp}, source / "model.safetensors", metadata={"format": "pt"})
+    bundle = dict(qwen35_bundle, model_dir=str(source))
+
+    out = tmp_path / "run"
+    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(bundle, out, *RUN, *TWO, "--save-steps", "2")]))
+    for folder in (out / "final", tmp_path / "offline"):
+        if folder.name == "offline":
+            export_checkpoint(str(out / "checkpoint-2"), str(folder), save_dtype="bf16")
+        exported = {}
+        for file in folder.glob("*.safetensors"):
+            exported.update(load_file(file))
+        for key, tensor in mtp.items():
+            assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), (folder.name, key)
+        assert not any(k.startswith("mtp.") for k in exported if k not in mtp)
+        reloaded = Qwen3_5ForConditionalGeneration.from_pretrained(folder)  # transformers still leaves it out
+        assert not any(k.startswith("mtp.") for k in reloaded.state_dict())
+
+    # The source folder gone: an offline export says it in one line and leaves the head out.
+    shutil.move(source, tmp_path / "moved")
+    result = forked_python_m("ftloop.export", [str(out / "checkpoint-2"), str(tmp_path / "without")])
+    assert result.returncode == 0, result.stderr
+    assert "is not here: the tensors the model leaves out on load (such as Qwen3.5's mtp.* head) are not carried" \
+        in result.stdout
+    assert not any(k.startswith("mtp.") for file in (tmp_path / "without").glob("*.safetensors")
+                   for k in load_file(file))
