@@ -223,7 +223,13 @@ class DataArgs:
     every row fits: a longer row is dropped or cut first, as --truncation says."""
     system_prompt: str | None = None
     """System prompt of a conversation that has none (default: the family's, as its chat template inserts it:
-    "You are a helpful assistant." for Qwen2-VL and Qwen2.5-VL, none for Qwen3-VL; "" for none)."""
+    "You are a helpful assistant." for Qwen2-VL and Qwen2.5-VL, none for Qwen3-VL and Qwen3.5; "" for none)."""
+    empty_think: Literal["context", "trained", "none"] = "context"
+    """Qwen3.5 (whose post-trained chat templates write an empty `<think>\n\n</think>\n\n` before an answer
+    without reasoning): a final reply (after the last user turn) that holds no `<think>` gets the empty block, as
+    the template renders it at inference with thinking off, where it ends the prompt: `context` (default) puts it
+    in the row untrained, `trained` trains it as part of the reply (the model learns to close an empty think block
+    itself), `none` leaves it out. A reply that holds `<think>` trains as written. Other families write none."""
     min_pixels: int | None = None
     """Smallest area (pixels) an image or a listed video frame is resized to (default: the checkpoint's
     preprocessor config; video files: --video-min-pixels). Exported with the image processor."""

@@ -54,6 +54,14 @@ def check_packing(model_type: str, packing: bool) -> None:
                           "cannot be told where rows begin); train it without --packing")
 
 
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what Qwen3.5's chat templates write before a reply without reasoning
+
+
+def empty_think_block(model_type: str) -> str:
+    """The empty think block this family's chat template writes before a final reply without reasoning ("": none)."""
+    return EMPTY_THINK if model_type == "qwen3_5" else ""
+
+
 def linear_attention_path(model_type: str) -> str | None:
     """For a family with linear-attention layers (Qwen3.5), which implementation transformers runs them with, in a
     line for the start of a run; None for the others. transformers takes flash-linear-attention's chunked gated

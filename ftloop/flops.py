@@ -7,7 +7,9 @@ work and is not counted), per step:
   (2 for the forward, 4 for the backward's input and weight gradients); lm_head's only per supervised token,
   since ftloop's loss computes logits there alone (ftloop.loss);
 - attention: 12 x layers x (heads x head_dim) x the sum over the step's sequences of their real length^2 (a packed
-  row: its own length); not halved for the causal mask, as PaLM does not;
+  row: its own length); not halved for the causal mask, as PaLM does not. Only full-attention layers count:
+  Qwen3.5's Gated DeltaNet layers are linear in length, their recurrence (~4 x value heads x key dim x value dim
+  per token, well under 1% of their matmuls) left out like the vision tower's attention;
 - vision tower: per patch, 6 x its trainable matmul parameters, 4 x the patch embedding's when it trains (its
   input, the pixels, needs no gradient), 2 x every frozen one (a frozen tower still runs forward); a merger's
   matrices take merge_size^2 patches at a time; its attention is left out (windowed: a small share).
@@ -62,8 +64,9 @@ def flop_model(model: nn.Module, text_config) -> FlopModel:
         elif trains:
             per_token += 6 * weight.numel()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    return FlopModel(per_token, per_supervised, per_patch, text_config.num_hidden_layers,
-                     text_config.num_attention_heads * head_dim)
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    attention_layers = sum(kind != "linear_attention" for kind in layer_types)
+    return FlopModel(per_token, per_supervised, per_patch, attention_layers, text_config.num_attention_heads * head_dim)
 
 
 def batch_work(batch: dict) -> tuple[float, float]:

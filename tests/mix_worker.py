@@ -43,7 +43,7 @@ def main() -> None:
         for fields in mine:
             rows = [Row(**row) for row in fields]
             dataset = SFTDataset(rows, s.tokenizer, s.image_processor, cfg.data.max_seq_length,
-                                 chat_format(cfg.data.system_prompt, s.hf_config.model_type), name)
+                                 chat_format(cfg.data.system_prompt, s.hf_config.model_type, cfg.data.empty_think), name)
             micro_batches.append(collate([dataset[i] for i in range(len(rows))]))
         model.zero_grad(set_to_none=True)
         targets = count_step(micro_batches, d, len(micro_batches))[0].targets

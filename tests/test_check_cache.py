@@ -126,6 +126,9 @@ CHANGES = {
     "min and max pixels": lambda d, t, p: {"image_processor": load_image_processor(t.name_or_path, 28 * 28, 28 * 28)},
     "system prompt": lambda d, t, p: {"chat": ChatFormat("Answer in one word.")},
     "timestamped videos": lambda d, t, p: {"chat": ChatFormat(SYSTEM.system_prompt, timestamped_videos=True)},
+    "empty think block": lambda d, t, p: {"chat": ChatFormat(SYSTEM.system_prompt, think_block="<think>\n\n</think>\n\n")},
+    "empty think block trained": lambda d, t, p: {"chat": ChatFormat(SYSTEM.system_prompt, think_block="<think>\n\n</think>\n\n",
+                                                                     think_block_trained=True)},
     "max images": lambda d, t, p: {"max_images": 1},
     "truncation": lambda d, t, p: {"truncation": "right"},
 }

@@ -47,6 +47,20 @@ def test_the_count_is_the_hand_count_and_frozen_parts_count_forward_only(tiny_bu
     assert frozen.per_token == flops.per_token // 2  # one of two decoder layers trains
 
 
+def test_only_qwen3_5_s_full_attention_layers_count_attention(qwen35_bundle):
+    """Its Gated DeltaNet layers are linear in length: of the tiny model's two layers, one counts the length^2 term
+    (its gated query projection, twice the heads x head_dim, counts among the matmuls); every Linear and the
+    depthwise conv1d aside (not a Linear), its matmuls are counted as any model's."""
+    model = AutoModelForImageTextToText.from_pretrained(qwen35_bundle["model_dir"])
+    text = model.config.text_config
+    flops = flop_model(model, text)
+    assert text.layer_types == ["linear_attention", "full_attention"] and flops.layers == 1
+    assert flops.attention_width == text.num_attention_heads * text.head_dim
+    decoder = sum(m.weight.numel() for n, m in model.model.language_model.named_modules()
+                  if isinstance(m, torch.nn.Linear))
+    assert flops.per_token == 6 * decoder
+
+
 def test_the_count_matches_torchs_flop_counter_on_a_forward_and_backward(tiny_bundle, tokenizer, image_processor):
     """Eager attention, so that the counter sees its matmuls; one row, so that there is no padding (which the
     model computes but the count leaves out). The vision tower's attention is the difference left (not counted)."""

@@ -180,3 +180,46 @@ def test_exports_carry_the_mtp_head_through_byte_for_byte(qwen35_bundle, tmp_pat
         in result.stdout
     assert not any(k.startswith("mtp.") for file in (tmp_path / "without").glob("*.safetensors")
                    for k in load_file(file))
+
+
+THINK = "<think>\n\n</think>\n\n"
+TURNS = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."},
+         {"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "A circle."}]
+
+
+def test_a_final_reply_without_reasoning_gets_the_empty_think_block_as_the_template_writes_it(qwen35_bundle):
+    """--empty-think context (the default): the block before the reply after the last user turn, untrained, where a
+    post-trained template's generation prompt puts it with thinking off (the demo bundle's template: the rendered row
+    starts with exactly what the template gives the model at inference); `trained`: inside the reply's span;
+    `none`: left out; a reply holding <think> is written as it is; other families write none."""
+    from transformers import AutoTokenizer
+
+    from ftloop.data.encode import chat_format, render_chat
+
+    assert chat_format(None, "qwen3_5").think_block == THINK and not chat_format(None, "qwen3_5").think_block_trained
+    assert chat_format(None, "qwen3_5", "trained").think_block_trained
+    assert chat_format(None, "qwen3_5", "none").think_block == ""
+    assert chat_format(None, "qwen3_vl").think_block == chat_format(None, "qwen2_5_vl").think_block == ""
+
+    def render(mode, messages=TURNS):
+        chat = chat_format(None, "qwen3_5", mode)
+        return render_chat(messages, [1], chat.system_prompt, think_block=chat.think_block,
+                           think_block_trained=chat.think_block_trained)
+
+    text, spans = render("context")
+    assert text.count(THINK) == 1 and text.endswith(f"<|im_start|>assistant\n{THINK}A circle.<|im_end|>\n")
+    assert "assistant\nRed.<|im_end|>" in text  # an earlier turn: as the template renders history
+    assert [text[a:b] for a, b in spans] == ["Red.<|im_end|>", "A circle.<|im_end|>"]
+    text, spans = render("trained")
+    assert [text[a:b] for a, b in spans] == ["Red.<|im_end|>", f"{THINK}A circle.<|im_end|>"]
+    text, spans = render("none")
+    assert THINK not in text
+    thought = [*TURNS[:3], {"role": "assistant", "content": "<think>\nround, so\n</think>\n\nA circle."}]
+    text, spans = render("context", thought)
+    assert THINK not in text and text[spans[-1][0]:].startswith("<think>\nround, so")
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen35_bundle["model_dir"])
+    single = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]
+    prompt = tokenizer.apply_chat_template(single[:1], tokenize=False, add_generation_prompt=True)
+    text, spans = render("context", single)
+    assert text.startswith(prompt) and text[len(prompt):] == "Red.<|im_end|>\n" and text[spans[0][0]:] == text[len(prompt):]

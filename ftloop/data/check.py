@@ -155,8 +155,7 @@ def checked_rows(path: str, rows: list[Row], read_errors: list[str], measuring: 
     measured again (a resumed run skips the check); None: always measure."""
     measured, entry = None, None
     if output_dir is not None:
-        flags = {"system_prompt": measuring.chat.system_prompt, "timestamped_videos": measuring.chat.timestamped_videos,
-                 "limit": measuring.limit, "max_images": measuring.max_images,
+        flags = {**dataclasses.asdict(measuring.chat), "limit": measuring.limit, "max_images": measuring.max_images,
                  "video": dataclasses.asdict(measuring.video)}
         measured, entry = cached_measurement(cache_folder(output_dir), path, rows, measuring.tokenizer,
                                              measuring.image_processor, flags, world)
@@ -320,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
              else (path, data.image_folder, split)
              for path, split in ((data.train_data, "train"), (data.eval_data, "eval")) if path
              for mixed in [read_mixture(path)] for source in (mixed or [None])]
-    measuring = Measuring(tokenizer, image_processor, chat_format(data.system_prompt, model_type), data.max_seq_length,
+    chat = chat_format(data.system_prompt, model_type, data.empty_think)
+    measuring = Measuring(tokenizer, image_processor, chat, data.max_seq_length,
                           data.truncation, data.max_images_per_sample, data.video)
     across = make_pool(args.workers, measuring) if args.workers > 1 else World.single()
     try:

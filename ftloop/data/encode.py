@@ -35,7 +35,7 @@ from ftloop.config import VideoArgs
 from ftloop.data.media import load_image_processor, row_vision_inputs
 from ftloop.data.rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Row
 from ftloop.errors import ConfigError, DataError
-from ftloop.family import QWEN_SYSTEM_PROMPT, default_system_prompt, timestamped_videos
+from ftloop.family import QWEN_SYSTEM_PROMPT, default_system_prompt, empty_think_block, timestamped_videos
 from ftloop.loss import IGNORE_INDEX
 
 
@@ -48,15 +48,19 @@ PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLA
 @dataclass(frozen=True)
 class ChatFormat:
     """How a model family renders a conversation (ftloop.family): the system prompt of a conversation that has
-    none ("" for none), and whether each video is one block per frame group after its timestamp (Qwen3-VL)."""
+    none ("" for none), whether each video is one block per frame group after its timestamp (Qwen3-VL), and the
+    empty think block written before a final reply without reasoning (Qwen3.5; --empty-think), trained or not."""
     system_prompt: str = QWEN_SYSTEM_PROMPT
     timestamped_videos: bool = False
+    think_block: str = ""
+    think_block_trained: bool = False
 
 
-def chat_format(system_prompt: str | None, model_type: str) -> ChatFormat:
-    """The format of this family, with --system-prompt (None: the family's default)."""
+def chat_format(system_prompt: str | None, model_type: str, empty_think: str = "context") -> ChatFormat:
+    """The format of this family, with --system-prompt (None: the family's default) and --empty-think."""
     prompt = default_system_prompt(model_type) if system_prompt is None else system_prompt
-    return ChatFormat(prompt, timestamped_videos(model_type))
+    block = "" if empty_think == "none" else empty_think_block(model_type)
+    return ChatFormat(prompt, timestamped_videos(model_type), block, bool(block) and empty_think == "trained")
 
 
 # Qwen's grounding markup: special tokens that Qwen-VL's grounding data writes in replies, around a phrase and its
@@ -156,13 +160,17 @@ def expand_vision(text: str, image_counts: list[int], video_counts: list[int] = 
 
 
 def render_chat(messages: list[dict], image_token_counts: list[int], system_prompt: str,
-                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None,
+                think_block: str = "", think_block_trained: bool = False):
     """The ChatML string and the [start, end) character spans to supervise. `video_times`: each video's frame
-    group times, for a family that writes them (ChatFormat.timestamped_videos); None: one block a video."""
+    group times, for a family that writes them (ChatFormat.timestamped_videos); None: one block a video.
+    `think_block`: written before each reply after the last user turn that holds no `<think>` (Qwen3.5's empty
+    think block), inside the reply's trained span when `think_block_trained`."""
     if messages[0]["role"] != "system" and system_prompt:
         messages = [{"role": "system", "content": system_prompt}] + messages
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     text, spans, images_used, videos_used = "", [], 0, 0
-    for message in messages:
+    for index, message in enumerate(messages):
         content = message["content"]
         n_images, n_videos = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
         times = video_times[videos_used:videos_used + n_videos] if video_times is not None else None
@@ -170,16 +178,23 @@ def render_chat(messages: list[dict], image_token_counts: list[int], system_prom
                                 video_token_counts[videos_used:videos_used + n_videos], times)
         images_used, videos_used = images_used + n_images, videos_used + n_videos
         text += f"{IM_START}{message['role']}\n"
+        block = think_block if (message["role"] == "assistant" and index > last_user
+                                and "<think>" not in message["content"]) else ""
+        if block and not think_block_trained:  # context, as it ends the prompt at inference
+            text += block
+            block = ""
         if message["role"] == "assistant" and message.get("loss", True):
-            spans.append((len(text), len(text) + len(content) + len(IM_END)))
-        text += f"{content}{IM_END}\n"
+            spans.append((len(text), len(text) + len(block) + len(content) + len(IM_END)))
+        text += f"{block}{content}{IM_END}\n"
     return text, spans
 
 
 def encode_chat(messages: list[dict], image_token_counts: list[int], tokenizer, system_prompt: str,
-                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None):
+                video_token_counts: list[int] = (), video_times: list[list[float]] | None = None,
+                think_block: str = "", think_block_trained: bool = False):
     """(input_ids, labels) as python lists of equal length."""
-    text, spans = render_chat(messages, image_token_counts, system_prompt, video_token_counts, video_times)
+    text, spans = render_chat(messages, image_token_counts, system_prompt, video_token_counts, video_times,
+                              think_block, think_block_trained)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -224,7 +239,8 @@ def encode_row(row: Row, tokenizer, image_processor, video: VideoArgs, chat: Cha
         check_system_prompt(chat, tokenizer)  # refused before any row is measured (ftloop.data.check.Measuring)
     tensors, image_counts, video_counts, video_times = row_vision_inputs(row, image_processor, video, where)
     input_ids, labels = encode_chat(row.messages, image_counts, tokenizer, chat.system_prompt, video_counts,
-                                    video_times if chat.timestamped_videos else None)
+                                    video_times if chat.timestamped_videos else None, chat.think_block,
+                                    chat.think_block_trained)
     return tensors, input_ids, labels
 
 

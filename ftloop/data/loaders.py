@@ -103,7 +103,7 @@ def build_loaders(cfg: Config, tokenizer, image_processor, hf_config,
     """(training loader, its sampler, evaluation loader or None), every row checked first."""
     data, train = cfg.data, cfg.train
     train_read, eval_read = read_sources(cfg)
-    chat = chat_format(data.system_prompt, hf_config.model_type)
+    chat = chat_format(data.system_prompt, hf_config.model_type, data.empty_think)
     checked = check(cfg, data.train_data, train_read, tokenizer, image_processor, chat, world)
     if not checked.rows and checked.dropped_long:
         raise ConfigError(f"--train-data {data.train_data}: all {checked.dropped_long} readable rows are longer than "
@@ -133,7 +133,7 @@ def build_eval_loader(cfg: Config, tokenizer, image_processor, hf_config, world:
             return None
         read = _read(cfg, data.eval_data, "eval")
     path = data.eval_data or data.train_data  # held-out rows keep their row numbers in --train-data
-    chat = chat_format(data.system_prompt, hf_config.model_type)
+    chat = chat_format(data.system_prompt, hf_config.model_type, data.empty_think)
     rows = check(cfg, path, read, tokenizer, image_processor, chat, world).rows
     if data.max_eval_samples and len(rows) > data.max_eval_samples:
         print0(f"{path}: evaluating on the first {data.max_eval_samples} of {len(rows)} held-out rows "

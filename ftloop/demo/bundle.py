@@ -61,6 +61,11 @@ QWEN3_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3.5's: Qwen3-VL's, with thinking off: the generation prompt ends with an empty think block (what
+# --empty-think context trains a final reply after), as a post-trained Qwen3.5's template writes it.
+QWEN35_CHAT_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                                   "<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+
 # Clearly distinct colours, so that "what colour" is learnable from a 4-token image embedding.
 COLORS = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -212,7 +217,7 @@ def build_demo_bundle(
 
     tok = build_tokenizer()
     if family in ("qwen3-vl", "qwen3.5"):
-        tok.chat_template = QWEN3_CHAT_TEMPLATE
+        tok.chat_template = QWEN35_CHAT_TEMPLATE if family == "qwen3.5" else QWEN3_CHAT_TEMPLATE
     config = build_config(tok, model_size, family)
     model = build_model(config, seed)
     ids = special_token_ids(tok)
