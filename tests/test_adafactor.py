@@ -202,6 +202,34 @@ def test_state_dict_round_trip(dtype):
                 assert torch.equal(sa[key], sc[key]), key
 
 
+def test_torch_s_state_dict_round_trip_keeps_the_fp32_state_of_bf16_parameters():
+    """torch's Optimizer.load_state_dict casts floating state to each parameter's dtype; ShardedAdafactor keeps its
+    statistics fp32 for bf16 parameters, so a save and load changes nothing and the run continues bit for bit."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(8, 6, generator=g).bfloat16()),
+                torch.nn.Parameter(torch.randn(5, generator=g).bfloat16())]
+
+    def steps(params, opt, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+
+    straight = make()
+    steps(straight, plain_layout(straight, beta1=0.9), range(6))
+    first = make()
+    opt = plain_layout(first, beta1=0.9)
+    steps(first, opt, range(3))
+    before = {k: v.clone() for k, v in opt.flat[0].items()}
+    resumed = plain_layout(first, beta1=0.9)
+    resumed.load_state_dict(opt.state_dict())
+    assert all(torch.equal(resumed.flat[0][k], v) and v.dtype == torch.float32 for k, v in before.items())
+    steps(first, resumed, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(straight, first))
+
+
 @pytest.mark.parametrize("shape", [(64, 32), (3, 64, 32)])
 def test_factored_state_memory(shape):
     p = torch.nn.Parameter(torch.randn(shape))

@@ -173,8 +173,16 @@ class ShardedAdafactor(torch.optim.Optimizer):
         self.attached = True
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, then the loaded state copied into the banks (torch's replaces the state's tensors)."""
+        """torch's, then the loaded state copied into the banks (torch's replaces the state's tensors). torch casts
+        floating state to its parameter's dtype, which for bf16 parameters would round the fp32 statistics to bf16:
+        the saved tensors are put back as they were first."""
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
+        for p, i in zip((p for group in self.param_groups for p in group["params"]), ids):
+            for key, value in saved.get(i, {}).items():
+                if key != "step" and torch.is_tensor(value):
+                    self.state[p][key] = value.to(p.device)
         self.attached = False
         self._attach()
 
