@@ -8,13 +8,14 @@ transformers' forward, images, videos, both and text only: test_vision_forward.)
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig
+from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig
 
 from ftloop.config import ModelArgs
 from ftloop.errors import ConfigError
 from ftloop.export import export_checkpoint
 from ftloop.model import load_config
-from launch import check, checkpoint_state, forked_python_m, forked_torchrun, resume_a_copy, train_flags
+from familyrun import train_export_resume_and_one_process
+from launch import check, forked_python_m, forked_torchrun, train_flags
 
 RUN = ["--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3", "--no-bf16", "--save-dtype", "fp32",
        "--no-load-best-model-at-end"]
@@ -23,46 +24,16 @@ TWO = ["--per-device-train-batch-size", "2"]
 
 def test_qwen3_5_trains_resumes_exactly_and_exports_the_trained_model(qwen35_bundle, tmp_path):
     run = [*RUN, "--eval-data", qwen35_bundle["eval_json"], "--eval-steps", "3"]
-    out = tmp_path / "run"
-    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *run, *TWO,
-                                                                          "--save-steps", "2")]))
-    assert "eval_loss" in result.stdout
+    stdout, final = train_export_resume_and_one_process(qwen35_bundle, tmp_path, run, Qwen3_5ForConditionalGeneration)
+    assert "eval_loss" in stdout
     # Said at the start: which implementation runs the linear attention (here, without the kernels, the torch path).
-    assert "linear attention: transformers' torch path (causal-conv1d and flash-linear-attention not installed" \
-        in result.stdout
-    final = load_file(out / "final" / "model.safetensors")
+    assert "linear attention: transformers' torch path (causal-conv1d and flash-linear-attention not installed" in stdout
     source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
     assert final.keys() == source.keys()  # the checkpoint's key layout (model.visual.*, model.language_model.*)
     changed = {k for k in source if not torch.equal(final[k], source[k])}
     for part in (".linear_attn.in_proj_qkv.", ".linear_attn.A_log", ".linear_attn.dt_bias", ".linear_attn.conv1d.",
                  ".self_attn.q_proj.", ".visual.pos_embed."):  # both layer kinds and the tower learn
         assert any(part in k for k in changed), part
-
-    # The checkpoint's weights, exported offline, load with Qwen3_5ForConditionalGeneration and give the trained
-    # model's logits.
-    export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "exported"), save_dtype="fp32")
-    state = {k.removeprefix("hf."): v for k, v in checkpoint_state(out / "checkpoint-2")["model"].items()}
-    trained = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(qwen35_bundle["model_dir"]))
-    assert not trained.load_state_dict(state, strict=False).missing_keys
-    reloaded = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "exported", dtype=torch.float32)
-    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
-                                   rtol=0, atol=0)
-
-    # Resumed from step 2 at the same world size: the same step 3, bit for bit.
-    resumed = tmp_path / "resumed"
-    resume_a_copy(qwen35_bundle, out, resumed, [*run, *TWO], step=2)
-    again = load_file(resumed / "final" / "model.safetensors")
-    assert all(torch.equal(final[k], again[k]) for k in final)
-
-    # One process, the same global batch of 4 rows in two micro-batches: the same weights.
-    alone = tmp_path / "alone"
-    check(forked_python_m("ftloop.train", train_flags(qwen35_bundle, alone, *run, "--per-device-train-batch-size",
-                                                      "2", "--gradient-accumulation-steps", "2")))
-    one = load_file(alone / "final" / "model.safetensors")
-    for name, tensor in final.items():
-        assert torch.allclose(one[name], tensor, rtol=1e-5, atol=1e-5), (name, (one[name] - tensor).abs().max())
 
 
 def test_the_deltanet_scalars_are_updated_in_fp32_under_bf16_compute(qwen35_bundle, tmp_path):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLMoeConfig
+from transformers import AutoModelForImageTextToText, Qwen3VLMoeConfig
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from ftloop.config import Config, LoraArgs, ModelArgs
@@ -18,58 +18,27 @@ from ftloop.data.check import main as check_main
 from ftloop.data.media import group_times
 from ftloop.data.media import load_image_processor
 from ftloop.errors import ConfigError
-from ftloop.export import export_checkpoint
 from ftloop.lora import add_adapters
 from ftloop.model import build_meta_model, build_skeleton, load_config
 from ftloop.plan import fsdp_units
 from ftloop.plan import main as plan_main
 from ftloop.data.batches import make_collate
 from ftloop.model import VisionLanguageSFT
-from launch import check, checkpoint_state, forked_python_m, forked_torchrun, resume_a_copy, train_flags
+from familyrun import train_export_resume_and_one_process
+from launch import forked_python_m
 from test_vision_forward import qwen3_case
 
 
 def test_qwen3_vl_trains_resumes_exactly_and_exports_the_trained_model(qwen3_bundle, tmp_path):
     run = ["--max-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3", "--no-bf16", "--save-dtype", "fp32",
            "--eval-data", qwen3_bundle["eval_json"], "--eval-steps", "3", "--no-load-best-model-at-end"]
-    two = ["--per-device-train-batch-size", "2"]
-    out = tmp_path / "run"
-    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen3_bundle, out, *run, *two, "--save-steps",
-                                                                          "2")]))
-    assert "eval_loss" in result.stdout
-    final = load_file(out / "final" / "model.safetensors")
+    stdout, final = train_export_resume_and_one_process(qwen3_bundle, tmp_path, run, AutoModelForImageTextToText)
+    assert "eval_loss" in stdout
     source = load_file(f"{qwen3_bundle['model_dir']}/model.safetensors")
     assert final.keys() == source.keys()  # the hub checkpoints' key layout (model.visual.*, model.language_model.*)
     assert any(".deepstack_merger_list." in k for k in final)
     changed = [k for k in source if not torch.equal(final[k], source[k])]
     assert any(".deepstack_merger_list." in k for k in changed) and any(".pos_embed." in k for k in changed)
-
-    # The checkpoint's weights, exported offline, load with from_pretrained and give the trained model's logits.
-    export_checkpoint(str(out / "checkpoint-2"), str(tmp_path / "exported"), save_dtype="fp32")
-    state = {k.removeprefix("hf."): v for k, v in checkpoint_state(out / "checkpoint-2")["model"].items()}
-    trained = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(qwen3_bundle["model_dir"]))
-    assert not trained.load_state_dict(state, strict=False).missing_keys
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported", dtype=torch.float32)
-    assert reloaded.config.model_type == "qwen3_vl"
-    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
-                                   rtol=0, atol=0)
-
-    # Resumed from step 2 at the same world size: the same step 3, bit for bit.
-    resumed = tmp_path / "resumed"
-    resume_a_copy(qwen3_bundle, out, resumed, [*run, *two], step=2)
-    again = load_file(resumed / "final" / "model.safetensors")
-    assert all(torch.equal(final[k], again[k]) for k in final)
-
-    # One process, the same global batch of 4 rows in two micro-batches: the same weights (Adafactor on other
-    # shards, its factored statistics of whole matrices).
-    alone = tmp_path / "alone"
-    check(forked_python_m("ftloop.train", train_flags(qwen3_bundle, alone, *run, "--per-device-train-batch-size", "2",
-                                                      "--gradient-accumulation-steps", "2")))
-    one = load_file(alone / "final" / "model.safetensors")
-    for name, tensor in final.items():  # atol: 1% of one update at lr 1e-3 (sums in another order differ so)
-        assert torch.allclose(one[name], tensor, rtol=1e-5, atol=1e-5), (name, (one[name] - tensor).abs().max())
 
 
 def test_a_qwen3_vl_moe_folder_is_refused_in_one_line(tmp_path):
