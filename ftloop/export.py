@@ -48,7 +48,8 @@ from ftloop.errors import ConfigError
 from ftloop.fsdp.checkpoint import (COMPLETE_MARKER, FORMAT, MODEL_FILES, PARAMETERS, RUN_CONFIG, TRAINER_STATE,
                                     is_complete, latest_checkpoint, verify_checkpoint)
 from ftloop.fsdp.internals import clean_name, unit_parameters
-from ftloop.hf_folder import INDEX_FILE, SINGLE_FILE, ModelFiles, carried_tensors, meta_skeleton, read_carried
+from ftloop.hf_folder import (INDEX_FILE, SINGLE_FILE, ModelFiles, carried_tensors, local_folder, meta_skeleton,
+                              read_carried)
 from ftloop.lora import ADAPTER_DIR, is_adapter, merged, write_adapter_folder
 from ftloop.model import DTYPES, WRAPPER_PREFIX
 
@@ -72,8 +73,9 @@ def write_folder(out_dir: str, files: ModelFiles, names: list[str], tensors: Ten
     against the model before anything is written); `tensors(shards)` yields (name, tensor) pairs, and may use the
     planned output shards (lists of names) to read one shard at a time. With `lora`: `adapters` (by parameter
     name) go to `adapter/`, and unless `merge` is False the weights carry them merged (else `tensors` is never
-    called). `carry_from`: the source folder whose tensors the model leaves out on load (Qwen3.5's `mtp.*`) are
-    copied into shards of their own after the model's, byte for byte (ftloop.hf_folder.carried_tensors)."""
+    called). `carry_from`: the model the run started from (a folder or hub id), whose tensors the model leaves out
+    on load (Qwen3.5's `mtp.*`) are copied into shards of their own after the model's, byte for byte
+    (ftloop.hf_folder.carried_tensors); where it cannot be read any more, one line says they are not."""
     dtype = DTYPES[save_dtype]
     tmp = temporary_folder(out_dir)
     try:
@@ -88,14 +90,15 @@ def write_folder(out_dir: str, files: ModelFiles, names: list[str], tensors: Ten
             shapes = skeleton.state_dict(keep_vars=True)  # the tensors as the writer holds them: cast, on the host
             plan = plan_shards([(name, shapes[name].numel() * shapes[name].dtype.itemsize) for name in names
                                 if name in saved], parse_size(max_shard_size))
-            carried = carried_tensors(carry_from, skeleton) if carry_from else {}
+            source = carried_source(carry_from, skeleton) if carry_from else None
+            carried = carried_tensors(source, skeleton) if source else {}
             carried_plan = plan_shards([(key, nbytes) for key, (_, nbytes) in carried.items()],
                                        parse_size(max_shard_size)) if carried else []
             writer = ShardWriter(tmp, dtype, plan + carried_plan)
             for name, tensor in tensors(plan):
                 if name in saved:
                     writer.add(name, saved[name], merged(name, tensor, adapters or {}, lora) if lora else tensor)
-            for key, tensor in read_carried(carry_from, carried):
+            for key, tensor in read_carried(source, carried):
                 writer.add(key, key, tensor, as_stored=True)
             written, total, peak = writer.close(), writer.total_bytes, writer.peak_bytes
     except BaseException:
@@ -233,7 +236,7 @@ def export_model(model: FSDP, out_dir: str, files: ModelFiles, save_dtype: str, 
         names = [name.removeprefix(WRAPPER_PREFIX) for _, entries in units for name, _, _ in entries]
         try:
             return write_folder(out_dir, files, names, lambda _: stream, save_dtype, max_shard_size, lora, adapters,
-                                base_model, merge, carry_from=files.source_dir)
+                                base_model, merge, carry_from=base_model)
         except WRITE_ERRORS as err:  # a full disk: the other ranks are in the gathers, finish them first
             for _ in stream:
                 pass
@@ -285,11 +288,12 @@ def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_sha
     names = {key: clean_name(key.removeprefix(MODEL_KEY + WRAPPER_PREFIX)) for key in tensors}
     keys = {name: key for key, name in names.items()}
 
+    with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
+        run_config = json.load(f)
+    source = run_config["model"]["model_name_or_path"]  # the model the run started from
     lora, base_model, adapters = None, "", {}
     if any(is_adapter(name) for name in names.values()):  # a LoRA run's: merge its adapters, and write them too
-        with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
-            run_config = json.load(f)
-        lora, base_model = LoraArgs(**run_config["lora"]), run_config["model"]["model_name_or_path"]
+        lora, base_model = LoraArgs(**run_config["lora"]), source
         loaded = _load(path, {key: meta for key, meta in tensors.items() if is_adapter(names[key])}, shapes)
         adapters = {names[key]: tensor for key, tensor in loaded.items()}
 
@@ -302,22 +306,21 @@ def export_checkpoint(path: str, out_dir: str, save_dtype: str = "bf16", max_sha
     files = ModelFiles.load(os.path.join(path, MODEL_FILES))
     weights = [name for name in names.values() if not is_adapter(name)]
     return write_folder(out_dir, files, weights, shard_by_shard, save_dtype, max_shard_size, lora, adapters,
-                        base_model, carry_from=run_source(path, files)).files
+                        base_model, carry_from=source).files
 
 
-def run_source(path: str, files: ModelFiles) -> str | None:
-    """The folder checkpoint `path`'s run started from, for the tensors its model leaves out on load (Qwen3.5's
-    `mtp.*`), which exports carry from there; None, said in one line, when the model has such tensors and the
-    folder is not here any more (a hub id, or moved)."""
-    if not meta_skeleton(files.hf_config, torch.float32)._keys_to_ignore_on_load_unexpected:
+def carried_source(name_or_path: str, skeleton: PreTrainedModel) -> str | None:
+    """The local folder of the model a run started from (a hub id's snapshot in the HF cache), when `skeleton`'s
+    model leaves tensors out on load (Qwen3.5's `mtp.*`) that exports carry from there; None otherwise, said in one
+    line when it has such tensors but the folder cannot be read any more (moved, or a hub id offline)."""
+    if not skeleton._keys_to_ignore_on_load_unexpected:
         return None
-    with open(os.path.join(path, RUN_CONFIG), encoding="utf-8") as f:
-        source = json.load(f)["model"]["model_name_or_path"]
-    if os.path.isdir(source):
-        return source
-    print(f"export: {source}, the folder this run started from, is not here: the tensors the model leaves out on "
-          "load (such as Qwen3.5's mtp.* head) are not carried into the export")
-    return None
+    try:
+        return local_folder(name_or_path)
+    except ConfigError:
+        print(f"export: {name_or_path}, the model this run started from, is not here: the tensors the model leaves "
+              "out on load (such as Qwen3.5's mtp.* head) are not carried into the export")
+        return None
 
 
 def check_checkpoint(path: str) -> None:
