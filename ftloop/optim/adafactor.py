@@ -339,10 +339,10 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if group["scale_parameter"]:
             rms = (sums[bank.rows + bank.cols:bank.reduced] / bank.full_numel).sqrt()
             flat["RMS"].copy_(rms[:bank.segments])
-            lr = learning_rate(group, step, rms) * bank.lr_scale
+            lr = learning_rate(group, step, rms) * bank.lr_scale.float()
             decay = lr * (-group["weight_decay"]) * bank.decays.float()
         else:  # the python lr times each scale in float64, as a python product of the two would be
-            lr64 = bank.lr_scale64 * learning_rate(group, step, None)
+            lr64 = bank.lr_scale * learning_rate(group, step, None)
             lr, decay = lr64.float(), (lr64 * (-group["weight_decay"]) * bank.decays).float()
         clip = ((update_sq / bank.full_numel).sqrt() / group["clip_threshold"]).clamp_(min=1.0)
         scale = lr / clip  # transformers divides by the clip, then multiplies by lr: an ulp apart at most

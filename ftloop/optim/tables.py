@@ -94,8 +94,7 @@ class Bank:
     row_groups: Tensor  # (matrices,) int32: rows of each matrix in order, for the mean of a matrix's row statistics
     group_rows: Tensor  # (matrices,) fp32: the same, as the mean's divisor
     full_numel: Tensor  # (S + 1,) fp32: elements of each full parameter (1 for padding)
-    lr_scale: Tensor  # (S + 1,) fp32: each segment's learning-rate scale
-    lr_scale64: Tensor  # (S + 1,) fp64: the same, to scale a python lr exactly as a python product does
+    lr_scale: Tensor  # (S + 1,) fp64: each segment's learning-rate scale, to scale a python lr as a python product does
     decays: Tensor  # (S + 1,) fp64: 1 where weight decay applies, else 0
     ones: Tensor  # (S + 1,) the factor table's ones
     zero: Tensor  # (1,) and its zero
@@ -286,8 +285,7 @@ def _bank(group, entries: list[SteppedTensor], chunk_elements: dict[str, int], p
         row_groups=repeated(lambda p: p.segment.shape[-2], lambda p: p.batches, torch.int32),
         group_rows=repeated(lambda p: p.segment.shape[-2], lambda p: p.batches),
         full_numel=per_segment(lambda s: s.full_numel, 1.0),
-        lr_scale=per_segment(lambda s: s.lr_scale, 1.0),
-        lr_scale64=per_segment(lambda s: s.lr_scale, 1.0, torch.float64),
+        lr_scale=per_segment(lambda s: s.lr_scale, 1.0, torch.float64),
         decays=per_segment(lambda s: float(s.decay), 0.0, torch.float64),
         ones=torch.ones(segments + 1, device=device), zero=torch.zeros(1, device=device))
 
