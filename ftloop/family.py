@@ -43,17 +43,6 @@ def timestamped_videos(model_type: str) -> bool:
     return model_type in QWEN3_LAYOUT
 
 
-def check_packing(model_type: str, packing: bool) -> None:
-    """One ConfigError line for --packing with a family whose decoder carries a state from token to token (Qwen3.5's
-    Gated DeltaNet layers and their causal conv1d): a packed row would read the state the row before it left unless
-    the layers are told where each row begins, which transformers' torch path refuses (it takes no `cu_seqlens` or
-    `seq_idx`) and which ftloop does not pass to the flash-linear-attention and causal-conv1d kernels yet."""
-    if packing and model_type == "qwen3_5":
-        raise ConfigError(f"--packing with a {FAMILIES[model_type]} model: its linear-attention layers carry a state "
-                          "from token to token, so a packed row would read the row before it (their torch path "
-                          "cannot be told where rows begin); train it without --packing")
-
-
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what Qwen3.5's chat templates write before a reply without reasoning
 
 

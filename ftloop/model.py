@@ -7,6 +7,7 @@ full copy, and the path is the same on CPU (where FSDP refuses `sync_module_stat
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -159,6 +160,12 @@ class VisionLanguageSFT(nn.Module):
         self.blank_layout = vision_layout(self.blank_grid, vision)
         # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
+        # Qwen3.5's Gated DeltaNet layers carry a state (and a causal conv1d's window) from token to token, which
+        # position ids do not reset: packed, they run rows one per line (`rows_one_per_line`).
+        self.linear_attention = [layer.linear_attn for layer in model.model.language_model.layers
+                                 if hasattr(layer, "linear_attn")]
+        for module in self.linear_attention:
+            module.forward = functools.partial(rows_one_per_line, module.forward)
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -195,6 +202,8 @@ class VisionLanguageSFT(nn.Module):
                                                 image_grid_thw, video_grid_thw, self.hf.model.get_rope_index, **extra)
             extra["position_ids"] = position_ids.view(4, *input_ids.shape)
             attention_mask = None
+            if self.linear_attention:
+                extra["packed_rows"] = (segment_mask, segment_index)
         elif position_ids is not None:
             extra["position_ids"] = position_ids
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
@@ -258,3 +267,19 @@ class VisionLanguageSFT(nn.Module):
         if not hasattr(out, "deepstack_features"):
             return out.pooler_output, None, BaseModelOutputWithPooling
         return out.pooler_output, list(out.deepstack_features or []), type(out)
+
+
+def rows_one_per_line(forward, hidden_states: torch.Tensor, *args, packed_rows=None, **kwargs) -> torch.Tensor:
+    """A linear-attention layer's `forward` on a packed micro-batch: its rows moved one per line (`packed_rows`:
+    ftloop.data.batches.segment_layout's mask and index, made on the host), run as a batch of lines that each
+    starts from a zero state and the conv1d's zero padding, exactly as each row unpacked (the padding after a
+    short line comes after its row: causal, it changes nothing before it), and moved back. transformers' other
+    way to keep rows apart, `cu_seq_lens_q` and `seq_idx`, is refused by its torch path; the lines take any path
+    (flash-linear-attention's kernels too, at the cost of the lines' padding: a batch x longest-row layout)."""
+    if packed_rows is None:
+        return forward(hidden_states, *args, **kwargs)
+    mask, index = packed_rows
+    width = hidden_states.shape[-1]
+    lines = hidden_states.new_zeros(mask.numel(), width).index_copy(0, index, hidden_states.reshape(-1, width))
+    out = forward(lines.view(*mask.shape, width), *args, **kwargs)
+    return out.reshape(-1, out.shape[-1]).index_select(0, index).view(*hidden_states.shape[:-1], out.shape[-1])

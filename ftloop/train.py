@@ -48,7 +48,7 @@ from ftloop.hf_folder import ModelFiles, local_folder
 from ftloop.lora import initial_adapter
 from ftloop.flops import FlopModel, flop_model, peak_flops
 from ftloop.metrics import MetricsLogger, StepWindow
-from ftloop.family import check_packing, linear_attention_path
+from ftloop.family import linear_attention_path
 from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
 from ftloop.output_dir import claim_output_dir
@@ -79,7 +79,6 @@ def prepare(cfg: Config, world: World) -> Setup:
     args, src = cfg.train, cfg.model.model_name_or_path
     torch.manual_seed(args.seed)
     hf_config = load_config(cfg.model)
-    check_packing(hf_config.model_type, cfg.data.packing)
     # The skeleton (what ftloop.plan counts too) and the checkpoint's tensor names (safetensors headers only): a
     # checkpoint that does not match the model stops every rank now; on GPUs a run that cannot fit stops before
     # anything is loaded.

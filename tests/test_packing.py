@@ -1,6 +1,6 @@
 """--packing: a packed micro-batch gives the loss and the gradients of the same rows unpacked (Qwen2.5-VL,
-Qwen2-VL and Qwen3-VL; images, videos, text-only and multi-turn rows), and packs hold every row once within the
-budget."""
+Qwen2-VL, Qwen3-VL and Qwen3.5, whose Gated DeltaNet layers carry a state from token to token; images, videos,
+text-only and multi-turn rows), and packs hold every row once within the budget."""
 
 import random
 
@@ -19,14 +19,14 @@ from ftloop.model import VisionLanguageSFT
 from test_vision_forward import qwen2_vl
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def family(request):
     return request.param
 
 
 @pytest.fixture(scope="module")
-def model(family, tiny_bundle, qwen3_bundle):
-    folder = (qwen3_bundle if family == "qwen3_vl" else tiny_bundle)["model_dir"]
+def model(family, tiny_bundle, qwen3_bundle, qwen35_bundle):
+    folder = {"qwen3_vl": qwen3_bundle, "qwen3_5": qwen35_bundle}.get(family, tiny_bundle)["model_dir"]
     loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     chosen = qwen2_vl(loaded.config) if family == "qwen2_vl" else loaded
     chosen.config._attn_implementation = "sdpa"
@@ -34,14 +34,15 @@ def model(family, tiny_bundle, qwen3_bundle):
 
 
 @pytest.fixture(scope="module")
-def samples(family, tmp_path_factory, tokenizer, image_processor, qwen3_bundle):
+def samples(family, tmp_path_factory, tokenizer, image_processor, qwen3_bundle, qwen35_bundle):
     frames = noise_frames(tmp_path_factory.mktemp("packing_frames"))
     row = vl_row
     rows = [row([frames[0], frames[7]], [frames[1:4]]), row(videos=[frames[2:7]], reply="it moves left"),
             row(reply="nine"), row([frames[6]], reply="blue", turns=3), row(reply="a longer answer here", turns=2),
             row([frames[5]], [frames[3:5]], reply="both")]
-    if family == "qwen3_vl":  # its own patch grid, and timestamped video frame groups
-        image_processor, chat = load_image_processor(qwen3_bundle["model_dir"]), ChatFormat("", True)
+    if family in ("qwen3_vl", "qwen3_5"):  # their own patch grid, and timestamped video frame groups
+        bundle = qwen3_bundle if family == "qwen3_vl" else qwen35_bundle
+        image_processor, chat = load_image_processor(bundle["model_dir"]), ChatFormat("", True)
     else:
         chat = SYSTEM
     dataset = SFTDataset(rows, tokenizer, image_processor, 4096, chat)
