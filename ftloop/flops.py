@@ -73,7 +73,7 @@ def batch_work(batch: dict) -> tuple[float, float]:
     """(sum over its sequences of real length^2, vision patches) of one micro-batch, from its host tensors. A packed
     batch's sequences are its rows (`segment_lengths`, the padding after the last row left out)."""
     if "segment_lengths" in batch:
-        segments, real = batch["segment_lengths"].tolist(), batch["attention_mask"].sum(1).tolist()
+        segments, real = batch["segment_lengths"], batch["attention_mask"].sum(1).tolist()
         pairs, row, at = 0.0, 0, 0
         for length in segments:
             if at < real[row]:  # a row; the segment after the last row of a sequence is its padding

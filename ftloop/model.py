@@ -161,11 +161,11 @@ class VisionLanguageSFT(nn.Module):
         # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
         # Qwen3.5's Gated DeltaNet layers carry a state (and a causal conv1d's window) from token to token, which
-        # position ids do not reset: packed, they run rows one per line (`rows_one_per_line`).
+        # position ids do not reset: packed, they run each row apart (`rows_apart`).
         self.linear_attention = [layer.linear_attn for layer in model.model.language_model.layers
                                  if hasattr(layer, "linear_attn")]
         for module in self.linear_attention:
-            module.forward = functools.partial(rows_one_per_line, module.forward)
+            module.forward = functools.partial(rows_apart, module.forward)
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -203,7 +203,7 @@ class VisionLanguageSFT(nn.Module):
             extra["position_ids"] = position_ids.view(4, *input_ids.shape)
             attention_mask = None
             if self.linear_attention:
-                extra["packed_rows"] = (segment_mask, segment_index)
+                extra["packed_rows"] = segment_lengths
         elif position_ids is not None:
             extra["position_ids"] = position_ids
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
@@ -269,17 +269,16 @@ class VisionLanguageSFT(nn.Module):
         return out.pooler_output, list(out.deepstack_features or []), type(out)
 
 
-def rows_one_per_line(forward, hidden_states: torch.Tensor, *args, packed_rows=None, **kwargs) -> torch.Tensor:
-    """A linear-attention layer's `forward` on a packed micro-batch: its rows moved one per line (`packed_rows`:
-    ftloop.data.batches.segment_layout's mask and index, made on the host), run as a batch of lines that each
-    starts from a zero state and the conv1d's zero padding, exactly as each row unpacked (the padding after a
-    short line comes after its row: causal, it changes nothing before it), and moved back. transformers' other
-    way to keep rows apart, `cu_seq_lens_q` and `seq_idx`, is refused by its torch path; the lines take any path
-    (flash-linear-attention's kernels too, at the cost of the lines' padding: a batch x longest-row layout)."""
+def rows_apart(forward, hidden_states: torch.Tensor, *args, packed_rows: tuple[int, ...] | None = None,
+               **kwargs) -> torch.Tensor:
+    """A linear-attention layer's `forward` on a packed micro-batch: each row (and each sequence's padding) run
+    apart, from a zero state and the conv1d's zero padding, exactly as unpacked. `packed_rows`: the lengths of the
+    segments that cover the micro-batch's positions in order (ftloop.data.batches.segment_layout), ints on the host,
+    so splitting waits for nothing. (transformers' torch path refuses the kernels' way to keep rows apart,
+    `cu_seq_lens_q` and `seq_idx`; a row at a time costs a call per row, and no padding.)"""
     if packed_rows is None:
         return forward(hidden_states, *args, **kwargs)
-    mask, index = packed_rows
     width = hidden_states.shape[-1]
-    lines = hidden_states.new_zeros(mask.numel(), width).index_copy(0, index, hidden_states.reshape(-1, width))
-    out = forward(lines.view(*mask.shape, width), *args, **kwargs)
-    return out.reshape(-1, out.shape[-1]).index_select(0, index).view(*hidden_states.shape[:-1], out.shape[-1])
+    rows = hidden_states.reshape(1, -1, width).split(packed_rows, dim=1)
+    out = torch.cat([forward(row, *args, **kwargs) for row in rows], dim=1)
+    return out.view(*hidden_states.shape[:-1], out.shape[-1])
