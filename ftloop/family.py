@@ -51,17 +51,24 @@ def empty_think_block(model_type: str) -> str:
     return EMPTY_THINK if model_type == "qwen3_5" else ""
 
 
+LINEAR_ATTENTION_KERNELS = {"flash-linear-attention": "fla", "causal-conv1d": "causal_conv1d"}  # name: module
+
+
+def linear_attention_kernels() -> bool:
+    """Whether transformers runs linear-attention layers with both kernels (each imports), not its torch path."""
+    return all(importlib.util.find_spec(module) is not None for module in LINEAR_ATTENTION_KERNELS.values())
+
+
 def linear_attention_path(model_type: str) -> str | None:
     """For a family with linear-attention layers (Qwen3.5), which implementation transformers runs them with, in a
     line for the start of a run; None for the others. transformers takes flash-linear-attention's chunked gated
     delta rule and causal-conv1d's kernel when they import, else its torch path."""
     if model_type != "qwen3_5":
         return None
-    kernels = [name for name, module in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
-               if importlib.util.find_spec(module) is not None]
-    if len(kernels) == 2:
+    if linear_attention_kernels():
         return "linear attention: flash-linear-attention and causal-conv1d kernels"
-    missing = " and ".join(sorted({"flash-linear-attention", "causal-conv1d"} - set(kernels)))
+    missing = " and ".join(sorted(name for name, module in LINEAR_ATTENTION_KERNELS.items()
+                                  if importlib.util.find_spec(module) is None))
     return (f"linear attention: transformers' torch path ({missing} not installed; on GPUs "
             "`pip install 'ftloop[qwen3_5]'` runs a step about 2x faster)")
 
