@@ -20,6 +20,7 @@ from ftloop.config import Config, ModelArgs
 from ftloop.data.model_folder import read_config
 from ftloop.data.positions import packed_positions, vision_layout
 from ftloop.errors import ConfigError
+from ftloop.family import linear_attention_kernels
 from ftloop.lora import add_adapters, base_dtype
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
@@ -161,15 +162,16 @@ class VisionLanguageSFT(nn.Module):
         # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
         # Qwen3.5's Gated DeltaNet layers carry a state (and a causal conv1d's window) from token to token, which
-        # position ids do not reset: packed, they run each row apart (`rows_apart`).
+        # position ids do not reset: packed, they are told where each row starts (`rows_apart`).
         self.linear_attention = [layer.linear_attn for layer in model.model.language_model.layers
                                  if hasattr(layer, "linear_attn")]
+        self.linear_kernels = bool(self.linear_attention) and linear_attention_kernels()
         for module in self.linear_attention:
             module.forward = functools.partial(rows_apart, module.forward)
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                second_per_grid_ts=None, segment_lengths=None, segment_mask=None, segment_index=None,
+                second_per_grid_ts=None, segment_lengths=None, segment_starts=None, segment_mask=None, segment_index=None,
                 supervised_index=None, position_ids=None, vision_position_ids=None, vision_cu_seqlens=None,
                 vision_max_seqlen=None, vision_window_index=None, vision_cu_window_seqlens=None,
                 vision_max_window_seqlen=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +204,11 @@ class VisionLanguageSFT(nn.Module):
                                                 image_grid_thw, video_grid_thw, self.hf.model.get_rope_index, **extra)
             extra["position_ids"] = position_ids.view(4, *input_ids.shape)
             attention_mask = None
-            if self.linear_attention:
-                extra["packed_rows"] = segment_lengths
+            if self.linear_kernels:  # each position's row, as causal-conv1d reads it (the lines' row of its place)
+                row_of = (segment_index // segment_mask.shape[1]).to(torch.int32).view(1, -1)
+                extra["packed_rows"] = PackedRows(segment_lengths, segment_starts, row_of)
+            elif self.linear_attention:
+                extra["packed_rows"] = PackedRows(segment_lengths)
         elif position_ids is not None:
             extra["position_ids"] = position_ids
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
@@ -269,16 +274,30 @@ class VisionLanguageSFT(nn.Module):
         return out.pooler_output, list(out.deepstack_features or []), type(out)
 
 
-def rows_apart(forward, hidden_states: torch.Tensor, *args, packed_rows: tuple[int, ...] | None = None,
+@dataclass
+class PackedRows:
+    """Where a packed micro-batch's rows start, for its linear-attention layers: the lengths of the segments that
+    cover its positions in order (ftloop.data.batches.segment_layout; ints on the host), and for the kernels
+    their offsets (`cu_seq_lens_q`, int64, what flash-linear-attention's `cu_seqlens` takes) and each position's
+    segment (`seq_idx`, int32, 1 x positions, what causal-conv1d takes), on the device."""
+    lengths: tuple[int, ...]
+    starts: torch.Tensor | None = None
+    row_of: torch.Tensor | None = None
+
+
+def rows_apart(forward, hidden_states: torch.Tensor, *args, packed_rows: PackedRows | None = None,
                **kwargs) -> torch.Tensor:
-    """A linear-attention layer's `forward` on a packed micro-batch: each row (and each sequence's padding) run
-    apart, from a zero state and the conv1d's zero padding, exactly as unpacked. `packed_rows`: the lengths of the
-    segments that cover the micro-batch's positions in order (ftloop.data.batches.segment_layout), ints on the host,
-    so splitting waits for nothing. (transformers' torch path refuses the kernels' way to keep rows apart,
-    `cu_seq_lens_q` and `seq_idx`; a row at a time costs a call per row, and no padding.)"""
+    """A linear-attention layer's `forward` on a packed micro-batch, each row (and each sequence's padding) from a
+    zero state and the conv1d's zero padding, exactly as unpacked. With the kernels, in one call: the micro-batch as
+    one sequence and the rows' bounds (transformers hands `cu_seq_lens_q` to flash-linear-attention and `seq_idx`
+    to causal-conv1d). Without them, a call per row (transformers' torch path refuses both): split by the host's
+    lengths, so nothing waits for the device, and no padding."""
     if packed_rows is None:
         return forward(hidden_states, *args, **kwargs)
     width = hidden_states.shape[-1]
-    rows = hidden_states.reshape(1, -1, width).split(packed_rows, dim=1)
-    out = torch.cat([forward(row, *args, **kwargs) for row in rows], dim=1)
+    sequence = hidden_states.reshape(1, -1, width)
+    if packed_rows.starts is not None:
+        out = forward(sequence, *args, cu_seq_lens_q=packed_rows.starts, seq_idx=packed_rows.row_of, **kwargs)
+    else:
+        out = torch.cat([forward(row, *args, **kwargs) for row in sequence.split(packed_rows.lengths, dim=1)], dim=1)
     return out.view(*hidden_states.shape[:-1], out.shape[-1])

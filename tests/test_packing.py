@@ -108,3 +108,49 @@ def test_packs_hold_every_row_once_within_the_budget():
     window_of = {row: k // 1000 for k, row in enumerate(order)}
     assert all(len({window_of[i] for i in p}) == 1 for p in packs)
     assert pack_rows(order, lengths, 1024, window=1000) == packs
+
+
+@pytest.mark.parametrize("family", ["qwen3_5"], indirect=True)
+@pytest.mark.parametrize("layout", [[[0, 1, 2, 3, 4, 5]], [[3, 0], [2, 5, 1], [4]]], ids=["one pack", "three packs"])
+def test_with_the_kernels_qwen3_5_packs_tell_them_where_rows_start(model, samples, tokenizer, layout, monkeypatch):
+    """On GPUs with flash-linear-attention and causal-conv1d, a packed micro-batch runs each DeltaNet layer once, as
+    one sequence told its rows' offsets (`cu_seq_lens_q`, which transformers hands fla as `cu_seqlens`) and each
+    position's row (`seq_idx`, for causal-conv1d). Here stand-ins with those kernels' contracts (read from their
+    sources: fla takes a batch of one sequence with int64 offsets from 0 to its length; causal-conv1d an int32
+    batch x length index over channel-last input) run transformers' torch functions row by row."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    torch_rule, torch_conv = qwen3_5.torch_chunk_gated_delta_rule, qwen3_5.causal_conv1d_fn
+    calls = []
+
+    def fla_rule(query, key, value, g, beta, cu_seqlens=None, **kwargs):
+        kwargs.pop("seq_idx", None)  # not fla's: transformers' wrapper drops what the kernel does not take
+        if cu_seqlens is None:
+            return torch_rule(query, key, value, g=g, beta=beta, **kwargs)
+        assert query.shape[0] == 1 and cu_seqlens.dtype == torch.int64 and cu_seqlens.device == query.device
+        bounds = cu_seqlens.tolist()
+        assert bounds[0] == 0 and bounds[-1] == query.shape[1] and bounds == sorted(bounds)
+        calls.append("fla")
+        return torch.cat([torch_rule(query[:, a:b], key[:, a:b], value[:, a:b], g=g[:, a:b], beta=beta[:, a:b],
+                                     **kwargs)[0] for a, b in zip(bounds, bounds[1:])], dim=1), None
+
+    def conv1d(x, weight, bias=None, activation=None, seq_idx=None, **kwargs):
+        if seq_idx is None:
+            return torch_conv(x, weight, bias, activation=activation)
+        assert seq_idx.dtype == torch.int32 and seq_idx.shape == (x.shape[0], x.shape[2]) and x.stride(1) == 1
+        calls.append("conv")
+        rows = torch.unique_consecutive(seq_idx[0], return_counts=True)[1].tolist()
+        return torch.cat([torch_conv(part, weight, bias, activation=activation) for part in x.split(rows, dim=2)],
+                         dim=2)
+
+    monkeypatch.setattr(qwen3_5, "torch_chunk_gated_delta_rule", fla_rule)
+    monkeypatch.setattr(qwen3_5, "causal_conv1d_fn", conv1d)
+    monkeypatch.setattr(model, "linear_kernels", True)
+    config = model.hf.config
+    ids = (tokenizer.pad_token_id, config.image_token_id, config.video_token_id)
+    rows = [i for pack in layout for i in pack]
+    unpacked = loss_and_grads(model, make_collate(*ids)([samples[i] for i in rows]))
+    assert calls == []
+    packed = loss_and_grads(model, make_packed_collate(*ids)([[samples[i] for i in pack] for pack in layout]))
+    assert calls == ["conv", "fla"] * len(model.linear_attention)  # one call of each per layer
+    assert_same(packed, unpacked)

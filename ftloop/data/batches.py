@@ -156,12 +156,14 @@ class PackedRows(Dataset):
 
 def segment_layout(lengths: torch.Tensor) -> dict:
     """A packed micro-batch's segments laid out one per line, for the model's rope positions (ftloop.model):
-    `segment_lengths`, a tuple of ints (the host's: the model splits by them without asking the device);
-    `segment_mask`, (segments, longest), True where a line holds a position; `segment_index`, where each position
-    of the batch (flattened) goes in the flattened lines."""
+    `segment_lengths`, a tuple of ints (the host's: the model splits by them without asking the device), and
+    `segment_starts`, their offsets from 0 to the last one's end (int64: what flash-linear-attention's kernels
+    take); `segment_mask`, (segments, longest), True where a line holds a position; `segment_index`, where each
+    position of the batch (flattened) goes in the flattened lines."""
     mask = torch.arange(int(lengths.max())) < lengths[:, None]
-    return {"segment_lengths": tuple(lengths.tolist()), "segment_mask": mask,
-            "segment_index": mask.view(-1).nonzero().view(-1)}
+    return {"segment_lengths": tuple(lengths.tolist()), "segment_starts": torch.cat([lengths.new_zeros(1),
+                                                                                     lengths.cumsum(0)]),
+            "segment_mask": mask, "segment_index": mask.view(-1).nonzero().view(-1)}
 
 
 def with_positions(batch: dict, rope_index: HostRopeIndex | None) -> dict:
