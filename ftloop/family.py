@@ -72,3 +72,14 @@ def linear_attention_path(model_type: str) -> str | None:
     return (f"linear attention: transformers' torch path ({missing} not installed; on GPUs "
             "`pip install 'ftloop[qwen3_5]'` runs a step about 2x faster)")
 
+
+def deltanet_scalars_line(model_type: str, param_dtype: str) -> str | None:
+    """For Qwen3.5 under --param-dtype bf16, a line for the start of a run: its DeltaNet layers' A_log and dt_bias
+    are bf16 masters too (FSDP1 flattens a decoder layer into one parameter of one dtype), their fp32 updates
+    rounded into bf16 as every weight's (--bf16-master-rounding). None otherwise: fp32 masters (the default) keep
+    them fp32, the update computed and applied in fp32."""
+    if model_type != "qwen3_5" or param_dtype != "bf16":
+        return None
+    return ("note: --param-dtype bf16 holds the DeltaNet layers' A_log and dt_bias in bf16 with the rest of their "
+            "layer (FSDP1 flattens a layer into one dtype); --param-dtype fp32 keeps them fp32")
+

@@ -48,7 +48,7 @@ from ftloop.hf_folder import ModelFiles, local_folder
 from ftloop.lora import initial_adapter
 from ftloop.flops import FlopModel, flop_model, peak_flops
 from ftloop.metrics import MetricsLogger, StepWindow
-from ftloop.family import linear_attention_path
+from ftloop.family import deltanet_scalars_line, linear_attention_path
 from ftloop.model import VisionLanguageSFT, build_skeleton, load_config
 from ftloop.optim.build import build_lr_scheduler, build_optimizer, warmup_steps_from_ratio
 from ftloop.output_dir import claim_output_dir
@@ -132,8 +132,10 @@ def run(cfg: Config, world: World) -> dict:
     logger = MetricsLogger(args.output_dir, world.is_main, args.report_to, args.wandb_project_name, args.run_name,
                            cfg.to_dict(), wandb_id=setup.saved.get("wandb_run_id"))
     print0(describe(cfg, world, setup, warmup))
-    if path := linear_attention_path(setup.hf_config.model_type):
-        print0(path)
+    for line in (linear_attention_path(setup.hf_config.model_type),
+                 deltanet_scalars_line(setup.hf_config.model_type, cfg.model.param_dtype)):
+        if line:
+            print0(line)
     resume(setup, model, optimizer, state, args.allow_dtype_change, world)
     state.wandb_run_id = logger.wandb_id  # the run continued, or a new one when wandb could not resume it
     files = ModelFiles(setup.hf_config, setup.tokenizer, setup.image_processor, local_source_dir(cfg))

@@ -40,10 +40,11 @@ def test_the_deltanet_scalars_are_updated_in_fp32_under_bf16_compute(qwen35_bund
     """A_log and dt_bias (as every parameter) keep fp32 master weights under --bf16: FSDP computes in bf16 and the
     optimizer updates the fp32 shards. 3 steps at lr 1e-5 move them by ~3e-5, far below half a bf16 step of their
     values (4e-3 at 1, where dt_bias starts): only fp32 masters hold such a move (bf16 ones, --param-dtype bf16,
-    lose it or round it to a whole step: the check fails with them)."""
+    lose it or round it to a whole step: the check fails with them, and such a run says so at its start)."""
     out = tmp_path / "bf16"
-    check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(qwen35_bundle, out, *[f for f in RUN if f != "--no-bf16"],
-                                                                 *TWO, "--learning-rate", "1e-5", "--save-steps", "0")]))
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
+        qwen35_bundle, out, *[f for f in RUN if f != "--no-bf16"], *TWO, "--learning-rate", "1e-5", "--save-steps", "0")]))
+    assert "A_log and dt_bias" not in result.stdout
     final = load_file(out / "final" / "model.safetensors")
     source = load_file(f"{qwen35_bundle['model_dir']}/model.safetensors")
     scalars = [k for k in source if k.endswith((".A_log", ".dt_bias"))]
@@ -59,6 +60,13 @@ def test_qwen3_5_trains_packed_sequences_resumes_exactly_and_one_process_equals_
     run = [*RUN, "--packing", "--max-seq-length", "128"]
     stdout, _ = train_export_resume_and_one_process(qwen35_bundle, tmp_path, run, Qwen3_5ForConditionalGeneration)
     assert "packed sequences" in stdout
+
+
+def test_bf16_masters_say_at_the_start_that_the_deltanet_scalars_are_bf16_too():
+    from ftloop.family import deltanet_scalars_line
+
+    assert "A_log and dt_bias in bf16" in deltanet_scalars_line("qwen3_5", "bf16")
+    assert deltanet_scalars_line("qwen3_5", "fp32") is None and deltanet_scalars_line("qwen3_vl", "bf16") is None
 
 
 def test_a_qwen3_5_moe_folder_is_refused_in_one_line(tmp_path):
