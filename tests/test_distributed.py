@@ -130,7 +130,11 @@ def test_text_only_batch_on_one_rank_does_not_desync(tiny_bundle, tmp_path):
      {"sharding": {"strategy": "SHARD_GRAD_OP", "optimizer_groups": [2]}}),
     ("tiny_bundle", ["--lora-rank", "4", "--reduce-dtype", "bf16"], lambda unit: ".lora_" in unit,
      {"dtypes": {"reduce_scatter": ["torch.bfloat16"], "grad": ["torch.float32"]}}),
-], ids=["qwen3-vl, frozen vision tower, SHARD_GRAD_OP", "lora, --reduce-dtype bf16"])
+    ("qwen35_bundle", ["--freeze-vision-tower", "--sharding-strategy", "HYBRID_SHARD"],
+     lambda unit: ".visual." not in f".{unit}." or "merger" in unit,
+     {"sharding": {"strategy": "HYBRID_SHARD", "optimizer_groups": [2]}}),
+], ids=["qwen3-vl, frozen vision tower, SHARD_GRAD_OP", "lora, --reduce-dtype bf16",
+        "qwen3.5, frozen vision tower, HYBRID_SHARD"])
 def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, tmp_path, bundle_name, flags,
                                                                      trains, facts):
     """After a real step's backward (2 processes, flat parameters), exactly the trainable units hold a gradient:
@@ -158,12 +162,14 @@ def test_frozen_units_get_no_gradient_and_text_only_ranks_do_not_hang(request, t
 LR_WORKER = os.path.join(REPO, "tests", "lr_worker.py")
 
 
-@pytest.mark.parametrize("optim", ["adafactor", "adamw"])
-def test_each_part_moves_by_its_own_learning_rate(tiny_bundle, tmp_path, optim):
+@pytest.mark.parametrize("optim, bundle_name", [("adafactor", "tiny_bundle"), ("adamw", "tiny_bundle"),
+                                                ("adafactor", "qwen35_bundle")], ids=["adafactor", "adamw", "qwen3.5"])
+def test_each_part_moves_by_its_own_learning_rate(request, tmp_path, optim, bundle_name):
     """One step of the FSDP model from a gradient of 0.5 everywhere (2 processes, flat shards; AdamW on original
     parameters, as it needs for per-part rates): every element of the vision tower moves by --vision-lr, of
     the merger by --merger-lr (its rule wins over the tower's), of the language model and lm_head by
-    --learning-rate."""
+    --learning-rate (on Qwen3.5 the DeltaNet layers' A_log and dt_bias too)."""
+    tiny_bundle = request.getfixturevalue(bundle_name)
     out = tmp_path / "moved.pt"
     extra = ["--use-orig-params"] if optim == "adamw" else []
     check(forked_torchrun(2, [LR_WORKER, str(out), "--", *train_flags(

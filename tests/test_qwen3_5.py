@@ -69,6 +69,20 @@ def test_bf16_masters_say_at_the_start_that_the_deltanet_scalars_are_bf16_too():
     assert deltanet_scalars_line("qwen3_5", "fp32") is None and deltanet_scalars_line("qwen3_vl", "bf16") is None
 
 
+def test_the_data_check_takes_a_qwen3_5_model(qwen35_bundle, capsys):
+    """The check before training reads its processor and its chat format (the empty think block included) and
+    passes the bundle's rows; the plan of its 2 decoder layers (one of each kind) fits 2 GPUs."""
+    from ftloop.data.check import main as check_main
+    from ftloop.plan import main as plan_main
+
+    flags = ["--train-data", qwen35_bundle["train_json"], "--image-folder", qwen35_bundle["image_folder"],
+             "--model-name-or-path", qwen35_bundle["model_dir"], "--workers", "1"]
+    assert check_main(flags) == 0
+    assert "0 errors" in capsys.readouterr().out
+    assert plan_main(["--model-name-or-path", qwen35_bundle["model_dir"], "--nproc-per-node", "2"]) == 0
+    assert "DeltaNet layers as the " in capsys.readouterr().out  # the torch path here, the kernels on GPUs
+
+
 def test_a_qwen3_5_moe_folder_is_refused_in_one_line(tmp_path):
     Qwen3_5MoeConfig().save_pretrained(tmp_path / "moe")
     with pytest.raises(ConfigError, match=r"a Qwen3.5-MoE model \(qwen3_5_moe\), which ftloop does not train yet"):
