@@ -115,17 +115,15 @@ def measure(code: str, world: int, flags: list[str], tmp: str) -> dict:
     return {"ranks": ranks, "seconds": time.perf_counter() - started}
 
 
-def plan_for(flags: list[str], world: int) -> dict | None:
+def plan_for(flags: list[str], world: int) -> dict:
     """The plan's per-rank figures (MiB) for the same flags, from this checkout's ftloop.plan."""
     sys.path.insert(0, REPO)
-    try:
-        from ftloop.plan import RESERVE_BYTES, parse
-    except ImportError:
-        return None
+    from ftloop.plan import parse
+
     _, plan = parse(flags + ["--nproc-per-node", str(world)]).plan()
     persistent = plan.sharded_parameters.nbytes + plan.gradients.nbytes + plan.optimizer_state.nbytes
     # The CUDA reserve means nothing on a CPU run: the peak without it.
-    return {"persistent_mib": persistent / 2**20, "total_mib": (plan.peak_bytes - RESERVE_BYTES) / 2**20}
+    return {"persistent_mib": persistent / 2**20, "total_mib": (plan.peak_bytes - plan.reserve.nbytes) / 2**20}
 
 
 def main() -> None:

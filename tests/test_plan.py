@@ -14,8 +14,8 @@ from transformers import Qwen2_5_VLConfig
 from ftloop.config import Config, DataArgs, FSDPArgs, LoraArgs, ModelArgs, OptimArgs, TrainArgs
 from ftloop.errors import ConfigError
 from ftloop.model import build_skeleton
-from ftloop.plan import (GIB, decoder_layer_activation_bytes, fsdp_units, plan_memory,
-                         vision_block_activation_bytes)
+from ftloop.activations import decoder_layer_activation_bytes, vision_block_activation_bytes
+from ftloop.plan import GIB, fsdp_units, plan_memory
 from ftloop.plan import main as plan_main
 from launch import forked_python_m
 
@@ -183,15 +183,21 @@ def test_the_plan_follows_the_flags():
     assert base.packed_mask is None and plan_for("7b", flash, 8, 8).packed_mask is None
 
 
-def saved_bytes(module, *inputs, **kwargs) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `module` runs, its weights left out."""
+def saved_bytes(module, *inputs, by_storage: bool = False, **kwargs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `module` runs, its weights left out;
+    `by_storage`: of the storages it keeps instead, each once however many views of it are saved (Qwen3.5's
+    chunked delta rule saves many per-chunk views of one tensor)."""
     weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen = {}
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)] = \
-                t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in weights:
+            pass
+        elif by_storage:
+            seen[storage.data_ptr()] = storage.nbytes()
+        else:
+            seen[(storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -8,11 +8,12 @@ import torch
 from transformers import Qwen3_5Config, Qwen3_5TextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5TextRotaryEmbedding
 
-from ftloop.plan import (GIB, deltanet_layer_activation_bytes, deltanet_state_bytes, fsdp_units,
-                         gated_attention_layer_activation_bytes, layer_activation_bytes, plan_memory)
+from ftloop.activations import (deltanet_layer_activation_bytes, deltanet_state_bytes,
+                                gated_attention_layer_activation_bytes, layer_activation_bytes)
+from ftloop.plan import GIB, fsdp_units, plan_memory
 from ftloop.plan import main as plan_main
 from ftloop.model import build_skeleton
-from test_plan import run_config
+from test_plan import run_config, saved_bytes
 
 # Qwen3.5-9B and -27B as published (their model cards and config.json): the language model's dimensions; both
 # untie lm_head from the embeddings, and every fourth layer is full attention. The vision tower is transformers'
@@ -94,22 +95,6 @@ def test_the_recurrent_state_and_each_layer_kind_by_hand():
     assert kinds.count(541_896) == 24 and kinds.count(266_392) == 8 and kinds[3] == 266_392
 
 
-def kept_bytes(module, *inputs, **kwargs) -> int:
-    """Bytes of the storages autograd keeps for backward while `module` runs, its weights left out. A storage counts
-    once: the chunked delta rule saves many per-chunk views of one tensor."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*inputs, **kwargs)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_both_layer_kinds_activation_formulas_match_autograd(dtype):
     """One real layer of each kind on the CPU (transformers' torch path, sdpa), at small dimensions with grouped
@@ -126,7 +111,8 @@ def test_both_layer_kinds_activation_formulas_match_autograd(dtype):
     cos, sin = Qwen3_5TextRotaryEmbedding(text)(hidden, positions)
     for index, formula in ((0, deltanet_layer_activation_bytes), (1, gated_attention_layer_activation_bytes)):
         layer = Qwen3_5DecoderLayer(text, index).to(dtype)
-        measured = kept_bytes(layer, hidden, position_embeddings=(cos, sin), position_ids=positions[0])
+        measured = saved_bytes(layer, hidden, by_storage=True, position_embeddings=(cos, sin),
+                               position_ids=positions[0])
         if index == 1:  # cos and sin are computed once per forward and shared by every layer: not the layer's own
             measured -= 2 * cos.numel() * cos.element_size()
         assert measured == pytest.approx(formula(text, dtype.itemsize) * tokens, rel=0.005), layer.block_type
