@@ -43,10 +43,12 @@ def step(bundle, tmp_path, scenarios, nproc: int) -> dict:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("bundle_name", ["tiny_bundle", "qwen3_bundle"], ids=["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("bundle_name", ["tiny_bundle", "qwen3_bundle", "qwen35_bundle"],
+                         ids=["qwen2.5-vl", "qwen3-vl", "qwen3.5"])
 def test_mixed_vision_inputs_across_ranks_match_one_process(request, tmp_path, bundle_name):
     """Qwen3-VL's DeepStack features go through the one vision pass too (its mergers get gradients, and the
-    blank image of a text-only rank gives them zero)."""
+    blank image of a text-only rank gives them zero); Qwen3.5's tower (no DeepStack) and hybrid decoder likewise
+    (its DeltaNet layer's A_log has a gradient in every scenario)."""
     bundle = request.getfixturevalue(bundle_name)
     scenarios = tmp_path / "scenarios.json"
     scenarios.write_text(json.dumps(rows_for(tmp_path)))
@@ -55,7 +57,8 @@ def test_mixed_vision_inputs_across_ranks_match_one_process(request, tmp_path, b
     for name in one:
         assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-6), name
         assert max_relative_difference(two[name]["grads"], one[name]["grads"]) < 1e-5, name
-        parts = [".visual.blocks."] + [".visual.deepstack_merger_list."] * (bundle_name == "qwen3_bundle")
+        parts = ([".visual.blocks."] + [".visual.deepstack_merger_list."] * (bundle_name == "qwen3_bundle")
+                 + [".linear_attn.A_log"] * (bundle_name == "qwen35_bundle"))
         for part in parts:
             visual = [k for k in one[name]["grads"] if part in k]
             assert visual and any(one[name]["grads"][k].abs().sum() > 0 for k in visual), (name, part)
