@@ -10,13 +10,17 @@ def decoder_layer_activation_bytes(text_config, compute_bytes: int) -> int:
     two RMSNorms (their fp32 input copy, the normalised input of the weight product, and that product, which
     the next projections save), q, k and v (the attention kernel saves them with its output and per-head
     log-sum-exp), the attention output again (contiguous copy for o_proj), and the MLP's gate, silu, up and
-    product (4 x intermediate)."""
+    product (4 x intermediate). Qwen3-VL also passes q and k through an RMSNorm each (QK-norm: the fp32 input,
+    the normalised copy in the compute dtype, 1/rms per head)."""
     d, heads = text_config.hidden_size, text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
-    attn, kv = heads * head_dim, text_config.num_key_value_heads * head_dim
+    kv_heads = text_config.num_key_value_heads
+    attn, kv = heads * head_dim, kv_heads * head_dim
     cb = compute_bytes
     norms = 2 * (4 * d + 2 * cb * d)
     attention = cb * (attn + 2 * kv) + 2 * cb * attn + 4 * heads
+    if getattr(text_config, "model_type", None) == "qwen3_vl_text":
+        attention += (4 + cb) * (attn + kv) + 4 * (heads + kv_heads)
     return norms + attention + 4 * cb * text_config.intermediate_size
 
 

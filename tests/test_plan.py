@@ -241,6 +241,25 @@ def test_decoder_layer_activation_formula_matches_autograd(dtype):
     assert measured == pytest.approx(vision_block_activation_bytes(vision, dtype.itemsize) * patches, rel=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_qwen3_vl_decoder_layer_with_its_qk_norm_matches_autograd(dtype):
+    """Qwen3-VL's decoder layer normalises q and k (an RMSNorm each): what autograd keeps against the formula."""
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer, Qwen3VLTextRotaryEmbedding
+
+    text = Qwen3VLTextConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=64, num_hidden_layers=1, rope_parameters={
+                                 "rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 12, 12],
+                                 "mrope_interleaved": True})
+    text._attn_implementation = "sdpa"
+    tokens = 512
+    hidden = torch.randn(1, tokens, 256, dtype=dtype, requires_grad=True)
+    cos, sin = Qwen3VLTextRotaryEmbedding(text)(hidden, torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1))
+    measured = saved_bytes(Qwen3VLTextDecoderLayer(text, 0).to(dtype), hidden, position_embeddings=(cos, sin))
+    measured -= 2 * cos.numel() * cos.element_size()  # shared by every layer
+    assert measured == pytest.approx(decoder_layer_activation_bytes(text, dtype.itemsize) * tokens, rel=0.005)
+
+
 def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_figures_and_the_flag():
     """What ftloop.train runs on GPUs before it loads anything."""
     from ftloop.plan import check_fits
