@@ -171,13 +171,14 @@ class VisionLanguageSFT(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                second_per_grid_ts=None, segment_lengths=None, segment_starts=None, segment_mask=None, segment_index=None,
-                supervised_index=None, position_ids=None, vision_position_ids=None, vision_cu_seqlens=None,
-                vision_max_seqlen=None, vision_window_index=None, vision_cu_window_seqlens=None,
+                second_per_grid_ts=None, segment_lengths=None, segment_starts=None, segment_mask=None,
+                segment_index=None, supervised_index=None, position_ids=None, vision_position_ids=None,
+                vision_cu_seqlens=None, vision_max_seqlen=None, vision_window_index=None, vision_cu_window_seqlens=None,
                 vision_max_window_seqlen=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
-        `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches;
-        its `segment_lengths` are for counting only), each row attending only to itself; `supervised_index`: the
+        `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches),
+        each row attending only to itself; `segment_lengths`, `segment_starts`: where its rows start, for the
+        linear-attention layers (`rows_apart`); `supervised_index`: the
         positions the loss counts (ftloop.loss.supervised_index); `position_ids`: the rope positions
         (ftloop.data.positions). The collate computes them all on the host, so that nothing here waits for the
         device to learn a size; without `position_ids` the model computes them here. The `vision_` arguments: the
