@@ -67,7 +67,9 @@ def deltanet_layer_activation_bytes(text_config, cb: int, kernels: bool = False)
     output (q, k and v: 2 x key heads x key dim + value heads x value dim channels), and the gated delta rule, which
     runs in fp32 with q and k repeated to every value head: q, k, v, beta and the decay whole and in chunks of 64
     tokens, each chunk's 64 x 64 matrices (its attention, decay mask and their products: 20 floats a token per head
-    with the chunk cut for the loop), and the recurrent state at each chunk's start (`deltanet_state_bytes`).
+    with the chunk cut for the loop), and the recurrent state at each chunk's start (`deltanet_state_bytes`). A
+    packed micro-batch runs the rule row by row, each row padded to a multiple of 64 tokens: up to 63 positions a
+    row more than counted here.
 
     `kernels` (read from flash-linear-attention 0.5.2's and causal-conv1d 1.6.1's sources; only a GPU measures
     it): causal-conv1d keeps its input alone (the silu is recomputed); fla keeps l2-normalised q and k in the

@@ -12,9 +12,9 @@ between them outside the model code (which transformers supplies): how a convers
 
 from __future__ import annotations
 
-import importlib.util
 
 from ftloop.errors import ConfigError
+from ftloop.linear_attention import linear_attention_kernels, missing_kernels
 
 FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_5": "Qwen3.5"}
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat templates' default
@@ -51,14 +51,6 @@ def empty_think_block(model_type: str) -> str:
     return EMPTY_THINK if model_type == "qwen3_5" else ""
 
 
-LINEAR_ATTENTION_KERNELS = {"flash-linear-attention": "fla", "causal-conv1d": "causal_conv1d"}  # name: module
-
-
-def linear_attention_kernels() -> bool:
-    """Whether transformers runs linear-attention layers with both kernels (each imports), not its torch path."""
-    return all(importlib.util.find_spec(module) is not None for module in LINEAR_ATTENTION_KERNELS.values())
-
-
 def linear_attention_path(model_type: str) -> str | None:
     """For a family with linear-attention layers (Qwen3.5), which implementation transformers runs them with, in a
     line for the start of a run; None for the others. transformers takes flash-linear-attention's chunked gated
@@ -67,8 +59,7 @@ def linear_attention_path(model_type: str) -> str | None:
         return None
     if linear_attention_kernels():
         return "linear attention: flash-linear-attention and causal-conv1d kernels"
-    missing = " and ".join(sorted(name for name, module in LINEAR_ATTENTION_KERNELS.items()
-                                  if importlib.util.find_spec(module) is None))
+    missing = " and ".join(sorted(missing_kernels()))
     return (f"linear attention: transformers' torch path ({missing} not installed; on GPUs "
             "`pip install 'ftloop[qwen3_5]'` runs a step about 2x faster)")
 

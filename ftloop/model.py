@@ -7,7 +7,6 @@ full copy, and the path is the same on CPU (where FSDP refuses `sync_module_stat
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from ftloop.config import Config, ModelArgs
 from ftloop.data.model_folder import read_config
 from ftloop.data.positions import packed_positions, vision_layout
 from ftloop.errors import ConfigError
-from ftloop.family import linear_attention_kernels
+from ftloop.linear_attention import PackedRows, keep_rows_apart, linear_attention_kernels
 from ftloop.lora import add_adapters, base_dtype
 from ftloop.loss import LOSS_CHUNK_SIZE, supervised_loss
 
@@ -162,12 +161,11 @@ class VisionLanguageSFT(nn.Module):
         # Qwen2.5-VL spaces video frames in time by second_per_grid_ts; Qwen2-VL's forward has no such input.
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(model.model.forward).parameters
         # Qwen3.5's Gated DeltaNet layers carry a state (and a causal conv1d's window) from token to token, which
-        # position ids do not reset: packed, they are told where each row starts (`rows_apart`).
+        # position ids do not reset: packed, they are told where each row starts (ftloop.linear_attention).
         self.linear_attention = [layer.linear_attn for layer in model.model.language_model.layers
                                  if hasattr(layer, "linear_attn")]
         self.linear_kernels = bool(self.linear_attention) and linear_attention_kernels()
-        for module in self.linear_attention:
-            module.forward = functools.partial(rows_apart, module.forward)
+        keep_rows_apart(self.linear_attention, self.linear_kernels)
 
     def forward(self, input_ids, attention_mask, labels, mm_token_type_ids, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -178,7 +176,7 @@ class VisionLanguageSFT(nn.Module):
         """Returns (sum of token cross-entropies over supervised tokens in fp32, count of those tokens).
         `segment_mask`, `segment_index`: a packed micro-batch's rows laid out one per line (ftloop.data.batches),
         each row attending only to itself; `segment_lengths`, `segment_starts`: where its rows start, for the
-        linear-attention layers (`rows_apart`); `supervised_index`: the
+        linear-attention layers (ftloop.linear_attention); `supervised_index`: the
         positions the loss counts (ftloop.loss.supervised_index); `position_ids`: the rope positions
         (ftloop.data.positions). The collate computes them all on the host, so that nothing here waits for the
         device to learn a size; without `position_ids` the model computes them here. The `vision_` arguments: the
@@ -207,9 +205,9 @@ class VisionLanguageSFT(nn.Module):
             attention_mask = None
             if self.linear_kernels:  # each position's row, as causal-conv1d reads it (the lines' row of its place)
                 row_of = (segment_index // segment_mask.shape[1]).to(torch.int32).view(1, -1)
-                extra["packed_rows"] = PackedRows(segment_lengths, segment_starts, row_of)
+                extra["packed_rows"] = PackedRows.of(segment_lengths, segment_starts, row_of)
             elif self.linear_attention:
-                extra["packed_rows"] = PackedRows(segment_lengths)
+                extra["packed_rows"] = PackedRows.of(segment_lengths)
         elif position_ids is not None:
             extra["position_ids"] = position_ids
         # The grids and token types still go in: they give the 3D rope positions of image and video tokens.
@@ -273,32 +271,3 @@ class VisionLanguageSFT(nn.Module):
         if not hasattr(out, "deepstack_features"):
             return out.pooler_output, None, BaseModelOutputWithPooling
         return out.pooler_output, list(out.deepstack_features or []), type(out)
-
-
-@dataclass
-class PackedRows:
-    """Where a packed micro-batch's rows start, for its linear-attention layers: the lengths of the segments that
-    cover its positions in order (ftloop.data.batches.segment_layout; ints on the host), and for the kernels
-    their offsets (`cu_seq_lens_q`, int64, what flash-linear-attention's `cu_seqlens` takes) and each position's
-    segment (`seq_idx`, int32, 1 x positions, what causal-conv1d takes), on the device."""
-    lengths: tuple[int, ...]
-    starts: torch.Tensor | None = None
-    row_of: torch.Tensor | None = None
-
-
-def rows_apart(forward, hidden_states: torch.Tensor, *args, packed_rows: PackedRows | None = None,
-               **kwargs) -> torch.Tensor:
-    """A linear-attention layer's `forward` on a packed micro-batch, each row (and each sequence's padding) from a
-    zero state and the conv1d's zero padding, exactly as unpacked. With the kernels, in one call: the micro-batch as
-    one sequence and the rows' bounds (transformers hands `cu_seq_lens_q` to flash-linear-attention and `seq_idx`
-    to causal-conv1d). Without them, a call per row (transformers' torch path refuses both): split by the host's
-    lengths, so nothing waits for the device, and no padding."""
-    if packed_rows is None:
-        return forward(hidden_states, *args, **kwargs)
-    width = hidden_states.shape[-1]
-    sequence = hidden_states.reshape(1, -1, width)
-    if packed_rows.starts is not None:
-        out = forward(sequence, *args, cu_seq_lens_q=packed_rows.starts, seq_idx=packed_rows.row_of, **kwargs)
-    else:
-        out = torch.cat([forward(row, *args, **kwargs) for row in sequence.split(packed_rows.lengths, dim=1)], dim=1)
-    return out.view(*hidden_states.shape[:-1], out.shape[-1])

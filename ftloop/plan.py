@@ -64,7 +64,7 @@ from ftloop.config import Config
 from ftloop.data.sources import check_sources
 from ftloop.errors import ConfigError
 from ftloop.activations import layer_activation_bytes, vision_block_activation_bytes
-from ftloop.family import linear_attention_kernels
+from ftloop.linear_attention import linear_attention_kernels
 from ftloop.fsdp.wrap import shard_group_size
 from ftloop.lora import base_dtype
 from ftloop.model import DTYPES, Skeleton, build_skeleton, load_config

@@ -123,18 +123,19 @@ def test_with_the_kernels_qwen3_5_packs_tell_them_where_rows_start(model, sample
     torch_rule, torch_conv = qwen3_5.torch_chunk_gated_delta_rule, qwen3_5.causal_conv1d_fn
     calls = []
 
-    def fla_rule(query, key, value, g, beta, cu_seqlens=None, **kwargs):
+    def fla_rule(query, key, value, g, beta, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
         kwargs.pop("seq_idx", None)  # not fla's: transformers' wrapper drops what the kernel does not take
         if cu_seqlens is None:
             return torch_rule(query, key, value, g=g, beta=beta, **kwargs)
         assert query.shape[0] == 1 and cu_seqlens.dtype == torch.int64 and cu_seqlens.device == query.device
+        assert torch.equal(cu_seqlens_cpu, cu_seqlens.cpu())  # the host's copy, which newer fla reads instead
         bounds = cu_seqlens.tolist()
         assert bounds[0] == 0 and bounds[-1] == query.shape[1] and bounds == sorted(bounds)
         calls.append("fla")
         return torch.cat([torch_rule(query[:, a:b], key[:, a:b], value[:, a:b], g=g[:, a:b], beta=beta[:, a:b],
                                      **kwargs)[0] for a, b in zip(bounds, bounds[1:])], dim=1), None
 
-    def conv1d(x, weight, bias=None, activation=None, seq_idx=None, **kwargs):
+    def conv1d(x, weight, bias=None, activation=None, seq_idx=None, **kwargs):  # kwargs: not causal-conv1d's
         if seq_idx is None:
             return torch_conv(x, weight, bias, activation=activation)
         assert seq_idx.dtype == torch.int32 and seq_idx.shape == (x.shape[0], x.shape[2]) and x.stride(1) == 1

@@ -90,18 +90,32 @@ def test_a_qwen3_5_moe_folder_is_refused_in_one_line(tmp_path):
 
 
 def test_the_start_of_a_run_says_which_linear_attention_runs(monkeypatch):
-    import importlib.util
-
+    """Both kernels must import as transformers imports them (a broken install counts as missing, as transformers
+    then falls back)."""
+    import ftloop.linear_attention
     from ftloop.family import linear_attention_path
 
     assert linear_attention_path("qwen3_vl") is None and linear_attention_path("qwen2_5_vl") is None
     assert "torch path (causal-conv1d and flash-linear-attention not installed" in linear_attention_path("qwen3_5")
-    found = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("fla", "causal_conv1d")
-                        else found(name, *a))
-    assert linear_attention_path("qwen3_5") == "linear attention: flash-linear-attention and causal-conv1d kernels"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "fla" else found(name, *a))
-    assert "torch path (causal-conv1d not installed" in linear_attention_path("qwen3_5")
+    imported = []
+
+    def imports(module):
+        imported.append(module)
+        if module == "causal_conv1d":
+            raise ImportError("undefined symbol")  # installed, but built for another torch
+        return type("Module", (), {"chunk_gated_delta_rule": object()})
+
+    ftloop.linear_attention.missing_kernels.cache_clear()
+    monkeypatch.setattr(ftloop.linear_attention.importlib, "import_module", imports)
+    try:
+        assert "torch path (causal-conv1d not installed" in linear_attention_path("qwen3_5")
+        assert imported == ["fla.ops.gated_delta_rule", "causal_conv1d"]
+        ftloop.linear_attention.missing_kernels.cache_clear()
+        monkeypatch.setattr(ftloop.linear_attention.importlib, "import_module",
+                            lambda module: type("Module", (), {"chunk_gated_delta_rule": 1, "causal_conv1d_fn": 1}))
+        assert linear_attention_path("qwen3_5") == "linear attention: flash-linear-attention and causal-conv1d kernels"
+    finally:
+        ftloop.linear_attention.missing_kernels.cache_clear()
 
 
 def test_lora_adapts_both_layer_kinds_and_trains(qwen35_bundle, tmp_path):
@@ -133,6 +147,17 @@ def test_lora_adapts_both_layer_kinds_and_trains(qwen35_bundle, tmp_path):
     reloaded = Qwen3_5ForConditionalGeneration.from_pretrained(out / "final", dtype=torch.float32)
     assert torch.equal(reloaded.state_dict()["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"],
                        final["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"])
+
+
+def test_lora_and_packing_together_do_not_hang(qwen35_bundle, tmp_path):
+    """LoRA's adapter matrices are FSDP units inside the DeltaNet layer, gathered at each call: the layer runs once
+    per micro-batch on every rank, however many rows each rank's packs hold (a call per row left the ranks in
+    different all-gathers)."""
+    out = tmp_path / "lora-packed"
+    result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
+        qwen35_bundle, out, *RUN, "--lora-rank", "4", "--packing", "--max-seq-length", "128", "--seed", "3")],
+        timeout=90))
+    assert "packed sequences" in result.stdout and (out / "final" / "model.safetensors").exists()
 
 
 def test_exports_carry_the_mtp_head_through_byte_for_byte(qwen35_bundle, tmp_path):
