@@ -152,12 +152,13 @@ def test_lora_adapts_both_layer_kinds_and_trains(qwen35_bundle, tmp_path):
 def test_lora_and_packing_together_do_not_hang(qwen35_bundle, tmp_path):
     """LoRA's adapter matrices are FSDP units inside the DeltaNet layer, gathered at each call: the layer runs once
     per micro-batch on every rank, however many rows each rank's packs hold (a call per row left the ranks in
-    different all-gathers)."""
+    different all-gathers). With --param-dtype bf16 the run says at its start that A_log and dt_bias are bf16 too."""
     out = tmp_path / "lora-packed"
     result = check(forked_torchrun(2, ["-m", "ftloop.train", *train_flags(
-        qwen35_bundle, out, *RUN, "--lora-rank", "4", "--packing", "--max-seq-length", "128", "--seed", "3")],
-        timeout=90))
+        qwen35_bundle, out, *RUN, "--lora-rank", "4", "--packing", "--max-seq-length", "128", "--seed", "3",
+        "--param-dtype", "bf16")], timeout=90))
     assert "packed sequences" in result.stdout and (out / "final" / "model.safetensors").exists()
+    assert "--param-dtype bf16 holds the DeltaNet layers' A_log and dt_bias in bf16" in result.stdout
 
 
 def test_exports_carry_the_mtp_head_through_byte_for_byte(qwen35_bundle, tmp_path):
